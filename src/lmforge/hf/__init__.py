@@ -1,0 +1,1 @@
+"""Adapters between Hugging Face checkpoints and lmforge models, one mapping per family."""

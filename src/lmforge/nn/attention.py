@@ -1,0 +1,246 @@
+"""Scaled dot-product attention, multi-head attention and the KV cache.
+
+For queries Q (T_q x d_k), keys K (T_k x d_k) and values V (T_k x d_v):
+
+    Attention(Q, K, V) = softmax(Q K^T * s + M) V,    s = 1 / sqrt(d_k) by default
+
+M is an additive mask: 0 where a query may look, a very negative number where it may not (a causal
+mask hides later keys, a padding mask hides pad keys), plus any position bias (T5). The 1/sqrt(d_k)
+keeps the logits' variance near 1 when q and k have unit-variance entries, so the softmax does not
+saturate. T5 folds that factor into its weight initialisation and uses s = 1.
+
+Multi-head attention projects x into H query heads and H_kv key/value heads of width d_head, attends
+per head, concatenates and projects back. H_kv = H is classic multi-head attention; H_kv = 1 is
+multi-query attention (Shazeer, 2019); 1 < H_kv < H is grouped-query attention (Ainslie et al., 2023),
+where query head h reads key/value head h // (H / H_kv). Fewer K/V heads shrink the KV cache.
+
+Two implementations compute the same thing: `sdpa_attention` calls PyTorch's fused kernel
+(`F.scaled_dot_product_attention`: flash / memory-efficient kernels on CUDA, a fused kernel on CPU);
+`reference_attention` writes the formula out and is what tests hold the fused path against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.nn.embedding import apply_rotary
+from lmforge.nn.norm import RMSNorm
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """softmax(Q K^T * scale + M) V, step by step. q (B, H, T_q, d), k and v (B, H, T_k, d).
+
+    `mask` is either boolean (True = may attend) or additive float, broadcastable to (B, H, T_q, T_k).
+    `is_causal` hides key j from query i when j > i (top-left aligned, as in PyTorch's SDPA).
+    """
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32)) * scale  # (B, H, T_q, T_k)
+    if is_causal:
+        t_q, t_k = scores.shape[-2:]
+        later = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(later, float("-inf"))
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.to(scores.dtype)
+    weights = torch.softmax(scores, dim=-1).to(q.dtype)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """The same function through PyTorch's fused kernel."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+    )
+
+
+ATTENTION_IMPLEMENTATIONS = {"sdpa": sdpa_attention, "reference": reference_attention}
+
+
+def build_attention_bias(
+    attention_mask: torch.Tensor | None,
+    q_len: int,
+    k_len: int,
+    causal: bool,
+    dtype: torch.dtype,
+    position_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, bool]:
+    """Combine padding, causality and position bias into one additive mask M for `Attention`.
+
+    attention_mask: (B, T_k) with 1 for real tokens and 0 for padding (covers cached keys too).
+    Queries are the last q_len of the k_len positions, so a causal query i sees keys j <= i + (k_len - q_len).
+    Returns (mask, is_causal): when nothing but plain causality is needed, no mask is built and the fused
+    kernel's own causal path is used. Blocked entries hold the dtype's most negative finite value rather
+    than -inf, so a row with no visible key (a pad query) gives finite, ignored values instead of NaN.
+    """
+    if attention_mask is None and position_bias is None:
+        if not causal or q_len == 1:
+            return None, False
+        if q_len == k_len:
+            return None, True
+    keep = torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=_device_of(attention_mask, position_bias))
+    if causal:
+        keep = keep.tril(k_len - q_len)
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != k_len:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions but the keys span {k_len} "
+                f"(cached + new tokens); pass a mask for all of them"
+            )
+        keep = keep & attention_mask.bool()[:, None, None, :]
+    bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+    if position_bias is not None:
+        bias = bias + position_bias.to(dtype)
+    return bias, False
+
+
+def _device_of(*tensors: torch.Tensor | None) -> torch.device | None:
+    return next((t.device for t in tensors if t is not None), None)
+
+
+class KVCache:
+    """Keys and values of positions already processed, per attention layer.
+
+    Self-attention entries grow by the new tokens at each step: tensors (B, H_kv, T_past, d_head).
+    Cross-attention entries (encoder-decoder models) are computed once from the encoder output and
+    reused. `reorder` selects batch rows, as beam search needs.
+    """
+
+    def __init__(self) -> None:
+        self.self_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        """Number of cached positions (0 when empty)."""
+        if not self.self_kv:
+            return 0
+        return next(iter(self.self_kv.values()))[0].shape[-2]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.self_kv:
+            past_k, past_v = self.self_kv[layer]
+            k, v = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        self.self_kv[layer] = (k, v)
+        return k, v
+
+    def reorder(self, batch_index: torch.Tensor) -> None:
+        for store in (self.self_kv, self.cross_kv):
+            for layer, (k, v) in store.items():
+                store[layer] = (k.index_select(0, batch_index), v.index_select(0, batch_index))
+
+
+class Attention(nn.Module):
+    """Multi-head self- or cross-attention with optional GQA/MQA, RoPE, QK-norm and a KV cache.
+
+    Self-attention projects q, k and v with one fused matrix (one GEMM instead of three);
+    cross-attention projects q from x and k, v from the encoder output `memory`.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        bias: bool = True,
+        out_bias: bool | None = None,
+        cross: bool = False,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
+        scale: float | None = None,
+        dropout: float = 0.0,
+        layer_idx: int = 0,
+        implementation: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.n_kv_heads = n_kv_heads or n_head
+        self.head_dim = head_dim or d_model // n_head
+        self.cross, self.scale, self.dropout, self.layer_idx = cross, scale, dropout, layer_idx
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention={implementation!r} is unknown; choose one of {list(ATTENTION_IMPLEMENTATIONS)}"
+            )
+        self.attend = ATTENTION_IMPLEMENTATIONS[implementation]
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_heads * self.head_dim
+        if cross:
+            self.q = nn.Linear(d_model, q_dim, bias=bias)
+            self.kv = nn.Linear(d_model, 2 * kv_dim, bias=bias)
+        else:
+            self.qkv = nn.Linear(d_model, q_dim + 2 * kv_dim, bias=bias)
+        self.out = nn.Linear(q_dim, d_model, bias=bias if out_bias is None else out_bias)
+        self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, d_head)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+        memory: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, d_model) -> (B, T, d_model). `mask` is additive, broadcastable to (B, H, T, T_k)."""
+        B, T, _ = x.shape
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_heads * self.head_dim
+        if self.cross:
+            q = self._heads(self.q(x), self.n_head)
+            if cache is not None and self.layer_idx in cache.cross_kv:
+                k, v = cache.cross_kv[self.layer_idx]
+            else:
+                if memory is None:
+                    raise ValueError("cross-attention needs the encoder output `memory`")
+                k, v = (self._heads(t, self.n_kv_heads) for t in self.kv(memory).split(kv_dim, dim=-1))
+                if self.k_norm is not None:
+                    k = self.k_norm(k)
+                if cache is not None:
+                    cache.cross_kv[self.layer_idx] = (k, v)
+            if self.q_norm is not None:
+                q = self.q_norm(q)
+        else:
+            q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+            q, k, v = (
+                self._heads(q, self.n_head),
+                self._heads(k, self.n_kv_heads),
+                self._heads(v, self.n_kv_heads),
+            )
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            if cache is not None:
+                k, v = cache.append(self.layer_idx, k, v)
+        if self.n_kv_heads != self.n_head:  # GQA/MQA: each K/V head serves n_head / n_kv_heads query heads
+            repeat = self.n_head // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        dropout = self.dropout if self.training else 0.0
+        y = self.attend(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale, dropout_p=dropout)
+        return self.out(y.transpose(1, 2).reshape(B, T, q_dim))

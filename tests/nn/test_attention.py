@@ -1,0 +1,125 @@
+"""The fused SDPA path must equal the written-out formula for every kind of mask; GQA, RoPE and the cache."""
+
+import math
+
+import pytest
+import torch
+
+from lmforge.nn import Attention, KVCache, build_attention_bias, reference_attention, sdpa_attention
+
+
+def qkv(B=2, H=4, Tq=6, Tk=6, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(B, H, Tq, D, generator=g),
+        torch.randn(B, H, Tk, D, generator=g),
+        torch.randn(B, H, Tk, D, generator=g),
+    )
+
+
+PADDING = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+
+
+@pytest.mark.parametrize(
+    "padding, causal, with_bias",
+    [
+        (None, False, False),
+        (None, True, False),
+        (PADDING, False, False),
+        (PADDING, True, False),
+        (None, False, True),
+        (PADDING, True, True),
+    ],
+)
+def test_sdpa_equals_reference_for_every_mask_kind(padding, causal, with_bias):
+    q, k, v = qkv()
+    bias = torch.randn(1, 4, 6, 6) if with_bias else None
+    mask, is_causal = build_attention_bias(padding, 6, 6, causal, torch.float32, bias)
+    fused = sdpa_attention(q, k, v, mask=mask, is_causal=is_causal)
+    ref = reference_attention(q, k, v, mask=mask, is_causal=is_causal)
+    torch.testing.assert_close(fused, ref, atol=1e-6, rtol=0)
+
+
+def test_reference_attention_is_the_textbook_formula():
+    q, k, v = qkv(B=1, H=1)
+    scores = q[0, 0] @ k[0, 0].T / math.sqrt(8)
+    expected = torch.softmax(scores, dim=-1) @ v[0, 0]
+    torch.testing.assert_close(reference_attention(q, k, v)[0, 0], expected, atol=1e-6, rtol=0)
+
+
+def test_boolean_and_additive_masks_agree():
+    q, k, v = qkv()
+    keep = torch.rand(2, 1, 6, 6) > 0.3
+    keep[..., 0] = True  # every query sees at least one key
+    additive = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    torch.testing.assert_close(
+        reference_attention(q, k, v, mask=keep), sdpa_attention(q, k, v, mask=additive), atol=1e-6, rtol=0
+    )
+
+
+def test_causal_mask_with_cache_offset_lets_new_queries_see_all_past_keys():
+    mask, is_causal = build_attention_bias(None, 2, 5, True, torch.float32)
+    visible = mask[0, 0] == 0
+    assert not is_causal
+    assert visible.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+def test_fully_masked_query_rows_stay_finite():
+    q, k, v = qkv(Tq=3, Tk=3)
+    padding = torch.tensor([[0, 1, 1], [1, 1, 1]])  # left padding: query 0 of row 0 sees nothing causally
+    mask, _ = build_attention_bias(padding, 3, 3, True, torch.float32)
+    assert torch.isfinite(sdpa_attention(q[:, :, :3], k, v, mask=mask)).all()
+
+
+def test_scale_argument_replaces_one_over_sqrt_dk():
+    q, k, v = qkv()
+    expected = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+    torch.testing.assert_close(sdpa_attention(q, k, v, scale=1.0), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_grouped_query_attention_reads_shared_kv_heads(n_kv_heads):
+    """Query head h must use key/value head h // (n_head / n_kv_heads): check against per-head math."""
+    torch.manual_seed(0)
+    attn = Attention(16, n_head=4, n_kv_heads=n_kv_heads, bias=False).eval()
+    x = torch.randn(2, 5, 16)
+    y = attn(x, is_causal=True)
+    q, k, v = attn.qkv(x).split([16, 4 * n_kv_heads, 4 * n_kv_heads], dim=-1)
+    outs = []
+    for h in range(4):
+        g = h // (4 // n_kv_heads)
+        qh, kh, vh = q[..., 4 * h : 4 * h + 4], k[..., 4 * g : 4 * g + 4], v[..., 4 * g : 4 * g + 4]
+        scores = qh @ kh.transpose(-2, -1) / 2.0
+        scores = scores.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+        outs.append(torch.softmax(scores, -1) @ vh)
+    torch.testing.assert_close(y, attn.out(torch.cat(outs, -1)), atol=1e-6, rtol=0)
+
+
+def test_attention_module_sdpa_equals_reference_implementation():
+    torch.manual_seed(0)
+    fused = Attention(32, n_head=4, n_kv_heads=2, qk_norm=True).eval()
+    ref = Attention(32, n_head=4, n_kv_heads=2, qk_norm=True, implementation="reference").eval()
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 6, 32)
+    mask, _ = build_attention_bias(PADDING, 6, 6, True, torch.float32)
+    torch.testing.assert_close(fused(x, mask=mask), ref(x, mask=mask), atol=1e-6, rtol=0)
+
+
+def test_kv_cache_grows_and_reorders_batch_rows():
+    cache = KVCache()
+    k = torch.arange(2 * 1 * 3 * 2, dtype=torch.float32).view(2, 1, 3, 2)
+    cache.append(0, k, k)
+    cache.append(0, k[:, :, :1], k[:, :, :1])
+    assert len(cache) == 4
+    cache.reorder(torch.tensor([1, 1]))
+    assert torch.equal(cache.self_kv[0][0][0], cache.self_kv[0][0][1])
+
+
+def test_unknown_attention_implementation_is_rejected():
+    with pytest.raises(ValueError, match="attention='flash3' is unknown"):
+        Attention(8, 2, implementation="flash3")
+
+
+def test_attention_mask_must_cover_cached_and_new_keys():
+    with pytest.raises(ValueError, match="attention_mask covers 3 positions but the keys span 5"):
+        build_attention_bias(torch.ones(1, 3), 1, 5, True, torch.float32)
