@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lmforge.hf.common import check_names
 from lmforge.models.llama import LlamaConfig
 
 MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
@@ -246,9 +247,3 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], config: LlamaConfig) -> dic
     if config.head == "causal_lm" and config.tie_embeddings:
         hf["lm_head.weight"] = state["tok_emb.weight"]
     return hf
-
-
-def check_names(given: set[str], expected: set[str]) -> None:
-    missing, unexpected = sorted(expected - given), sorted(given - expected)
-    if missing or unexpected:
-        raise ValueError(f"state dict does not match the config: missing {missing}, unexpected {unexpected}")

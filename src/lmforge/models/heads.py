@@ -60,6 +60,43 @@ class ClassifierHead(nn.Module):
         return self.out(h)
 
 
+DECODER_HEADS = ("none", "causal_lm", "sequence_classification", "token_classification", "question_answering")
+
+
+def build_decoder_heads(config) -> tuple[nn.Linear | None, ClassifierHead | None]:
+    """(lm_head, classifier) of a decoder-only model for `config.head` (GPT-2 and Llama share them):
+    a bias-free vocabulary projection, a bias-free linear on the last token, or a per-token linear."""
+    c = config
+    if c.head == "causal_lm":
+        return nn.Linear(c.d_model, c.vocab_size, bias=False), None
+    if c.head == "sequence_classification":
+        return None, ClassifierHead(c.d_model, c.num_labels, bias=False)
+    if c.head == "token_classification":
+        return None, ClassifierHead(c.d_model, c.num_labels, dropout=c.dropout)
+    if c.head == "question_answering":
+        return None, ClassifierHead(c.d_model, 2)
+    return None, None
+
+
+def decoder_head_logits(
+    config,
+    lm_head: nn.Linear | None,
+    classifier: ClassifierHead | None,
+    h: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Logits of a decoder's head from its final hidden states h (B, T, d_model)."""
+    if lm_head is not None:
+        return lm_head(h)  # (B, T, vocab)
+    if classifier is None:
+        return None
+    if config.head == "sequence_classification":  # the last real token has seen the whole sequence
+        last = last_token_index(input_ids, attention_mask, config.pad_token_id)
+        return classifier(h[torch.arange(h.shape[0], device=h.device), last])  # (B, num_labels)
+    return classifier(h)  # (B, T, num_labels or 2)
+
+
 def last_token_index(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_token_id: int | None
 ) -> torch.Tensor:

@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 from lmforge.models.config import ModelConfig, check_fraction, check_heads, check_positive
-from lmforge.models.gpt import DECODER_HEADS
-from lmforge.models.heads import ClassifierHead, head_loss, last_token_index
+from lmforge.models.heads import DECODER_HEADS, build_decoder_heads, decoder_head_logits, head_loss
 from lmforge.models.output import ModelOutput
 from lmforge.nn import Attention, Block, KVCache, RMSNorm, RotaryEmbedding, TokenEmbedding, build_ffn
 from lmforge.nn.attention import build_attention_bias
@@ -139,15 +138,7 @@ class Llama(nn.Module):
             for i in range(c.n_layer)
         )
         self.norm = RMSNorm(c.d_model, c.norm_eps)
-        self.lm_head = self.classifier = None
-        if c.head == "causal_lm":
-            self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
-        elif c.head == "sequence_classification":
-            self.classifier = ClassifierHead(c.d_model, c.num_labels, bias=False)
-        elif c.head == "token_classification":
-            self.classifier = ClassifierHead(c.d_model, c.num_labels, dropout=c.dropout)
-        elif c.head == "question_answering":
-            self.classifier = ClassifierHead(c.d_model, 2)
+        self.lm_head, self.classifier = build_decoder_heads(c)
         self.apply(self._init_weights)
         if self.lm_head is not None and c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -182,14 +173,7 @@ class Llama(nn.Module):
             x = block(x, mask, is_causal, rope, cache=cache)
         h = self.norm(x)
 
-        logits = None
-        if self.lm_head is not None:
-            logits = self.lm_head(h)  # (B, T, vocab)
-        elif self.config.head == "sequence_classification":
-            last = last_token_index(input_ids, attention_mask, self.config.pad_token_id)
-            logits = self.classifier(h[torch.arange(B, device=h.device), last])  # (B, num_labels)
-        elif self.classifier is not None:
-            logits = self.classifier(h)  # (B, T, num_labels or 2)
+        logits = decoder_head_logits(self.config, self.lm_head, self.classifier, h, input_ids, attention_mask)
         return ModelOutput(
             logits=logits,
             loss=head_loss(self.config.head, logits, labels),
