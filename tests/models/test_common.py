@@ -123,6 +123,15 @@ def test_kv_cache_with_left_padding_matches_full_forward(name):
     torch.testing.assert_close(full[0, 3:], alone[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", DECODERS)
+def test_left_padded_batch_stays_finite_under_bf16_autocast(name):
+    model = tiny(name)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids(2, 6), attention_mask=mask).logits
+    assert torch.isfinite(logits).all()
+
+
 @pytest.mark.parametrize("name", ENCODER_DECODERS)
 def test_encoder_decoder_kv_cache_matches_full_forward(name):
     model = tiny(name)

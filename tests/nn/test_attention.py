@@ -64,11 +64,17 @@ def test_causal_mask_with_cache_offset_lets_new_queries_see_all_past_keys():
     assert visible.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
 
 
-def test_fully_masked_query_rows_stay_finite():
-    q, k, v = qkv(Tq=3, Tk=3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pad_query_rows_stay_finite_when_the_mask_is_cast_to_half_precision(dtype):
+    """Autocast casts the fp32 mask to bf16/fp16, where its most negative value overflows to -inf; a query
+    row that sees no key must still give finite numbers, or NaN would spread through the next layers."""
+    q, k, v = (t.to(dtype) for t in qkv(Tq=3, Tk=3))
     padding = torch.tensor([[0, 1, 1], [1, 1, 1]])  # left padding: query 0 of row 0 sees nothing causally
     mask, _ = build_attention_bias(padding, 3, 3, True, torch.float32)
-    assert torch.isfinite(sdpa_attention(q[:, :, :3], k, v, mask=mask)).all()
+    assert torch.isfinite(sdpa_attention(q, k, v, mask=mask.to(dtype))).all()
+    real = sdpa_attention(q.float(), k.float(), v.float(), mask=mask)[0, :, 1:]
+    expected = reference_attention(q.float()[:1, :, 1:], k.float()[:1, :, 1:], v.float()[:1, :, 1:], is_causal=True)
+    torch.testing.assert_close(real, expected[0], atol=1e-6, rtol=0)
 
 
 def test_scale_argument_replaces_one_over_sqrt_dk():

@@ -93,8 +93,10 @@ def build_attention_bias(
     attention_mask: (B, T_k) with 1 for real tokens and 0 for padding (covers cached keys too).
     Queries are the last q_len of the k_len positions, so a causal query i sees keys j <= i + (k_len - q_len).
     Returns (mask, is_causal): when nothing but plain causality is needed, no mask is built and the fused
-    kernel's own causal path is used. Blocked entries hold the dtype's most negative finite value rather
-    than -inf, so a row with no visible key (a pad query) gives finite, ignored values instead of NaN.
+    kernel's own causal path is used. Blocked entries hold the dtype's most negative finite value. A query
+    that may see no key at all (a left-pad position under a causal mask) is let see every key instead: its
+    output is never read, and a row of only blocked entries would turn into NaN once the mask is cast to
+    bf16 or fp16 under autocast (where that value overflows to -inf), and NaN spreads through later layers.
     """
     if attention_mask is None and position_bias is None:
         if not causal or q_len == 1:
@@ -111,6 +113,7 @@ def build_attention_bias(
                 f"(cached + new tokens); pass a mask for all of them"
             )
         keep = keep & attention_mask.bool()[:, None, None, :]
+        keep = keep | ~keep.any(dim=-1, keepdim=True)  # a query that sees no key (a pad) sees all instead
     bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
     if position_bias is not None:
         bias = bias + position_bias.to(dtype)
