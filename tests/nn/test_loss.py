@@ -1,0 +1,46 @@
+"""Our chunked cross-entropy must equal F.cross_entropy in value and gradient."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.nn import loss as loss_module
+from lmforge.nn.loss import cross_entropy
+
+
+@pytest.mark.parametrize("n_rows, vocab", [(7, 5), (64, 1000), (33, 50257)])
+def test_matches_torch_cross_entropy_value_and_gradient(n_rows, vocab, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 4 * vocab)  # several chunks, a ragged last one
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(n_rows, vocab)).requires_grad_()
+    targets = torch.randint(0, vocab, (n_rows,))
+    targets[::3] = -100
+    ours = cross_entropy(logits, targets)
+    (g_ours,) = torch.autograd.grad(2.5 * ours, logits)
+    theirs = F.cross_entropy(logits, targets, ignore_index=-100)
+    (g_theirs,) = torch.autograd.grad(2.5 * theirs, logits)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(g_ours, g_theirs, atol=1e-7, rtol=1e-5)
+
+
+def test_bf16_logits_get_bf16_gradients_close_to_fp32():
+    torch.manual_seed(0)
+    logits = torch.randn(16, 300)
+    targets = torch.randint(0, 300, (16,))
+    half = logits.bfloat16().requires_grad_()
+    loss = cross_entropy(half, targets)
+    loss.backward()
+    assert half.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets), atol=2e-2, rtol=0)
+
+
+def test_all_targets_ignored_gives_zero_loss_and_zero_gradient():
+    logits = torch.randn(4, 10, requires_grad=True)
+    loss = cross_entropy(logits, torch.full((4,), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(logits.grad) == 0
+
+
+def test_shape_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"needs logits \(N, V\) and targets \(N,\)"):
+        cross_entropy(torch.randn(4, 10), torch.zeros(5, dtype=torch.long))
