@@ -1,11 +1,11 @@
 """Forward + backward tokens/s: lmforge's GPT against transformers' GPT2LMHeadModel, same shapes.
 
-Both models are built in this process with identical shapes, fp32, the same thread count, dropout off and
-transformers' fast GELU (`activation_function="gelu_pytorch_tanh"`) and its default SDPA attention. Steps
-alternate between the two models so machine noise hits both alike; each figure is the median step.
-Target: ratio >= 1.0 (lmforge never slower).
+Both models are built in this process with identical shapes and weights (checked: same loss), fp32, the
+same thread count, dropout off, transformers' fast GELU (`activation_function="gelu_pytorch_tanh"`) and its
+default SDPA attention. Steps alternate between the two models so machine noise hits both alike; each
+figure is the median step. Target: ratio >= 1.0 (lmforge never slower).
 
-    python benchmarks/bench_model.py [--steps N] [--threads T]
+    python benchmarks/bench_model.py [--steps N] [--threads T] [--shapes gpt2-124M shakespeare-char]
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import statistics
 import time
 
 import torch
+import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmforge import build_model
+from lmforge.hf.gpt import state_dict_from_hf
 
 SHAPES = {
     # name: (n_layer, n_head, d_model, vocab_size, block_size, batch_size)
@@ -49,6 +51,8 @@ def bench_shape(name: str, steps: int) -> dict:
     ).train()
     theirs = GPT2LMHeadModel(
         GPT2Config(
+            bos_token_id=vocab - 1,
+            eos_token_id=vocab - 1,
             n_layer=n_layer,
             n_head=n_head,
             n_embd=d_model,
@@ -60,7 +64,11 @@ def bench_shape(name: str, steps: int) -> dict:
             attn_pdrop=0.0,
         )
     ).train()
+    ours.load_state_dict(state_dict_from_hf(theirs.state_dict(), ours.config))  # identical weights
     input_ids = torch.randint(0, vocab, (batch, block), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss_gap = abs(ours(input_ids, labels=input_ids).loss - theirs(input_ids, labels=input_ids).loss).item()
+    assert loss_gap < 1e-4, f"the two models disagree (loss gap {loss_gap:.2e}); the comparison would be unfair"
     for model in (ours, theirs):  # warm up allocator and kernels
         step_seconds(model, input_ids)
     times = {"lmforge": [], "transformers": []}
@@ -80,6 +88,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
     print(f"torch {torch.__version__}, {args.threads} threads, fp32, forward + backward, median of {args.steps} steps")
     print(f"{'shape':<18}{'lmforge tok/s':>15}{'transformers tok/s':>20}{'ratio':>8}")
     for name in args.shapes:
