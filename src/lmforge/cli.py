@@ -1,79 +1,37 @@
-"""The `lmforge` command. Each subcommand is a thin function that parses its arguments and calls the library."""
+"""The `lmforge` command. Each subcommand is a thin function that parses its arguments and calls the library;
+the subcommands live in `lmforge.commands`, one module per group."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
 
 from lmforge import __version__
 
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """["n_layer=2", "tie_embeddings=false"] -> {"n_layer": 2, "tie_embeddings": False}; values are JSON
-    when they parse as JSON (numbers, true/false/null, dicts), else strings."""
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {pair!r} must look like key=value, e.g. n_layer=2")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
-
-
-def cmd_models(args: argparse.Namespace) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from lmforge.models import PRESETS, build_config, model_stats
-
-    table = Table(title="lmforge presets")
-    for column in ("preset", "family", "parameters", "FLOPs/token"):
-        table.add_column(column, justify="left" if column in ("preset", "family") else "right")
-    for name, (family, _) in PRESETS.items():
-        stats = model_stats(build_config(name))
-        table.add_row(name, family, f"{stats['parameters']:,}", f"{stats['flops_per_token']:,}")
-    Console().print(table)
-
-
-def cmd_info(args: argparse.Namespace) -> None:
-    from lmforge.models import build_config, model_stats
-
-    config = build_config(args.model, **parse_overrides(args.set))
-    stats = model_stats(config, seq_len=args.seq_len)
-    print(json.dumps({"config": config.to_dict(), **stats, "seq_len": args.seq_len or "max_seq_len"}, indent=2))
-
-
-def cmd_demo(args: argparse.Namespace) -> None:
-    from lmforge.demo import run_demo
-
-    run_demo(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len)
+COMMAND_MODULES = (
+    "lmforge.commands.models",  # models, info, demo
+    "lmforge.commands.convert",  # convert, inspect
+    "lmforge.commands.data_catalog",  # data list, data get
+    "lmforge.commands.data_clean",  # data clean
+    "lmforge.commands.data_prepare",  # data prepare, tokenizer train
+)
+GROUPS = {
+    "data": "datasets: catalog, cleaning, tokenised shards",
+    "tokenizer": "tokenizers: train and inspect",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("models", help="list the model presets with parameter counts and FLOPs/token")
-    p.set_defaults(func=cmd_models)
-
-    p = sub.add_parser("info", help="show a preset's or family's config, parameter count and FLOPs/token")
-    p.add_argument(
-        "model", help="preset (e.g. gpt2, llama-tiny) or family (gpt, llama, bert, roberta, t5, transformer)"
-    )
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
-    p.add_argument("--seq-len", type=int, default=None, help="context length for FLOPs (default: max_seq_len)")
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("demo", help="train every tiny preset briefly and print a table of sizes and speeds")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.set_defaults(func=cmd_demo)
+    commands = parser.add_subparsers(dest="command", required=True)
+    groups = {}
+    for name, help_text in GROUPS.items():
+        group = commands.add_parser(name, help=help_text)
+        groups[name] = group.add_subparsers(dest="subcommand", required=True)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(commands, groups)
     return parser
 
 
@@ -81,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"lmforge {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        name = " ".join(filter(None, [args.command, getattr(args, "subcommand", None)]))
+        print(f"lmforge {name}: error: {error}", file=sys.stderr)
         return 2
     return 0
 
