@@ -63,7 +63,8 @@ def fetch_package(name: str, version: str, sha256: str | None = None) -> Path:
 def extract(archive: Path, members_prefix: str = "") -> Path:
     """Unpack the members of `archive` whose path starts with `members_prefix`; returns the folder that
     holds them (paths inside keep their archive layout). Done once; later calls return the same folder."""
-    target = archive.parent / (archive.name + ".extracted")
+    suffix = f".{hashlib.sha256(members_prefix.encode()).hexdigest()[:8]}" if members_prefix else ""
+    target = archive.parent / f"{archive.name}{suffix}.extracted"  # one folder per prefix
     done = target / ".complete"
     if done.exists():
         return target
