@@ -1,0 +1,1 @@
+"""Data: corpora and their catalog, cleaning, tokenizers, shards and loaders, and readers for labelled task data."""
