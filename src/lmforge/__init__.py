@@ -25,6 +25,10 @@ _EXPORTS = {
     "load_tokenizer": "lmforge.data.tokenizer",
     "gpt2_tokenizer": "lmforge.data.tokenizer",
     "load_gguf": "lmforge.hf.gguf",
+    "load_model": "lmforge.hf.load",
+    "save_model": "lmforge.hf.save",
+    "save_pretrained": "lmforge.hf.save",
+    "describe_checkpoint": "lmforge.hf.describe",
     "load_dataset": "lmforge.data.catalog",
 }
 

@@ -160,7 +160,8 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> 
         hf.pop("lm_head.weight", None)  # the token embedding, stored again by some checkpoints
     pairs = name_pairs(config)
     check_names(set(hf), {hf_name for _, hf_name, _ in pairs})
-    state = {ours: hf[theirs].t().contiguous() if transpose else hf[theirs] for ours, theirs, transpose in pairs}
+    # A transposed view, not a copy: F.linear reads it at full speed, and loading skips a pass over the weights.
+    state = {ours: hf[theirs].t() if transpose else hf[theirs] for ours, theirs, transpose in pairs}
     if config.head == "causal_lm" and config.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
     return state
