@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "lmforge.commands.data_catalog",  # data list, data get
     "lmforge.commands.data_clean",  # data clean
     "lmforge.commands.data_prepare",  # data prepare, tokenizer train
+    "lmforge.commands.generate",  # generate
 )
 GROUPS = {
     "data": "datasets: catalog, cleaning, tokenised shards",

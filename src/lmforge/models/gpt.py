@@ -30,7 +30,7 @@ from lmforge.nn import (
     TokenEmbedding,
     build_ffn,
 )
-from lmforge.nn.attention import build_attention_bias
+from lmforge.nn.attention import StaticKVCache, build_attention_bias
 from lmforge.nn.embedding import default_position_ids
 
 
@@ -111,10 +111,13 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        past_key_values: KVCache | None = None,
+        past_key_values: KVCache | StaticKVCache | None = None,
         use_cache: bool = False,
+        logits_to_keep: int = 0,
     ) -> ModelOutput:
-        """input_ids (B, T); attention_mask (B, T_past + T), 1 = real token; labels as in `heads`."""
+        """input_ids (B, T); attention_mask (B, T_past + T), 1 = real token; labels as in `heads`.
+        logits_to_keep=n > 0 projects only the last n positions to the vocabulary (generation needs just the
+        last one; at GPT-2 sizes the (T, vocab) projection of a whole prompt costs as much as 5 layers)."""
         B, T = input_ids.shape
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         past = len(cache) if cache is not None else 0
@@ -126,7 +129,10 @@ class GPT(nn.Module):
             x = block(x, mask, is_causal, cache=cache)
         h = self.norm(x)
 
-        logits = decoder_head_logits(self.config, self.lm_head, self.classifier, h, input_ids, attention_mask)
+        if logits_to_keep and self.lm_head is not None:
+            logits = self.lm_head(h[:, -logits_to_keep:])  # (B, logits_to_keep, vocab)
+        else:
+            logits = decoder_head_logits(self.config, self.lm_head, self.classifier, h, input_ids, attention_mask)
         return ModelOutput(
             logits=logits,
             loss=head_loss(self.config.head, logits, labels),

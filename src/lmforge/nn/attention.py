@@ -155,6 +155,49 @@ class KVCache:
                 store[layer] = (k.index_select(0, batch_index), v.index_select(0, batch_index))
 
 
+class StaticKVCache:
+    """A KV cache of preallocated buffers (B, H_kv, max_len, d_head), written in place.
+
+    Same interface as `KVCache`, but appending copies the new keys/values into the next free slots
+    instead of concatenating: no per-step allocation, and no copy of the whole past at each step (a
+    `torch.cat` cache moves O(T) memory per token, O(T^2) per sequence). Attention reads the filled
+    prefix as a view. `max_len` bounds the cached positions (prompt + new tokens).
+    """
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.self_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # filled prefixes (views)
+        self.cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        if not self.self_kv:
+            return 0
+        return next(iter(self.self_kv.values()))[0].shape[-2]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self._buffers:
+            B, H, _, d = k.shape
+            self._buffers[layer] = tuple(k.new_empty(B, H, self.max_len, d) for _ in range(2))
+        past = self.self_kv[layer][0].shape[-2] if layer in self.self_kv else 0
+        end = past + k.shape[-2]
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions, {end} were needed; pass a larger max_len")
+        buffer_k, buffer_v = self._buffers[layer]
+        buffer_k[:, :, past:end].copy_(k)
+        buffer_v[:, :, past:end].copy_(v)
+        self.self_kv[layer] = (buffer_k[:, :, :end], buffer_v[:, :, :end])
+        return self.self_kv[layer]
+
+    def reorder(self, batch_index: torch.Tensor) -> None:
+        for layer, (buffer_k, buffer_v) in self._buffers.items():
+            end = self.self_kv[layer][0].shape[-2]
+            buffer_k[:, :, :end] = buffer_k[:, :, :end].index_select(0, batch_index)
+            buffer_v[:, :, :end] = buffer_v[:, :, :end].index_select(0, batch_index)
+        for layer, (k, v) in self.cross_kv.items():
+            self.cross_kv[layer] = (k.index_select(0, batch_index), v.index_select(0, batch_index))
+
+
 class Attention(nn.Module):
     """Multi-head self- or cross-attention with optional GQA/MQA, RoPE, QK-norm and a KV cache.
 
@@ -208,7 +251,7 @@ class Attention(nn.Module):
         mask: torch.Tensor | None = None,
         is_causal: bool = False,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
         memory: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, d_model) -> (B, T, d_model). `mask` is additive, broadcastable to (B, H, T, T_k)."""

