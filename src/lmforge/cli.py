@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "lmforge.commands.data_clean",  # data clean
     "lmforge.commands.data_prepare",  # data prepare, tokenizer train
     "lmforge.commands.generate",  # generate
+    "lmforge.commands.serve",  # serve, chat
 )
 GROUPS = {
     "data": "datasets: catalog, cleaning, tokenised shards",

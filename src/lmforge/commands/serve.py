@@ -1,0 +1,161 @@
+"""`lmforge serve MODEL`: the OpenAI-compatible API and playground; `lmforge chat MODEL`: a terminal chat.
+
+MODEL is a preset name (random weights; `--seed` fixes them), an lmforge or Hugging Face folder, or a
+.gguf file, loaded as `lmforge generate` loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+from lmforge.commands.generate import DTYPES, load_model_and_tokenizer
+
+
+def load(args: argparse.Namespace):
+    """The model (in eval mode, cast and optionally quantised) and its tokenizer."""
+    torch.set_grad_enabled(False)
+    if args.seed is not None:  # also fixes a preset's random weights
+        torch.manual_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)
+    model = model.to(DTYPES[args.dtype]).eval()
+    if args.quantize == "int8":
+        from lmforge.nn.quant import quantize_int8
+
+        quantize_int8(model)
+    return model, tokenizer
+
+
+def served_name(model: str) -> str:
+    """The id clients send as `model`: the preset name, or the file/folder name without `.gguf`."""
+    path = Path(model)
+    return path.stem if path.suffix == ".gguf" else (path.name or model)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket, bound here so a taken port is a clear error and port 0 picks a free one."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a TCP port; choose 0-65535 (0: any free port)")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as error:
+        raise RuntimeError(f"cannot listen on {host}:{port} ({error}); pick another --port or --host") from error
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from lmforge.serve.app import ServeSettings, create_app
+        from lmforge.serve.backend import ServedModel
+    except ImportError as error:
+        raise RuntimeError(f"serving needs FastAPI and uvicorn ({error}); pip install fastapi uvicorn") from error
+    for name in ("concurrency", "max_tokens_limit"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    if args.queue_size < 0 or args.timeout <= 0:
+        raise ValueError(f"--queue-size {args.queue_size} must be >= 0 and --timeout {args.timeout} > 0")
+    api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
+    sock = listen(args.host, args.port)
+    try:
+        model, tokenizer = load(args)
+        name = args.served_model_name or served_name(args.model)
+        served = ServedModel(model, tokenizer, name, args.max_tokens_limit, args.max_prompt_tokens)
+    except BaseException:
+        sock.close()
+        raise
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("lmforge serve: %(message)s"))
+    logger = logging.getLogger("lmforge.serve")
+    logger.addHandler(handler)
+    logger.setLevel(args.log_level.upper())
+    app = create_app(served, ServeSettings(args.concurrency, args.queue_size, args.timeout, api_key))
+    host, port = sock.getsockname()[:2]
+    if not is_loopback(args.host) and api_key is None:
+        print(
+            f"lmforge serve: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
+            file=sys.stderr,
+        )
+    print(
+        f"lmforge serve: {served.name!r} on http://{host}:{port} (playground at /, API at /v1)",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app, log_level=args.log_level, timeout_graceful_shutdown=args.timeout + 5, timeout_keep_alive=5
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from lmforge.serve.terminal import chat_loop
+
+    model, tokenizer = load(args)
+    greedy = args.temperature == 0
+    try:
+        chat_loop(
+            model,
+            tokenizer,
+            sys.stdin,
+            sys.stdout,
+            system=args.system,
+            max_new_tokens=args.max_new_tokens,
+            interactive=sys.stdin.isatty(),
+            do_sample=not greedy,
+            temperature=1.0 if greedy else args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+        )
+    except BrokenPipeError:  # the reader of our output left (e.g. `| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="preset name (random weights), lmforge/Hugging Face folder, or .gguf file")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's; presets: UTF-8 bytes)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8 weight-only linears")
+    p.add_argument("--seed", type=int, default=None, help="fixes a preset's random weights (and chat sampling)")
+
+
+def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
+    p = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with a playground")
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set LMFORGE_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL's name)")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: the context - 1)")
+    p.add_argument("--concurrency", type=int, default=1, help="generations running at once")
+    p.add_argument("--queue-size", type=int, default=16, help="requests waiting beyond those (then: 503 busy)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included (then 504)")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    p.set_defaults(func=cmd_serve)
+
+    p = commands.add_parser("chat", help="chat with a model in the terminal (streams replies; /reset, /exit)")
+    add_model_arguments(p)
+    p.add_argument("--system", default=None, help="system message that starts the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.set_defaults(func=cmd_chat)

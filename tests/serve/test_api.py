@@ -1,0 +1,220 @@
+"""The HTTP API's guarantees against real `lmforge serve` processes: each bad request gets the right 4xx in
+OpenAI's error shape with a clear message and the server keeps serving; a full queue answers 503 at once;
+a request past --timeout gets 504 and frees its worker; SIGTERM lets in-flight requests finish."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def guarded(start_server, checkpoint):
+    """A server with an API key and small limits."""
+    args = [str(checkpoint), "--api-key", KEY, "--max-tokens-limit", "64", "--max-prompt-tokens", "32"]
+    server = start_server(args)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tight(start_server, checkpoint):
+    """One worker, one queue slot, 2 s per request: a 4000-token request can never finish in time."""
+    args = [str(checkpoint), "--concurrency", "1", "--queue-size", "1", "--timeout", "2", "--max-tokens-limit", "4000"]
+    server = start_server(args)
+    yield server
+    server.stop()
+
+
+def assert_error(status: int, body, expected_status: int, *fragments: str, param=None, code=None) -> None:
+    assert status == expected_status, body
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    message = body["error"]["message"]
+    assert all(f in message for f in fragments), message
+    assert body["error"]["param"] == param and body["error"]["code"] == code
+
+
+def assert_still_serving(server, headers=None) -> None:
+    payload = {"model": server_model(server), "prompt": "still there?", "max_tokens": 2}
+    status, body = server.post("/v1/completions", payload, headers)
+    assert status == 200 and body["usage"]["completion_tokens"] >= 1, body
+    status, health = server.get("/health")
+    assert status == 200 and health["status"] == "ok"
+
+
+def server_model(server) -> str:
+    return server.get("/health")[1]["model"]
+
+
+def chat(**fields):
+    return {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **fields}
+
+
+BAD_REQUESTS = {
+    "malformed json": (b'{"model": "tiny-chat", "messages": [', 400, ["not valid JSON"], None, "invalid_json"),
+    "body not an object": (b"[1, 2]", 400, ["must be a JSON object"], None, None),
+    "messages wrong type": (chat(messages="hi"), 400, ["messages: Input should be a valid list"], "messages", None),
+    "temperature wrong type": (chat(temperature="hot"), 400, ["temperature", '"hot"'], "temperature", None),
+    "temperature too high": (chat(temperature=3.5), 400, ["less than or equal to 2"], "temperature", None),
+    "top_p zero": (chat(top_p=0), 400, ["top_p: Input should be greater than 0"], "top_p", None),
+    "negative max_tokens": (chat(max_tokens=-5), 400, ["greater than or equal to 1", "-5"], "max_tokens", None),
+    "huge max_tokens": (chat(max_tokens=10**9), 400, ["max_tokens=1000000000", "64"], "max_tokens", None),
+    "empty messages": (chat(messages=[]), 400, ["messages", "at least 1"], "messages", None),
+    "unknown role": (chat(messages=[{"role": "robot", "content": "x"}]), 400, ["robot"], "messages.0.role", None),
+    "unknown model": (chat(model="gpt-5"), 404, ["'gpt-5' does not exist", "tiny-chat"], "model", "model_not_found"),
+    "oversized prompt": (
+        chat(messages=[{"role": "user", "content": "word " * 200}]),
+        400,
+        ["at most 32", "--max-prompt-tokens"],
+        "messages",
+        "context_length_exceeded",
+    ),
+    "missing field": ({"model": "tiny-chat"}, 400, ["messages: Field required"], "messages", None),
+    "logprobs": (chat(logprobs=True), 400, ["logprobs are not supported"], "logprobs", None),
+    "too many choices": (chat(n=9), 400, ["n: Input should be less than or equal to 8"], "n", None),
+    "seed out of range": (chat(seed=2**70), 400, ["seed: Input should be less than"], "seed", None),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
+def test_bad_request_gets_a_clear_4xx_and_the_server_keeps_serving(guarded, case):
+    payload, status, fragments, param, code = BAD_REQUESTS[case]
+    assert_error(*guarded.post("/v1/chat/completions", payload, AUTH), status, *fragments, param=param, code=code)
+    assert_still_serving(guarded, AUTH)
+
+
+def test_completion_prompt_of_wrong_type_and_too_long_are_rejected(guarded):
+    status, body = guarded.post("/v1/completions", {"model": "tiny-chat", "prompt": 5}, AUTH)
+    assert_error(status, body, 400, "prompt: Input should be a valid string", param="prompt")
+    status, body = guarded.post("/v1/completions", {"model": "tiny-chat", "prompt": "x " * 100}, AUTH)
+    assert_error(status, body, 400, "at most 32", param="prompt", code="context_length_exceeded")
+
+
+@pytest.mark.parametrize(
+    "headers, fragment",
+    [
+        ({}, "no API key given"),
+        ({"Authorization": "Bearer wrong"}, "incorrect API key"),
+        ({"Authorization": KEY}, "no API key given"),
+    ],
+    ids=["missing", "wrong", "not bearer"],
+)
+def test_missing_or_wrong_api_key_is_401(guarded, headers, fragment):
+    assert_error(*guarded.post("/v1/chat/completions", chat(), headers), 401, fragment, code="invalid_api_key")
+    assert_error(*guarded.get("/v1/models", headers), 401, fragment, code="invalid_api_key")
+    assert guarded.get("/health")[0] == 200  # health and the playground need no key
+    assert guarded.get("/")[0] == 200
+
+
+def test_openai_client_raises_its_typed_errors(guarded):
+    good = openai.OpenAI(base_url=guarded.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    bad = openai.OpenAI(base_url=guarded.url + "/v1", api_key="nope", max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        good.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        good.completions.create(model="tiny-chat", prompt="x", max_tokens=65)
+    assert good.completions.create(model="tiny-chat", prompt="x", max_tokens=3).usage.completion_tokens >= 1
+
+
+def test_unknown_route_and_oversized_body_use_the_error_shape(guarded):
+    assert_error(*guarded.get("/v1/nothing", AUTH), 404, "Not Found")
+    connection = http.client.HTTPConnection("127.0.0.1", guarded.port, timeout=30)
+    connection.putrequest("POST", "/v1/completions")  # announce 50 MB, send none: refused before reading
+    for name, value in {**AUTH, "Content-Type": "application/json", "Content-Length": str(50 << 20)}.items():
+        connection.putheader(name, value)
+    connection.endheaders()
+    response = connection.getresponse()
+    assert_error(response.status, json.loads(response.read()), 413, "52428800 bytes", "at most 4194304")
+    connection.close()
+    assert_still_serving(guarded, AUTH)
+
+
+def long_request(server, max_tokens: int = 4000, stream: bool = False):
+    payload = {"model": "tiny-chat", "prompt": "go", "max_tokens": max_tokens, "ignore_eos": True, "stream": stream}
+    return server.post("/v1/completions", payload)
+
+
+def test_a_full_queue_answers_503_at_once_and_the_server_stays_healthy(tight):
+    barrier = threading.Barrier(6)
+
+    def send(_):
+        barrier.wait(10)
+        start = time.monotonic()
+        status, body = long_request(tight)
+        return status, body, time.monotonic() - start
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(send, range(6)))
+    busy = [r for r in results if r[0] == 503]
+    admitted = [r for r in results if r[0] != 503]
+    assert len(busy) == 4 and len(admitted) == 2  # 1 running + 1 queued; the rest refused
+    for status, body, seconds in busy:
+        assert_error(status, body, 503, "server is busy", "--concurrency + --queue-size", code="server_busy")
+        assert seconds < 1.5  # refused at once, not after waiting
+    assert all(status == 504 for status, _, _ in admitted)  # 4000 tokens cannot finish in 2 s
+    wait_until_idle(tight)
+    assert_still_serving(tight)
+
+
+def wait_until_idle(server, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        health = server.get("/health")[1]
+        if health["running"] == health["waiting"] == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the worker is still busy after {seconds} s: {health}")
+
+
+def test_timeout_is_504_and_frees_the_worker(tight):
+    start = time.monotonic()
+    status, body = long_request(tight)
+    assert_error(status, body, 504, "did not finish within 2 s", "--timeout", code="timeout")
+    assert 1.9 < time.monotonic() - start < 10
+    wait_until_idle(tight, 5.0)  # the cancelled generation stopped at its next step
+    assert_still_serving(tight)
+
+
+def test_streamed_timeout_ends_the_stream_with_an_error_event(tight):
+    client = openai.OpenAI(base_url=tight.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    received = []
+    with pytest.raises(openai.APIError, match="did not finish within 2 s"):
+        for chunk in client.completions.create(
+            model="tiny-chat", prompt="go", max_tokens=4000, stream=True, extra_body={"ignore_eos": True}
+        ):
+            received.append(chunk)
+    assert received  # text streamed before the deadline
+    wait_until_idle(tight, 5.0)
+    assert_still_serving(tight)
+
+
+def test_sigterm_lets_in_flight_requests_finish(start_server, checkpoint):
+    server = start_server([str(checkpoint), "--concurrency", "2", "--timeout", "120"], log_level="info")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    options = dict(model="tiny-chat", prompt="go", max_tokens=600, extra_body={"ignore_eos": True})
+    with ThreadPoolExecutor(1) as pool:
+        plain = pool.submit(client.completions.create, **options)
+        stream = client.completions.create(stream=True, **options)
+        chunks = [next(iter(stream))]  # the streamed request is under way
+        server.process.send_signal(signal.SIGTERM)
+        chunks += list(stream)
+        plain = plain.result(timeout=120)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert plain.choices[0].finish_reason == "length" and plain.usage.completion_tokens == 600
+    server.process.wait(60)
+    log = "".join(server.log)
+    assert "shutting down" in log and "stopped" in log, log
+    assert log.index("shutting down") < log.index("stopped")

@@ -1,0 +1,99 @@
+"""`lmforge chat` driven through a pipe (replies equal in-process greedy generation over the same
+conversation; /reset forgets it; /exit stops reading) and `lmforge serve`'s command-line errors.
+
+(These live next to the serving tests, not under tests/commands/, to share the checkpoint fixture.)"""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.commands.generate import ByteTokenizer
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.generate import generate
+from lmforge.hf.load import load_model
+from lmforge.models import build_model
+
+
+def reply_in_process(model, tokenizer, ids: list[int], max_new_tokens: int, **options) -> str:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    out = generate(
+        model, torch.tensor([ids]), max_new_tokens=max_new_tokens, tokenizer=tokenizer, eos_token_id=eos, **options
+    )
+    return out.texts[0]
+
+
+def test_piped_chat_streams_replies_with_the_chat_template_and_resets(checkpoint):
+    """Sampled at the chat's defaults (temperature 0.7, top_p 0.95) with seed 3 for every turn."""
+    model, tok = load_model(checkpoint), load_tokenizer(checkpoint)
+
+    def reply(messages):
+        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+        return reply_in_process(model, tok, ids, 8, do_sample=True, temperature=0.7, top_p=0.95, seed=3)
+
+    first = reply([{"role": "user", "content": "hello"}])
+    second = reply(
+        [
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "how are you"},
+        ]
+    )
+    command = [sys.executable, "-m", "lmforge", "chat", str(checkpoint), "--seed", "3", "--max-new-tokens", "8"]
+    stdin = "hello\n/reset\nhello\nhow are you\n/exit\nnever read\n"
+    result = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert first.strip() and second.strip() and first != second
+    assert result.stdout == f"{first}\n(conversation cleared)\n{first}\n{second}\n"
+
+
+def test_chat_without_a_template_uses_a_plain_transcript(monkeypatch, capsys):
+    torch.manual_seed(0)
+    model = build_model("gpt-tiny").eval()
+    ids = list(b"System: Be terse.\nUser: hello\nAssistant:")
+    expected = reply_in_process(model, ByteTokenizer(), ids, 6, stop_strings=["\nUser:"])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    argv = ["chat", "gpt-tiny", "--seed", "0", "--temperature", "0", "--max-new-tokens", "6", "--system", "Be terse."]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_chat_runs_in_bfloat16_and_int8(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/exit\n"))
+    argv = ["chat", "llama-tiny", "--dtype", "bfloat16", "--quantize", "int8", "--max-new-tokens", "4", "--seed", "1"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("\n") >= 1
+
+
+def test_serve_reports_a_taken_port(capsys):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", "gpt-tiny", "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--concurrency", "0"], "--concurrency 0 must be >= 1"),
+        (["--queue-size", "-1"], "--queue-size -1 must be >= 0"),
+        (["--port", "70000"], "--port 70000 is not a TCP port"),
+        (["--max-prompt-tokens", "0"], "max_prompt_tokens=0 must be >= 1"),
+    ],
+)
+def test_serve_rejects_bad_settings(argv, message, capsys):
+    assert main(["serve", "gpt-tiny", "--port", "0", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_serve_rejects_models_that_cannot_generate(capsys):
+    assert main(["serve", "no-such-model", "--port", "0"]) == 2
+    assert "neither a preset" in capsys.readouterr().err
+    assert main(["serve", "bert-tiny", "--port", "0"]) == 2
+    assert "cannot generate text" in capsys.readouterr().err
