@@ -48,10 +48,14 @@ def _load_tokenizer(path: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    with torch.inference_mode():  # a context, not a global switch: main() also runs in-process (tests, notebooks)
+        run_generate(args)
+
+
+def run_generate(args: argparse.Namespace) -> None:
     from lmforge.generate import encode_prompts, generate, stream
     from lmforge.nn.quant import quantize_int8
 
-    torch.set_grad_enabled(False)
     if args.seed is not None:  # also fixes a preset's random weights
         torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)

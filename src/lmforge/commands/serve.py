@@ -20,8 +20,8 @@ from lmforge.commands.generate import DTYPES, load_model_and_tokenizer
 
 
 def load(args: argparse.Namespace):
-    """The model (in eval mode, cast and optionally quantised) and its tokenizer."""
-    torch.set_grad_enabled(False)
+    """The model (in eval mode, cast and optionally quantised) and its tokenizer. Generation itself runs under
+    inference mode inside the engine; nothing here switches autograd off globally."""
     if args.seed is not None:  # also fixes a preset's random weights
         torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)
