@@ -47,6 +47,20 @@ def _load_tokenizer(path: str):
     return load_tokenizer(path)
 
 
+def load_for_generation(args: argparse.Namespace):
+    """The model (eval mode, cast to --dtype, optionally int8-quantised) and its tokenizer; `serve` and `chat`
+    share this. --seed also fixes a preset's random weights."""
+    from lmforge.nn.quant import quantize_int8
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)
+    model = model.to(DTYPES[args.dtype]).eval()
+    if args.quantize == "int8":
+        quantize_int8(model)
+    return model, tokenizer
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     with torch.inference_mode():  # a context, not a global switch: main() also runs in-process (tests, notebooks)
         run_generate(args)
@@ -54,14 +68,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def run_generate(args: argparse.Namespace) -> None:
     from lmforge.generate import encode_prompts, generate, stream
-    from lmforge.nn.quant import quantize_int8
 
-    if args.seed is not None:  # also fixes a preset's random weights
-        torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)
-    model = model.to(DTYPES[args.dtype]).eval()
-    if args.quantize == "int8":
-        quantize_int8(model)
+    model, tokenizer = load_for_generation(args)
     input_ids, attention_mask = encode_prompts(tokenizer, args.prompt, chat=args.chat)
     options = dict(
         max_new_tokens=args.max_new_tokens,

@@ -14,23 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-import torch
-
-from lmforge.commands.generate import DTYPES, load_model_and_tokenizer
-
-
-def load(args: argparse.Namespace):
-    """The model (in eval mode, cast and optionally quantised) and its tokenizer. Generation itself runs under
-    inference mode inside the engine; nothing here switches autograd off globally."""
-    if args.seed is not None:  # also fixes a preset's random weights
-        torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)
-    model = model.to(DTYPES[args.dtype]).eval()
-    if args.quantize == "int8":
-        from lmforge.nn.quant import quantize_int8
-
-        quantize_int8(model)
-    return model, tokenizer
+from lmforge.commands.generate import DTYPES, load_for_generation
 
 
 def served_name(model: str) -> str:
@@ -73,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
     sock = listen(args.host, args.port)
     try:
-        model, tokenizer = load(args)
+        model, tokenizer = load_for_generation(args)
         name = args.served_model_name or served_name(args.model)
         served = ServedModel(model, tokenizer, name, args.max_tokens_limit, args.max_prompt_tokens)
     except BaseException:
@@ -105,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from lmforge.serve.terminal import chat_loop
 
-    model, tokenizer = load(args)
+    model, tokenizer = load_for_generation(args)
     greedy = args.temperature == 0
     try:
         chat_loop(
