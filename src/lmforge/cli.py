@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "lmforge.commands.data_prepare",  # data prepare, tokenizer train
     "lmforge.commands.generate",  # generate
     "lmforge.commands.serve",  # serve, chat
+    "lmforge.commands.pretrain",  # pretrain
 )
 GROUPS = {
     "data": "datasets: catalog, cleaning, tokenised shards",

