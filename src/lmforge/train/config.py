@@ -44,11 +44,14 @@ class DataSection:
     dataset: str = opt("shakespeare-small", "catalog name (lmforge data list), a text file/folder/glob, or shards")
     tokenizer: str = opt("char", "char | gpt2 | train (learn a byte-level BPE) | path to a tokenizer")
     vocab_size: int = opt(4096, "vocabulary size when tokenizer=train")
-    block_size: int = opt(128, "tokens per training window (context length)")
+    block_size: int = opt(128, "tokens per training window (context length; translation: per sentence)")
     val_fraction: float = opt(0.1, "held-out fraction when the dataset has no validation split")
     text_field: str = opt("text", "JSON field holding the text, for JSONL/Parquet files")
     mlm_probability: float = opt(0.15, "masked LM: fraction of tokens to predict")
     noise_density: float = opt(0.15, "span corruption: fraction of tokens dropped")
+    source_lang: str = opt("en", "translation: record field of the source sentence")
+    target_lang: str = opt("es", "translation: record field of the target sentence")
+    max_pairs: int = opt(0, "translation: use only the first N training pairs (0: all)")
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
@@ -57,6 +60,8 @@ class DataSection:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         if self.vocab_size < 2:
             raise ValueError(f"data.vocab_size={self.vocab_size} must be >= 2")
+        if self.max_pairs < 0:
+            raise ValueError(f"data.max_pairs={self.max_pairs} must be >= 0 (0: all pairs)")
 
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -7,6 +7,12 @@
 - `data.dataset` is a folder written by `lmforge data prepare` (it holds meta.json): its memory-mapped
   token shards are read in place, with the tokenizer the shards were made with.
 
+- translation (the `transformer` family): `data.dataset` is a translation dataset (`kjv-spanish`), records
+  {data.source_lang: ..., data.target_lang: ...}. Each pair becomes (source ids + EOS, target ids + EOS),
+  each side cut to `block_size` tokens; the held-out split is "validation" or "test" when the dataset has
+  one, else the last `val_fraction` of the pairs. One tokenizer is learned on both sides, so source and
+  target share one vocabulary (and the model one embedding matrix, as in Vaswani et al., 2017, 3.4).
+
 The tokenizer ("char", "gpt2", "train" for a byte-level BPE, or a path) is built once and saved in
 `runs/<name>/tokenizer/`, so a resumed run (and every DDP process) uses the very same ids.
 
@@ -15,7 +21,7 @@ Bits per byte needs tokens per byte of the validation text: bits/byte = loss / l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,7 @@ from lmforge.data.loaders import (
     MLMBatches,
     MLMMasker,
     RandomWindows,
+    Seq2SeqBatches,
     SpanCorruptionBatches,
     SpanCorruptor,
     TokenStream,
@@ -36,6 +43,10 @@ from lmforge.train.distributed import DistInfo, barrier
 MLM_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 T5_SPECIALS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2: T5's pad (= decoder start) and EOS
 T5_SENTINELS = 100
+TRANSLATION_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0, 1, 2: the Transformer's pad, bos, eos
+SAMPLE_PAIRS = 5  # held-out pairs translated into samples.txt at the end of a translation run
+
+Pairs = list[tuple[list[int], list[int]]]
 
 
 class Endless:
@@ -67,20 +78,27 @@ class Endless:
 
 @dataclass
 class TrainData:
+    """Token streams (language modelling) or (source, target) id pairs (translation) of one run."""
+
     tokenizer: Tokenizer
-    train: TokenStream
-    val: TokenStream
+    train: TokenStream | Pairs
+    val: TokenStream | Pairs
     val_tokens_per_byte: float
     objective: str
     config: RunConfig
     world_size: int = 1
+    sample_pairs: list[tuple[str, str]] = field(default_factory=list)  # translation: held-out (source, reference)
 
     @property
     def n_train_tokens(self) -> int:
-        return len(self.train)
+        if isinstance(self.train, TokenStream):
+            return len(self.train)
+        return sum(len(source) + len(target) for source, target in self.train)
 
-    def _loader(self, stream: TokenStream, batch_size: int, seed: int):
+    def _loader(self, stream: TokenStream | Pairs, batch_size: int, seed: int):
         block = self.config.data.block_size
+        if self.objective == "translation":  # full batches only, so every DDP process gets its rows
+            return Endless(Seq2SeqBatches(stream, batch_size, self.tokenizer.pad_token_id, seed=seed, drop_last=True))
         if self.objective == "masked_lm":
             tok = self.tokenizer
             masker = MLMMasker(tok.vocab_size, tok.mask_token_id, tok.all_special_ids, self.config.data.mlm_probability)
@@ -121,14 +139,16 @@ class TrainData:
 
 
 def _specials(objective: str) -> list[str] | None:
-    return {"masked_lm": MLM_SPECIALS, "span_corruption": T5_SPECIALS}.get(objective)
+    return {"masked_lm": MLM_SPECIALS, "span_corruption": T5_SPECIALS, "translation": TRANSLATION_SPECIALS}.get(
+        objective
+    )
 
 
 def _train_tokenizer(kind: str, texts: list[str], objective: str, vocab_size: int, folder: Path) -> None:
     from lmforge.data.tokenizer_train import DEFAULT_SPECIAL_TOKENS, save_tokenizer, train_tokenizer
 
-    if kind == "bpe" and objective != "causal_lm":  # BERT's and T5's own kinds
-        kind = "wordpiece" if objective == "masked_lm" else "unigram"
+    if kind == "bpe":  # BERT's and T5's own kinds
+        kind = {"masked_lm": "wordpiece", "span_corruption": "unigram"}.get(objective, kind)
     specials = _specials(objective) or DEFAULT_SPECIAL_TOKENS[kind]
     extra_ids = T5_SENTINELS if objective == "span_corruption" else 0
     backend = train_tokenizer(texts, kind=kind, vocab_size=vocab_size, special_tokens=specials, extra_ids=extra_ids)
@@ -178,6 +198,10 @@ def prepare_data(
 ) -> TrainData:
     """Tokenizer and train/validation token streams for `config.data`."""
     source = Path(config.data.dataset)
+    if (source / "meta.json").is_file() and objective == "translation":
+        raise ValueError(
+            f"{source} holds token shards; translation needs sentence pairs, e.g. data.dataset=kjv-spanish"
+        )
     if (source / "meta.json").is_file():
         return _from_shards(config, source, info, objective)
     from lmforge.data.catalog import load_dataset
@@ -189,6 +213,8 @@ def prepare_data(
             f"{error}; pass a text file or folder, a catalog name (lmforge data list) or a folder made by "
             "lmforge data prepare"
         ) from None
+    if objective == "translation":
+        return prepare_pairs(config, dataset, run_dir, info, reuse_tokenizer)
     if dataset.kind != "text":
         raise ValueError(
             f"dataset {config.data.dataset!r} holds {dataset.kind} records; pretraining needs text (lmforge data list)"
@@ -205,6 +231,61 @@ def prepare_data(
     train, val = encode(tokenizer, train_docs), encode(tokenizer, val_docs)
     val_bytes = sum(len(d.encode("utf-8")) for d in val_docs)
     return _data(config, tokenizer, train, val, len(val) / max(val_bytes, 1), objective, info)
+
+
+def encode_pairs(tokenizer: Tokenizer, records: list[dict], source: str, target: str, max_len: int) -> Pairs:
+    """(source ids + EOS, target ids + EOS) per record, each side cut to `max_len` tokens (EOS kept)."""
+    eos = tokenizer.eos_token_id
+
+    def ids(texts: list[str]) -> list[list[int]]:
+        return [
+            row[: max_len - 1] + [eos] for row in tokenizer.encode_batch(texts, add_special_tokens=False)["input_ids"]
+        ]
+
+    return list(zip(ids([r[source] for r in records]), ids([r[target] for r in records]), strict=True))
+
+
+def prepare_pairs(config: RunConfig, dataset, run_dir: Path, info: DistInfo, reuse_tokenizer: bool) -> TrainData:
+    """Translation: a tokenizer learned on both sides of the training pairs, and the train/held-out id pairs."""
+    dc, name = config.data, config.data.dataset
+    if dataset.kind != "translation":
+        raise ValueError(f"dataset {name!r} holds {dataset.kind} records; translation needs pairs, e.g. kjv-spanish")
+    records = list(dataset.splits["train"])
+    held_out = next((list(dataset.splits[s]) for s in ("validation", "test") if dataset.splits.get(s)), None)
+    if dc.max_pairs:
+        records = records[: dc.max_pairs]
+    if not records:
+        raise ValueError(f"dataset {name!r} holds no training pairs")
+    for lang in (dc.source_lang, dc.target_lang):
+        if lang not in records[0]:
+            fields = ", ".join(k for k in records[0] if k != "id")
+            raise ValueError(
+                f"{lang!r} is not a field of {name}'s records; set data.source_lang/target_lang to {fields}"
+            )
+    if held_out is None:
+        cut = max(1, int(len(records) * dc.val_fraction))
+        records, held_out = records[:-cut], records[-cut:]
+    texts = [r[dc.source_lang] for r in records] + [r[dc.target_lang] for r in records]
+    tokenizer = build_tokenizer(config, texts, run_dir, info, "translation", reuse_tokenizer)
+    if None in (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id):
+        raise ValueError(
+            f"translation needs a tokenizer with pad, bos and eos tokens; {dc.tokenizer!r} lacks one: "
+            "use data.tokenizer=train or data.tokenizer=char"
+        )
+    train, val = (
+        encode_pairs(tokenizer, r, dc.source_lang, dc.target_lang, dc.block_size) for r in (records, held_out)
+    )
+    batch = config.train.batch_size * info.world_size
+    for split, pairs in (("train", train), ("validation", val)):
+        if len(pairs) < batch:
+            raise ValueError(
+                f"the {split} split has {len(pairs)} pairs, fewer than one batch of {batch}; "
+                "use more pairs (data.max_pairs) or a smaller train.batch_size"
+            )
+    val_bytes = sum(len(r[dc.target_lang].encode("utf-8")) for r in held_out)
+    tokens_per_byte = sum(len(target) for _, target in val) / max(val_bytes, 1)  # loss is over target tokens
+    samples = [(r[dc.source_lang], r[dc.target_lang]) for r in held_out[:SAMPLE_PAIRS]]
+    return TrainData(tokenizer, train, val, tokens_per_byte, "translation", config, info.world_size, samples)
 
 
 def _from_shards(config: RunConfig, folder: Path, info: DistInfo, objective: str) -> TrainData:

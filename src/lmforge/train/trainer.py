@@ -16,8 +16,10 @@ batch B follow the trajectory of one process with batch N B.
 
 Objectives by family: causal LM (gpt, llama) on random windows (`RandomWindows`); masked LM (bert, roberta)
 on packed blocks (`MLMBatches`); span corruption (t5) on packed blocks (`SpanCorruptionBatches`), the decoder
-fed the targets shifted right (teacher forcing). For masked LM and span corruption the loss, perplexity and
-bits per byte count the predicted tokens only.
+fed the targets shifted right (teacher forcing); translation (transformer) on padded (source, target) pairs
+(`Seq2SeqBatches`), the same teacher forcing from the bos token, with greedy translations of held-out sources as
+samples. For every objective but causal LM the loss, perplexity and bits per byte count the predicted tokens
+only.
 
 Evaluation: mean loss over `eval_batches` fixed validation batches, perplexity exp(loss) and bits per byte
 = loss / ln 2 * tokens / bytes of the validation text. Checkpoints carry the loader position and RNG states, so
@@ -65,8 +67,14 @@ OBJECTIVES = {
     "bert": "masked_lm",
     "roberta": "masked_lm",
     "t5": "span_corruption",
+    "transformer": "translation",
 }
-HEADS = {"causal_lm": "causal_lm", "masked_lm": "masked_lm", "span_corruption": "seq2seq_lm"}
+HEADS = {
+    "causal_lm": "causal_lm",
+    "masked_lm": "masked_lm",
+    "span_corruption": "seq2seq_lm",
+    "translation": "seq2seq_lm",
+}
 MIN_FREE_BYTES = 64 << 20
 
 
@@ -108,8 +116,9 @@ def model_family(name: str) -> str:
     return name
 
 
-def build_model(config: RunConfig, vocab_size: int) -> nn.Module:
-    """A fresh model of `config.model` sized for the tokenizer, or a saved model to continue pretraining."""
+def build_model(config: RunConfig, vocab_size: int, token_ids: dict[str, int] | None = None) -> nn.Module:
+    """A fresh model of `config.model` sized for the tokenizer, or a saved model to continue pretraining.
+    `token_ids` (pad/bos/eos_token_id) are the tokenizer's special ids the model config must carry."""
     from lmforge.models import build_model as build
 
     name, overrides = config.model.name, dict(config.model.overrides)
@@ -123,7 +132,7 @@ def build_model(config: RunConfig, vocab_size: int) -> nn.Module:
         known = ", ".join(sorted(OBJECTIVES))
         raise ValueError(f"model.name={name!r}: pretraining {family!r} models is not supported yet; use one of {known}")
     objective = OBJECTIVES[family]
-    values = {"head": HEADS[objective], "vocab_size": vocab_size, "dropout": config.model.dropout}
+    values = {"head": HEADS[objective], "vocab_size": vocab_size, "dropout": config.model.dropout, **(token_ids or {})}
     if objective != "span_corruption":  # T5's relative positions have no maximum length
         values["max_seq_len"] = config.data.block_size + (2 if objective == "masked_lm" else 0)
     values.update(overrides)
@@ -170,7 +179,9 @@ def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor], targets: torch
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if _is_seq2seq(model):  # teacher forcing: the decoder reads the targets shifted right after a start token
         config = _bare(model).config
-        shifted = F.pad(batch["labels"][:, :-1], (1, 0), value=config.decoder_start_token_id)
+        # T5 starts from its decoder_start_token_id (= pad), the Transformer from bos
+        start = getattr(config, "decoder_start_token_id", getattr(config, "bos_token_id", 0))
+        shifted = F.pad(batch["labels"][:, :-1], (1, 0), value=start)
         inputs["decoder_input_ids"] = shifted.masked_fill(shifted == IGNORE_INDEX, config.pad_token_id)
     logits = model(**inputs).logits  # (B, T, vocab)
     count = (targets != IGNORE_INDEX).sum()
@@ -195,6 +206,11 @@ def backward_accumulated(model, micro: list[dict], objective: str, config: RunCo
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         step_loss += loss_sum.detach().double()
     return all_reduce_sum(step_loss, info).item() / n_targets
+
+
+def pair_tokens(micro: list[dict]) -> int:
+    """Source plus target tokens of padded translation batches (padding not counted)."""
+    return sum(int(b["attention_mask"].sum()) + int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
 
 
 def _bare(model: nn.Module) -> nn.Module:
@@ -260,7 +276,44 @@ def sample_text(model, tokenizer, prompt: str, n_tokens: int, context: int, temp
     return tokenizer.decode(ids)
 
 
+@torch.no_grad()
+def translate(model, tokenizer, sources: list[str], max_len: int) -> list[str]:
+    """Greedy translations of `sources` (each cut to `max_len` tokens with its EOS, as in training), of at
+    most `max_len` tokens: the decoder's trained positions."""
+    from lmforge.generate import generate
+
+    eos = tokenizer.eos_token_id
+    rows = [
+        row[: max_len - 1] + [eos] for row in tokenizer.encode_batch(sources, add_special_tokens=False)["input_ids"]
+    ]
+    device = next(model.parameters()).device
+    input_ids = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id, device=device)
+    attention_mask = torch.zeros_like(input_ids)
+    for r, row in enumerate(rows):  # the encoder is bidirectional: right padding, masked out
+        input_ids[r, : len(row)] = torch.tensor(row)
+        attention_mask[r, : len(row)] = 1
+    model.eval()
+    out = generate(model, input_ids, attention_mask, max_new_tokens=max_len)
+    model.train()
+    return [tokenizer.decode([t for t in row.tolist() if t not in (eos, tokenizer.pad_token_id)]) for row in out.tokens]
+
+
+def write_translations(model, data: TrainData, config: RunConfig, run_dir: Path) -> str:
+    sources = [source for source, _ in data.sample_pairs]
+    max_len = min(config.train.sample_tokens, config.data.block_size)
+    outputs = translate(model, data.tokenizer, sources, max_len)
+    parts = [
+        f"=== source ===\n{source}\n=== reference ===\n{reference}\n=== greedy ===\n{output}\n"
+        for (source, reference), output in zip(data.sample_pairs, outputs, strict=True)
+    ]
+    body = "\n".join(parts)
+    write_atomic(run_dir / "samples.txt", body)
+    return body
+
+
 def write_samples(model, data: TrainData, config: RunConfig, run_dir: Path) -> str:
+    if data.objective == "translation":
+        return write_translations(model, data, config, run_dir)
     context = config.data.block_size
     parts = []
     for label, temperature in (("greedy", 0.0), ("temperature 0.8", 0.8)):
@@ -320,7 +373,15 @@ def _pretrain(config: RunConfig, info: DistInfo) -> dict:
 
     objective = OBJECTIVES.get(model_family(config.model.name), "causal_lm")
     data = prepare_data(config, run_dir, info, objective, reuse_tokenizer=latest is not None)
-    raw_model = build_model(config, data.tokenizer.vocab_size).to(device)
+    tok = data.tokenizer
+    token_ids = None
+    if objective == "translation":  # the decoder starts at bos, stops at eos and pads with pad: the tokenizer's
+        token_ids = {
+            "pad_token_id": tok.pad_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+        }
+    raw_model = build_model(config, tok.vocab_size, token_ids).to(device)
     if tc.activation_checkpointing:
         enable_activation_checkpointing(raw_model)
     optimizer = build_optimizer(raw_model, config.optim)
@@ -393,6 +454,7 @@ def _pretrain(config: RunConfig, info: DistInfo) -> dict:
             # ---- one optimizer step over grad_accum micro-batches
             micro = [take_rows(next(train_batches), info, device) for _ in range(tc.grad_accum)]
             loss = backward_accumulated(model, micro, objective, config, info, scaler)
+            step_tokens = tokens_per_step if objective != "translation" else pair_tokens(micro) * info.world_size
 
             if not math.isfinite(loss):
                 if tc.nan_policy == "stop":
@@ -425,8 +487,8 @@ def _pretrain(config: RunConfig, info: DistInfo) -> dict:
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
-            state["tokens_seen"] += tokens_per_step
-            window_tokens += tokens_per_step
+            state["tokens_seen"] += step_tokens
+            window_tokens += step_tokens
 
             # ---- logging, evaluation, checkpoints
             elapsed = time.perf_counter() - window_start
@@ -488,7 +550,7 @@ def _pretrain(config: RunConfig, info: DistInfo) -> dict:
         if metrics.exists():
             plot_curves(metrics, run_dir / "loss.png")
             summary["plot"] = str(run_dir / "loss.png")
-        if tc.sample_tokens and stopped_by is None and objective == "causal_lm":
+        if tc.sample_tokens and stopped_by is None and objective in ("causal_lm", "translation"):
             summary["samples"] = write_samples(raw_model, data, config, run_dir)
         write_summary(run_dir, {k: v for k, v in summary.items() if k != "samples"})
     return summary
