@@ -195,13 +195,19 @@ def atomic_folder(path: Path, overwrite: bool = False) -> Iterator[Path]:
         tmp.chmod(0o777 & ~umask)  # mkdtemp (and some writers) make files private; use the usual permissions
         for file in tmp.rglob("*"):
             file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_folder(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """Move the finished folder `tmp` to `path`; an existing `path` is swapped aside first and then deleted,
+    so at every moment `path` is either the old complete folder or the new one."""
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)

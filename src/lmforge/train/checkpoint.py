@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.hf.files import CONFIG, SAFETENSORS, CheckpointWeights, read_config, write_safetensors
+from lmforge.hf.files import CONFIG, SAFETENSORS, CheckpointWeights, read_config, replace_folder, write_safetensors
 from lmforge.hf.load import tied_aliases
 from lmforge.hf.save import save_tokenizer
 from lmforge.train.distributed import unwrap_model
@@ -100,13 +100,7 @@ def save_checkpoint(
         (tmp / TRAINER_STATE).write_text(state_text + "\n", encoding="utf-8")  # last: marks the folder complete
         _fsync_tree(tmp)
         tmp.chmod(0o755)
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_folder(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
