@@ -127,7 +127,6 @@ class RunConfig:
         return Path(self.train.out) / self.run_name
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 SECTION_TYPES = {"model": ModelSection, "data": DataSection, "optim": OptimConfig, "train": TrainSection}
 
 ALIASES = {
@@ -140,6 +139,27 @@ ALIASES = {
     "seed": "train.seed",
     "resume": "train.resume",
 }
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A command's config: the root dataclass (one field per section), the section classes, the short flags.
+    Pretraining and fine-tuning share the parser, validation and --help through it."""
+
+    root: type
+    sections: dict[str, type]
+    aliases: dict[str, str]
+    command: str
+    summary: str
+
+
+PRETRAIN = Schema(
+    RunConfig,
+    SECTION_TYPES,
+    ALIASES,
+    "pretrain",
+    "Pretrain a model. Settings come from the defaults below, then --config, then flags (in that order).",
+)
 
 
 # ------------------------------------------------------------------------------------------ values
@@ -215,14 +235,14 @@ def _scalar_from_text(text: str) -> Any:
 # ------------------------------------------------------------------------------------------ building
 
 
-def _apply(values: dict[str, dict[str, Any]], key: str, raw: Any, from_text: bool) -> None:
+def _apply(values: dict[str, dict[str, Any]], key: str, raw: Any, from_text: bool, schema: Schema) -> None:
     """Set dotted `key` (section.field or section.field.sub for dict fields) in `values`, checked and typed."""
     section, _, rest = key.partition(".")
-    if section not in SECTION_TYPES:
-        raise ValueError(f"unknown config section {section!r} in {key!r}{_suggest(section, list(SECTION_TYPES))}")
+    if section not in schema.sections:
+        raise ValueError(f"unknown config section {section!r} in {key!r}{_suggest(section, list(schema.sections))}")
     if not rest:
         raise ValueError(f"{key!r} names a section, not a key; write {section}.KEY=VALUE")
-    cls = SECTION_TYPES[section]
+    cls = schema.sections[section]
     names = [f.name for f in dataclasses.fields(cls)]
     name, _, sub = rest.partition(".")
     if name not in names:
@@ -239,38 +259,38 @@ def _apply(values: dict[str, dict[str, Any]], key: str, raw: Any, from_text: boo
     target[name] = parse_value(raw, kind, key)
 
 
-def _build(values: dict[str, dict[str, Any]]) -> RunConfig:
-    sections, defaults = {}, RunConfig()
-    for section in SECTION_TYPES:
+def _build(values: dict[str, dict[str, Any]], schema: Schema) -> Any:
+    sections, defaults = {}, schema.root()
+    for section in schema.sections:
         try:
             sections[section] = dataclasses.replace(getattr(defaults, section), **values.get(section, {}))
         except ValueError as error:
             message = str(error)
             raise ValueError(message if message.startswith(f"{section}.") else f"{section}: {message}") from None
-    return RunConfig(**sections)
+    return schema.root(**sections)
 
 
-def config_from_dict(data: dict, source: str = "config") -> RunConfig:
-    """A RunConfig from a nested mapping (a YAML file, or `RunConfig.to_dict()` stored in a checkpoint)."""
+def config_from_dict(data: dict, source: str = "config", schema: Schema = PRETRAIN) -> Any:
+    """A config from a nested mapping (a YAML file, or `to_dict()` stored in a checkpoint)."""
     values: dict[str, dict[str, Any]] = {}
-    _merge(values, data, source)
-    return _build(values)
+    _merge(values, data, source, schema)
+    return _build(values, schema)
 
 
-def _merge(values: dict, data: Any, source: str) -> None:
+def _merge(values: dict, data: Any, source: str, schema: Schema) -> None:
     if not isinstance(data, dict):
-        raise ValueError(f"{source} must hold a mapping of sections (model, data, optim, train)")
+        raise ValueError(f"{source} must hold a mapping of sections ({', '.join(schema.sections)})")
     for section, entries in data.items():
-        if section not in SECTION_TYPES:
+        if section not in schema.sections:
             raise ValueError(
-                f"unknown config section {section!r} in {source}{_suggest(str(section), list(SECTION_TYPES))}"
+                f"unknown config section {section!r} in {source}{_suggest(str(section), list(schema.sections))}"
             )
         if entries is None:
             continue
         if not isinstance(entries, dict):
             raise ValueError(f"section {section!r} in {source} must be a mapping of key: value")
         for name, raw in entries.items():
-            _apply(values, f"{section}.{name}", raw, from_text=False)
+            _apply(values, f"{section}.{name}", raw, from_text=False, schema=schema)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -304,41 +324,41 @@ def _flag_pairs(argv: list[str]) -> list[tuple[str, str | None]]:
     return pairs
 
 
-def parse_args(argv: list[str]) -> RunConfig:
-    """A RunConfig from command-line arguments: defaults, then `--config FILE.yaml`, then the flags in order."""
+def parse_args(argv: list[str], schema: Schema = PRETRAIN) -> Any:
+    """A config from command-line arguments: defaults, then `--config FILE.yaml`, then the flags in order."""
     pairs = _flag_pairs(list(argv))
     values: dict[str, dict[str, Any]] = {}
     for key, value in pairs:
         if key == "config":
             if value is None:
                 raise ValueError("--config needs a YAML file: --config configs/default.yaml")
-            _merge(values, load_yaml(value), value)
+            _merge(values, load_yaml(value), value, schema)
     for key, value in pairs:
         if key == "config":
             continue
-        dotted = ALIASES.get(key, key.replace("-", "_") if "." not in key else key)
+        dotted = schema.aliases.get(key, key.replace("-", "_") if "." not in key else key)
         section, _, rest = dotted.partition(".")
         if "." not in dotted:
-            options = [f"--{a}" for a in ALIASES] + ["--config"] + [f"--{k}" for k in all_keys()]
+            options = [f"--{a}" for a in schema.aliases] + ["--config"] + [f"--{k}" for k in all_keys(schema)]
             raise ValueError(f"unknown flag --{key}{_suggest(f'--{key}', options)}")
         if value is None:
-            known = section in SECTION_TYPES and rest in _names(section)
-            if known and _field_type(SECTION_TYPES[section], rest) is bool:
+            known = section in schema.sections and rest in _names(section, schema)
+            if known and _field_type(schema.sections[section], rest) is bool:
                 value = "true"
             elif known:
                 raise ValueError(f"--{key} needs a value: --{key}=VALUE")
             else:
-                _apply(values, dotted, "", from_text=True)  # raises: unknown key, with suggestions
-        _apply(values, dotted, value, from_text=True)
-    return _build(values)
+                _apply(values, dotted, "", from_text=True, schema=schema)  # raises: unknown key, with suggestions
+        _apply(values, dotted, value, from_text=True, schema=schema)
+    return _build(values, schema)
 
 
-def _names(section: str) -> list[str]:
-    return [f.name for f in dataclasses.fields(SECTION_TYPES[section])]
+def _names(section: str, schema: Schema = PRETRAIN) -> list[str]:
+    return [f.name for f in dataclasses.fields(schema.sections[section])]
 
 
-def all_keys() -> list[str]:
-    return [f"{section}.{name}" for section in SECTION_TYPES for name in _names(section)]
+def all_keys(schema: Schema = PRETRAIN) -> list[str]:
+    return [f"{section}.{name}" for section in schema.sections for name in _names(section, schema)]
 
 
 def _type_name(kind: Any) -> str:
@@ -359,21 +379,21 @@ def _comment_help(cls: type) -> dict[str, str]:
     return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", source, flags=re.M))
 
 
-def help_text() -> str:
-    """`lmforge pretrain --help`: every key with its type, default and help, from the dataclasses."""
+def help_text(schema: Schema = PRETRAIN) -> str:
+    """`lmforge <command> --help`: every key with its type, default and help, from the dataclasses."""
     lines = [
-        "usage: lmforge pretrain [--config FILE.yaml] [--section.key=value ...]",
+        f"usage: lmforge {schema.command} [--config FILE.yaml] [--section.key=value ...]",
         "",
-        "Pretrain a model. Settings come from the defaults below, then --config, then flags (in that order).",
+        schema.summary,
         "",
         "stable flags:",
     ]
-    for alias, key in ALIASES.items():
+    for alias, key in schema.aliases.items():
         lines.append(f"  --{alias:<14} = --{key}")
     lines.append("  --config FILE   a YAML recipe (see configs/)")
-    for section, cls in SECTION_TYPES.items():
+    for section, cls in schema.sections.items():
         lines += ["", f"{section}:"]
-        defaults, comments = getattr(RunConfig(), section), _comment_help(cls)
+        defaults, comments = getattr(schema.root(), section), _comment_help(cls)
         for f in dataclasses.fields(cls):
             default = getattr(defaults, f.name)
             kind = _type_name(_field_type(cls, f.name))

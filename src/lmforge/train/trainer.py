@@ -1,18 +1,9 @@
 """The pretraining recipe: `pretrain(config)` builds tokenizer, data, model and optimizer, then runs one loop.
 
-The loop, one optimizer step at a time (every process runs it; process 0 logs and saves):
-
-    batches = grad_accum micro-batches of batch_size x world_size windows; this process takes its rows
-    n      = number of target tokens in all of them, summed over processes (all-reduce)
-    for each micro-batch m:  (sum over its targets of -log p(target) * world_size / n).backward()
-    clip the gradient norm, optimizer step, scheduler step
-
-Gradient accumulation is normalised by the token count of the whole accumulated batch: each micro-batch's
-summed loss is divided by the same n, so the gradient is exactly that of the concatenated batch, however the
-target tokens fall across micro-batches (dividing each micro-batch's *mean* by grad_accum weights tokens of
-short micro-batches more, a bug several trainers shipped). DDP averages gradients over processes, hence the
-factor world_size. Process r takes rows [r B, (r + 1) B) of each global micro-batch, so N processes with
-batch B follow the trajectory of one process with batch N B.
+The loop itself (gradient accumulation normalised over the whole accumulated batch, clipping, NaN handling,
+evaluation, checkpoints, signals) is `lmforge.train.loop.train_loop`, shared with fine-tuning; this module
+builds what pretraining feeds it. Process r takes rows [r B, (r + 1) B) of each global micro-batch, so N
+processes with batch B follow the trajectory of one process with batch N B.
 
 Objectives by family: causal LM (gpt, llama) on random windows (`RandomWindows`); masked LM (bert, roberta)
 on packed blocks (`MLMBatches`); span corruption (t5) on packed blocks (`SpanCorruptionBatches`), the decoder
@@ -31,11 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import sys
-import time
 from pathlib import Path
-from types import FrameType
 
 import torch
 import torch.nn.functional as F
@@ -52,13 +39,15 @@ from lmforge.train.data import TrainData, prepare_data
 from lmforge.train.distributed import (
     DistInfo,
     all_reduce_sum,
-    barrier,
     cleanup,
     init_distributed,
     seed_everything,
     wrap_model,
 )
-from lmforge.train.logging import MetricsLogger, TrainProgress, plot_curves, write_summary
+from lmforge.train.logging import plot_curves, write_summary
+from lmforge.train.loop import LoopState, Objective, say, take_rows, train_loop
+from lmforge.train.loop import autocast as loop_autocast
+from lmforge.train.loop import backward_accumulated as loop_backward
 from lmforge.train.optim import build_optimizer, build_scheduler
 
 OBJECTIVES = {
@@ -76,26 +65,6 @@ HEADS = {
     "translation": "seq2seq_lm",
 }
 MIN_FREE_BYTES = 64 << 20
-
-
-class Stop:
-    """Set by SIGINT/SIGTERM; the loop checks it after each step, saves a checkpoint and returns."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self.previous: dict[int, object] = {}
-
-    def __enter__(self) -> Stop:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
-        return self
-
-    def handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -157,10 +126,7 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
 
 
 def autocast(config: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if config.train.dtype == "float32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if config.train.dtype == "bfloat16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return loop_autocast(config.train.dtype, device)
 
 
 # ------------------------------------------------------------------------------------------ loss
@@ -188,24 +154,26 @@ def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor], targets: torch
     return cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE_INDEX) * count
 
 
+class LMObjective(Objective):
+    """Pretraining losses: the mean cross-entropy over predicted tokens (every position for causal LM, the
+    masked or corrupted ones otherwise, the target side for translation)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (targets_of(batch, self.name) != IGNORE_INDEX).sum()
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return summed_loss(model, batch, targets_of(batch, self.name))
+
+    def tokens(self, micro: list[dict[str, torch.Tensor]]) -> int:
+        return pair_tokens(micro)
+
+
 def backward_accumulated(model, micro: list[dict], objective: str, config: RunConfig, info: DistInfo, scaler=None):
-    """Backward of one optimizer step's micro-batches, normalised by the target tokens of all of them (over
-    every process); returns the step's mean loss per target token. The gradient equals that of the mean loss
-    over the concatenated batch, whatever the split into micro-batches and processes."""
-    targets = [targets_of(batch, objective) for batch in micro]
-    counts = torch.stack([(t != IGNORE_INDEX).sum() for t in targets]).double()
-    n_targets = max(all_reduce_sum(counts.sum(), info).item(), 1.0)
-    step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
-    for i, (batch, target) in enumerate(zip(micro, targets, strict=True)):
-        last = i == len(micro) - 1
-        sync = contextlib.nullcontext() if last or info.world_size == 1 else model.no_sync()
-        with sync:
-            with autocast(config, info.device):
-                loss_sum = summed_loss(model, batch, target)
-            scaled = loss_sum * (info.world_size / n_targets)  # DDP averages over processes: undo the 1/world
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        step_loss += loss_sum.detach().double()
-    return all_reduce_sum(step_loss, info).item() / n_targets
+    """`lmforge.train.loop.backward_accumulated` for a pretraining objective name."""
+    return loop_backward(model, micro, LMObjective(objective), config.train.dtype, info, scaler)
 
 
 def pair_tokens(micro: list[dict]) -> int:
@@ -221,13 +189,6 @@ def _bare(model: nn.Module) -> nn.Module:
 
 def _is_seq2seq(model: nn.Module) -> bool:
     return getattr(_bare(model).config, "head", "") == "seq2seq_lm"
-
-
-def take_rows(batch: dict[str, torch.Tensor], info: DistInfo, device: torch.device) -> dict[str, torch.Tensor]:
-    """This process's rows of a global batch, on `device`."""
-    rows = batch["input_ids"].shape[0] // info.world_size
-    part = slice(info.rank * rows, (info.rank + 1) * rows)
-    return {k: v[part].to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -345,11 +306,6 @@ def pretrain(config: RunConfig) -> dict:
         cleanup(info)
 
 
-def _say(info: DistInfo, message: str) -> None:
-    if info.is_main:
-        print(message, file=sys.stderr, flush=True)
-
-
 def _pretrain(config: RunConfig, info: DistInfo) -> dict:
     tc, device = config.train, info.device
     if tc.dtype == "float16" and device.type != "cuda":
@@ -366,7 +322,7 @@ def _pretrain(config: RunConfig, info: DistInfo) -> dict:
             "or --train.name / --out for a new one"
         )
     if tc.resume and latest is None:
-        _say(info, f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+        say(info, f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
     if latest is not None:
         check_resumable(latest, config)
     seed_everything(tc.seed, tc.deterministic)
@@ -389,16 +345,15 @@ def _pretrain(config: RunConfig, info: DistInfo) -> dict:
     scaler = torch.amp.GradScaler("cuda") if tc.dtype == "float16" else None
 
     train_batches = data.train_loader(tc.batch_size * info.world_size)
-    state = {"best_val_loss": None, "best_step": None, "evals_without_improvement": 0, "tokens_seen": 0}
-    step = 0
+    state = LoopState()
     if latest is not None:
         saved = ckpt.load_checkpoint(latest, raw_model, optimizer, scheduler)
-        step = int(saved["step"])
+        state.step = int(saved["step"])
         train_batches.load_state_dict(saved["loader"])
-        state.update({k: saved[k] for k in state if k in saved})
+        state.update(saved)
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
-        _say(info, f"resumed from {latest} at step {step}")
+        say(info, f"resumed from {latest} at step {state.step}")
 
     model = wrap_model(raw_model, info)
     if tc.compile:
@@ -407,126 +362,38 @@ def _pretrain(config: RunConfig, info: DistInfo) -> dict:
     from lmforge.models import count_parameters, flops_per_token
 
     tokens_per_step = tc.batch_size * info.world_size * tc.grad_accum * config.data.block_size
-    flops = flops_per_token(raw_model, config.data.block_size)
     peak = None
     if tc.progress and info.is_main:
         from lmforge.train.logging import measure_peak_flops
 
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # keep the run's RNG
             peak = measure_peak_flops(torch.bfloat16 if tc.dtype == "bfloat16" else torch.float32, device=device)
-    logger = MetricsLogger(run_dir, tensorboard=tc.tensorboard, enabled=info.is_main)
-    progress = TrainProgress(tc.max_steps, start_step=step, enabled=tc.progress and info.is_main)
-    _say(
+    say(
         info,
         f"pretraining {config.model.name} ({count_parameters(raw_model) / 1e6:.2f}M parameters, {objective}) on "
         f"{config.data.dataset}: {data.n_train_tokens:,} train tokens, vocab {data.tokenizer.vocab_size}, "
         f"{tokens_per_step:,} tokens/step, {info.world_size} process(es) on {device}; run folder {run_dir}",
     )
-
-    def save(step: int, is_best: bool = False) -> Path | None:
-        path = None
-        if info.is_main:
-            trainer_state = {
-                **state,
-                "step": step,
-                "loader": train_batches.state_dict(),
-                "config": config.to_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-            }
-            path = ckpt.save_checkpoint(
-                run_dir,
-                step,
-                raw_model,
-                optimizer,
-                scheduler,
-                trainer_state,
-                tokenizer=data.tokenizer,
-                keep_last=tc.keep_last,
-                is_best=is_best,
-            )
-        barrier(info)
-        return path
-
-    stopped_by, last_eval, skipped = None, None, 0
-    window_start, window_tokens = time.perf_counter(), 0
-    with Stop() as stop:
-        while step < tc.max_steps:
-            # ---- one optimizer step over grad_accum micro-batches
-            micro = [take_rows(next(train_batches), info, device) for _ in range(tc.grad_accum)]
-            loss = backward_accumulated(model, micro, objective, config, info, scaler)
-            step_tokens = tokens_per_step if objective != "translation" else pair_tokens(micro) * info.world_size
-
-            if not math.isfinite(loss):
-                if tc.nan_policy == "stop":
-                    last = ckpt.latest_checkpoint(run_dir)
-                    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
-                    raise RuntimeError(
-                        f"the training loss became {loss} at step {step + 1}; {kept}. Lower optim.lr, raise "
-                        "optim.warmup_steps or use train.dtype=float32, then resume; train.nan_policy=skip skips "
-                        "such steps"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                step, skipped = step + 1, skipped + 1
-                _say(info, f"step {step}: loss {loss}, step skipped (train.nan_policy=skip)")
-                continue
-
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.optim.grad_clip).item()
-                if config.optim.grad_clip > 0
-                else float("nan")
-            )
-            lr = optimizer.param_groups[0]["lr"]
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            state["tokens_seen"] += step_tokens
-            window_tokens += step_tokens
-
-            # ---- logging, evaluation, checkpoints
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / max(elapsed, 1e-9)
-            step_mfu = None if peak is None else tokens_per_s * flops / peak
-            progress.update(step, loss, lr, tokens_per_s, step_mfu)
-            if step % tc.log_every == 0 or step == tc.max_steps:
-                values = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "grad_norm": grad_norm}
-                logger.log(step, values | ({"mfu": step_mfu} if step_mfu is not None else {}))
-                window_start, window_tokens = time.perf_counter(), 0
-            is_best, early_stop = False, False
-            if (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps:
-                last_eval = evaluate(model, data, config, info, objective)
-                logger.log(step, last_eval, split="val")
-                best = state["best_val_loss"]
-                if best is None or last_eval["loss"] < best:
-                    state.update(best_val_loss=last_eval["loss"], best_step=step, evals_without_improvement=0)
-                    is_best = True
-                else:
-                    state["evals_without_improvement"] += 1
-                    patience = tc.early_stopping_patience
-                    early_stop = bool(patience) and state["evals_without_improvement"] >= patience
-            signalled = stop.signal is not None
-            if info.world_size > 1:  # a signal may reach the processes at different steps: stop together
-                signalled = all_reduce_sum(torch.tensor(float(signalled), device=device), info).item() > 0
-            periodic = tc.save_every and step % tc.save_every == 0
-            if periodic or is_best or early_stop or step == tc.max_steps or signalled:
-                save(step, is_best=is_best)
-            if early_stop:
-                stopped_by = "early_stopping"
-                _say(info, f"early stopping at step {step}: no better val loss in {tc.early_stopping_patience} evals")
-                break
-            if signalled:
-                stopped_by = signal.Signals(stop.signal).name if stop.signal is not None else "signal"
-                _say(info, f"{stopped_by} at step {step}: checkpoint saved; continue with --resume")
-                break
-    progress.close()
-    logger.close()
+    result = train_loop(
+        config=config,
+        info=info,
+        model=model,
+        raw_model=raw_model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        train_batches=train_batches,
+        objective=LMObjective(objective),
+        evaluate=lambda: evaluate(model, data, config, info, objective),
+        run_dir=run_dir,
+        tokenizer=data.tokenizer,
+        state=state,
+        tokens_per_step=None if objective == "translation" else tokens_per_step,
+        flops_per_token=flops_per_token(raw_model, config.data.block_size),
+        peak_flops=peak,
+    )
+    step, stopped_by, last_eval, skipped = result.step, result.stopped_by, result.last_eval, result.skipped
+    state = result.state.to_dict()
 
     summary = {
         "run_dir": str(run_dir),

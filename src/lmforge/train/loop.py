@@ -1,0 +1,287 @@
+"""The training loop every recipe shares: pretraining (`trainer.pretrain`) and fine-tuning (`lmforge.finetune`).
+
+A recipe builds the model, optimizer, scheduler and an infinite, resumable batch iterator, then hands them to
+`train_loop` with an `Objective` (what one batch's loss is) and an evaluation function. The loop owns what
+must behave the same in every recipe: gradient accumulation normalised over the whole accumulated batch,
+clipping, NaN handling, the progress bar and metrics, evaluation with best tracking and early stopping,
+atomic checkpoints with loader and RNG state, and SIGINT/SIGTERM saves.
+
+One optimizer step (every process runs it; process 0 logs and saves):
+
+    micro  = grad_accum micro-batches; this process takes its rows of each global batch
+    n      = objective.count(m) summed over the micro-batches and processes (all-reduce)
+    for each micro-batch m:  (objective.loss_sum(m) * world_size / n).backward()
+    clip the gradient norm, optimizer step, scheduler step
+
+Dividing every micro-batch's *summed* loss by the same n makes the gradient exactly that of the mean loss over
+the concatenated batch, however the counted units (tokens, examples) fall across micro-batches; dividing each
+micro-batch's mean by grad_accum instead over-weights units of small micro-batches. DDP averages gradients
+over processes, hence the factor world_size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.distributed import DistInfo, all_reduce_sum, barrier
+from lmforge.train.logging import MetricsLogger, TrainProgress
+
+
+class Objective:
+    """What a batch's loss is. `count(batch)`: the units the loss averages over (target tokens, examples);
+    `loss_sum(model, batch)`: the loss summed over those units; `tokens(micro)`: tokens an optimizer step
+    processed, for tokens/s (None: the recipe's fixed tokens per step)."""
+
+    name = "objective"
+
+    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tokens(self, micro: list[dict[str, torch.Tensor]]) -> int:
+        return sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
+
+
+class Stop:
+    """Set by SIGINT/SIGTERM; the loop checks it after each step, saves a checkpoint and returns."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> Stop:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def say(info: DistInfo, message: str) -> None:
+    if info.is_main:
+        print(message, file=sys.stderr, flush=True)
+
+
+def autocast(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast for `train.dtype`, nothing for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float16)
+
+
+def backward_accumulated(
+    model: nn.Module, micro: list[dict], objective: Objective, dtype: str, info: DistInfo, scaler=None
+) -> float:
+    """Backward of one optimizer step's micro-batches, normalised by the units of all of them (over every
+    process); returns the step's mean loss per unit. The gradient equals that of the mean loss over the
+    concatenated batch, whatever the split into micro-batches and processes."""
+    counts = torch.stack([objective.count(batch) for batch in micro]).double()
+    n_units = max(all_reduce_sum(counts.sum(), info).item(), 1.0)
+    step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
+    for i, batch in enumerate(micro):
+        last = i == len(micro) - 1
+        sync = contextlib.nullcontext() if last or info.world_size == 1 else model.no_sync()
+        with sync:
+            with autocast(dtype, info.device):
+                loss_sum = objective.loss_sum(model, batch)
+            scaled = loss_sum * (info.world_size / n_units)  # DDP averages over processes: undo the 1/world
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        step_loss += loss_sum.detach().double()
+    return all_reduce_sum(step_loss, info).item() / n_units
+
+
+def take_rows(batch: dict[str, torch.Tensor], info: DistInfo, device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's rows of a global batch, on `device`."""
+    rows = batch["input_ids"].shape[0] // info.world_size
+    part = slice(info.rank * rows, (info.rank + 1) * rows)
+    return {k: v[part].to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@dataclass
+class LoopState:
+    """What the loop carries across steps and checkpoints (besides model, optimizer and loader)."""
+
+    step: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    tokens_seen: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
+            "evals_without_improvement": self.evals_without_improvement,
+            "tokens_seen": self.tokens_seen,
+        }
+
+    def update(self, saved: dict[str, Any]) -> None:
+        for key in self.to_dict():
+            if key in saved:
+                setattr(self, key, saved[key])
+
+
+@dataclass
+class LoopResult:
+    step: int
+    stopped_by: str | None
+    last_eval: dict[str, float] | None
+    skipped: int
+    state: LoopState
+
+
+def train_loop(
+    *,
+    config: Any,
+    info: DistInfo,
+    model: nn.Module,
+    raw_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    train_batches: Iterator[dict],
+    objective: Objective,
+    evaluate: Callable[[], dict[str, float]],
+    run_dir: Path,
+    tokenizer: Any,
+    state: LoopState,
+    tokens_per_step: int | None,
+    flops_per_token: int,
+    peak_flops: float | None,
+) -> LoopResult:
+    """Run optimizer steps from `state.step` to `config.train.max_steps`; see the module docstring.
+    `config` has `.train` (TrainSection), `.optim.grad_clip` and `to_dict()`; `evaluate()` returns metrics
+    with a "loss" (lower is better: best checkpoint and early stopping follow it)."""
+    tc = config.train
+    step = state.step
+    logger = MetricsLogger(run_dir, tensorboard=tc.tensorboard, enabled=info.is_main)
+    progress = TrainProgress(tc.max_steps, start_step=step, enabled=tc.progress and info.is_main)
+
+    def save(step: int, is_best: bool = False) -> Path | None:
+        path = None
+        if info.is_main:
+            trainer_state = {
+                **state.to_dict(),
+                "step": step,
+                "loader": train_batches.state_dict(),
+                "config": config.to_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+            }
+            path = ckpt.save_checkpoint(
+                run_dir,
+                step,
+                raw_model,
+                optimizer,
+                scheduler,
+                trainer_state,
+                tokenizer=tokenizer,
+                keep_last=tc.keep_last,
+                is_best=is_best,
+            )
+        barrier(info)
+        return path
+
+    stopped_by, last_eval, skipped = None, None, 0
+    window_start, window_tokens = time.perf_counter(), 0
+    device = info.device
+    with Stop() as stop:
+        while step < tc.max_steps:
+            # ---- one optimizer step over grad_accum micro-batches
+            micro = [take_rows(next(train_batches), info, device) for _ in range(tc.grad_accum)]
+            loss = backward_accumulated(model, micro, objective, tc.dtype, info, scaler)
+            step_tokens = tokens_per_step if tokens_per_step is not None else objective.tokens(micro) * info.world_size
+
+            if not math.isfinite(loss):
+                if tc.nan_policy == "stop":
+                    last = ckpt.latest_checkpoint(run_dir)
+                    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+                    raise RuntimeError(
+                        f"the training loss became {loss} at step {step + 1}; {kept}. Lower optim.lr, raise "
+                        "optim.warmup_steps or use train.dtype=float32, then resume; train.nan_policy=skip skips "
+                        "such steps"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step, skipped = step + 1, skipped + 1
+                say(info, f"step {step}: loss {loss}, step skipped (train.nan_policy=skip)")
+                continue
+
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            trainable = [p for p in raw_model.parameters() if p.requires_grad]
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(trainable, config.optim.grad_clip).item()
+                if config.optim.grad_clip > 0
+                else float("nan")
+            )
+            lr = optimizer.param_groups[0]["lr"]
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            state.tokens_seen += step_tokens
+            window_tokens += step_tokens
+
+            # ---- logging, evaluation, checkpoints
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_tokens / max(elapsed, 1e-9)
+            step_mfu = None if peak_flops is None else tokens_per_s * flops_per_token / peak_flops
+            progress.update(step, loss, lr, tokens_per_s, step_mfu)
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                values = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "grad_norm": grad_norm}
+                logger.log(step, values | ({"mfu": step_mfu} if step_mfu is not None else {}))
+                window_start, window_tokens = time.perf_counter(), 0
+            is_best, early_stop = False, False
+            if (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps:
+                last_eval = evaluate()
+                logger.log(step, last_eval, split="val")
+                if state.best_val_loss is None or last_eval["loss"] < state.best_val_loss:
+                    state.best_val_loss, state.best_step, state.evals_without_improvement = last_eval["loss"], step, 0
+                    is_best = True
+                else:
+                    state.evals_without_improvement += 1
+                    patience = tc.early_stopping_patience
+                    early_stop = bool(patience) and state.evals_without_improvement >= patience
+            signalled = stop.signal is not None
+            if info.world_size > 1:  # a signal may reach the processes at different steps: stop together
+                signalled = all_reduce_sum(torch.tensor(float(signalled), device=device), info).item() > 0
+            periodic = tc.save_every and step % tc.save_every == 0
+            if periodic or is_best or early_stop or step == tc.max_steps or signalled:
+                save(step, is_best=is_best)
+            if early_stop:
+                stopped_by = "early_stopping"
+                say(info, f"early stopping at step {step}: no better val loss in {tc.early_stopping_patience} evals")
+                break
+            if signalled:
+                stopped_by = signal.Signals(stop.signal).name if stop.signal is not None else "signal"
+                say(info, f"{stopped_by} at step {step}: checkpoint saved; continue with --resume")
+                break
+    progress.close()
+    logger.close()
+    state.step = step
+    return LoopResult(step=step, stopped_by=stopped_by, last_eval=last_eval, skipped=skipped, state=state)
