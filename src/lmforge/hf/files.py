@@ -171,11 +171,11 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(path: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(path: Path, overwrite: bool = False, marker: str = CONFIG) -> Iterator[Path]:
     """Yields an empty temporary folder next to `path`; when the block succeeds it becomes `path`.
 
     An existing non-empty `path` is replaced only with overwrite=True, and only if it is itself a
-    checkpoint (has config.json), so a typo cannot delete an unrelated folder.
+    checkpoint (has the file `marker`, config.json by default), so a typo cannot delete an unrelated folder.
     """
     path = Path(path)
     if path.exists():
@@ -184,8 +184,8 @@ def atomic_folder(path: Path, overwrite: bool = False) -> Iterator[Path]:
         if any(path.iterdir()):
             if not overwrite:
                 raise ValueError(f"{path} exists and is not empty; choose a new folder or overwrite it (--overwrite)")
-            if not (path / CONFIG).is_file():
-                raise ValueError(f"{path} is not a checkpoint folder (no {CONFIG}); refusing to replace it")
+            if not (path / marker).is_file():
+                raise ValueError(f"{path} is not a checkpoint folder (no {marker}); refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
