@@ -1,0 +1,1 @@
+"""Fine-tuning: task features, batches, LoRA and parameter freezing."""
