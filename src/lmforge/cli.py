@@ -18,6 +18,8 @@ COMMAND_MODULES = (
     "lmforge.commands.generate",  # generate
     "lmforge.commands.serve",  # serve, chat
     "lmforge.commands.pretrain",  # pretrain
+    "lmforge.commands.finetune",  # finetune
+    "lmforge.commands.evaluate",  # evaluate, predict
 )
 GROUPS = {
     "data": "datasets: catalog, cleaning, tokenised shards",

@@ -5,7 +5,10 @@
 3. Pretraining: the default recipe (`lmforge pretrain` with no arguments: a 4-layer GPT, 1000 steps),
    writing `runs/demo/` (metrics.jsonl, loss.png, summary.md, samples.txt, checkpoints/, tensorboard/).
 4. Samples: greedy and temperature-0.8 text from the trained model.
-5. The zoo: every family's tiny preset trained for a few steps on one batch (below).
+5. Fine-tuning: the real all-MiniLM-L6-v2 encoder fine-tuned as a sentiment classifier on
+   `pang-lee-sentences` (one epoch), scored once on the held-out test split, writing `runs/demo-classifier/`
+   (report.md, metrics.json, ROC / precision-recall / confusion-matrix / training-curve PNGs, model/).
+6. The zoo: every family's tiny preset trained for a few steps on one batch (below).
 
 Zoo: for each `<family>-tiny` preset: build it with its language-modelling head (causal LM for decoders,
 masked LM for encoders, seq2seq LM for encoder-decoders), run forward + backward + AdamW steps on one fixed
@@ -124,6 +127,37 @@ def run_pretraining(console: Console, out: str = "runs", max_steps: int | None =
     return summary
 
 
+def run_finetuning(console: Console, out: str = "runs", max_steps: int | None = None, progress: bool = True) -> dict:
+    """Step 5: a sentiment classifier from real pretrained weights; returns the run summary."""
+    from lmforge.finetune.config import FinetuneConfig
+    from lmforge.finetune.recipe import finetune
+
+    config = FinetuneConfig()
+    config.model.name, config.data.dataset, config.data.max_length = "all-MiniLM-L6-v2", "pang-lee-sentences", 64
+    config.task.epochs, config.optim.lr, config.optim.warmup_steps = 1.0, 1e-4, 10
+    config.train.batch_size, config.train.eval_every = 32, 30
+    config.train.out, config.train.name, config.train.progress = out, "demo-classifier", progress
+    if max_steps is not None:
+        config.task.epochs, config.train.max_steps = 0.0, max_steps
+        config.optim.warmup_steps = min(config.optim.warmup_steps, max_steps - 1)
+        config.train.eval_every = max(1, max_steps // 2)
+    if config.run_dir.is_dir():
+        shutil.rmtree(config.run_dir)
+    summary = finetune(config)
+    test = summary["test"]
+    console.print(
+        f"[bold]5. fine-tuning[/bold]: all-MiniLM-L6-v2 (real weights) -> sentiment classifier, {summary['steps']} "
+        f"steps on {summary['examples']['train']:,} sentences; held-out test ({summary['examples']['test']}): "
+        f"accuracy {test['accuracy']:.3f}, macro F1 {test['f1_macro']:.3f}, ROC-AUC {test['roc_auc']:.3f}"
+    )
+    run = config.run_dir
+    console.print(
+        f"report {run / 'report.md'}, plots {run / 'roc_test.png'}, {run / 'confusion_test.png'}, "
+        f"{run / 'training_curves.png'}; model {run / 'model'} (lmforge predict {run / 'model'} --input ...)"
+    )
+    return summary
+
+
 def run_demo(
     steps: int = 30,
     batch_size: int = 8,
@@ -133,15 +167,19 @@ def run_demo(
     pretrain_steps: int | None = None,
     out: str = "runs",
     zoo: bool = True,
+    finetune: bool = True,
+    finetune_steps: int | None = None,
 ) -> list[dict]:
     """The whole demo; `steps`, `batch_size`, `seq_len` size the zoo tour, `pretrain_steps` the pretraining
     (default: the default recipe's 1000)."""
     console = console or Console()
     if pretrain:
         run_pretraining(console, out, pretrain_steps)
+    if finetune:
+        run_finetuning(console, out, finetune_steps)
     if not zoo:
         return []
-    console.print("[bold]5. the zoo[/bold]")
+    console.print("[bold]6. the zoo[/bold]")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     console.print(
         f"[bold]lmforge demo[/bold]: every tiny preset, {steps} AdamW steps on one batch of "

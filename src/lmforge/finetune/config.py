@@ -1,0 +1,167 @@
+"""The fine-tuning config: five typed sections, parsed like pretraining's (`lmforge.train.config`).
+
+    lmforge finetune --task classification --model all-MiniLM-L6-v2 --data pang-lee-sentences --kfold 10
+
+A run is `FinetuneConfig(model, data, task, optim, train)`. `optim` and `train` are pretraining's sections
+(the same loop runs both), with fine-tuning defaults: a small learning rate with linear decay, as BERT's
+recipe (Devlin et al., 2019) and Hugging Face's Trainer use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge.train.config import Schema, TrainSection, opt
+from lmforge.train.optim import OptimConfig
+
+TASKS = ("classification", "token-classification", "qa", "seq2seq", "sft")
+METHODS = ("full", "lora")
+HEADS = {
+    "classification": "sequence_classification",
+    "token-classification": "token_classification",
+    "qa": "question_answering",
+    "seq2seq": "seq2seq_lm",
+    "sft": "causal_lm",
+}
+
+
+@dataclass
+class FTModelSection:
+    name: str = opt(
+        "bert-tiny",
+        "a Hugging Face folder, an lmforge checkpoint, a .gguf file, a real model name (all-MiniLM-L6-v2, "
+        "SmolLM2-135M-Instruct) or a preset (random weights)",
+    )
+    tokenizer: str = opt("", "tokenizer file/folder (default: the model's own; presets: learn a BPE on the data)")
+    vocab_size: int = opt(2048, "vocabulary of the BPE learned for a preset")
+    dropout: float = opt(0.1, "dropout while fine-tuning")
+    overrides: dict = opt({}, "model config fields to change, e.g. {n_layer: 2}")
+
+
+@dataclass
+class FTDataSection:
+    dataset: str = opt(
+        "pang-lee-sentences", "catalog name (lmforge data list) or a file: CSV/TSV/JSONL, CoNLL, SQuAD JSON"
+    )
+    validation: str = opt("", "validation file (default: the catalog's held-out split, or val_fraction of train)")
+    test: str = opt("", "test file evaluated once at the end (default: the catalog's test split, if any)")
+    val_fraction: float = opt(0.1, "held-out fraction of train for validation when there is no validation set")
+    max_examples: int = opt(0, "use only the first N training examples (0: all)")
+    max_length: int = opt(128, "tokens per input; longer inputs are truncated (and counted)")
+    text_field: str = opt("text", "classification: field/column of the text")
+    text_pair_field: str = opt("", "classification: field of the second text of a pair (empty: single text)")
+    label_field: str = opt("label", "classification: field of the label")
+    multi_label: bool = opt(False, "classification: labels separated by '|', a sigmoid per label")
+    doc_stride: int = opt(128, "qa: tokens shared by consecutive windows of a long context")
+    max_query_length: int = opt(64, "qa: tokens kept of each question")
+    max_answer_length: int = opt(30, "qa: longest answer span predicted, in tokens")
+    n_best: int = opt(20, "qa: start/end candidates per window")
+    version_2: bool = opt(False, "qa: SQuAD v2, questions may have no answer")
+    source_field: str = opt("en", "seq2seq: field of the source text")
+    target_field: str = opt("es", "seq2seq: field of the target text")
+    max_target_length: int = opt(128, "seq2seq: tokens per target")
+    prefix: str = opt("", "seq2seq: text put before every source, e.g. 'translate English to Spanish: '")
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        for name in ("max_length", "max_target_length", "doc_stride", "max_query_length", "max_answer_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
+        if self.max_examples < 0:
+            raise ValueError(f"data.max_examples={self.max_examples} must be >= 0 (0: all)")
+
+
+@dataclass
+class TaskSection:
+    task: str = opt("classification", "classification | token-classification | qa | seq2seq | sft")
+    method: str = opt("full", "full | lora")
+    epochs: float = opt(3.0, "passes over the training set (sets train.max_steps; 0: use train.max_steps)")
+    lora_r: int = opt(8, "LoRA rank")
+    lora_alpha: float = opt(16.0, "LoRA scale numerator: the update is B A x alpha / r")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA branch input")
+    lora_targets: str = opt("qkv,out", "comma-separated Linear names that get LoRA (lmforge names)")
+    merge: bool = opt(True, "LoRA: also save the model with the adapter merged into the weights")
+    freeze_embeddings: bool = opt(False, "keep the embeddings fixed")
+    freeze_layers: int = opt(0, "keep the first N Transformer layers fixed")
+    layer_lr_decay: float = opt(1.0, "layer-wise lr decay: layer i of L trains at lr x decay^(L - i) (1: off)")
+    class_weights: str = opt("", "classification loss weights: '' (none), 'balanced', or one number per label")
+    kfold: int = opt(0, "K-fold cross-validation on train + validation (stratified for classification; 0: off)")
+    num_beams: int = opt(4, "seq2seq: beam width at evaluation")
+    max_new_tokens: int = opt(64, "seq2seq/sft: tokens generated per evaluation example")
+    eval_examples: int = opt(200, "seq2seq/sft: held-out examples generated for the end-of-run scores (0: all)")
+    predict_batch_size: int = opt(32, "batch size of evaluation and prediction")
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task.task={self.task!r} is not one of {', '.join(TASKS)}")
+        if self.method not in METHODS:
+            raise ValueError(f"task.method={self.method!r} is not one of {', '.join(METHODS)}")
+        if self.epochs < 0:
+            raise ValueError(f"task.epochs={self.epochs} must be >= 0")
+        if self.kfold == 1 or self.kfold < 0:
+            raise ValueError(f"task.kfold={self.kfold} must be 0 (off) or >= 2")
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            raise ValueError(f"task.layer_lr_decay={self.layer_lr_decay} must be in (0, 1]")
+        for name in ("lora_r", "num_beams", "max_new_tokens", "predict_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"task.{name}={getattr(self, name)} must be >= 1")
+        for name in ("freeze_layers", "eval_examples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"task.{name}={getattr(self, name)} must be >= 0")
+
+    @property
+    def head(self) -> str:
+        return HEADS[self.task]
+
+
+def _finetune_train() -> TrainSection:
+    return TrainSection(
+        max_steps=1000, batch_size=16, eval_every=100, eval_batches=1, save_every=0, keep_last=1, sample_tokens=0
+    )
+
+
+@dataclass
+class FinetuneConfig:
+    model: FTModelSection = field(default_factory=FTModelSection)
+    data: FTDataSection = field(default_factory=FTDataSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=5e-5, min_lr=0.0, warmup_steps=0, schedule="linear", weight_decay=0.01)
+    )
+    train: TrainSection = field(default_factory=_finetune_train)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_name(self) -> str:
+        return self.train.name or f"{Path(self.model.name).stem}-{Path(self.data.dataset).stem}-{self.task.task}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.out) / self.run_name
+
+
+FINETUNE = Schema(
+    FinetuneConfig,
+    {"model": FTModelSection, "data": FTDataSection, "task": TaskSection, "optim": OptimConfig, "train": TrainSection},
+    {
+        "task": "task.task",
+        "model": "model.name",
+        "data": "data.dataset",
+        "out": "train.out",
+        "max-steps": "train.max_steps",
+        "epochs": "task.epochs",
+        "method": "task.method",
+        "kfold": "task.kfold",
+        "save-every": "train.save_every",
+        "eval-every": "train.eval_every",
+        "seed": "train.seed",
+        "resume": "train.resume",
+    },
+    "finetune",
+    "Fine-tune a model on a task. Settings come from the defaults below, then --config, then flags (in order).",
+)
