@@ -7,7 +7,8 @@ each setting the two libraries alternate runs, and each figure is the median of 
 - time to first token (TTFT): a run with max_new_tokens=1 (prefill of the prompt + one token);
 - decoding tokens/s: (N - 1) new tokens per row, times the batch, over (time of N tokens - TTFT).
 
-lmforge runs in fp32, bf16 (all weights) and int8 (weight-only, per-channel scales, `lmforge.nn.quant`);
+lmforge runs in fp32, bf16 (all weights) and int8 (weight-only, per-channel scales, `lmforge.nn.quant`),
+each after `prepare_for_decoding` (fp32: column-major wide weights; bf16: oneDNN-packed weights);
 the peer is transformers in fp32 (and bf16 with --peer-bf16). Targets: fp32 ratio >= 1.3, bf16/int8 >= 2.5.
 `--quality` also reports how far bf16/int8 logits are from fp32 (RMS difference relative to the logits' RMS)
 and greedy agreement; random weights make perplexity meaningless, so `--smollm` runs the real SmolLM2-135M
@@ -30,7 +31,7 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmforge import build_model
-from lmforge.generate import generate
+from lmforge.generate import generate, prepare_for_decoding
 from lmforge.hf.gpt import state_dict_from_hf
 from lmforge.nn.quant import quantize_int8
 
@@ -96,17 +97,22 @@ def measure(runners: dict, ids: torch.Tensor, n: int, repeats: int) -> dict[str,
     return results
 
 
+def lmforge_variants(model: torch.nn.Module) -> dict:
+    """fp32, bf16 and int8 copies of `model`, each laid out by `prepare_for_decoding`."""
+    variants = {
+        "fp32": model,
+        "bf16": copy.deepcopy(model).to(torch.bfloat16),
+        "int8": quantize_int8(copy.deepcopy(model)),
+    }
+    return {f"lmforge {name}": (run_ours, prepare_for_decoding(m)) for name, m in variants.items()}
+
+
 def speed(args: argparse.Namespace) -> None:
     hf, ours = gpt2_pair()
+    runners = {"transformers fp32": (run_hf, hf), **lmforge_variants(ours)}
     ids = torch.randint(0, 50000, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
-    same = torch.equal(run_ours(ours, ids, 16), run_hf(hf, ids, 16))
+    same = torch.equal(run_ours(runners["lmforge fp32"][1], ids, 16), run_hf(hf, ids, 16))
     print(f"greedy tokens identical to transformers (fp32, 16 tokens): {same}")
-    runners = {
-        "transformers fp32": (run_hf, hf),
-        "lmforge fp32": (run_ours, ours),
-        "lmforge bf16": (run_ours, copy.deepcopy(ours).to(torch.bfloat16)),
-        "lmforge int8": (run_ours, quantize_int8(copy.deepcopy(ours))),
-    }
     if args.peer_bf16:
         runners["transformers bf16"] = (run_hf, copy.deepcopy(hf).to(torch.bfloat16))
     for batch in args.batches:
@@ -160,15 +166,10 @@ def smollm(args: argparse.Namespace) -> None:
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, torch_dtype=torch.float32
     ).eval()
+    runners = {"transformers fp32": (run_hf, hf), **lmforge_variants(ours)}
     ids = torch.randint(0, 49152, (1, args.prompt_len), generator=torch.Generator().manual_seed(4))
     same = torch.equal(run_ours(ours, ids, 16), run_hf(hf, ids, 16))
     print(f"\nSmolLM2-135M greedy tokens identical to transformers (fp32, 16 tokens): {same}")
-    runners = {
-        "transformers fp32": (run_hf, hf),
-        "lmforge fp32": (run_ours, ours),
-        "lmforge bf16": (run_ours, copy.deepcopy(ours).to(torch.bfloat16)),
-        "lmforge int8": (run_ours, quantize_int8(copy.deepcopy(ours))),
-    }
     results = measure(runners, ids, args.new_tokens, args.repeats)
     base = results["transformers fp32"]
     print(f"batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} threads")

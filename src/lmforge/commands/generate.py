@@ -48,8 +48,9 @@ def _load_tokenizer(path: str):
 
 
 def load_for_generation(args: argparse.Namespace):
-    """The model (eval mode, cast to --dtype, optionally int8-quantised) and its tokenizer; `serve` and `chat`
-    share this. --seed also fixes a preset's random weights."""
+    """The model (eval mode, cast to --dtype, optionally int8-quantised, weights laid out for decoding) and its
+    tokenizer; `serve` and `chat` share this. --seed also fixes a preset's random weights."""
+    from lmforge.generate import prepare_for_decoding
     from lmforge.nn.quant import quantize_int8
 
     if args.seed is not None:
@@ -58,7 +59,7 @@ def load_for_generation(args: argparse.Namespace):
     model = model.to(DTYPES[args.dtype]).eval()
     if args.quantize == "int8":
         quantize_int8(model)
-    return model, tokenizer
+    return prepare_for_decoding(model), tokenizer
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -16,6 +16,10 @@ For a few rows (decoding: one token per sequence) on CPU the product runs in `to
 (int8 weights, bf16 activations; PyTorch's kernel for this exact case). For many rows (a prompt's prefill)
 the step is compute-bound and that kernel is slower than a dense GEMM, so the weight is converted to the
 activations' dtype (exact: integers up to 127 fit bf16's 8-bit mantissa) and the scale applied to the output.
+
+bf16 weights are not quantised but can be packed: oneDNN, which runs PyTorch's bf16 matmuls on CPU, computes on
+a blocked weight layout, and `PackedLinear` stores the weight in it once (what inductor's freezing pass does)
+instead of handing oneDNN the plain (out, in) matrix on every call. Same bits out, ~1.5-2x faster for 1-8 rows.
 """
 
 from __future__ import annotations
@@ -68,6 +72,32 @@ class QuantizedLinear(nn.Module):
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def has_packed_bf16_kernel() -> bool:
+    """Whether this PyTorch build has oneDNN's prepacked linear (`torch.ops.mkldnn._linear_pointwise`)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class PackedLinear(nn.Module):
+    """An inference-only bf16 Linear on CPU whose weight is held in oneDNN's blocked layout.
+
+    The packed weight is an opaque oneDNN tensor: it has no state_dict entry and does not follow `.to()`, so
+    pack a model after loading it and only to run it. The packing is chosen for one row (decoding) and serves
+    any number of rows (a prefill of 32 rows is still ~1.5x faster than `F.linear`; measured on GPT-2 shapes).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

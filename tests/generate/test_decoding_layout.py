@@ -1,0 +1,98 @@
+"""`prepare_for_decoding`: faster weight layouts must not change what a model computes or generates."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+from lmforge import build_model
+from lmforge.generate import generate, prepare_for_decoding
+from lmforge.hf import gpt as hf_gpt
+from lmforge.nn.quant import PackedLinear, has_packed_bf16_kernel, quantize_int8
+
+SMALL = {
+    "gpt": {"n_layer": 2, "n_head": 4, "d_model": 64, "vocab_size": 300, "max_seq_len": 64},
+    "llama": {"n_layer": 2, "n_head": 4, "n_kv_heads": 2, "d_model": 64, "d_ff": 96, "vocab_size": 300},
+}
+
+
+def small_model(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(family, **SMALL[family]).eval()
+    with torch.no_grad():  # spread the logits so that greedy paths are varied
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return model
+
+
+def ids(batch: int = 3, length: int = 9) -> torch.Tensor:
+    return torch.randint(3, 300, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", list(SMALL))
+def test_fp32_wide_weights_turn_column_major_with_values_and_state_dict_unchanged(family):
+    model = small_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepare_for_decoding(model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            wide = module.out_features >= module.in_features
+            assert module.weight.t().is_contiguous() == wide, module
+            assert module.weight.is_contiguous() == (not wide), module
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("family", list(SMALL))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_model_gives_the_same_logits_and_greedy_tokens(family, dtype):
+    plain = small_model(family).to(dtype)
+    prepared = prepare_for_decoding(copy.deepcopy(plain))
+    with torch.no_grad():
+        expected, got = plain(ids()).logits.float(), prepared(ids()).logits.float()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    plain_tokens = generate(plain, ids()[:, :4], max_new_tokens=8, eos_token_id=[]).tokens
+    assert torch.equal(generate(prepared, ids()[:, :4], max_new_tokens=8, eos_token_id=[]).tokens, plain_tokens)
+
+
+def test_bf16_linears_are_packed_and_preparing_twice_changes_nothing():
+    model = prepare_for_decoding(small_model("llama").to(torch.bfloat16))
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
+    expected_kind = PackedLinear if has_packed_bf16_kernel() else torch.nn.Linear
+    assert linears and all(isinstance(m, expected_kind) for m in linears)
+    with torch.no_grad():
+        once = model(ids()).logits
+        assert torch.equal(prepare_for_decoding(model)(ids()).logits, once)
+
+
+def test_int8_model_is_left_as_it_is():
+    model = quantize_int8(small_model("gpt"))
+    with torch.no_grad():
+        expected = model(ids()).logits
+        assert torch.equal(prepare_for_decoding(model)(ids()).logits, expected)
+
+
+def test_prepared_gpt_still_matches_transformers_greedy_generate():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=97, n_positions=64, n_embd=48, n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None
+    )
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.mul_(5.0)
+    ours_config = hf_gpt.config_from_hf(hf.config.to_dict(), head="causal_lm")
+    ours = build_model(ours_config).eval()
+    ours.load_state_dict(hf_gpt.state_dict_from_hf(hf.state_dict(), ours_config))
+    prepare_for_decoding(ours)
+    prompt = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+    got = generate(ours, prompt, max_new_tokens=12, eos_token_id=[]).tokens
+    assert torch.equal(got, expected[:, prompt.shape[1] :])
