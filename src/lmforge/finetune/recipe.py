@@ -7,8 +7,9 @@
     and, with LoRA, run_dir/adapter/ (a peft-format adapter)
 
 K-fold (`task.kfold=K`): the training and validation records are pooled and split into K folds (stratified
-by label for classification); fold k trains on the other K - 1 folds from the same starting weights and is
-scored on fold k; the report gives each metric's mean and sample standard deviation over folds.
+by label for classification); fold k trains on the other K - 1 folds from the same starting weights for the
+full budget (no checkpoint choice or early stopping on the held-out fold, which would leak it) and is scored on
+fold k; the report gives each metric's mean and sample standard deviation over folds.
 """
 
 from __future__ import annotations
@@ -368,7 +369,11 @@ def _kfold(config: FinetuneConfig, info: DistInfo) -> dict:
         fold_config = dataclasses.replace(
             config,
             task=dataclasses.replace(config.task, kfold=0),
-            train=dataclasses.replace(config.train, out=str(base_dir), name=f"fold_{i + 1:02d}"),
+            # the held-out fold is scored once at the end: choosing a checkpoint or stopping early on it would
+            # leak it into training, so folds train for the full budget
+            train=dataclasses.replace(
+                config.train, out=str(base_dir), name=f"fold_{i + 1:02d}", eval_every=0, early_stopping_patience=0
+            ),
         )
         fold_data = TaskData(
             train=[pool[j] for j in train_idx],

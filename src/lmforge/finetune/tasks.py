@@ -45,6 +45,14 @@ def model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, 
     return {k: batch[k] for k in MODEL_INPUTS if k in batch and k in accepted}
 
 
+def eval_subset(records: Sequence, n: int) -> list:
+    """`n` records spread evenly over the set (all when n is 0 or covers it): sets sorted by label or source
+    (a catalog's positives first, a Bible's books in order) are then sampled across, not from the front."""
+    if not n or n >= len(records):
+        return list(records)
+    return [records[i] for i in np.linspace(0, len(records) - 1, n).round().astype(int)]
+
+
 def batched(items: Sequence, size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -386,9 +394,9 @@ class GenerationTask(Task):
         loss = self.eval_loss(model, features)
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         if generate:
-            n = self.config.task.eval_examples or len(records)
-            outputs = self.generate(model, records[:n])
-            metrics.update(self.text_scores(records[:n], outputs))
+            subset = eval_subset(records, self.config.task.eval_examples)
+            metrics.update(self.text_scores(subset, self.generate(model, subset)))
+            metrics["generated_examples"] = len(subset)
         return metrics, {}
 
     def text_scores(self, records: list, outputs: list[str]) -> dict[str, float]:
