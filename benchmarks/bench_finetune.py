@@ -55,7 +55,7 @@ def classification(args) -> dict:
 
     flags = [
         "--task=classification", "--model=all-MiniLM-L6-v2", "--data=pang-lee-sentences", f"--kfold={args.folds}",
-        "--epochs=2", "--data.max_length=64", "--train.batch_size=32", "--optim.lr=1e-4",
+        "--epochs=1", "--data.max_length=64", "--train.batch_size=32", "--optim.lr=1e-4",
         "--optim.warmup_steps=10", f"--out={args.out}", "--train.name=minilm-pang-lee-kfold",
     ]  # fmt: skip
     start = time.perf_counter()

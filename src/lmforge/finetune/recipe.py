@@ -174,7 +174,9 @@ def finetune(config: FinetuneConfig) -> dict:
         cleanup(info)
 
 
-def _finetune(config: FinetuneConfig, info: DistInfo, data: TaskData | None = None, report: bool = True) -> dict:
+def _finetune(
+    config: FinetuneConfig, info: DistInfo, data: TaskData | None = None, report: bool = True, save_model: bool = True
+) -> dict:
     tc, device = config.train, info.device
     if tc.dtype == "float16" and device.type != "cuda":
         raise ValueError("train.dtype=float16 needs a CUDA device (GradScaler); on CPU use train.dtype=bfloat16")
@@ -299,8 +301,9 @@ def _finetune(config: FinetuneConfig, info: DistInfo, data: TaskData | None = No
         summary["test"] = test_metrics
     else:
         test_arrays = None
-    save_final(raw_model, tokenizer, task, config, run_dir)
-    summary["model_dir"] = str(run_dir / "model")
+    if save_model:
+        save_final(raw_model, tokenizer, task, config, run_dir)
+        summary["model_dir"] = str(run_dir / "model")
     if report:
         from lmforge.finetune.reporting import write_run_report
 
@@ -383,7 +386,7 @@ def _kfold(config: FinetuneConfig, info: DistInfo) -> dict:
             labels=data.labels,
         )
         say(info, f"fold {i + 1}/{k}: {len(train_idx)} train / {len(val_idx)} held-out examples")
-        summary = _finetune(fold_config, info, fold_data, report=True)
+        summary = _finetune(fold_config, info, fold_data, save_model=False)  # a fold's model is a by-product
         fold_summaries.append(summary)
         fold_metrics.append(numbers(summary.get("validation", {})))
     summary = {

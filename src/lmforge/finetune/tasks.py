@@ -391,12 +391,17 @@ class GenerationTask(Task):
     def evaluate(
         self, model: nn.Module, records: list, features: list[dict], generate: bool = True
     ) -> tuple[dict, dict]:
+        """Teacher-forced loss and perplexity; with `generate`, generated text scored against the references on
+        `task.eval_examples` records spread over the set (loss on the same records, so the numbers agree)."""
+        if generate:
+            subset = eval_subset(records, self.config.task.eval_examples)
+            if len(subset) < len(records):
+                records, features = subset, self.encode(subset, "evaluation")
         loss = self.eval_loss(model, features)
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         if generate:
-            subset = eval_subset(records, self.config.task.eval_examples)
-            metrics.update(self.text_scores(subset, self.generate(model, subset)))
-            metrics["generated_examples"] = len(subset)
+            metrics.update(self.text_scores(records, self.generate(model, records)))
+            metrics["generated_examples"] = len(records)
         return metrics, {}
 
     def text_scores(self, records: list, outputs: list[str]) -> dict[str, float]:
