@@ -183,16 +183,19 @@ def race(args, text: str, out: Path) -> None:
         f"nanoGPT CPU recipe (HF GPT-2 loop): {steps} steps in {args.race_seconds:.0f} s, val {baseline:.4f} nats/char"
     )
 
-    # Same shapes as the baseline; the cosine schedule is sized to the time budget (nanoGPT's decays over 2000
-    # iterations and then idles at min_lr), with a higher peak learning rate.
-    ours_shape = {"n_layer": 4, "n_head": 4, "d_model": 128, "block": 64, "batch": 12}
-    extra = {"optim.lr": 2e-3, "optim.min_lr": 2e-4, "optim.warmup_steps": 100, "optim.beta2": 0.99}
+    # Same model shapes as the baseline; the cosine schedule is sized to the time budget (nanoGPT's decays over
+    # 2000 iterations and then idles at min_lr), with a higher peak learning rate and (--race-batch) a larger
+    # batch, which keeps the 2 cores busier per optimizer step.
+    ours_shape = {"n_layer": 4, "n_head": 4, "d_model": 128, "block": 64, "batch": args.race_batch}
+    extra = {
+        "optim.lr": args.race_lr, "optim.min_lr": args.race_lr / 10, "optim.warmup_steps": 100, "optim.beta2": 0.99
+    }  # fmt: skip
     probe = "race-probe"  # calibrate steps per second, then size the schedule to the budget
-    pretrain(parse_args(lmforge_flags(ours_shape, out, "float32", 25, probe, extra)))
+    pretrain(parse_args(lmforge_flags(ours_shape, out, args.race_dtype, 25, probe, extra)))
     tokens_per_step = ours_shape["batch"] * ours_shape["block"]
     steps = int(lmforge_tokens_per_s(out / probe) / tokens_per_step * args.race_seconds * 0.95)
     start = time.perf_counter()
-    pretrain(parse_args(lmforge_flags(ours_shape, out, "float32", steps, "race", extra)))
+    pretrain(parse_args(lmforge_flags(ours_shape, out, args.race_dtype, steps, "race", extra)))
     elapsed = time.perf_counter() - start
     from lmforge import load_model
     from lmforge.data.tokenizer import load_tokenizer
@@ -205,7 +208,8 @@ def race(args, text: str, out: Path) -> None:
     ids = np.asarray(tokenizer.encode(val_text, add_special_tokens=False), dtype=np.int64)
     ours = full_split_loss(lambda x: model(input_ids=x).logits, ids, ours_shape["block"])
     print(
-        f"lmforge CPU recipe (4 x 128, block 64, batch 12, lr 2e-3): {steps} steps in {elapsed:.0f} s (setup "
+        f"lmforge CPU recipe (4 x 128, block 64, batch {args.race_batch}, lr {args.race_lr:g}, {args.race_dtype}): "
+        f"{steps} steps in {elapsed:.0f} s (setup "
         f"included), val {ours:.4f} nats/char; margin {baseline - ours:+.4f} nats/char"
     )
 
@@ -216,6 +220,9 @@ def main() -> None:
     parser.add_argument("--steps-b", type=int, default=4)
     parser.add_argument("--race-seconds", type=float, default=180.0)
     parser.add_argument("--skip-race", action="store_true")
+    parser.add_argument("--race-batch", type=int, default=12, help="lmforge's race recipe: sequences per step")
+    parser.add_argument("--race-lr", type=float, default=2e-3, help="lmforge's race recipe: peak learning rate")
+    parser.add_argument("--race-dtype", default="float32", help="lmforge's race recipe: float32 or bfloat16")
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
     text = DATA.read_text(encoding="utf-8")

@@ -4,7 +4,6 @@ with the reported metrics (scikit-learn as the oracle); resume continues exactly
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
@@ -17,32 +16,13 @@ from lmforge.train.config import parse_args
 
 QUIET = ["--train.progress=false", "--train.tensorboard=false", "--epochs", "0"]
 
-WORDS = {
-    "positive": ["good", "great", "superb", "lovely", "fine", "moving"],
-    "negative": ["bad", "awful", "dull", "poor", "boring", "weak"],
-}
-FILLER = ["the", "film", "was", "a", "story", "with", "actors", "and", "plot", "this"]
-
-
-def sentiment_file(path, n: int, seed: int) -> list[dict]:
-    """A JSONL set a tiny model can learn: the label is carried by its sentiment words."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = "positive" if i % 2 == 0 else "negative"
-        words = rng.sample(FILLER, 4) + rng.sample(WORDS[label], 2)
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words), "label": label})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return rows
-
 
 def run(tmp_path, *flags: str) -> dict:
     return finetune(parse_args([*QUIET, "--out", str(tmp_path), *flags], FINETUNE))
 
 
 @pytest.fixture(scope="module")
-def classifier_run(tmp_path_factory):
+def classifier_run(tmp_path_factory, sentiment_file):
     tmp = tmp_path_factory.mktemp("classifier")
     sentiment_file(tmp / "train.jsonl", 240, seed=0)
     test_rows = sentiment_file(tmp / "test.jsonl", 60, seed=1)
@@ -104,7 +84,7 @@ def test_predictions_agree_with_the_reported_metrics(classifier_run, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["accuracy"] == pytest.approx(summary["test"]["accuracy"])
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, sentiment_file):
     sentiment_file(tmp_path / "train.jsonl", 120, seed=0)
     flags = [
         "--task=classification",
@@ -133,7 +113,7 @@ def test_resume_continues_exactly(tmp_path):
     assert losses(parts) == losses(whole)
 
 
-def test_lora_trains_few_parameters_and_writes_an_adapter(tmp_path):
+def test_lora_trains_few_parameters_and_writes_an_adapter(tmp_path, sentiment_file):
     sentiment_file(tmp_path / "train.jsonl", 80, seed=0)
     summary = run(
         tmp_path,
@@ -220,7 +200,7 @@ def test_sft_learns_only_from_responses(tmp_path):
     assert {"exact_match", "loss", "chrf"} <= set(summary["validation"])
 
 
-def test_kfold_reports_mean_and_std_over_folds(tmp_path):
+def test_kfold_reports_mean_and_std_over_folds(tmp_path, sentiment_file):
     sentiment_file(tmp_path / "train.jsonl", 60, seed=0)
     summary = run(
         tmp_path,
@@ -243,7 +223,7 @@ def test_kfold_reports_mean_and_std_over_folds(tmp_path):
     assert "mean" in (tmp_path / "bert-tiny-train-classification" / "report.md").read_text()
 
 
-def test_bad_input_fails_with_a_clear_message(tmp_path, capsys):
+def test_bad_input_fails_with_a_clear_message(tmp_path, capsys, sentiment_file):
     sentiment_file(tmp_path / "train.jsonl", 40, seed=0)
     (tmp_path / "val.jsonl").write_text(json.dumps({"text": "so so", "label": "neutral"}) + "\n", encoding="utf-8")
     base = ["finetune", *QUIET, "--out", str(tmp_path / "runs"), "--model=bert-tiny", "--max-steps=2"]
@@ -262,3 +242,67 @@ def test_bad_input_fails_with_a_clear_message(tmp_path, capsys):
 
     assert cli_main([*base, "--task.kfold=1"]) == 2
     assert "task.kfold" in capsys.readouterr().err
+
+
+def test_continues_from_a_saved_lmforge_model(classifier_run, tmp_path):
+    tmp, summary, _ = classifier_run
+    model_dir = tmp / "bert-tiny-train-classification" / "model"  # lmforge format, with its tokenizer
+    again = run(
+        tmp_path,
+        "--task=classification",
+        f"--model={model_dir}",
+        f"--data={tmp / 'train.jsonl'}",
+        f"--data.test={tmp / 'test.jsonl'}",
+        "--max-steps=2",
+        "--optim.lr=1e-5",
+    )
+    assert again["test"]["accuracy"] >= summary["test"]["accuracy"] - 0.05  # the trained weights were loaded
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(classifier_run, tmp_path, capsys):
+    from lmforge import build_model, save_model
+
+    tmp, _, _ = classifier_run
+    save_model(build_model("bert-tiny", vocab_size=50), tmp_path / "small")
+    tokenizer = tmp / "bert-tiny-train-classification" / "tokenizer"  # 200 ids
+    code = cli_main(
+        ["finetune", *QUIET, "--out", str(tmp_path / "runs"), f"--model={tmp_path / 'small'}",
+         f"--model.tokenizer={tokenizer}", f"--data={tmp / 'train.jsonl'}", "--max-steps=1"]
+    )  # fmt: skip
+    assert code == 2 and "do not belong together" in capsys.readouterr().err
+
+
+def test_multi_label_text_pairs_class_weights_freezing_and_layer_decay(tmp_path):
+    rows = []
+    for i in range(64):
+        labels = [name for name, on in (("sports", i % 2 == 0), ("music", i % 3 == 0)) if on] or ["other"]
+        text = f"goal team {i}" if i % 2 == 0 else f"quiet day {i}"
+        rows.append({"text": text, "other": "song" if i % 3 == 0 else "talk", "label": "|".join(labels)})
+    (tmp_path / "multi.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    summary = run(
+        tmp_path,
+        "--task=classification",
+        "--model=bert-tiny",
+        f"--data={tmp_path / 'multi.jsonl'}",
+        "--data.multi_label=true",
+        "--data.text_pair_field=other",
+        "--task.freeze_embeddings=true",
+        "--task.layer_lr_decay=0.8",
+        "--max-steps=3",
+        "--model.vocab_size=200",
+    )
+    assert {"f1_samples", "f1_micro", "f1_macro"} <= set(summary["validation"])
+    assert summary["trainable_parameters"] < summary["parameters"]  # the embeddings stayed fixed
+
+    single = [{"text": f"text {i}", "label": "rare" if i % 8 == 0 else "common"} for i in range(64)]
+    (tmp_path / "skewed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in single), encoding="utf-8")
+    summary = run(
+        tmp_path,
+        "--task=classification",
+        "--model=bert-tiny",
+        f"--data={tmp_path / 'skewed.jsonl'}",
+        "--task.class_weights=balanced",
+        "--max-steps=2",
+        "--model.vocab_size=200",
+    )
+    assert summary["validation"]["n_examples"] == summary["examples"]["validation"]

@@ -85,8 +85,17 @@ def load_tokenizer_for(config: FinetuneConfig, data: TaskData, run_dir: Path, in
 
 def build_finetune_model(config: FinetuneConfig, task: Task, tokenizer) -> nn.Module:
     """The base model with the task's head: real or saved weights (a new head starts fresh), or a preset."""
-    values: dict[str, Any] = {"dropout": config.model.dropout, **task.model_overrides(), **config.model.overrides}
+    from lmforge.train.trainer import model_family
+
     path = Path(resolve_model(config.model.name))
+    family = model_family(str(path) if path.exists() else config.model.name)
+    if path.is_dir() and (path / "config.json").is_file():  # lmforge's own format nests the config
+        saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        family = (saved.get("model") or {}).get("family") or family
+    values: dict[str, Any] = {"dropout": config.model.dropout, **task.model_overrides()}
+    if family in ("bert", "roberta"):  # BERT keeps a separate rate for attention weights: model.dropout sets both
+        values["attention_dropout"] = config.model.dropout
+    values.update(config.model.overrides)
     if path.exists():
         from lmforge.hf.load import load_model
 
