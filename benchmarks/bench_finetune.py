@@ -179,7 +179,7 @@ def sft(args) -> dict:
         "--task=sft", "--model=SmolLM2-135M-Instruct", "--data=pang-lee-sentences", "--method=lora",
         "--task.lora_targets=qkv,out,gate,up,down", "--task.lora_r=16", "--task.lora_alpha=32",
         f"--data.max_examples={args.sft_examples}", "--data.max_length=128", "--epochs=1", "--train.batch_size=8",
-        "--optim.lr=5e-4", "--optim.warmup_steps=5", "--eval-every=0", "--task.eval_examples=200",
+        "--optim.lr=1e-3", "--optim.warmup_steps=10", "--eval-every=0", "--task.eval_examples=200",
         "--task.max_new_tokens=4", "--task.predict_batch_size=16", f"--out={args.out}",
         "--train.name=smollm2-sft-sentiment",
     ]  # fmt: skip
@@ -217,7 +217,7 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(PARTS), help="comma-separated parts")
     parser.add_argument("--folds", type=int, default=10)
     parser.add_argument("--translation-steps", type=int, default=1500)
-    parser.add_argument("--sft-examples", type=int, default=400)
+    parser.add_argument("--sft-examples", type=int, default=1000)
     parser.add_argument("--out", default="runs/bench-finetune")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()

@@ -516,10 +516,17 @@ class SFTTask(GenerationTask):
             width = max(map(len, rows))
             input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-            result = generate(
-                model, input_ids, mask, max_new_tokens=self.config.task.max_new_tokens, tokenizer=self.tokenizer
+            configured = getattr(model.config, "eos_token_id", None)
+            configured = [] if configured is None else [configured] if isinstance(configured, int) else configured
+            eos = sorted(
+                {*configured, *([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])}
             )
-            out += [t.strip() for t in result.texts]
+            result = generate(model, input_ids, mask, max_new_tokens=self.config.task.max_new_tokens, eos_token_id=eos)
+            specials = set(self.tokenizer.all_special_ids)  # the turn's end token (the tokenizer's eos) ends a reply
+            for row in result.tokens.tolist():
+                out.append(
+                    self.tokenizer.decode([t for t in row if t not in specials], skip_special_tokens=True).strip()
+                )
         model.train()
         return out
 
