@@ -28,7 +28,7 @@ from lmforge.finetune.datasets import TaskData, load_task_data
 from lmforge.finetune.tasks import Task, build_task
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, cleanup, init_distributed, seed_everything, wrap_model
-from lmforge.train.loop import LoopState, say, train_loop
+from lmforge.train.loop import open_run, resume_state, say, train_loop
 from lmforge.train.optim import build_optimizer, build_scheduler
 
 MIN_FREE_BYTES = 64 << 20
@@ -187,19 +187,8 @@ def _finetune(
     config: FinetuneConfig, info: DistInfo, data: TaskData | None = None, report: bool = True, save_model: bool = True
 ) -> dict:
     tc, device = config.train, info.device
-    if tc.dtype == "float16" and device.type != "cuda":
-        raise ValueError("train.dtype=float16 needs a CUDA device (GradScaler); on CPU use train.dtype=bfloat16")
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
     run_dir = config.run_dir
-    if info.is_main:
-        ckpt.check_writable(run_dir, MIN_FREE_BYTES)
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is not None and not tc.resume:
-        raise ValueError(
-            f"{run_dir} already holds checkpoints (latest: {latest.name}); pass --resume to continue that run, "
-            "or --train.name / --out for a new one"
-        )
+    latest = open_run(tc, run_dir, info, MIN_FREE_BYTES)
     seed_everything(tc.seed, tc.deterministic)
 
     data = data or load_task_data(config)
@@ -234,13 +223,7 @@ def _finetune(
         train_features, global_batch, pad_id=task.pad_id, seed=tc.seed, shuffle=True, drop_last=True
     )
     train_batches = Endless(loader)
-    state = LoopState()
-    if latest is not None:
-        saved = ckpt.load_checkpoint(latest, raw_model, optimizer, scheduler)
-        state.step = int(saved["step"])
-        train_batches.load_state_dict(saved["loader"])
-        state.update(saved)
-        say(info, f"resumed from {latest} at step {state.step}")
+    state = resume_state(latest, raw_model, optimizer, scheduler, train_batches, scaler, info)
     model = wrap_model(raw_model, info)
     if tc.compile:
         model = torch.compile(model)

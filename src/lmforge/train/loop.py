@@ -142,6 +142,44 @@ class LoopState:
                 setattr(self, key, saved[key])
 
 
+def open_run(tc: Any, run_dir: Path, info: DistInfo, min_free_bytes: int) -> Path | None:
+    """Check the run's settings and folder before anything is built; returns the checkpoint to resume from
+    (None for a fresh run). A run folder that holds checkpoints is only continued with train.resume."""
+    if tc.dtype == "float16" and info.device.type != "cuda":
+        raise ValueError("train.dtype=float16 needs a CUDA device (GradScaler); on CPU use train.dtype=bfloat16")
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    if info.is_main:
+        ckpt.check_writable(run_dir, min_free_bytes)
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is not None and not tc.resume:
+        raise ValueError(
+            f"{run_dir} already holds checkpoints (latest: {latest.name}); pass --resume to continue that run, "
+            "or --train.name / --out for a new one"
+        )
+    if tc.resume and latest is None:
+        say(info, f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+    return latest
+
+
+def resume_state(
+    latest: Path | None, raw_model: nn.Module, optimizer, scheduler, train_batches, scaler, info: DistInfo
+) -> LoopState:
+    """The loop state of a fresh run, or the one saved in `latest` with model, optimizer, scheduler, loader
+    and GradScaler restored in place."""
+    state = LoopState()
+    if latest is None:
+        return state
+    saved = ckpt.load_checkpoint(latest, raw_model, optimizer, scheduler)
+    state.step = int(saved["step"])
+    train_batches.load_state_dict(saved["loader"])
+    state.update(saved)
+    if scaler is not None and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    say(info, f"resumed from {latest} at step {state.step}")
+    return state
+
+
 @dataclass
 class LoopResult:
     step: int

@@ -33,7 +33,6 @@ from lmforge.data.loaders import IGNORE_INDEX
 from lmforge.data.tokenizer import write_atomic
 from lmforge.nn import Block
 from lmforge.nn.loss import cross_entropy
-from lmforge.train import checkpoint as ckpt
 from lmforge.train.config import RunConfig, config_from_dict, differing_fields
 from lmforge.train.data import TrainData, prepare_data
 from lmforge.train.distributed import (
@@ -45,7 +44,7 @@ from lmforge.train.distributed import (
     wrap_model,
 )
 from lmforge.train.logging import plot_curves, write_summary
-from lmforge.train.loop import LoopState, Objective, say, take_rows, train_loop
+from lmforge.train.loop import Objective, open_run, resume_state, say, take_rows, train_loop
 from lmforge.train.loop import autocast as loop_autocast
 from lmforge.train.loop import backward_accumulated as loop_backward
 from lmforge.train.optim import build_optimizer, build_scheduler
@@ -308,21 +307,8 @@ def pretrain(config: RunConfig) -> dict:
 
 def _pretrain(config: RunConfig, info: DistInfo) -> dict:
     tc, device = config.train, info.device
-    if tc.dtype == "float16" and device.type != "cuda":
-        raise ValueError("train.dtype=float16 needs a CUDA device (GradScaler); on CPU use train.dtype=bfloat16")
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
     run_dir = config.run_dir
-    if info.is_main:
-        ckpt.check_writable(run_dir, MIN_FREE_BYTES)
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is not None and not tc.resume:
-        raise ValueError(
-            f"{run_dir} already holds checkpoints (latest: {latest.name}); pass --resume to continue that run, "
-            "or --train.name / --out for a new one"
-        )
-    if tc.resume and latest is None:
-        say(info, f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+    latest = open_run(tc, run_dir, info, MIN_FREE_BYTES)
     if latest is not None:
         check_resumable(latest, config)
     seed_everything(tc.seed, tc.deterministic)
@@ -345,15 +331,7 @@ def _pretrain(config: RunConfig, info: DistInfo) -> dict:
     scaler = torch.amp.GradScaler("cuda") if tc.dtype == "float16" else None
 
     train_batches = data.train_loader(tc.batch_size * info.world_size)
-    state = LoopState()
-    if latest is not None:
-        saved = ckpt.load_checkpoint(latest, raw_model, optimizer, scheduler)
-        state.step = int(saved["step"])
-        train_batches.load_state_dict(saved["loader"])
-        state.update(saved)
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        say(info, f"resumed from {latest} at step {state.step}")
+    state = resume_state(latest, raw_model, optimizer, scheduler, train_batches, scaler, info)
 
     model = wrap_model(raw_model, info)
     if tc.compile:
