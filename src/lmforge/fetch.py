@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+
+from lmforge.io import atomic_folder
 
 
 def cache_dir(*parts: str) -> Path:
@@ -68,8 +69,7 @@ def extract(archive: Path, members_prefix: str = "") -> Path:
     done = target / ".complete"
     if done.exists():
         return target
-    tmp = Path(tempfile.mkdtemp(dir=archive.parent, prefix=".extract-"))
-    try:
+    with atomic_folder(target) as tmp:
         if archive.suffix in (".whl", ".zip"):
             with zipfile.ZipFile(archive) as z:
                 z.extractall(tmp, [m for m in z.namelist() if m.startswith(members_prefix)])
@@ -78,10 +78,4 @@ def extract(archive: Path, members_prefix: str = "") -> Path:
                 members = [m for m in t.getmembers() if m.name.startswith(members_prefix) and (m.isfile() or m.isdir())]
                 t.extractall(tmp, members, filter="data")
         (tmp / ".complete").touch()
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -6,7 +6,7 @@ import argparse
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from lmforge.data.catalog import CATALOG
+    from lmforge.data.corpora.catalog import CATALOG
 
     columns = ("name", "kind", "size", "license", "source")
     rows = [(e.name, e.kind, e.size, e.license, e.source_text) for e in CATALOG.values()]
@@ -16,7 +16,7 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_get(args: argparse.Namespace) -> None:
-    from lmforge.data.catalog import load_catalog_dataset
+    from lmforge.data.corpora.catalog import load_catalog_dataset
 
     dataset = load_catalog_dataset(args.name)
     folder = next(iter(dataset.files.values())).parent

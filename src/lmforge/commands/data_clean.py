@@ -1,10 +1,11 @@
 """`lmforge data clean IN OUT`: the cleaning pipeline. Its step flags are generated from the fields of
-`lmforge.data.clean.CleanConfig`, so the CLI, the library and the docs share one source."""
+`lmforge.data.cleaning.clean.CleanConfig`, so the CLI, the library and the docs share one source."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 
 def _show(value) -> str:
@@ -12,7 +13,7 @@ def _show(value) -> str:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    from lmforge.data.clean import CleanConfig
+    from lmforge.data.cleaning.clean import CleanConfig
 
     group = parser.add_argument_group("pipeline (filter defaults: Gopher's rules, Rae et al. 2021, App. A)")
     for f in dataclasses.fields(CleanConfig):
@@ -29,7 +30,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace):
-    from lmforge.data.clean import STEP_NAMES, CleanConfig, parse_steps
+    from lmforge.data.cleaning.clean import STEP_NAMES, CleanConfig, parse_steps
 
     overrides = {
         f.name: getattr(args, f.name)
@@ -43,39 +44,58 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def cmd_clean(args: argparse.Namespace) -> None:
+    """Cleans, prints the per-step table, then warns on stderr when invalid UTF-8 was met or when one step
+    removed most documents (naming the settings that relax it); keeping nothing is an error."""
     from rich.console import Console
 
-    from lmforge.data.clean import clean_file, stats_path
+    from lmforge.data.cleaning.clean import NothingKeptError, clean_file, explain_removals, stats_path
 
     config = _config_from_args(args)
-    report = clean_file(
-        args.input,
-        args.output,
-        config,
-        input_format=args.format,
-        text_field=args.text_field,
-        on_invalid_utf8=args.on_invalid_utf8,
-        output_format=args.output_format,
-    )
     console = Console()
-    console.print(report.table(title=f"lmforge data clean: {args.input} -> {args.output}"))
-    notes = []
-    if report.read.invalid_utf8_replaced or report.read.invalid_utf8_skipped:
-        notes.append(
-            f"invalid UTF-8: {report.read.invalid_utf8_replaced} document(s) repaired with U+FFFD, "
-            f"{report.read.invalid_utf8_skipped} skipped"
+    title = f"lmforge data clean: {args.input} -> {args.output}"
+    try:
+        report = clean_file(
+            args.input,
+            args.output,
+            config,
+            input_format=args.format,
+            text_field=args.text_field,
+            on_invalid_utf8=args.on_invalid_utf8,
+            output_format=args.output_format,
         )
+    except NothingKeptError as error:
+        console.print(error.report.table(title=title))
+        raise
+    console.print(report.table(title=title))
+    warning_lines = []
+    if report.read.invalid_utf8_replaced:
+        warning_lines.append(
+            f"invalid UTF-8 in {report.read.invalid_utf8_replaced:,} document(s) of {args.input}, bytes replaced "
+            "with U+FFFD (--on-invalid-utf8 skip drops such documents, fail stops at the first)"
+        )
+    if report.read.invalid_utf8_skipped:
+        warning_lines.append(
+            f"invalid UTF-8 in {report.read.invalid_utf8_skipped:,} document(s) of {args.input}, skipped "
+            "(--on-invalid-utf8 replace keeps them with U+FFFD)"
+        )
+    if 2 * report.docs_out < report.read.documents:
+        warning_lines.append(
+            f"kept {report.docs_out:,} of {report.read.documents:,} documents: {explain_removals(report, config)}"
+        )
+    for warning in warning_lines:
+        print(f"lmforge data clean: warning: {warning}", file=sys.stderr)
     if "pii" in config.steps:
         replaced = ", ".join(f"{kind} {n}" for kind, n in sorted(report.pii.items())) or "none"
-        notes.append(f"PII replaced: {replaced}")
-    notes.append(f"kept {report.docs_out:,} of {report.read.documents:,} documents; stats in {stats_path(args.output)}")
-    for note in notes:
-        console.print(note, highlight=False)
+        console.print(f"PII replaced: {replaced}", highlight=False)
+    console.print(
+        f"kept {report.docs_out:,} of {report.read.documents:,} documents; stats in {stats_path(args.output)}",
+        highlight=False,
+    )
 
 
 def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
     """Adds `data clean`."""
-    from lmforge.data.clean_io import INPUT_FORMATS, INVALID_UTF8_POLICIES, OUTPUT_FORMATS
+    from lmforge.data.cleaning.clean_io import INPUT_FORMATS, INVALID_UTF8_POLICIES, OUTPUT_FORMATS
 
     p = groups["data"].add_parser(
         "clean",
