@@ -19,7 +19,7 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmforge import build_model
-from lmforge.hf.gpt import state_dict_from_hf
+from lmforge.hf import ADAPTERS
 
 SHAPES = {
     # name: (n_layer, n_head, d_model, vocab_size, block_size, batch_size)
@@ -64,7 +64,7 @@ def bench_shape(name: str, steps: int) -> dict:
             attn_pdrop=0.0,
         )
     ).train()
-    ours.load_state_dict(state_dict_from_hf(theirs.state_dict(), ours.config))  # identical weights
+    ours.load_state_dict(ADAPTERS["gpt"].state_dict_from_hf(theirs.state_dict(), ours.config))  # identical weights
     input_ids = torch.randint(0, vocab, (batch, block), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         loss_gap = abs(ours(input_ids, labels=input_ids).loss - theirs(input_ids, labels=input_ids).loss).item()

@@ -104,8 +104,15 @@ def test_inspect_lists_config_size_and_tensors_of_hf_and_lmforge_folders(tmp_pat
     assert "shared.weight" in text.stdout and "(50, 32)" in text.stdout
 
 
-def write_tiny_gguf(path: Path) -> dict[str, np.ndarray]:
-    """A 1-layer llama GGUF (F32 tensors, one Q8_0) with a 16-token byte-level vocabulary."""
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def write_tiny_gguf(path: Path, chat: bool = False) -> dict[str, np.ndarray]:
+    """A 1-layer llama GGUF (F32 tensors, one Q8_0) with a 16-token byte-level vocabulary; with `chat`, its first
+    tokens are SmolLM2's special ones and it has a ChatML template, while its eos is <|endoftext|> (id 0)."""
     rng = np.random.default_rng(0)
     d, ff, vocab = 32, 64, 16
     tensors = {
@@ -132,7 +139,15 @@ def write_tiny_gguf(path: Path) -> dict[str, np.ndarray]:
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(list("abcdefghijklmnop"))
+    tokens = list("abcdefghijklmnop")
+    if chat:
+        tokens[:3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        writer.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * 13)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(0)
+        writer.add_pad_token_id(0)
+        writer.add_chat_template(CHATML)
+    writer.add_token_list(tokens)
     for name, values in tensors.items():
         values = values.astype(np.float32)
         if name == "blk.0.ffn_up.weight":
@@ -220,6 +235,86 @@ def test_smollm2_gguf_converts_to_a_folder_transformers_loads_with_the_same_logi
     ids = tokenizer([prompt], return_tensors="pt").input_ids
     ours = load_model(tmp_path / "hf")
     assert torch.equal(logits(theirs, ids), logits(ours, ids))
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "hf").eos_token_id == 2  # <|im_end|>
     for _ in range(8):  # greedy answer from the converted folder
         ids = torch.cat([ids, logits(theirs, ids)[:, -1:].argmax(-1)], dim=1)
     assert "Paris" in tokenizer.decode(ids[0, -8:])
+
+
+def test_gguf_converts_with_generation_config_ending_at_the_chat_end_of_turn_token(tmp_path, capsys):
+    write_tiny_gguf(tmp_path / "chat.gguf", chat=True)
+    result = run_cli(capsys, "convert", tmp_path / "chat.gguf", tmp_path / "hf")
+    assert result.returncode == 0, result.stderr
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert generation.eos_token_id == [2, 0]  # <|im_end|> ends a turn; <|endoftext|> still ends a text
+    assert (generation.bos_token_id, generation.pad_token_id) == (1, 0)
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    assert (config.eos_token_id, config.bos_token_id, config.pad_token_id) == ([2, 0], 1, 0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([[1, 5, 6]])
+    with torch.no_grad():  # make <|im_end|> the only likely next token: transformers must stop right after it
+        hidden = model(ids, output_hidden_states=True).hidden_states[-1][0, -1]
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[2] = hidden
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out[0].tolist() == [1, 5, 6, 2]
+
+    write_tiny_gguf(tmp_path / "plain.gguf")  # no special tokens: nothing to record
+    assert run_cli(capsys, "convert", tmp_path / "plain.gguf", tmp_path / "plain").returncode == 0
+    assert not (tmp_path / "plain" / "generation_config.json").exists()
+
+
+def test_overwrite_through_a_symbolic_link_is_refused_and_leaves_nothing_behind(tmp_path, capsys):
+    hf_gpt2(tmp_path / "hf")
+    assert run_cli(capsys, "convert", tmp_path / "hf", tmp_path / "real").returncode == 0
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    content = {p.name: p.read_bytes() for p in (tmp_path / "real").iterdir()}
+    result = run_cli(capsys, "convert", tmp_path / "hf", tmp_path / "link", "--to", "lmforge", "--overwrite")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"{tmp_path / 'link'} is a symbolic link to {tmp_path / 'real'}" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == names  # no .link.old-* or temporary left
+    assert (tmp_path / "link").resolve() == tmp_path / "real"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "real").iterdir()} == content
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("n_embd", None, "n_embd is null; expected an integer"),
+        ("n_layer", "2", 'n_layer is the string "2"; expected an integer'),
+        ("n_head", 2.5, "n_head is the number 2.5; expected an integer"),
+        ("layer_norm_epsilon", None, "layer_norm_epsilon is null; expected a number"),
+        ("tie_word_embeddings", "yes", 'tie_word_embeddings is the string "yes"; expected true or false'),
+        ("n_layer", 0, "n_layer=0 must be a positive integer"),
+    ],
+)
+def test_a_wrong_value_in_config_json_is_one_line_naming_the_file_and_field(key, value, message, tmp_path, capsys):
+    hf_gpt2(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, key: value}))
+    result = run_cli(capsys, "convert", tmp_path / "hf", tmp_path / "out")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"{tmp_path / 'hf' / 'config.json'}: " in result.stderr and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_null_in_an_lmforge_config_is_one_line_naming_the_file_and_field(tmp_path, capsys):
+    save_model(build_model("gpt", n_layer=1, n_head=2, d_model=32, vocab_size=50), tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    config["model"]["d_model"] = None
+    (tmp_path / "ours" / "config.json").write_text(json.dumps(config))
+    result = run_cli(capsys, "convert", tmp_path / "ours", tmp_path / "out")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"{tmp_path / 'ours' / 'config.json'}: model.d_model is null; expected an integer" in result.stderr
+
+
+def test_a_billion_layers_in_config_json_is_refused_before_allocating(tmp_path):
+    hf_gpt2(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "n_layer": 1_000_000_000}))
+    result = lmforge("convert", tmp_path / "hf", tmp_path / "out")  # a real process: it must not eat the machine
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "config.json: " in result.stderr and "n_layer=1000000000" in result.stderr
+    assert "of float32 weights, more than the" in result.stderr and "of memory available" in result.stderr
+    assert not (tmp_path / "out").exists()

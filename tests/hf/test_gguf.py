@@ -3,6 +3,9 @@ on small random Llamas written here and on the real SmolLM2-135M-Instruct (Q4_1)
 
 from __future__ import annotations
 
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -13,7 +16,7 @@ import transformers
 from gguf import GGMLQuantizationType as Q
 
 from lmforge import fetch
-from lmforge.data.tokenizer import load_tokenizer
+from lmforge.data.tokenizers.tokenizer import load_tokenizer
 from lmforge.hf.gguf import dequantize, load_gguf
 from lmforge.nn import KVCache
 
@@ -261,3 +264,61 @@ def test_smollm2_logits_match_transformers_loading_the_same_gguf():
     expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt) :]
     assert greedy(ours, prompt, len(expected)) == expected.tolist()  # transformers stops at <|im_end|>
     assert "Paris" in tok.decode(expected)
+
+
+def gguf_string(text: bytes) -> bytes:
+    return struct.pack("<Q", len(text)) + text
+
+
+def crafted_gguf(path: Path, n_tensors: int, n_kv: int, body: bytes, size: int = 96) -> Path:
+    """A GGUF v3 file of `size` bytes: the header's counts, then `body` (metadata, tensor infos) and zeros."""
+    data = b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + body
+    path.write_bytes(data + b"\0" * max(0, size - len(data)))
+    return path
+
+
+ARCH = gguf_string(b"general.architecture")
+TENSOR = gguf_string(b"token_embd.weight")
+CRAFTED = {  # what the file declares -> (n_tensors, n_kv, body, the error's words)
+    "a 2^40-byte array": (
+        0, 1, ARCH + struct.pack("<IIQ", 9, 0, 1 << 40), r"'general.architecture' .*array of 1099511627776 uint8"
+    ),
+    "a 2^40-string array": (
+        0, 1, ARCH + struct.pack("<IIQ", 9, 8, 1 << 40), r"'general.architecture' .*array of 1099511627776 string"
+    ),
+    "a 2^62-byte key": (0, 1, struct.pack("<Q", 1 << 62), r"metadata key 1 .*4611686018427387904 bytes"),
+    "a 2^50-byte string": (
+        0, 1, ARCH + struct.pack("<IQ", 8, 1 << 50), r"'general.architecture' .*1125899906842624 bytes"
+    ),
+    "2^60 keys": (0, 1 << 60, b"", r"1152921504606846976 metadata keys"),
+    "2^60 tensors": (1 << 60, 0, b"", r"1152921504606846976 tensors"),
+    "an unknown value type": (0, 1, ARCH + struct.pack("<I", 99), r"'general.architecture' has unknown value type 99"),
+    "a 2^62-element tensor": (
+        1, 0, TENSOR + struct.pack("<IQQIQ", 2, 1 << 31, 1 << 31, 0, 0),
+        r"tensor 'token_embd.weight' of shape \(2147483648, 2147483648\) and type F32 needs 18446744073709551616 bytes",
+    ),
+    "a 2^31-dimensional tensor": (
+        1, 0, TENSOR + struct.pack("<I", 1 << 31), r"'token_embd.weight' .*2147483648 dimensions"
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_declared_sizes_beyond_the_file_are_refused_before_reading(case, tmp_path):
+    from lmforge.hf.describe import describe_checkpoint
+    from lmforge.hf.load import load_model
+
+    n_tensors, n_kv, body, message = CRAFTED[case]
+    path = crafted_gguf(tmp_path / "crafted.gguf", n_tensors, n_kv, body)
+    for read in (load_model, describe_checkpoint, load_tokenizer):
+        with pytest.raises(ValueError, match=rf"crafted\.gguf.*{message}") as error:
+            read(path)
+        assert "\n" not in str(error.value)
+
+
+def test_inspect_of_a_96_byte_file_declaring_2_to_the_40_bytes_exits_2_at_once(tmp_path):
+    path = crafted_gguf(tmp_path / "crafted.gguf", *CRAFTED["a 2^40-byte array"][:3])
+    command = [sys.executable, "-m", "lmforge", "inspect", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "general.architecture" in result.stderr and str(path) in result.stderr

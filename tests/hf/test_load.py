@@ -309,3 +309,34 @@ def test_a_file_path_or_unknown_head_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"head='causal_lm' is not allowed for family 't5'"):
         load_model(folder, head="causal_lm")
     shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize(
+    "case, key, value, message",
+    [
+        ("gpt2-lm-tied", "n_embd", None, "n_embd is null; expected an integer"),
+        ("llama-mha-untied-theta", "num_attention_heads", None, "num_attention_heads is null; expected an integer"),
+        ("llama-mha-untied-theta", "rms_norm_eps", "small", 'rms_norm_eps is the string "small"; expected a number'),
+        ("bert-base", "hidden_size", None, "hidden_size is null; expected an integer"),
+        ("t5-v1.0", "num_layers", [2], "num_layers is a list; expected an integer"),
+    ],
+)
+def test_a_null_or_wrongly_typed_config_value_names_the_file_and_the_field(case, key, value, message, tmp_path):
+    folder = saved(case, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ValueError) as error:
+        load_model(folder)
+    assert str(error.value) == f"{folder / 'config.json'}: {message}"
+
+
+def test_a_config_too_large_for_memory_is_refused_before_anything_is_built(tmp_path):
+    import time
+
+    folder = saved("llama-mha-untied-theta", tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1_000_000_000}))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"config\.json: llama config with n_layer=1000000000 .*of memory available"):
+        load_model(folder)
+    assert time.perf_counter() - start < 10

@@ -49,7 +49,7 @@ def test_every_tokenizer_gives_the_same_ids(folder):
     import transformers
     from tokenizers import Tokenizer
 
-    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.data.tokenizers.tokenizer import load_tokenizer
 
     fast = Tokenizer.from_file(str(folder / "tokenizer.json"))
     fast.no_padding()  # the file pads every input to 128 tokens

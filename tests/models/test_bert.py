@@ -6,8 +6,10 @@ import pytest
 import torch
 import transformers
 
-from lmforge.hf.bert import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
+from lmforge.hf import ADAPTERS
 from lmforge.models.bert import Bert, BertConfig, RobertaConfig
+
+ADAPTER = ADAPTERS["bert"]
 
 TOL = 1e-4
 HEADS = ["none", "masked_lm", "sequence_classification", "token_classification", "question_answering"]
@@ -74,9 +76,9 @@ def hf_pair(family: str, head: str, **overrides):
     hf_cfg = small_hf_config(family, head, **overrides)
     hf = hf_classes(family)[1][head](hf_cfg).eval()
     perturb(hf)
-    cfg = config_from_hf(hf_cfg.to_dict())
+    cfg = ADAPTER.config_from_hf(hf_cfg.to_dict())
     ours = Bert(cfg).eval()
-    ours.load_state_dict(state_dict_from_hf(hf.state_dict(), cfg), strict=True)
+    ours.load_state_dict(ADAPTER.state_dict_from_hf(hf.state_dict(), cfg), strict=True)
     return hf, ours, cfg
 
 
@@ -207,8 +209,8 @@ def test_parameter_counts_match_hf():
     with torch.device("meta"):
         bert_base = Bert(BertConfig())
         roberta_base = Bert(RobertaConfig())
-        hf_bert = transformers.BertModel(transformers.BertConfig(**config_to_hf(BertConfig())))
-        hf_roberta = transformers.RobertaModel(transformers.RobertaConfig(**config_to_hf(RobertaConfig())))
+        hf_bert = transformers.BertModel(transformers.BertConfig(**ADAPTER.config_to_hf(BertConfig())))
+        hf_roberta = transformers.RobertaModel(transformers.RobertaConfig(**ADAPTER.config_to_hf(RobertaConfig())))
     assert count(bert_base) == count(hf_bert) == 109_482_240
     assert count(roberta_base) == count(hf_roberta) == 124_645_632
     with torch.device("meta"):
@@ -234,13 +236,13 @@ def test_round_trip_to_hf(family, head):
     torch.manual_seed(0)
     ours = Bert(cfg).eval()
     perturb(ours)
-    hf_dict = config_to_hf(cfg)
-    assert config_from_hf(hf_dict) == cfg
+    hf_dict = ADAPTER.config_to_hf(cfg)
+    assert ADAPTER.config_from_hf(hf_dict) == cfg
     config_cls_hf, models = hf_classes(family)
     hf = models[head](config_cls_hf(**hf_dict)).eval()
-    hf_state = state_dict_to_hf(ours.state_dict(), cfg)
+    hf_state = ADAPTER.state_dict_to_hf(ours.state_dict(), cfg)
     hf.load_state_dict(hf_state, strict=True)
-    back = state_dict_from_hf(hf_state, cfg)
+    back = ADAPTER.state_dict_from_hf(hf_state, cfg)
     assert back.keys() == ours.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
     assert_matches_hf(hf, ours, cfg, head)
@@ -254,7 +256,7 @@ def test_released_checkpoint_extras_are_dropped():
     state["cls.seq_relationship.weight"] = torch.zeros(2, 32)
     state["bert.embeddings.position_ids"] = torch.arange(40)[None]
     del state["cls.predictions.decoder.weight"]  # tied; often not stored
-    loaded = state_dict_from_hf(state, cfg)
+    loaded = ADAPTER.state_dict_from_hf(state, cfg)
     assert all(torch.equal(loaded[k], v) for k, v in ours.state_dict().items())
 
 
@@ -263,11 +265,11 @@ def test_missing_and_unexpected_tensors_are_named():
     state = hf.state_dict()
     missing = {k: v for k, v in state.items() if k != "classifier.bias"}
     with pytest.raises(ValueError, match="classifier.bias"):
-        state_dict_from_hf(missing, cfg)
+        ADAPTER.state_dict_from_hf(missing, cfg)
     with pytest.raises(ValueError, match="extra.weight"):
-        state_dict_from_hf({**state, "extra.weight": torch.zeros(1)}, cfg)
+        ADAPTER.state_dict_from_hf({**state, "extra.weight": torch.zeros(1)}, cfg)
     with pytest.raises(ValueError, match="blocks.0.attn.qkv.weight"):
-        state_dict_to_hf({}, cfg)
+        ADAPTER.state_dict_to_hf({}, cfg)
 
 
 def test_config_validation_and_json_round_trip():
@@ -284,16 +286,16 @@ def test_config_validation_and_json_round_trip():
     with pytest.raises(ValueError, match="family"):
         BertConfig.from_dict(cfg.to_dict())
     with pytest.raises(ValueError, match="model_type"):
-        config_from_hf({"model_type": "gpt2"})
+        ADAPTER.config_from_hf({"model_type": "gpt2"})
 
 
 def test_head_override_and_architecture_parsing():
     hf_cfg = small_hf_config("bert", "masked_lm").to_dict()
-    assert config_from_hf(hf_cfg).head == "masked_lm"
-    assert config_from_hf(hf_cfg, head="token_classification").head == "token_classification"
-    assert config_from_hf({**hf_cfg, "architectures": ["BertForPreTraining"]}).head == "masked_lm"
+    assert ADAPTER.config_from_hf(hf_cfg).head == "masked_lm"
+    assert ADAPTER.config_from_hf(hf_cfg, head="token_classification").head == "token_classification"
+    assert ADAPTER.config_from_hf({**hf_cfg, "architectures": ["BertForPreTraining"]}).head == "masked_lm"
     with pytest.raises(ValueError, match="BertLMHeadModel"):
-        config_from_hf({**hf_cfg, "architectures": ["BertLMHeadModel"]})
+        ADAPTER.config_from_hf({**hf_cfg, "architectures": ["BertLMHeadModel"]})
 
 
 def test_mlm_loss_trains_tied_embedding():

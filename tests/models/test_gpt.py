@@ -6,8 +6,10 @@ import pytest
 import torch
 import transformers
 
-from lmforge.hf.gpt import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
+from lmforge.hf import ADAPTERS
 from lmforge.models.gpt import GPT, GPTConfig
+
+ADAPTER = ADAPTERS["gpt"]
 
 HF_CLASSES = {
     "none": transformers.GPT2Model,
@@ -44,9 +46,9 @@ def right_padded_batch(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 def hf_and_ours(head: str, **changes) -> tuple[torch.nn.Module, GPT]:
     torch.manual_seed(0)
     hf = HF_CLASSES[head](small_hf_config(**changes)).eval()
-    config = config_from_hf(hf.config.to_dict(), head=head)
+    config = ADAPTER.config_from_hf(hf.config.to_dict(), head=head)
     ours = GPT(config).eval()
-    ours.load_state_dict(state_dict_from_hf(hf.state_dict(), config), strict=True)
+    ours.load_state_dict(ADAPTER.state_dict_from_hf(hf.state_dict(), config), strict=True)
     return hf, ours
 
 
@@ -117,7 +119,7 @@ def test_token_level_heads_match_transformers(head):
 def test_parameter_counts_match_transformers(config, expected):
     with torch.device("meta"):
         ours = GPT(config)
-        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config_to_hf(config)))
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**ADAPTER.config_to_hf(config)))
     assert sum(p.numel() for p in ours.parameters()) == expected
     assert sum(p.numel() for p in hf.parameters()) == expected
 
@@ -133,11 +135,11 @@ def test_parameter_counts_match_transformers(config, expected):
 def test_round_trip_to_transformers(config):
     torch.manual_seed(0)
     ours = GPT(config).eval()
-    hf_config = config_to_hf(config)
-    assert config_from_hf(hf_config) == config
+    hf_config = ADAPTER.config_to_hf(config)
+    assert ADAPTER.config_from_hf(hf_config) == config
     hf_cfg = transformers.AutoConfig.for_model(**hf_config)
     hf = getattr(transformers, hf_config["architectures"][0])(hf_cfg).eval()
-    hf.load_state_dict(state_dict_to_hf(ours.state_dict(), config), strict=True)
+    hf.load_state_dict(ADAPTER.state_dict_to_hf(ours.state_dict(), config), strict=True)
     ids, mask = right_padded_batch(97)
     with torch.no_grad():
         assert real_token_diff(ours(ids, mask).logits, hf(input_ids=ids, attention_mask=mask).logits, mask) <= 1e-4
@@ -150,7 +152,7 @@ def test_original_checkpoint_layout_loads():
     state["h.0.attn.bias"] = torch.ones(1, 1, 32, 32).tril()
     state["h.0.attn.masked_bias"] = torch.tensor(-1e4)
     loaded = GPT(ours.config).eval()
-    loaded.load_state_dict(state_dict_from_hf(state, ours.config), strict=True)
+    loaded.load_state_dict(ADAPTER.state_dict_from_hf(state, ours.config), strict=True)
     ids, mask = right_padded_batch(97)
     with torch.no_grad():
         assert torch.equal(loaded(ids, mask).logits, ours(ids, mask).logits)
@@ -162,22 +164,22 @@ def test_mismatched_state_dict_names_the_tensors():
     del state["transformer.h.1.mlp.c_fc.bias"]
     state["transformer.h.9.extra.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_fc\.bias.*h\.9\.extra\.weight"):
-        state_dict_from_hf(state, ours.config)
+        ADAPTER.state_dict_from_hf(state, ours.config)
     ours_state = ours.state_dict()
     del ours_state["blocks.0.attn.qkv.weight"]
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv\.weight"):
-        state_dict_to_hf(ours_state, ours.config)
+        ADAPTER.state_dict_to_hf(ours_state, ours.config)
 
 
 def test_config_from_hf_reads_head_and_rejects_unsupported():
-    hf_config = {**config_to_hf(GPTConfig()), "architectures": ["GPT2ForSequenceClassification"]}
+    hf_config = {**ADAPTER.config_to_hf(GPTConfig()), "architectures": ["GPT2ForSequenceClassification"]}
     hf_config["id2label"] = {"0": "neg", "1": "neutral", "2": "pos"}
-    config = config_from_hf(hf_config)
+    config = ADAPTER.config_from_hf(hf_config)
     assert (config.head, config.num_labels) == ("sequence_classification", 3)
-    assert config_from_hf(hf_config, head="causal_lm").head == "causal_lm"
+    assert ADAPTER.config_from_hf(hf_config, head="causal_lm").head == "causal_lm"
     with pytest.raises(ValueError, match="activation_function"):
-        config_from_hf({**hf_config, "activation_function": "quick_gelu"})
+        ADAPTER.config_from_hf({**hf_config, "activation_function": "quick_gelu"})
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
-        config_from_hf({**hf_config, "scale_attn_by_inverse_layer_idx": True})
+        ADAPTER.config_from_hf({**hf_config, "scale_attn_by_inverse_layer_idx": True})
     with pytest.raises(ValueError, match="bias=False"):
-        config_to_hf(GPTConfig(bias=False))
+        ADAPTER.config_to_hf(GPTConfig(bias=False))

@@ -7,9 +7,11 @@ import pytest
 import torch
 import transformers
 
-from lmforge.hf.llama import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
+from lmforge.hf import ADAPTERS
 from lmforge.models.llama import Llama, LlamaConfig
 from lmforge.nn import KVCache
+
+ADAPTER = ADAPTERS["llama"]
 
 HEAD_SUFFIXES = {
     "none": "Model",
@@ -75,9 +77,9 @@ def hf_and_ours(head: str, kind: str = "Llama", **changes) -> tuple[torch.nn.Mod
         for name, p in hf.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.normal_(0.0 if name.endswith("bias") else 1.0, 0.1)
-    config = config_from_hf(hf.config.to_dict(), head=head)
+    config = ADAPTER.config_from_hf(hf.config.to_dict(), head=head)
     ours = Llama(config).eval()
-    ours.load_state_dict(state_dict_from_hf(hf.state_dict(), config), strict=True)
+    ours.load_state_dict(ADAPTER.state_dict_from_hf(hf.state_dict(), config), strict=True)
     return hf, ours
 
 
@@ -185,7 +187,7 @@ SMOLLM2_135M = {  # config.json of HuggingFaceTB/SmolLM2-135M, abridged
 @pytest.mark.parametrize(
     "config, expected",
     [
-        (config_from_hf(SMOLLM2_135M), 134_515_008),
+        (ADAPTER.config_from_hf(SMOLLM2_135M), 134_515_008),
         (LlamaConfig(n_layer=32, n_head=32, d_model=4096, max_seq_len=4096), 6_738_415_616),  # Llama 2 7B
         (
             LlamaConfig(vocab_size=128256, n_layer=32, n_head=32, n_kv_heads=8, d_model=4096, d_ff=14336),
@@ -196,13 +198,13 @@ SMOLLM2_135M = {  # config.json of HuggingFaceTB/SmolLM2-135M, abridged
 def test_parameter_counts_match_transformers(config, expected):
     with torch.device("meta"):
         ours = Llama(config)
-        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_to_hf(config)))
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ADAPTER.config_to_hf(config)))
     assert sum(p.numel() for p in ours.parameters()) == expected
     assert sum(p.numel() for p in hf.parameters()) == expected
 
 
 def test_smollm2_config_reads_as_published():
-    config = config_from_hf(SMOLLM2_135M)
+    config = ADAPTER.config_from_hf(SMOLLM2_135M)
     assert (config.vocab_size, config.d_model, config.ffn_dim, config.n_layer) == (49152, 576, 1536, 30)
     assert (config.n_head, config.n_kv_heads, config.head_dim, config.tie_embeddings) == (9, 3, None, True)
     assert (config.rope_theta, config.norm_eps, config.head) == (100000, 1e-5, "causal_lm")
@@ -235,11 +237,11 @@ def test_round_trip_to_transformers(config):
         for name, p in ours.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.normal_(0.0 if name.endswith("bias") else 1.0, 0.1)
-    hf_config = config_to_hf(config)
-    assert config_from_hf(hf_config) == config
+    hf_config = ADAPTER.config_to_hf(config)
+    assert ADAPTER.config_from_hf(hf_config) == config
     hf_cfg = transformers.AutoConfig.for_model(**hf_config)
     hf = getattr(transformers, hf_config["architectures"][0])(hf_cfg).eval()
-    hf.load_state_dict(state_dict_to_hf(ours.state_dict(), config), strict=True)
+    hf.load_state_dict(ADAPTER.state_dict_to_hf(ours.state_dict(), config), strict=True)
     ids, mask = right_padded_batch(97)
     with torch.no_grad():
         got, expected = ours(ids, mask).logits, hf(input_ids=ids, attention_mask=mask)
@@ -306,26 +308,28 @@ def test_rejects_bad_configs_and_long_inputs():
 def test_config_from_hf_reads_each_rope_layout_and_relative():
     hf_scaling = {key: value for key, value in LLAMA3_ROPE.items() if key != "rope_theta"}
     legacy = {**SMOLLM2_135M, "rope_theta": 500000.0, "rope_scaling": hf_scaling}
-    config = config_from_hf(legacy)
+    config = ADAPTER.config_from_hf(legacy)
     assert (config.rope_theta, config.rope_scaling) == (500000.0, OUR_LLAMA3_SCALING)
     v5 = {k: v for k, v in legacy.items() if k not in ("rope_theta", "rope_scaling")}
     v5["rope_parameters"] = dict(LLAMA3_ROPE)
-    assert config_from_hf(v5) == config
+    assert ADAPTER.config_from_hf(v5) == config
     mistral = {**SMOLLM2_135M, "model_type": "mistral", "architectures": ["MistralForCausalLM"]}
-    assert config_from_hf({**mistral, "sliding_window": 4096}).max_seq_len == 4096
-    assert config_from_hf({**mistral, "sliding_window": None}).max_seq_len == 8192
-    qwen2 = config_from_hf({**SMOLLM2_135M, "model_type": "qwen2", "architectures": ["Qwen2ForTokenClassification"]})
+    assert ADAPTER.config_from_hf({**mistral, "sliding_window": 4096}).max_seq_len == 4096
+    assert ADAPTER.config_from_hf({**mistral, "sliding_window": None}).max_seq_len == 8192
+    qwen2 = ADAPTER.config_from_hf(
+        {**SMOLLM2_135M, "model_type": "qwen2", "architectures": ["Qwen2ForTokenClassification"]}
+    )
     assert (qwen2.attention_bias, qwen2.attention_out_bias, qwen2.head) == (
         True,
         False,
         "token_classification",
     )
     with pytest.raises(ValueError, match="rope_type"):
-        config_from_hf({**SMOLLM2_135M, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+        ADAPTER.config_from_hf({**SMOLLM2_135M, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(ValueError, match="hidden_act"):
-        config_from_hf({**SMOLLM2_135M, "hidden_act": "gelu"})
+        ADAPTER.config_from_hf({**SMOLLM2_135M, "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="attention_out_bias"):
-        config_to_hf(LlamaConfig(**TINY, attention_out_bias=True))
+        ADAPTER.config_to_hf(LlamaConfig(**TINY, attention_out_bias=True))
 
 
 def test_mismatched_state_dict_names_the_tensors():
@@ -335,18 +339,18 @@ def test_mismatched_state_dict_names_the_tensors():
     state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # old conversions: ignored
     state["model.layers.0.mlp.gate_proj.bias"] = torch.zeros(96)
     with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.k_proj\.weight.*layers\.0\.mlp\.gate_proj\.bias"):
-        state_dict_from_hf(state, ours.config)
+        ADAPTER.state_dict_from_hf(state, ours.config)
     ours_state = ours.state_dict()
     del ours_state["blocks.1.ffn.up.weight"]
     with pytest.raises(ValueError, match=r"blocks\.1\.ffn\.up\.weight"):
-        state_dict_to_hf(ours_state, ours.config)
+        ADAPTER.state_dict_to_hf(ours_state, ours.config)
 
 
 def test_tied_checkpoint_without_lm_head_loads():
     hf, ours = hf_and_ours("causal_lm", tie_word_embeddings=True)
     state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     loaded = Llama(ours.config).eval()
-    loaded.load_state_dict(state_dict_from_hf(state, ours.config), strict=True)
+    loaded.load_state_dict(ADAPTER.state_dict_from_hf(state, ours.config), strict=True)
     assert loaded.lm_head.weight is loaded.tok_emb.weight
     ids, mask = right_padded_batch(97)
     with torch.no_grad():

@@ -10,9 +10,11 @@ import transformers
 from safetensors.torch import save_file
 from torch import nn
 
-from lmforge.hf.t5 import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
+from lmforge.hf import ADAPTERS
 from lmforge.models.heads import shift_right
 from lmforge.models.t5 import T5, T5Config
+
+ADAPTER = ADAPTERS["t5"]
 
 VOCAB = 99
 # v1.0 (ReLU, tied, scaled output), v1.1 (GeGLU, separate lm_head) and one with few, short buckets;
@@ -56,10 +58,10 @@ def make_pair(variant: str, head: str, attention: str = "sdpa") -> tuple[nn.Modu
     if head == "seq2seq_lm" and not hf_cfg.scale_decoder_outputs:
         # Transformers 5 ties lm_head to `shared` even for v1.1; untie it, as in v1.1 checkpoints.
         hf.lm_head.weight = nn.Parameter(torch.randn(VOCAB, hf_cfg.d_model))
-    config = config_from_hf(hf_cfg.to_dict()).replace(attention=attention)
+    config = ADAPTER.config_from_hf(hf_cfg.to_dict()).replace(attention=attention)
     assert config.head == head
     model = T5(config).eval()
-    model.load_state_dict(state_dict_from_hf(hf.state_dict(), config), strict=True)
+    model.load_state_dict(ADAPTER.state_dict_from_hf(hf.state_dict(), config), strict=True)
     return hf, model
 
 
@@ -164,7 +166,7 @@ def test_parameter_counts_match_transformers(size: dict, expected: int | None) -
     config = T5Config(**size)
     with torch.device("meta"):
         ours = count(T5(config))
-        hf = count(transformers.T5ForConditionalGeneration(transformers.T5Config(**config_to_hf(config))))
+        hf = count(transformers.T5ForConditionalGeneration(transformers.T5Config(**ADAPTER.config_to_hf(config))))
     assert ours == hf
     if expected is not None:
         assert ours == expected
@@ -173,11 +175,11 @@ def test_parameter_counts_match_transformers(size: dict, expected: int | None) -
 @pytest.mark.parametrize("variant", ["v1.0", "v1.1"])
 def test_round_trip_to_transformers(variant: str, tmp_path) -> None:
     torch.manual_seed(7)
-    config = config_from_hf(transformers.T5Config(vocab_size=VOCAB, **HF_CONFIGS[variant]).to_dict())
+    config = ADAPTER.config_from_hf(transformers.T5Config(vocab_size=VOCAB, **HF_CONFIGS[variant]).to_dict())
     model = T5(config).eval()
-    assert config_from_hf(config_to_hf(config)) == config
-    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(config)))
-    save_file(state_dict_to_hf(model.state_dict(), config), str(tmp_path / "model.safetensors"))
+    assert ADAPTER.config_from_hf(ADAPTER.config_to_hf(config)) == config
+    (tmp_path / "config.json").write_text(json.dumps(ADAPTER.config_to_hf(config)))
+    save_file(ADAPTER.state_dict_to_hf(model.state_dict(), config), str(tmp_path / "model.safetensors"))
     hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
     input_ids, attention_mask = right_padded([11, 7], seed=8)
     decoder_input_ids, decoder_attention_mask = right_padded([6, 4], seed=9)
@@ -198,11 +200,11 @@ def test_state_dict_mapping_names_missing_and_unexpected_tensors() -> None:
     del state["decoder.block.1.layer.1.EncDecAttention.k.weight"]
     state["encoder.block.9.layer.0.SelfAttention.q.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"EncDecAttention\.k\.weight.*block\.9"):
-        state_dict_from_hf(state, model.config)
+        ADAPTER.state_dict_from_hf(state, model.config)
     ours = model.state_dict()
     del ours["encoder.norm.weight"]
     with pytest.raises(ValueError, match=r"encoder\.norm\.weight"):
-        state_dict_to_hf(ours, model.config)
+        ADAPTER.state_dict_to_hf(ours, model.config)
 
 
 def test_init_follows_mesh_tf_scaling() -> None:
@@ -269,9 +271,9 @@ def test_config_from_hf_reads_both_tying_conventions() -> None:
         "scale_decoder_outputs": False,
     }
     for hf_config in (old_v11, new_v11):
-        config = config_from_hf(hf_config)
+        config = ADAPTER.config_from_hf(hf_config)
         assert (config.tie_embeddings, config.ffn, config.activation) == (False, "geglu", "gelu_tanh")
-    assert config_from_hf({"model_type": "t5"}).tie_embeddings
-    assert config_from_hf({"architectures": ["T5Model"]}).head == "none"
+    assert ADAPTER.config_from_hf({"model_type": "t5"}).tie_embeddings
+    assert ADAPTER.config_from_hf({"architectures": ["T5Model"]}).head == "none"
     with pytest.raises(ValueError, match="T5EncoderModel"):
-        config_from_hf({"architectures": ["T5EncoderModel"]})
+        ADAPTER.config_from_hf({"architectures": ["T5EncoderModel"]})

@@ -7,13 +7,19 @@ import json
 import sys
 from pathlib import Path
 
+MODEL_HELP = (
+    "Hugging Face or lmforge folder, checkpoint, run folder (its best checkpoint), .gguf file or real model name"
+)
+
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from lmforge.hf.load import load_model
+    from lmforge.hf.resolve import resolve_model
     from lmforge.hf.save import save_model, save_pretrained
 
-    model = load_model(args.src, head=args.head, dtype=args.dtype)
-    tokenizer = source_tokenizer(Path(args.src))
+    src = resolve_model(args.src, presets=False).path  # a run folder: its best checkpoint, tokenizer included
+    model = load_model(src, head=args.head, dtype=args.dtype)
+    tokenizer = source_tokenizer(src)
     save = save_pretrained if args.to == "hf" else save_model
     save(model, args.dst, tokenizer=tokenizer, overwrite=args.overwrite)
     params = sum(p.numel() for p in model.parameters())
@@ -25,7 +31,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def source_tokenizer(src: Path):
     """The source's tokenizer (files in its folder, or the vocabulary inside a GGUF), or None when it has
     none or lmforge cannot rebuild it (said on stderr: the weights are still converted)."""
-    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.data.tokenizers.tokenizer import load_tokenizer
 
     if src.is_dir() and not any((src / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
         return None
@@ -62,7 +68,7 @@ def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._S
     p = commands.add_parser(
         "convert", help="convert a checkpoint (HF folder, lmforge folder or .gguf) to a HF or lmforge folder"
     )
-    p.add_argument("src", help="Hugging Face folder, lmforge folder or .gguf file")
+    p.add_argument("src", help=MODEL_HELP)
     p.add_argument("dst", help="output folder (written atomically)")
     p.add_argument("--to", choices=["hf", "lmforge"], default="hf", help="output format (default: hf)")
     p.add_argument("--head", default=None, help="task head to load with (default: the checkpoint's)")
@@ -71,6 +77,6 @@ def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._S
     p.set_defaults(func=cmd_convert)
 
     p = commands.add_parser("inspect", help="show a checkpoint's family, config, size, dtypes and tensors")
-    p.add_argument("path", help="Hugging Face folder, lmforge folder or .gguf file")
+    p.add_argument("path", help=MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print everything as one JSON object")
     p.set_defaults(func=cmd_inspect)

@@ -26,15 +26,24 @@ def register(commands, groups) -> None:
 
     predict = commands.add_parser("predict", help="predictions of a fine-tuned model for a file of inputs")
     predict.add_argument("model", help="fine-tuned model folder (run_dir/model) or run folder")
-    predict.add_argument("--input", required=True, help="JSONL or text lines (lmforge.finetune.evaluation)")
+    predict.add_argument(
+        "--input", required=True, help="JSONL objects or text lines (each task's fields: lmforge.finetune.tasks)"
+    )
     predict.add_argument("--output", required=True, help="predictions file: .jsonl or .csv")
     predict.set_defaults(func=run_predict)
+
+
+def fine_tuned_model(name: str) -> str:
+    """The model folder `name` stands for (`lmforge.hf.resolve`: a run folder gives its model/ folder)."""
+    from lmforge.hf.resolve import resolve_model
+
+    return str(resolve_model(name, presets=False).path)
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
     from lmforge.finetune.evaluation import evaluate_saved
 
-    result = evaluate_saved(args.model, args.data, args.split, args.out)
+    result = evaluate_saved(fine_tuned_model(args.model), args.data, args.split, args.out)
     numbers = {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
     print(json.dumps(numbers, indent=2))
     print(f"report: {result['out_dir']}/report.md", file=sys.stderr)
@@ -43,5 +52,5 @@ def run_evaluate(args: argparse.Namespace) -> None:
 def run_predict(args: argparse.Namespace) -> None:
     from lmforge.finetune.evaluation import predict_saved
 
-    n = predict_saved(args.model, args.input, args.output)
+    n = predict_saved(fine_tuned_model(args.model), args.input, args.output)
     print(f"{n} predictions written to {args.output}", file=sys.stderr)

@@ -15,19 +15,18 @@ from typing import Any
 
 from lmforge.hf.files import CheckpointWeights, read_config
 from lmforge.hf.load import hf_config, lmforge_config
+from lmforge.hf.resolve import resolve_model
 
 GGUF_ARRAY_PREVIEW = 8  # metadata arrays longer than this (the tokenizer's vocabulary) are summarised
 
 
 def describe_checkpoint(path: str | Path) -> dict[str, Any]:
-    """{"path", "format", "family", "config", "parameters", "dtypes", "tensors": [{"name", "shape", "dtype"}]}."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found; expected a checkpoint folder or a .gguf file")
+    """{"path", "format", "family", "config", "parameters", "dtypes", "tensors": [{"name", "shape", "dtype"}]}
+    of any model `lmforge.hf.resolve.resolve_model` finds, except a preset (a run folder: the checkpoint it
+    resolves to, named by "path")."""
+    path = resolve_model(path, presets=False).path
     if path.suffix == ".gguf":
         return describe_gguf(path)
-    if not path.is_dir():
-        raise ValueError(f"{path} is a file; inspect reads a checkpoint folder (config.json + weights) or a .gguf")
     values = read_config(path)
     if values.get("format") == "lmforge":
         fmt, family, config = "lmforge", lmforge_config(values, path).family, values["model"]
@@ -43,12 +42,9 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def describe_gguf(path: Path) -> dict[str, Any]:
-    import gguf
+    from lmforge.hf.gguf import open_gguf  # imported on use: only GGUF files need the gguf package
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as error:  # the reader raises ValueError, struct.error or IndexError on damaged files
-        raise ValueError(f"{path} is not a readable GGUF file ({error}); re-download it") from None
+    reader = open_gguf(path)
     metadata = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):

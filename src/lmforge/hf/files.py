@@ -10,18 +10,15 @@ shapes are known without reading any tensor and nothing in it can execute. A pic
 code when unpickled; `weights_only=True` restricts it to tensors and plain containers, and anything
 else is refused rather than retried unsafely.
 
-Writes go into a hidden temporary folder next to the destination and are renamed into place at the end,
-so an interrupted save never leaves a folder that looks complete.
+Writes go into a hidden temporary folder next to the destination and are renamed into place at the end
+(`lmforge.io.atomic_folder`), so an interrupted save never leaves a folder that looks complete;
+`check_destination` decides what an existing destination may be replaced by.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -170,14 +167,20 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({n: t.detach().contiguous() for n, t in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
-@contextlib.contextmanager
-def atomic_folder(path: Path, overwrite: bool = False, marker: str = CONFIG) -> Iterator[Path]:
-    """Yields an empty temporary folder next to `path`; when the block succeeds it becomes `path`.
+def check_destination(path: Path, overwrite: bool = False, marker: str = CONFIG) -> None:
+    """Refuse to write a checkpoint folder over `path` unless that is safe: `path` may be absent or empty;
+    an existing non-empty `path` is replaced only with overwrite=True, and only if it is itself a checkpoint
+    (has the file `marker`, config.json by default), so a typo cannot delete an unrelated folder. Write the
+    folder itself with `lmforge.io.atomic_folder`.
 
-    An existing non-empty `path` is replaced only with overwrite=True, and only if it is itself a
-    checkpoint (has the file `marker`, config.json by default), so a typo cannot delete an unrelated folder.
-    """
+    A symbolic link is refused whatever it points at: replacing it would drop the link (the folder swap renames
+    entries, it does not follow them) and writing into its target would delete a folder the command never named."""
     path = Path(path)
+    if path.is_symlink():
+        raise ValueError(
+            f"{path} is a symbolic link to {path.resolve()}; lmforge does not write through links: "
+            f"give the target folder itself as the destination, or remove the link"
+        )
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"{path} exists and is not a folder; choose another destination")
@@ -186,28 +189,3 @@ def atomic_folder(path: Path, overwrite: bool = False, marker: str = CONFIG) -> 
                 raise ValueError(f"{path} exists and is not empty; choose a new folder or overwrite it (--overwrite)")
             if not (path / marker).is_file():
                 raise ValueError(f"{path} is not a checkpoint folder (no {marker}); refusing to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp (and some writers) make files private; use the usual permissions
-        for file in tmp.rglob("*"):
-            file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
-        replace_folder(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def replace_folder(tmp: Path, path: Path) -> None:
-    """Move the finished folder `tmp` to `path`; an existing `path` is swapped aside first and then deleted,
-    so at every moment `path` is either the old complete folder or the new one."""
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)

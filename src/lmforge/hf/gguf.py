@@ -12,6 +12,11 @@ float32 and maps the names onto our Llama. Quantised types store blocks of 32 co
 
 In the 4-bit types byte j holds element j in its low nibble and element j + 16 in its high nibble.
 
+Every count a GGUF file declares (metadata keys, string lengths, array lengths, tensors, dimensions, the
+bytes of each tensor) is checked against the file's size by `check_gguf_layout`, a bounded walk over the
+header, before the `gguf` reader sees the file: the reader trusts them, and a 96-byte file declaring an
+array of 2^40 bytes would keep it looping for hours.
+
 llama.cpp's converter reorders the rows of each query and key head from Hugging Face's "rotate half" RoPE
 layout (feature i pairs with i + d/2) to the interleaved layout (feature 2i pairs with 2i + 1): within a
 head, row s d/2 + j moves to row 2j + s. `unpermute_rope_rows` undoes it, since our RoPE rotates halves.
@@ -19,13 +24,17 @@ head, row s d/2 + j moves to row 2j + s. `unpermute_rope_rows` undoes it, since 
 
 from __future__ import annotations
 
+import math
+import mmap
+import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 
-from lmforge.hf.llama import state_dict_from_hf
+from lmforge.hf import ADAPTERS
+from lmforge.models.build import check_memory, config_from_dict
 from lmforge.models.llama import Llama, LlamaConfig
 from lmforge.nn import RotaryEmbedding
 
@@ -41,6 +50,18 @@ GGML_TYPES = {
     3: ("Q4_1", 32, 20),
 }
 SUPPORTED_TYPES = [name for name, _, _ in GGML_TYPES.values()]
+GGUF_VERSIONS = (2, 3)
+GGUF_MAX_DIMS = 4
+GGUF_ALIGNMENT = 32  # where tensor data starts, unless general.alignment says otherwise
+# metadata value type id -> (name, struct format of one value; "" for strings and arrays)
+GGUF_VALUE_TYPES = {
+    0: ("uint8", "B"), 1: ("int8", "b"), 2: ("uint16", "H"), 3: ("int16", "h"), 4: ("uint32", "I"),
+    5: ("int32", "i"), 6: ("float32", "f"), 7: ("bool", "?"), 8: ("string", ""), 9: ("array", ""),
+    10: ("uint64", "Q"), 11: ("int64", "q"), 12: ("float64", "d"),
+}  # fmt: skip
+GGUF_STRING, GGUF_ARRAY = 8, 9
+MIN_KEY_BYTES = 8 + 4 + 1  # name length, value type, the smallest value
+MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, dimension count, type, offset
 # GGUF tensor name (after `blk.N.`) -> Hugging Face Llama name (after `layers.N.`)
 LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -105,7 +126,8 @@ def unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def open_gguf(path: str | Path):
-    """A `gguf.GGUFReader` over `path`, with one-line errors for a missing, foreign or damaged file."""
+    """A `gguf.GGUFReader` over `path`, with one-line errors for a missing, foreign, damaged or crafted file
+    (every declared size is checked first: `check_gguf_layout`)."""
     import gguf
 
     path = Path(path)
@@ -115,21 +137,132 @@ def open_gguf(path: str | Path):
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
+    check_gguf_layout(path)
     try:
-        reader = gguf.GGUFReader(path)
+        return gguf.GGUFReader(path)
     except Exception as exc:  # the reader raises ValueError, IndexError, struct or numpy errors on bad bytes
         raise ValueError(
             f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); "
             "it may be truncated or corrupt, download it again"
         ) from exc
+
+
+def check_gguf_layout(path: Path) -> None:
+    """Walk a GGUF file's header (v2/v3, either byte order) and refuse it, naming the field, when a count it
+    declares cannot fit in the file: the metadata key and tensor counts (each key takes >= 13 bytes, each
+    tensor entry >= 24), every string and array length (an array of n values of b bytes needs n b bytes; of
+    strings or arrays, >= 8 or 12 bytes each), the dimensions of each tensor (<= 4), and each tensor's bytes
+    (elements / block size x block bytes of its GGML type), which must lie within the data section. Reads
+    only the header, in one pass: ~0.1 s for a 49,152-token vocabulary and its merges."""
     size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise ValueError(
-                f"{path} is truncated: tensor {t.name} needs bytes up to {t.data_offset + t.n_bytes} "
-                f"but the file has {size}; download it again"
+    if size < 24:
+        raise ValueError(f"{path} is truncated: {size} bytes, fewer than a GGUF header's 24; download it again")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        _GGUFLayout(path, data).check()
+
+
+class _GGUFLayout:
+    """The bounded walk of `check_gguf_layout`: `offset` moves through `data`, and nothing is read or stepped
+    over before its length is checked against what is left."""
+
+    def __init__(self, path: Path, data: mmap.mmap) -> None:
+        self.path, self.data, self.offset = path, data, 0
+        self.order = "<" if struct.unpack_from("<I", data, 4)[0] & 0xFFFF else ">"  # swapped: 0xXX000000
+
+    def fail(self, what: str) -> NoReturn:
+        raise ValueError(f"{self.path}: {what}; the file is truncated, corrupt or crafted: download it again")
+
+    def left(self) -> int:
+        return len(self.data) - self.offset
+
+    def read(self, fmt: str, what: str) -> Any:
+        n = struct.calcsize(fmt)
+        if n > self.left():
+            self.fail(f"{what} needs {n} bytes but only {self.left()} remain")
+        (value,) = struct.unpack_from(self.order + fmt, self.data, self.offset)
+        self.offset += n
+        return value
+
+    def string(self, what: str) -> bytes:
+        n = self.read("Q", what)
+        if n > self.left():
+            self.fail(f"{what} declares a string of {n} bytes, but only {self.left()} bytes of the file remain")
+        self.offset += n
+        return self.data[self.offset - n : self.offset]
+
+    def value(self, kind: int, what: str) -> Any:
+        """Steps over one value of type `kind`; returns it unless it is an array (general.alignment is read)."""
+        if kind not in GGUF_VALUE_TYPES:
+            self.fail(f"{what} has unknown value type {kind}")
+        if kind == GGUF_STRING:
+            return self.string(what)
+        if kind != GGUF_ARRAY:
+            return self.read(GGUF_VALUE_TYPES[kind][1], what)
+        item, count = self.read("I", what), self.read("Q", what)
+        if item not in GGUF_VALUE_TYPES:
+            self.fail(f"{what} is an array of unknown value type {item}")
+        name, fmt = GGUF_VALUE_TYPES[item]
+        least = struct.calcsize(fmt) if fmt else 8 if item == GGUF_STRING else 12  # a length; an item type + count
+        if count * least > self.left():
+            self.fail(
+                f"{what} declares an array of {count} {name} values ({count * least} bytes at least), but only "
+                f"{self.left()} bytes of the file remain"
             )
-    return reader
+        if fmt:
+            self.offset += count * least
+        else:
+            for _ in range(count):
+                self.value(item, what)
+        return None
+
+    def check(self) -> None:
+        from gguf import GGML_QUANT_SIZES  # GGML type id -> (weights per block, bytes per block), every type
+
+        self.offset = 4
+        version = self.read("I", "the version")
+        if version not in GGUF_VERSIONS:
+            self.fail(f"GGUF version {version} is not supported (lmforge reads versions {list(GGUF_VERSIONS)})")
+        n_tensors, n_keys = self.read("Q", "the tensor count"), self.read("Q", "the metadata key count")
+        for count, least, what in (
+            (n_keys, MIN_KEY_BYTES, "metadata keys"),
+            (n_tensors, MIN_TENSOR_INFO_BYTES, "tensors"),
+        ):
+            if count * least > self.left():
+                room = self.left() // least
+                self.fail(f"the header declares {count} {what}, but the {self.left()} bytes left hold at most {room}")
+        alignment = GGUF_ALIGNMENT
+        for i in range(n_keys):
+            name = self.string(f"metadata key {i + 1} of {n_keys}'s name").decode("utf-8", errors="replace")
+            value = self.value(self.read("I", f"metadata key {name!r}"), f"metadata key {name!r}")
+            if name == "general.alignment":
+                alignment = value
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            self.fail(f"general.alignment={alignment!r} is not a power of two")
+        tensors = [self.tensor_info(i, n_tensors, GGML_QUANT_SIZES) for i in range(n_tensors)]
+        data_bytes = len(self.data) - -(-self.offset // alignment) * alignment  # data starts at the next multiple
+        for name, shape, type_name, n_bytes, offset in tensors:
+            if offset + n_bytes > data_bytes:
+                self.fail(
+                    f"tensor {name!r} of shape {shape} and type {type_name} needs {n_bytes} bytes at offset {offset}, "
+                    f"but the file holds {max(data_bytes, 0)} bytes of tensor data"
+                )
+
+    def tensor_info(self, i: int, n_tensors: int, type_sizes: dict) -> tuple[str, tuple[int, ...], str, int, int]:
+        """(name, shape in torch order, type name, bytes, offset in the data section) of the i-th tensor entry."""
+        from gguf import GGMLQuantizationType
+
+        name = self.string(f"tensor {i + 1} of {n_tensors}'s name").decode("utf-8", errors="replace")
+        what = f"tensor {name!r}"
+        n_dims = self.read("I", what)
+        if n_dims > GGUF_MAX_DIMS:
+            self.fail(f"{what} declares {n_dims} dimensions; GGUF tensors have at most {GGUF_MAX_DIMS}")
+        dims = [self.read("Q", what) for _ in range(n_dims)]
+        type_id, offset = self.read("I", what), self.read("Q", what)
+        if type_id not in type_sizes:
+            self.fail(f"{what} has unknown GGML type {type_id}")
+        block_size, block_bytes = type_sizes[type_id]
+        n_bytes = -(-math.prod(dims) // block_size) * block_bytes
+        return name, tuple(reversed(dims)), GGMLQuantizationType(type_id).name, n_bytes, offset
 
 
 def field_value(field) -> Any:
@@ -178,7 +311,8 @@ def config_from_gguf(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, .
     vocab_size = len(meta.get("tokenizer.ggml.tokens", ())) or meta.get("llama.vocab_size", embedding_rows)
     if vocab_size != embedding_rows:
         raise ValueError(f"GGUF vocabulary has {vocab_size} tokens but token_embd.weight has {embedding_rows} rows")
-    return LlamaConfig(
+    values = dict(
+        family="llama",
         head="causal_lm",
         vocab_size=vocab_size,
         max_seq_len=meta.get("llama.context_length", 2048),
@@ -193,6 +327,7 @@ def config_from_gguf(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, .
         tie_embeddings="output.weight" not in tensor_shapes,
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
     )
+    return config_from_dict(values)  # checks each value's type: the metadata's types are the writer's choice
 
 
 def hf_name(gguf_name: str) -> str:
@@ -232,7 +367,7 @@ def state_dict_from_gguf(reader, config: LlamaConfig) -> dict[str, torch.Tensor]
         elif name.endswith("k_proj.weight"):
             values = unpermute_rope_rows(values, n_kv)
         hf[name] = values
-    return state_dict_from_hf(hf, config)
+    return ADAPTERS["llama"].state_dict_from_hf(hf, config)
 
 
 def llama_from_state_dict(config: LlamaConfig, state: dict[str, torch.Tensor]) -> Llama:
@@ -257,7 +392,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None) -> Llama:
     reader = open_gguf(path)
     meta = read_metadata(reader, skip=("tokenizer.ggml.merges", "tokenizer.ggml.token_type"))
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
-    config = config_from_gguf(meta, shapes)
+    try:
+        config = config_from_gguf(meta, shapes)
+    except (ValueError, TypeError, ArithmeticError) as error:
+        raise ValueError(f"{path}: {error}") from None
+    check_memory(config, dtype or torch.float32, source=f"{path}: ")  # dequantised: float32 unless cast
     model = llama_from_state_dict(config, state_dict_from_gguf(reader, config))
     if dtype is not None:
         model.to(dtype)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lmforge.hf.common import check_names
+from lmforge.hf.common import Copy, Entry, Rename, Tie, layers, params, rename_from_hf, rename_to_hf
 from lmforge.models.gpt import GPTConfig
 
 ARCHITECTURES = {
@@ -40,6 +40,14 @@ ACTIVATIONS_FROM_HF = {
 }
 ACTIVATIONS_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 MASK_BUFFER = re.compile(r"^h\.\d+\.attn\.(masked_)?bias$")
+BLOCK = [  # layer i; the Conv1D weights are transposed
+    *params("blocks.{i}.attn_norm", "h.{i}.ln_1"),
+    *params("blocks.{i}.attn.qkv", "h.{i}.attn.c_attn", transpose=True),
+    *params("blocks.{i}.attn.out", "h.{i}.attn.c_proj", transpose=True),
+    *params("blocks.{i}.ffn_norm", "h.{i}.ln_2"),
+    *params("blocks.{i}.ffn.fc", "h.{i}.mlp.c_fc", transpose=True),
+    *params("blocks.{i}.ffn.proj", "h.{i}.mlp.c_proj", transpose=True),
+]
 
 
 def head_from_architectures(hf_config: dict[str, Any], head: str | None) -> str:
@@ -58,127 +66,103 @@ def num_labels_from_hf(hf_config: dict[str, Any]) -> int:
     return hf_config.get("num_labels", 2)
 
 
-def config_from_hf(hf_config: dict[str, Any], head: str | None = None) -> GPTConfig:
-    """A GPTConfig from a Hugging Face GPT-2 `config.json` dict."""
-    model_type = hf_config.get("model_type", "gpt2")
-    if model_type != "gpt2":
-        raise ValueError(f"model_type={model_type!r} is not GPT-2; the gpt mapping reads model_type 'gpt2'")
-    for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
-        if hf_config.get(flag):
-            raise ValueError(f"{flag}=True is not supported by lmforge's GPT; only the standard GPT-2 layer is")
-    if hf_config.get("scale_attn_weights") is False:
-        raise ValueError("scale_attn_weights=False is not supported; GPT uses the 1/sqrt(d_head) scale")
-    activation = hf_config.get("activation_function", "gelu_new")
-    if activation not in ACTIVATIONS_FROM_HF:
-        raise ValueError(
-            f"activation_function={activation!r} is not supported; choose one of {list(ACTIVATIONS_FROM_HF)}"
-        )
-    return GPTConfig(
-        head=head_from_architectures(hf_config, head),
-        num_labels=num_labels_from_hf(hf_config),
-        vocab_size=hf_config.get("vocab_size", 50257),
-        max_seq_len=hf_config.get("n_positions", hf_config.get("n_ctx", 1024)),
-        n_layer=hf_config.get("n_layer", 12),
-        n_head=hf_config.get("n_head", 12),
-        d_model=hf_config.get("n_embd", 768),
-        d_ff=hf_config.get("n_inner"),
-        dropout=hf_config.get("resid_pdrop", 0.1),
-        bias=True,
-        norm_eps=hf_config.get("layer_norm_epsilon", 1e-5),
-        activation=ACTIVATIONS_FROM_HF[activation],
-        tie_embeddings=hf_config.get("tie_word_embeddings", True),
-        pad_token_id=hf_config.get("pad_token_id"),
-    )
-
-
-def config_to_hf(config: GPTConfig) -> dict[str, Any]:
-    """A Hugging Face GPT-2 `config.json` dict for this config (GPT-2 has biases everywhere)."""
-    if not config.bias:
-        raise ValueError("bias=False has no Hugging Face GPT-2 equivalent (its layers always have biases)")
-    architecture = {v: k for k, v in ARCHITECTURES.items()}[config.head]
-    hf = {
-        "model_type": "gpt2",
-        "architectures": [architecture],
-        "vocab_size": config.vocab_size,
-        "n_positions": config.max_seq_len,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_embd": config.d_model,
-        "n_inner": config.d_ff,
-        "activation_function": ACTIVATIONS_TO_HF[config.activation],
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
-        "layer_norm_epsilon": config.norm_eps,
-        "tie_word_embeddings": config.tie_embeddings,
-        "pad_token_id": config.pad_token_id,
-    }
-    if config.head in ("sequence_classification", "token_classification"):
-        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
-        hf["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
-    return hf
-
-
-def name_pairs(config: GPTConfig) -> list[tuple[str, str, bool]]:
-    """(our name, HF name without the `transformer.` prefix, transposed?) for every tensor but a tied head."""
-    pairs = [("tok_emb.weight", "wte.weight", False), ("pos_emb.weight", "wpe.weight", False)]
-    for i in range(config.n_layer):
-        ours, hf = f"blocks.{i}.", f"h.{i}."
-        for our_mod, hf_mod, is_linear in (
-            ("attn_norm", "ln_1", False),
-            ("attn.qkv", "attn.c_attn", True),
-            ("attn.out", "attn.c_proj", True),
-            ("ffn_norm", "ln_2", False),
-            ("ffn.fc", "mlp.c_fc", True),
-            ("ffn.proj", "mlp.c_proj", True),
-        ):
-            pairs.append((f"{ours}{our_mod}.weight", f"{hf}{hf_mod}.weight", is_linear))
-            pairs.append((f"{ours}{our_mod}.bias", f"{hf}{hf_mod}.bias", False))
-    pairs += [("norm.weight", "ln_f.weight", False), ("norm.bias", "ln_f.bias", False)]
-    if config.head == "causal_lm" and not config.tie_embeddings:
-        pairs.append(("lm_head.weight", "lm_head.weight", False))
+def table(config: GPTConfig) -> list[Entry]:
+    """Our tensors and HF's (the backbone's without its `transformer.` prefix)."""
+    entries: list[Entry] = [
+        Rename("tok_emb.weight", "wte.weight"),
+        Rename("pos_emb.weight", "wpe.weight"),
+        *layers(config.n_layer, BLOCK),
+        *params("norm", "ln_f"),
+    ]
+    if config.head == "causal_lm" and config.tie_embeddings:
+        entries += [Tie("lm_head.weight", "tok_emb.weight"), Copy("lm_head.weight", "tok_emb.weight")]
+    elif config.head == "causal_lm":
+        entries.append(Rename("lm_head.weight", "lm_head.weight"))
     if config.head in HEAD_WEIGHTS:
-        module = HEAD_WEIGHTS[config.head]
-        pairs.append(("classifier.out.weight", f"{module}.weight", False))
-        if config.head != "sequence_classification":
-            pairs.append(("classifier.out.bias", f"{module}.bias", False))
-    return pairs
+        entries += params("classifier.out", HEAD_WEIGHTS[config.head], bias=config.head != "sequence_classification")
+    return entries
 
 
 def is_head_key(name: str) -> bool:
     return name.split(".")[0] in ("lm_head", *HEAD_WEIGHTS.values())
 
 
-def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """Our state dict from a HF GPT-2 one (with or without the `transformer.` prefix)."""
-    hf = {}
-    for name, tensor in hf_state.items():
-        name = name.removeprefix("transformer.")
-        if not MASK_BUFFER.match(name):
-            hf[name] = tensor
-    if config.head == "causal_lm" and config.tie_embeddings:
-        hf.pop("lm_head.weight", None)  # the token embedding, stored again by some checkpoints
-    pairs = name_pairs(config)
-    check_names(set(hf), {hf_name for _, hf_name, _ in pairs})
-    # A transposed view, not a copy: F.linear reads it at full speed, and loading skips a pass over the weights.
-    state = {ours: hf[theirs].t() if transpose else hf[theirs] for ours, theirs, transpose in pairs}
-    if config.head == "causal_lm" and config.tie_embeddings:
-        state["lm_head.weight"] = state["tok_emb.weight"]
-    return state
+class GPTAdapter:
+    """`StateDictAdapter` for GPT: HF's GPT2Model, GPT2LMHeadModel, GPT2For{Sequence,Token}Classification and
+    GPT2ForQuestionAnswering."""
 
+    model_types = ("gpt2",)
 
-def state_dict_to_hf(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """The HF GPT-2 state dict (as `GPT2LMHeadModel(...).state_dict()` names it) of our state dict."""
-    pairs = name_pairs(config)
-    ours = set(state)
-    if config.head == "causal_lm" and config.tie_embeddings:
-        ours.discard("lm_head.weight")
-    check_names(ours, {our_name for our_name, _, _ in pairs})
-    prefix = "" if config.head == "none" else "transformer."
-    hf = {}
-    for our_name, hf_name, transpose in pairs:
-        tensor = state[our_name].t().contiguous() if transpose else state[our_name]
-        hf[hf_name if is_head_key(hf_name) else prefix + hf_name] = tensor
-    if config.head == "causal_lm" and config.tie_embeddings:
-        hf["lm_head.weight"] = state["tok_emb.weight"]
-    return hf
+    def config_from_hf(self, hf_config: dict[str, Any], head: str | None = None) -> GPTConfig:
+        """A GPTConfig from a Hugging Face GPT-2 `config.json` dict."""
+        model_type = hf_config.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise ValueError(f"model_type={model_type!r} is not GPT-2; the gpt mapping reads model_type 'gpt2'")
+        for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+            if hf_config.get(flag):
+                raise ValueError(f"{flag}=True is not supported by lmforge's GPT; only the standard GPT-2 layer is")
+        if hf_config.get("scale_attn_weights") is False:
+            raise ValueError("scale_attn_weights=False is not supported; GPT uses the 1/sqrt(d_head) scale")
+        activation = hf_config.get("activation_function", "gelu_new")
+        if activation not in ACTIVATIONS_FROM_HF:
+            raise ValueError(
+                f"activation_function={activation!r} is not supported; choose one of {list(ACTIVATIONS_FROM_HF)}"
+            )
+        return GPTConfig(
+            head=head_from_architectures(hf_config, head),
+            num_labels=num_labels_from_hf(hf_config),
+            vocab_size=hf_config.get("vocab_size", 50257),
+            max_seq_len=hf_config.get("n_positions", hf_config.get("n_ctx", 1024)),
+            n_layer=hf_config.get("n_layer", 12),
+            n_head=hf_config.get("n_head", 12),
+            d_model=hf_config.get("n_embd", 768),
+            d_ff=hf_config.get("n_inner"),
+            dropout=hf_config.get("resid_pdrop", 0.1),
+            bias=True,
+            norm_eps=hf_config.get("layer_norm_epsilon", 1e-5),
+            activation=ACTIVATIONS_FROM_HF[activation],
+            tie_embeddings=hf_config.get("tie_word_embeddings", True),
+            pad_token_id=hf_config.get("pad_token_id"),
+        )
+
+    def config_to_hf(self, config: GPTConfig) -> dict[str, Any]:
+        """A Hugging Face GPT-2 `config.json` dict for this config (GPT-2 has biases everywhere)."""
+        if not config.bias:
+            raise ValueError("bias=False has no Hugging Face GPT-2 equivalent (its layers always have biases)")
+        architecture = {v: k for k, v in ARCHITECTURES.items()}[config.head]
+        hf = {
+            "model_type": "gpt2",
+            "architectures": [architecture],
+            "vocab_size": config.vocab_size,
+            "n_positions": config.max_seq_len,
+            "n_layer": config.n_layer,
+            "n_head": config.n_head,
+            "n_embd": config.d_model,
+            "n_inner": config.d_ff,
+            "activation_function": ACTIVATIONS_TO_HF[config.activation],
+            "resid_pdrop": config.dropout,
+            "embd_pdrop": config.dropout,
+            "attn_pdrop": config.dropout,
+            "layer_norm_epsilon": config.norm_eps,
+            "tie_word_embeddings": config.tie_embeddings,
+            "pad_token_id": config.pad_token_id,
+        }
+        if config.head in ("sequence_classification", "token_classification"):
+            hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
+            hf["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
+        return hf
+
+    def state_dict_from_hf(self, hf_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+        """Our state dict from a HF GPT-2 one (with or without the `transformer.` prefix)."""
+        hf = {}
+        for name, tensor in hf_state.items():
+            name = name.removeprefix("transformer.")
+            if not MASK_BUFFER.match(name):
+                hf[name] = tensor
+        return rename_from_hf(hf, table(config))
+
+    def state_dict_to_hf(self, state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+        """The HF GPT-2 state dict (as `GPT2LMHeadModel(...).state_dict()` names it) of our state dict."""
+        prefix = "" if config.head == "none" else "transformer."
+        hf = rename_to_hf(state, table(config))
+        return {name if is_head_key(name) else prefix + name: tensor for name, tensor in hf.items()}

@@ -1,5 +1,9 @@
 """`load_model`: a Hugging Face folder, an lmforge folder or a GGUF file -> an lmforge model.
 
+The name given is resolved first (`lmforge.hf.resolve`: a run folder becomes its best checkpoint, a real
+model's name its fetched files). The config is read and checked (value types, then `check_memory`: the
+weights must fit in memory) before any model, even a weightless one, is built from it.
+
 Every source ends the same way: a stored config (what the checkpoint holds), a state dict in our names,
 and the target config (the stored one with `head` and any overrides applied). `build_from_state` then
 checks the tensors against the target model, builds it without spending time on random initialisation,
@@ -16,40 +20,24 @@ stores it once (or twice, for some HF checkpoints), and loading ties the two nam
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
+from collections import Counter
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
-from lmforge.hf import bert as hf_bert
-from lmforge.hf import gpt as hf_gpt
-from lmforge.hf import llama as hf_llama
-from lmforge.hf import t5 as hf_t5
-from lmforge.hf.files import CheckpointWeights, read_config
+from lmforge.hf import ADAPTERS
+from lmforge.hf.common import StateDictAdapter, check_hf_types
+from lmforge.hf.files import CONFIG, CheckpointWeights, read_config
+from lmforge.hf.resolve import resolve_model
 from lmforge.models import FAMILIES, ModelConfig, config_from_dict
+from lmforge.models.build import check_memory, check_types, meta_model, no_init
 
-# Hugging Face model_type -> the mapping module that reads it; lmforge family -> the one that writes it.
-HF_MAPPINGS: dict[str, ModuleType] = {
-    "gpt2": hf_gpt,
-    "llama": hf_llama,
-    "mistral": hf_llama,
-    "qwen2": hf_llama,
-    "qwen3": hf_llama,
-    "bert": hf_bert,
-    "roberta": hf_bert,
-    "t5": hf_t5,
-}
-FAMILY_MAPPINGS: dict[str, ModuleType] = {
-    "gpt": hf_gpt,
-    "llama": hf_llama,
-    "bert": hf_bert,
-    "roberta": hf_bert,
-    "t5": hf_t5,
+# Hugging Face model_type -> the adapter that reads it (mistral, qwen2 and qwen3 load as Llama)
+HF_READERS: dict[str, StateDictAdapter] = {
+    model_type: adapter for adapter in ADAPTERS.values() for model_type in adapter.model_types
 }
 HEAD_MODULES = ("lm_head.", "classifier.", "pooler.")  # tensors that belong to a head, not the backbone
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -62,7 +50,8 @@ def load_model(
 
     path: a Hugging Face folder (config.json + model.safetensors, sharded safetensors or pytorch_model.bin;
         model_type gpt2, llama, mistral, qwen2, qwen3, bert, roberta or t5), an lmforge folder
-        (written by `save_model`), or a `.gguf` file.
+        (written by `save_model`, or a training checkpoint), a run folder (its best checkpoint, see
+        `lmforge.hf.resolve`), a `.gguf` file, or a real model's name ("SmolLM2-135M-Instruct").
     head: the task head; default: the one the checkpoint has (HF: from `architectures`). A different head
         keeps the backbone and starts the new head from fresh weights (a warning lists them).
     dtype: cast floating tensors (torch dtype or "float32", "bfloat16", ...); default: as stored.
@@ -70,31 +59,36 @@ def load_model(
 
     >>> model = load_model("checkpoints/minilm", head="sequence_classification", num_labels=3)
     """
-    path = Path(path)
+    path = resolve_model(path, presets=False).path
     dtype = resolve_dtype(dtype)
     if path.suffix == ".gguf":
-        stored_model = _load_gguf(path, dtype)
+        from lmforge.hf.gguf import load_gguf  # imported on use: only GGUF files need the gguf package
+
+        stored_model = load_gguf(path, dtype=dtype)
         if head is None and not overrides:
             return stored_model
         stored = stored_model.config
         return build_from_state(stored, stored_model.state_dict(), target_config(stored, head, overrides), str(path))
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found; expected a checkpoint folder or a .gguf file")
-    if not path.is_dir():
-        raise ValueError(f"{path} is a file; load_model reads a checkpoint folder (config.json + weights) or a .gguf")
     values = read_config(path)
     weights = CheckpointWeights(path)
+    stored = lmforge_config(values, path) if values.get("format") == "lmforge" else hf_config(values, path)
+    headers = weights.headers()
+    check_memory(stored, dtype or stored_dtype(headers), source=f"{path / CONFIG}: ")
     if values.get("format") == "lmforge":
-        stored = lmforge_config(values, path)
-        check_shapes(weights.headers(), meta_model(stored).state_dict(), weights.folder)
+        check_shapes(headers, meta_model(stored).state_dict(), weights.folder)
         state = weights.load(dtype)
     else:
-        stored = hf_config(values, path)
-        mapping = HF_MAPPINGS[values["model_type"]]
-        expected = mapping.state_dict_to_hf(meta_model(stored).state_dict(), stored)
-        check_shapes(weights.headers(), expected, weights.folder)
-        state = mapping.state_dict_from_hf(weights.load(dtype), stored)
+        adapter = HF_READERS[values["model_type"]]
+        expected = adapter.state_dict_to_hf(meta_model(stored).state_dict(), stored)
+        check_shapes(headers, expected, weights.folder)
+        state = adapter.state_dict_from_hf(weights.load(dtype), stored)
     return build_from_state(stored, state, target_config(stored, head, overrides), str(path))
+
+
+def stored_dtype(headers: dict[str, tuple[tuple[int, ...], str]]) -> torch.dtype:
+    """The floating dtype most of a checkpoint's tensors are stored in (float32 when none is)."""
+    found = Counter(DTYPES[dtype] for _, dtype in headers.values() if dtype in DTYPES)
+    return found.most_common(1)[0][0] if found else torch.float32
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -105,70 +99,50 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def hf_mapping(values: dict, folder: Path) -> ModuleType:
+def hf_adapter(values: dict, folder: Path) -> StateDictAdapter:
     model_type = values.get("model_type")
-    if model_type not in HF_MAPPINGS:
+    if model_type not in HF_READERS:
         raise ValueError(
             f"{folder / 'config.json'} has model_type={model_type!r}, which lmforge cannot load; supported: "
-            f"{sorted(HF_MAPPINGS)} (Hugging Face) or an lmforge folder ('format': 'lmforge')"
+            f"{sorted(HF_READERS)} (Hugging Face) or an lmforge folder ('format': 'lmforge')"
         )
-    return HF_MAPPINGS[model_type]
+    return HF_READERS[model_type]
 
 
 def hf_config(values: dict, folder: Path) -> ModelConfig:
-    """Our config from a Hugging Face config.json dict (a missing required key is named)."""
+    """Our config from a Hugging Face config.json dict; a missing key, a value of the wrong type (a null where
+    a size goes) or one the config refuses is one error naming the file and the key."""
+    adapter = hf_adapter(values, folder)
+    file = folder / CONFIG
     try:
-        return hf_mapping(values, folder).config_from_hf(values)
+        check_hf_types(values)
+        return adapter.config_from_hf(values)
     except KeyError as error:
         raise ValueError(
-            f"{folder / 'config.json'} lacks {error}, which {values['model_type']} configs need; re-save the checkpoint"
+            f"{file} lacks {error}, which {values['model_type']} configs need; re-save the checkpoint"
         ) from None
+    except (ValueError, TypeError, ArithmeticError) as error:
+        raise ValueError(f"{file}: {error}") from None
 
 
 def lmforge_config(values: dict, folder: Path) -> ModelConfig:
+    """Our config from an lmforge config.json dict (the model's config nested under "model"); errors name the
+    file and the field, e.g. "model.d_model is null; expected an integer"."""
+    file = folder / CONFIG
     if not isinstance(values.get("model"), dict):
-        raise ValueError(f"{folder / 'config.json'} says format 'lmforge' but has no 'model' config object")
-    return config_from_dict(values["model"])
+        raise ValueError(f"{file} says format 'lmforge' but has no 'model' config object")
+    try:
+        return config_from_dict(values["model"], where="model.")
+    except (ValueError, TypeError, ArithmeticError) as error:
+        raise ValueError(f"{file}: {error}") from None
 
 
 def target_config(stored: ModelConfig, head: str | None, overrides: dict[str, Any]) -> ModelConfig:
     changes = dict(overrides)
     if head is not None:
         changes["head"] = head
+    check_types(type(stored), changes)
     return stored.replace(**changes) if changes else stored
-
-
-def _load_gguf(path: Path, dtype: torch.dtype | None) -> nn.Module:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; expected a .gguf file")
-    from lmforge.hf.gguf import load_gguf  # imported on use: only GGUF files need the gguf package
-
-    return load_gguf(path, dtype=dtype)
-
-
-@contextlib.contextmanager
-def no_init() -> Iterator[None]:
-    """Makes torch.nn.init's initialisers no-ops, so building a model only allocates its tensors.
-
-    Loading replaces every tensor anyway; drawing ~10^8 random numbers first would cost more than reading
-    them from disk. Allocation is free until memory is touched, and assigned tensors replace these untouched.
-    (It patches module attributes, so another thread building a model meanwhile would skip its init too.)
-    """
-    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
-    saved = {n: getattr(nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(nn.init, n, fn)
-
-
-def meta_model(config: ModelConfig) -> nn.Module:
-    """The model with shapes only (meta tensors): for checking names and shapes without memory."""
-    with torch.device("meta"), no_init():
-        return FAMILIES[config.family][1](config)
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -197,7 +171,12 @@ def check_shapes(found: dict[str, tuple], expected: dict[str, torch.Tensor], sou
 def build_from_state(
     stored: ModelConfig, state: dict[str, torch.Tensor], target: ModelConfig, source: str
 ) -> nn.Module:
-    """The target model holding `state` (our names, as the stored config's model has them)."""
+    """The target model holding `state` (our names, as the stored config's model has them). Overrides that
+    grow the model past the memory left are refused before its skeleton is built (the stored config was
+    checked when read)."""
+    if target != stored:
+        dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+        check_memory(target, dtype, source=f"{source}: ")
     skeleton = meta_model(target)
     aliases = tied_aliases(skeleton)
     stored_aliases = tied_aliases(meta_model(stored)) if stored != target else aliases

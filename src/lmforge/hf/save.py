@@ -6,7 +6,9 @@ lmforge's format is the smallest thing that round-trips exactly:
 It holds every family, the original Transformer included. A Hugging Face folder (config.json with
 `architectures` and `model_type`, model.safetensors in their names, tokenizer files) is what
 `transformers.AutoModelFor*.from_pretrained` reads; families without a Hugging Face twin are refused.
-Both are written into a temporary folder and renamed into place (`atomic_folder`).
+A model that generates also gets generation_config.json with the special token ids (`generation_token_ids`),
+which `transformers`' `generate` reads to know where to stop; config.json records them too.
+Both are written into a temporary folder and renamed into place (`lmforge.io.atomic_folder`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.hf.files import CONFIG, SAFETENSORS, atomic_folder, write_safetensors
-from lmforge.hf.load import FAMILY_MAPPINGS, tied_aliases
+from lmforge.hf import ADAPTERS
+from lmforge.hf.files import CONFIG, SAFETENSORS, check_destination, write_safetensors
+from lmforge.hf.load import tied_aliases
+from lmforge.io import atomic_folder
+
+GENERATION_CONFIG = "generation_config.json"
+GENERATING_HEADS = ("causal_lm", "seq2seq_lm")
+GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+# end-of-turn tokens of the common chat templates: ChatML (Qwen, SmolLM2), Llama 3, Phi-3, Gemma
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
 def save_model(model: nn.Module, path: str | Path, tokenizer: Any = None, overwrite: bool = False) -> Path:
@@ -30,7 +40,8 @@ def save_model(model: nn.Module, path: str | Path, tokenizer: Any = None, overwr
     config = model.config
     aliases = tied_aliases(model)
     state = {n: t for n, t in model.state_dict().items() if n not in aliases}
-    with atomic_folder(Path(path), overwrite) as tmp:
+    check_destination(Path(path), overwrite)
+    with atomic_folder(path) as tmp:
         write_safetensors(state, tmp / SAFETENSORS)
         _write_json(tmp / CONFIG, {"format": "lmforge", "lmforge_version": __version__, "model": config.to_dict()})
         if tokenizer is not None:
@@ -43,21 +54,51 @@ def save_pretrained(model: nn.Module, path: str | Path, tokenizer: Any = None, o
     the same outputs; `tokenizer` (anything with `save_pretrained(dir)` or `save(dir)`, or a
     `tokenizers.Tokenizer`) is saved next to it. Returns `path`."""
     config = model.config
-    if config.family not in FAMILY_MAPPINGS:
+    if config.family not in ADAPTERS:
         raise ValueError(
             f"family {config.family!r} has no Hugging Face equivalent; save it in lmforge's own format with "
             f"save_model(model, path) (CLI: lmforge convert SRC DST --to lmforge)"
         )
-    mapping = FAMILY_MAPPINGS[config.family]
-    hf_config = mapping.config_to_hf(config)
+    adapter = ADAPTERS[config.family]
+    hf_config = adapter.config_to_hf(config)
     hf_config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    tensors = without_shared_memory(mapping.state_dict_to_hf(model.state_dict(), config))
-    with atomic_folder(Path(path), overwrite) as tmp:
+    for key, value in generation_token_ids(tokenizer).items():
+        if hf_config.get(key) is None:
+            hf_config[key] = value
+    generation = {key: hf_config[key] for key in GENERATION_IDS if hf_config.get(key) is not None}
+    tensors = without_shared_memory(adapter.state_dict_to_hf(model.state_dict(), config))
+    check_destination(Path(path), overwrite)
+    with atomic_folder(path) as tmp:
         write_safetensors(tensors, tmp / SAFETENSORS)
         _write_json(tmp / CONFIG, hf_config)
+        if config.head in GENERATING_HEADS and "eos_token_id" in generation:
+            _write_json(tmp / GENERATION_CONFIG, generation)
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)
     return Path(path)
+
+
+def generation_token_ids(tokenizer: Any) -> dict[str, int | list[int]]:
+    """{"bos_token_id", "eos_token_id", "pad_token_id"} of a tokenizer, those it has. A chat model ends its turn
+    with a token of its own (<|im_end|> in ChatML, <|eot_id|> in Llama 3) rather than the end-of-text one, so
+    when the chat template uses a known end-of-turn token, eos is that token, followed by the tokenizer's eos
+    when it differs (a list: `generate` stops at any of them), as the Hugging Face releases of such models set it."""
+    if tokenizer is None:
+        return {}
+    ids = {key: getattr(tokenizer, key, None) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    template = getattr(tokenizer, "chat_template", None)
+    turn_ends = [t for t in END_OF_TURN_TOKENS if isinstance(template, str) and t in template]
+    end = _token_id(tokenizer, turn_ends[0]) if turn_ends else None
+    if end is not None and end != ids["eos_token_id"]:
+        ids["eos_token_id"] = [end] if ids["eos_token_id"] is None else [end, ids["eos_token_id"]]
+    return {key: value for key, value in ids.items() if value is not None}
+
+
+def _token_id(tokenizer: Any, token: str) -> int | None:
+    """The id of `token` in an lmforge, `tokenizers` or `transformers` tokenizer; None when it has none."""
+    if hasattr(tokenizer, "token_to_id"):
+        return tokenizer.token_to_id(token)
+    return tokenizer.get_vocab().get(token) if hasattr(tokenizer, "get_vocab") else None
 
 
 def without_shared_memory(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Model families, heads, presets and `build_model`."""
 
-from lmforge.models.build import FAMILIES, build_config, build_model, config_from_dict
+from lmforge.models.build import FAMILIES, build_config, build_model, config_from_dict, family_of
 from lmforge.models.config import ModelConfig
 from lmforge.models.output import ModelOutput
 from lmforge.models.presets import PRESETS
@@ -14,6 +14,7 @@ __all__ = [
     "build_config",
     "build_model",
     "config_from_dict",
+    "family_of",
     "count_parameters",
     "flops_per_token",
     "model_stats",

@@ -21,11 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.nn.loss import cross_entropy
+from lmforge.nn.loss import IGNORE_INDEX, cross_entropy
 from lmforge.nn.mlp import get_activation
 from lmforge.nn.norm import LayerNorm
-
-IGNORE_INDEX = -100
 
 
 class MaskedLMHead(nn.Module):

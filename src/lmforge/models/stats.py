@@ -14,10 +14,9 @@ approximation that is exact when the two lengths are equal.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from lmforge.models.build import build_model
+from lmforge.models.build import measure_by_layers
 from lmforge.models.config import ModelConfig
 from lmforge.nn.attention import Attention
 
@@ -32,15 +31,24 @@ def matmul_parameters(model: nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 
+def attention_width(model: nn.Module) -> int:
+    """The sum over attention layers of n_head * head_dim: the width of their QK^T and AV products."""
+    return sum(m.n_head * m.head_dim for m in model.modules() if isinstance(m, Attention))
+
+
 def flops_per_token(model: nn.Module, seq_len: int) -> int:
     """Forward + backward FLOPs per token at context length `seq_len` (see the module docstring)."""
-    attention_width = sum(m.n_head * m.head_dim for m in model.modules() if isinstance(m, Attention))
-    return 6 * matmul_parameters(model) + 12 * attention_width * seq_len
+    return 6 * matmul_parameters(model) + 12 * attention_width(model) * seq_len
 
 
 def model_stats(config: ModelConfig, seq_len: int | None = None) -> dict[str, int]:
-    """Parameter count and FLOPs/token of a config, measured on a weightless ("meta") instance."""
-    with torch.device("meta"):
-        model = build_model(config)
+    """Parameter count and FLOPs/token of a config, measured on weightless ("meta") instances of one and two
+    layers (`lmforge.models.build.measure_by_layers`: both grow by the same amount per layer), so
+    a config of 10^9 layers costs what a small one does."""
     seq_len = seq_len or getattr(config, "max_seq_len", 512)
-    return {"parameters": count_parameters(model), "flops_per_token": flops_per_token(model, seq_len)}
+
+    def measure(model: nn.Module) -> tuple[int, int]:
+        return count_parameters(model), flops_per_token(model, seq_len)
+
+    parameters, flops = measure_by_layers(config, measure)
+    return {"parameters": parameters, "flops_per_token": flops}
