@@ -1,6 +1,6 @@
 """Pretraining speed and quality against a plain PyTorch loop around `transformers.GPT2LMHeadModel`.
 
-1. Throughput: training tokens/s and MFU of lmforge's recipe (`lmforge.train.trainer.pretrain`, the real loop:
+1. Throughput: training tokens/s and MFU of lmforge's recipe (`lmforge.pretrain.trainer.pretrain`, the real loop:
    data, gradient accumulation bookkeeping, clipping, AdamW with decay groups, schedule, logging) against
    GPT2LMHeadModel of the same shapes (activation "gelu_pytorch_tanh", its fast configuration) trained by
    `torch.optim.AdamW` in a bare loop, on the same tiny-Shakespeare characters, same threads, fp32 and bf16
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from lmforge.models import build_model, flops_per_token
-from lmforge.train.config import parse_args
+from lmforge.pretrain.config import parse_args
+from lmforge.pretrain.trainer import pretrain
 from lmforge.train.logging import measure_peak_flops
-from lmforge.train.trainer import pretrain
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SHAPES = {
@@ -200,7 +200,7 @@ def race(args, text: str, out: Path) -> None:
     pretrain(parse_args(lmforge_flags(ours_shape, out, args.race_dtype, steps, "race", extra)))
     elapsed = time.perf_counter() - start
     from lmforge import load_model
-    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.data.tokenizers.tokenizer import load_tokenizer
 
     run = out / "race"
     latest = json.loads((run / "checkpoints" / "latest.json").read_text())["path"]

@@ -88,9 +88,9 @@ def train_tiny(name: str, steps: int, batch_size: int, seq_len: int) -> dict:
 def run_pretraining(console: Console, out: str = "runs", max_steps: int | None = None, progress: bool = True) -> dict:
     """Steps 1-4: data, tokenizer, the default pretraining recipe, samples; returns the run summary."""
     from lmforge.data import load_dataset
-    from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.train.config import RunConfig
-    from lmforge.train.trainer import pretrain
+    from lmforge.data.tokenizers.tokenizer import load_tokenizer
+    from lmforge.pretrain.config import RunConfig
+    from lmforge.pretrain.trainer import pretrain
 
     config = RunConfig()
     config.train.out, config.train.name, config.train.progress = out, "demo", progress

@@ -3,7 +3,6 @@ the official SQuAD evaluation rules, on perturbed Shakespeare lines."""
 
 import math
 import random
-from pathlib import Path
 
 import pytest
 from rouge_score.rouge_scorer import RougeScorer
@@ -12,7 +11,6 @@ from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
 from lmforge.eval import bleu, chrf, normalize_answer, perplexity, rouge, squad_exact_match, squad_f1, tokenize_13a
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare/input.txt")
 SEEDS = range(4)
 TOL = 1e-9
 # strings that exercise every 13a rule: entities, numbers with . , -, quotes, brackets, <skipped>
@@ -25,8 +23,13 @@ TRICKY = [
 ]
 
 
-def _lines(seed: int, n: int = 300) -> list[str]:
-    lines = [line for line in SHAKESPEARE.read_text(encoding="utf-8").splitlines() if line.strip()]
+@pytest.fixture(scope="module")
+def shakespeare_lines(shakespeare_path) -> list[str]:
+    """Tiny Shakespeare's non-empty lines: real verse and prose for the metrics to score."""
+    return [line for line in shakespeare_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _lines(lines: list[str], seed: int, n: int = 300) -> list[str]:
     start = random.Random(seed).randrange(len(lines) - n)
     return lines[start : start + n]
 
@@ -52,23 +55,23 @@ def _perturb(line: str, rng: random.Random) -> str:
     return " ".join(out)
 
 
-def _corpus(seed: int) -> tuple[list[str], list[str], list[str]]:
+def _corpus(lines: list[str], seed: int) -> tuple[list[str], list[str], list[str]]:
     rng = random.Random(seed)
-    refs = _lines(seed) + TRICKY
+    refs = _lines(lines, seed) + TRICKY
     hyps = [_perturb(r, rng) for r in refs]
     second_refs = [_perturb(r, rng) for r in refs]
     return hyps, refs, second_refs
 
 
-def test_13a_tokenizer_matches_sacrebleu():
+def test_13a_tokenizer_matches_sacrebleu(shakespeare_lines):
     theirs = Tokenizer13a()
-    for line in _lines(0, 500) + TRICKY:
+    for line in _lines(shakespeare_lines, 0, 500) + TRICKY:
         assert tokenize_13a(line) == theirs(line.rstrip()).split(), line
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_bleu_matches_sacrebleu_single_and_multiple_references(seed):
-    hyps, refs, second_refs = _corpus(seed)
+def test_bleu_matches_sacrebleu_single_and_multiple_references(shakespeare_lines, seed):
+    hyps, refs, second_refs = _corpus(shakespeare_lines, seed)
     expected = BLEU().corpus_score(hyps, [refs])
     ours = bleu(hyps, refs)
     assert ours["score"] == pytest.approx(expected.score, rel=1e-6)
@@ -92,8 +95,8 @@ def test_bleu_edge_cases_match_sacrebleu():
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_chrf_and_chrf_plus_plus_match_sacrebleu(seed):
-    hyps, refs, second_refs = _corpus(seed)
+def test_chrf_and_chrf_plus_plus_match_sacrebleu(shakespeare_lines, seed):
+    hyps, refs, second_refs = _corpus(shakespeare_lines, seed)
     assert chrf(hyps, refs) == pytest.approx(CHRF().corpus_score(hyps, [refs]).score, abs=TOL)
     assert chrf(hyps, refs, word_order=2) == pytest.approx(CHRF(word_order=2).corpus_score(hyps, [refs]).score, abs=TOL)
     pairs = [[a, b] for a, b in zip(refs, second_refs, strict=True)]
@@ -101,8 +104,8 @@ def test_chrf_and_chrf_plus_plus_match_sacrebleu(seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_rouge_matches_rouge_score(seed):
-    hyps, refs, second_refs = _corpus(seed)
+def test_rouge_matches_rouge_score(shakespeare_lines, seed):
+    hyps, refs, second_refs = _corpus(shakespeare_lines, seed)
     hyps += ["Ça coûte 3€ — naïve café", "!!!"]  # non-ASCII letters and punctuation-only text
     refs += ["ca coute 3 naive cafe", "nothing"]
     second_refs += ["", "!!"]

@@ -7,11 +7,10 @@ import torch
 
 import lmforge
 from lmforge import build_model
+from lmforge.hf.runs import latest_checkpoint, list_checkpoints
 from lmforge.train.checkpoint import (
     check_writable,
     checkpoint_bytes,
-    latest_checkpoint,
-    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
@@ -172,3 +171,59 @@ def test_check_writable_fails_before_training(tmp_path):
     model, _, _ = setup()
     n = sum(p.numel() for p in model.parameters())
     assert checkpoint_bytes(model) == 3 * 4 * n
+
+
+def test_a_kill_while_pruning_never_leaves_a_checkpoint_that_cannot_resume(tmp_path, monkeypatch):
+    """keep_last=1: the process dies while deleting the old checkpoint (after its weights went). The newest
+    complete checkpoint must be the one resume picks, and it must load."""
+    from pathlib import Path
+
+    from lmforge.train import checkpoint
+
+    model, opt, sched = setup()
+    save_checkpoint(tmp_path, 1, model, opt, sched, {}, keep_last=1)
+
+    def killed(path, *args, **kwargs):  # deletes the weights of the pruned folder, then the process "dies"
+        (Path(path) / "model.safetensors").unlink(missing_ok=True)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint.shutil, "rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(tmp_path, 2, model, opt, sched, {}, keep_last=1)
+
+    latest = latest_checkpoint(tmp_path)
+    assert latest.name == "step_00000002"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002"]  # the half-deleted one is hidden
+    other, other_opt, other_sched = setup(seed=1)
+    assert load_checkpoint(latest, other, other_opt, other_sched)["step"] == 2
+    save_checkpoint(tmp_path, 3, model, opt, sched, {}, keep_last=1)  # the next prune sweeps the leftover
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest.json", "step_00000003"]
+
+
+def test_a_half_deleted_checkpoint_under_a_step_name_is_not_complete(tmp_path):
+    """What an interrupted prune of an older lmforge left: trainer_state.json without the weights. Resume
+    falls back to the newest complete checkpoint even when latest.json names the broken one."""
+    model, opt, sched = setup()
+    save_checkpoint(tmp_path, 1, model, opt, sched, {}, keep_last=5)
+    save_checkpoint(tmp_path, 2, model, opt, sched, {}, keep_last=5)
+    (tmp_path / "checkpoints" / "step_00000002" / "model.safetensors").unlink()
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+
+
+def test_a_full_disk_mid_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    from lmforge.train import checkpoint
+
+    model, opt, sched = setup()
+    save_checkpoint(tmp_path, 1, model, opt, sched, {})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(RuntimeError, match=r"disk full .*step_00000002 .*last complete checkpoint is .*step_00000001"):
+        save_checkpoint(tmp_path, 2, model, opt, sched, {})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest.json", "step_00000001"]
+    assert latest_checkpoint(tmp_path).name == "step_00000001"

@@ -6,14 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.train.config import RunConfig, config_from_dict, help_text, parse_args
+from lmforge.pretrain.config import PRETRAIN, RunConfig, help_text, parse_args
+from lmforge.train.config import config_from_dict
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_no_arguments_is_the_default_recipe_file():
     assert parse_args([]) == parse_args(["--config", str(CONFIGS / "default.yaml")])
-    assert config_from_dict(RunConfig().to_dict()) == RunConfig()  # what checkpoints store reads back
+    # what checkpoints store reads back
+    assert config_from_dict(RunConfig().to_dict(), "checkpoint", PRETRAIN) == RunConfig()
 
 
 def test_every_shipped_recipe_loads():

@@ -1,23 +1,16 @@
 import json
+import math
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from PIL import Image
 from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lmforge.train.logging import (
-    MetricsLogger,
-    TrainProgress,
-    measure_peak_flops,
-    mfu,
-    plot_curves,
-    read_metrics,
-    write_summary,
-)
+from lmforge.eval import read_metrics
+from lmforge.train.logging import MetricsLogger, TrainProgress, measure_peak_flops, mfu
 
 
 def lines(path):
@@ -90,31 +83,6 @@ def test_rejects_non_numeric_values(tmp_path):
         logger.log(1, {"loss": "low"})
 
 
-def test_plot_curves_writes_a_png_with_train_and_val(tmp_path):
-    with MetricsLogger(tmp_path, tensorboard=False) as logger:
-        for step in range(1, 21):
-            logger.log(step, {"loss": 5.0 / step, "lr": 1e-3})
-            if step % 10 == 0:
-                logger.log(step, {"loss": 6.0 / step}, split="val")
-    out = tmp_path / "plots" / "loss.png"
-    plot_curves(tmp_path / "metrics.jsonl", out)
-    with Image.open(out) as image:
-        assert image.format == "PNG" and image.size[0] > 500
-    assert [p.name for p in out.parent.iterdir()] == ["loss.png"]
-    with pytest.raises(FileNotFoundError, match="metrics.jsonl not found"):
-        plot_curves(tmp_path / "missing" / "metrics.jsonl", out)
-    (tmp_path / "empty.jsonl").write_text('{"step": 1, "split": "train", "lr": 0.1}\n')
-    with pytest.raises(ValueError, match="no entries with a 'loss'"):
-        plot_curves(tmp_path / "empty.jsonl", out)
-
-
-def test_write_summary_json_and_markdown(tmp_path):
-    path = write_summary(tmp_path, {"final_val_loss": 2.345678912, "steps": 100, "model": "gpt-tiny"})
-    assert json.loads(path.read_text()) == {"final_val_loss": 2.345678912, "steps": 100, "model": "gpt-tiny"}
-    markdown = (tmp_path / "summary.md").read_text()
-    assert "| final_val_loss | 2.34568 |" in markdown and "| model | gpt-tiny |" in markdown
-
-
 def test_progress_bar_shows_loss_lr_speed_and_mfu():
     console = Console(record=True, force_terminal=True, width=160)
     progress = TrainProgress(total_steps=10, start_step=2, console=console)
@@ -135,16 +103,14 @@ def test_progress_bar_shows_loss_lr_speed_and_mfu():
     TrainProgress(10, enabled=False).update(1, 1.0, 1.0, 1.0, None)
 
 
-def test_mfu_and_measured_peak():
+def test_mfu_is_achieved_over_peak_flops():
+    # 1000 tokens/s x 6e6 FLOPs/token = 6e9 FLOP/s achieved, over a 1e10 FLOP/s peak
     assert mfu(tokens_per_s=1000.0, flops_per_token=6_000_000, peak_flops=1e10) == pytest.approx(0.6)
+    assert mfu(tokens_per_s=2000.0, flops_per_token=6_000_000, peak_flops=1e10) == pytest.approx(1.2)
     with pytest.raises(ValueError, match="peak_flops"):
         mfu(1.0, 1, 0.0)
-    peak = measure_peak_flops(size=256, seconds=0.2)
-    # the same matmul timed independently achieves a comparable rate (the loop measures what it claims)
-    a, b = torch.randn(256, 256), torch.randn(256, 256)
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < 0.2:
-        a @ b
-        n += 1
-    independent = 2 * 256**3 * n / (time.perf_counter() - start)
-    assert 0.2 < peak / independent < 5.0
+
+
+def test_measured_peak_is_a_positive_finite_rate():
+    peak = measure_peak_flops(size=64, seconds=0.05)
+    assert isinstance(peak, float) and math.isfinite(peak) and peak > 0

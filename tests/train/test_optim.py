@@ -13,7 +13,6 @@ from lmforge.train.optim import (
     OptimConfig,
     build_optimizer,
     build_scheduler,
-    clip_gradients,
     lr_at,
     newton_schulz_orthogonalize,
     parameter_roles,
@@ -297,14 +296,3 @@ def test_scheduler_scales_muon_group_with_the_same_shape():
         assert groups["muon"]["lr"] == pytest.approx(lr_at(step, cfg, 20) * 0.02 / 1e-3)
         opt.step()
         sched.step()
-
-
-def test_clip_gradients_returns_the_norm_and_clips():
-    model = nn.Linear(4, 4)
-    model.weight.grad = torch.full((4, 4), 3.0)
-    model.bias.grad = torch.full((4,), 4.0)
-    expected = math.sqrt(16 * 9 + 4 * 16)
-    assert clip_gradients(model, 0.0) == pytest.approx(expected)
-    assert clip_gradients(model, 1.0) == pytest.approx(expected)
-    total = torch.cat([model.weight.grad.flatten(), model.bias.grad]).norm()
-    assert total == pytest.approx(1.0, rel=1e-5)

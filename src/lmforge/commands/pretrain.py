@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 
@@ -36,18 +37,27 @@ def register(commands, groups) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> None:
-    from lmforge.train.config import help_text, parse_args
+def exit_status(stopped_by: str | None) -> int:
+    """0 for a run that finished (or stopped early by its own rule); 128 + the signal number for one a signal
+    interrupted after saving (130 SIGINT, 143 SIGTERM), so scripts can tell it from a finished run."""
+    if stopped_by in ("SIGINT", "SIGTERM"):
+        return 128 + int(getattr(signal, stopped_by))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmforge.pretrain.config import help_text, parse_args
 
     if any(a in ("--help", "-h") for a in args.args):
         print(help_text())
-        return
+        return 0
     config = parse_args(args.args)
-    from lmforge.train.trainer import pretrain
+    from lmforge.pretrain.trainer import pretrain
 
     summary = pretrain(config)
+    status = exit_status(summary.get("stopped_by"))
     if os.environ.get("RANK", "0") != "0":  # torchrun: process 0 reports
-        return
+        return status
     if summary.get("samples"):
         print(summary["samples"])
     final = summary.get("final_val") or {}
@@ -57,17 +67,22 @@ def run(args: argparse.Namespace) -> None:
             f"step {summary['steps']}: val loss {final['loss']:.4f}, perplexity {final['perplexity']:.2f}, "
             f"bits/byte {final['bits_per_byte']:.3f}"
         )
+    if status:
+        lines.append(f"interrupted by {summary['stopped_by']} at step {summary['steps']}: continue with --resume")
     print("\n".join(lines), file=sys.stderr)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m lmforge.commands.pretrain ...`: the same command without the rest of the CLI."""
     try:
-        run(argparse.Namespace(args=sys.argv[1:] if argv is None else argv))
+        return run(argparse.Namespace(args=sys.argv[1:] if argv is None else argv))
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"lmforge pretrain: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print("lmforge pretrain: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 - tagging: entity-level P/R/F1 and token accuracy for BIO/IOB1/IOBES tags (seqeval's default mode)
 - text: corpus BLEU and chrF (sacreBLEU), ROUGE (rouge-score), SQuAD exact match and F1, perplexity
 - kfold: plain and stratified K-fold splits, mean ± std over folds
-- plots, report: PNG figures and a metrics.json + report.md folder
+- plots, report: PNG figures (training curves from a run's metrics.jsonl too) and the one run report
+  (metrics.json + report.md, or summary.json + summary.md for pretraining)
 """
 
 from lmforge.eval.classification import (
@@ -21,7 +22,7 @@ from lmforge.eval.classification import (
     roc_curve,
 )
 from lmforge.eval.kfold import kfold_indices, stratified_kfold_indices, summarize_folds
-from lmforge.eval.plots import plot_confusion, plot_pr, plot_roc, plot_training_curves
+from lmforge.eval.plots import plot_confusion, plot_pr, plot_roc, plot_training_curves, read_metrics
 from lmforge.eval.report import to_jsonable, write_report
 from lmforge.eval.tagging import entity_precision_recall_f1, entity_spans, tagging_report, token_accuracy
 from lmforge.eval.text import (
@@ -55,6 +56,7 @@ __all__ = [
     "plot_training_curves",
     "precision_recall_curve",
     "precision_recall_f1",
+    "read_metrics",
     "roc_auc",
     "roc_curve",
     "rouge",

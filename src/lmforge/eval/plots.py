@@ -1,14 +1,15 @@
-"""Evaluation plots as PNG files: ROC and precision-recall curves, the confusion matrix, training curves.
+"""Evaluation plots as PNG files: ROC and precision-recall curves, the confusion matrix, training curves, and
+`read_metrics`, the reader of the metrics.jsonl a training run writes (`lmforge.train.logging.MetricsLogger`).
 
-Figures are drawn on matplotlib's Agg canvas directly (as `lmforge.train.logging.plot_curves`), so they
-work without a display and never change pyplot's global backend. Each file is written to a temporary name
-beside its target and renamed over it, so a crash never leaves a half-written PNG.
+Figures are drawn on matplotlib's Agg canvas directly, so they work without a display and never change
+pyplot's global backend. Each file is written to a temporary name beside its target and renamed over it, so
+a crash never leaves a half-written PNG.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from lmforge.eval.classification import (
     roc_auc,
     roc_curve,
 )
-from lmforge.train.logging import read_metrics
+from lmforge.io import atomic_path
 
 ANNOTATE_MAX_CLASSES = 30  # beyond this the cell numbers are too small to read
 
@@ -35,13 +36,8 @@ def _figure(width: float, height: float) -> Figure:
 
 def _save(figure: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}.png")
-    try:
+    with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -134,16 +130,32 @@ def plot_confusion(
     return _save(figure, path)
 
 
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The events of a metrics.jsonl ({"step", "split", "time", <metric>: value} per line), skipping lines that
+    are not complete JSON objects with an integer step (a run killed mid-write leaves a partial last line)."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
 def plot_training_curves(metrics_jsonl_path: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Loss vs step (train and val) and, in a second panel, every other validation metric vs step, from the
-    metrics.jsonl a training run writes ({"step", "split", <metric>: value} per line)."""
+    """The curves of a training run (pretraining or fine-tuning) against steps, from its metrics.jsonl, in up to
+    three stacked panels sharing the step axis: loss (train and every evaluated split), every other metric of
+    the evaluated splits (accuracy, perplexity, ...), and the train learning rate. Panels with nothing logged
+    are left out; train-only diagnostics (tokens/s, gradient norm, MFU) are TensorBoard's."""
     metrics_jsonl_path = Path(metrics_jsonl_path)
     if not metrics_jsonl_path.is_file():
         raise FileNotFoundError(f"{metrics_jsonl_path} not found; a training run writes it as run_dir/metrics.jsonl")
-    records = read_metrics(metrics_jsonl_path)
     losses: dict[str, tuple[list, list]] = {}
-    val_metrics: dict[str, tuple[list, list]] = {}
-    for record in records:
+    eval_metrics: dict[str, tuple[list, list]] = {}
+    learning_rate: dict[str, tuple[list, list]] = {}
+    for record in read_metrics(metrics_jsonl_path):
         split = record.get("split", "train")
         for name, value in record.items():
             if name in ("step", "split", "time") or not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -151,17 +163,28 @@ def plot_training_curves(metrics_jsonl_path: str | os.PathLike, path: str | os.P
             if name == "loss":
                 target = losses.setdefault(split, ([], []))
             elif split != "train":
-                target = val_metrics.setdefault(f"{split} {name}", ([], []))
+                target = eval_metrics.setdefault(f"{split} {name}", ([], []))
+            elif name == "lr":
+                target = learning_rate.setdefault(split, ([], []))
             else:
                 continue
             target[0].append(record["step"])
             target[1].append(value)
-    if not losses and not val_metrics:
+    if not losses and not eval_metrics:
         raise ValueError(f"{metrics_jsonl_path} has no loss or validation metrics to plot")
-    panels = [(curves, ylabel) for curves, ylabel in ((losses, "loss"), (val_metrics, "metric")) if curves]
-    figure = _figure(8, 3.5 * len(panels) + 0.5)
-    axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (curves, ylabel) in zip(axes, panels, strict=True):
+    panels = [
+        (curves, ylabel, height)
+        for curves, ylabel, height in (
+            (losses, "loss", 3.5),
+            (eval_metrics, "metric", 3.5),
+            (learning_rate, "learning rate", 2.0),
+        )
+        if curves
+    ]
+    heights = [height for _, _, height in panels]
+    figure = _figure(8, sum(heights) + 0.5)
+    axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False, height_ratios=heights)[:, 0]
+    for ax, (curves, ylabel, _) in zip(axes, panels, strict=True):
         for name, (steps, values) in sorted(curves.items(), key=lambda kv: kv[0] != "train"):
             ax.plot(steps, values, label=name, marker="o" if name != "train" and len(steps) < 30 else None)
         ax.set_ylabel(ylabel)

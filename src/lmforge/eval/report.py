@@ -1,7 +1,8 @@
-"""An evaluation report on disk: metrics.json for programs and report.md for people.
+"""The report of a run on disk, one writer for every recipe: a JSON file for programs and a Markdown file for
+people. Fine-tuning and evaluation write metrics.json + report.md, pretraining summary.json + summary.md.
 
-metrics.json holds the metrics dict as given, with sorted keys and every NaN or infinity written as null
-(JSON has no NaN), numpy values turned into plain numbers and lists. report.md shows, when present:
+The JSON holds the metrics dict as given, with sorted keys and every NaN or infinity written as null
+(JSON has no NaN), numpy values turned into plain numbers and lists. The Markdown shows, when present:
 the run details, the headline metrics, a per-class table (`per_class`, as written by
 `classification_report` and `tagging_report`), the confusion matrix (`confusion_matrix` with `labels`),
 a K-fold table of mean ± std (entries shaped like `summarize_folds`' output, at the top level or under one
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.data.tasks import atomic_write_text
+from lmforge.io import write_text_atomic
 
 PER_CLASS_COLUMNS = ("precision", "recall", "f1", "support", "roc_auc", "pr_auc")
 
@@ -142,13 +143,15 @@ def write_report(
     title: str,
     plots: Mapping[str, str | os.PathLike] | None = None,
     details: Mapping | None = None,
+    json_name: str = "metrics.json",
+    markdown_name: str = "report.md",
 ) -> Path:
-    """Write out_dir/metrics.json and out_dir/report.md (both atomically); returns the report.md path.
+    """Write out_dir/`json_name` and out_dir/`markdown_name` (both atomically); returns the Markdown path.
     `plots` maps a caption to a PNG path (best inside out_dir; links are relative to it); `details` (model,
-    data, settings) is shown as a table at the top of the report and is not part of metrics.json."""
+    data, settings) is shown as a table at the top of the report and is not part of the JSON."""
     out_dir = Path(out_dir)
     data = to_jsonable(metrics)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    report_path = out_dir / "report.md"
-    atomic_write_text(report_path, _markdown(data, title, plots or {}, details, out_dir))
+    write_text_atomic(out_dir / json_name, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    report_path = out_dir / markdown_name
+    write_text_atomic(report_path, _markdown(data, title, plots or {}, details, out_dir))
     return report_path

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+IGNORE_INDEX = -100  # the label of positions without a target: PyTorch's cross_entropy default ignore_index
 CHUNK_ELEMENTS = 1 << 18  # 1 MB of fp32: a chunk stays in cache across its passes, temporaries are reused
 
 
@@ -56,7 +57,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Mean cross-entropy of logits (N, V) against integer targets (N,), skipping `ignore_index`."""
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(

@@ -24,6 +24,8 @@ instead of handing oneDNN the plain (out, in) matrix on every call. Same bits ou
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,9 +79,21 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+@functools.cache
 def has_packed_bf16_kernel() -> bool:
-    """Whether this PyTorch build has oneDNN's prepacked linear (`torch.ops.mkldnn._linear_pointwise`)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """Whether this PyTorch build and CPU run oneDNN's prepacked bf16 linear (`torch.ops.mkldnn._linear_pointwise`).
+
+    The build may have the op while the CPU lacks the instructions its bf16 path needs (AVX512-BW/VL/DQ or
+    AVX-NE-CONVERT): oneDNN then refuses at packing time, so one tiny weight is packed and run to find out."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        weight = torch.zeros(16, 16, dtype=torch.bfloat16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 16, dtype=torch.bfloat16), packed, None, "none", [], "")
+    except RuntimeError:
+        return False
+    return True
 
 
 class PackedLinear(nn.Module):

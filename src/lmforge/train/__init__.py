@@ -1,2 +1,3 @@
-"""Pretraining: the recipe (trainer.py), its config, and the mechanics it calls (optimizers and schedules,
-checkpoints, logging, distributed)."""
+"""The training engine every recipe shares: the loop (loop.py) and its `Objective` protocol (objective.py),
+checkpoints, optimizers and schedules, distributed helpers, logging and progress, the config parser, the
+run tokenizer and resumable batch iteration. Recipes live in `lmforge.pretrain`, `lmforge.finetune`, ..."""

@@ -12,7 +12,7 @@ Layout of `run_dir/checkpoints/`:
 
 A checkpoint is complete only when its folder exists under its final name and holds trainer_state.json:
 every file is written into a hidden temporary folder in the same parent, trainer_state.json last, each
-flushed to disk, and the folder is renamed into place (a rename within one filesystem is atomic), before
+flushed to disk, and the folder is renamed into place (`lmforge.io.atomic_folder`), before
 latest.json is updated. A run killed at any moment leaves either the previous complete checkpoint or the
 new one, never a half-written folder under a step name. Everything is read back without unpickling code:
 safetensors for weights, torch.load(weights_only=True) for the optimizer, scheduler and RNG states.
@@ -20,13 +20,12 @@ safetensors for weights, torch.load(weights_only=True) for the optimizer, schedu
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +33,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.hf.files import CONFIG, SAFETENSORS, CheckpointWeights, read_config, replace_folder, write_safetensors
+from lmforge.hf.files import CONFIG, SAFETENSORS, CheckpointWeights, read_config, write_safetensors
 from lmforge.hf.load import tied_aliases
+from lmforge.hf.runs import (
+    BEST,
+    CHECKPOINTS,
+    LATEST,
+    TRAINER_STATE,
+    is_complete,
+    latest_checkpoint,
+    list_checkpoints,
+    read_pointer,
+)
 from lmforge.hf.save import save_tokenizer
+from lmforge.io import atomic_folder, write_json_atomic
 from lmforge.train.distributed import unwrap_model
 
-CHECKPOINTS = "checkpoints"
-TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
 RNG = "rng.pt"
-LATEST = "latest.json"
-BEST = "best.json"
-STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -86,30 +91,40 @@ def save_checkpoint(
 
     model = unwrap_model(model)
     final = checkpoint_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
-        _write_model(model, tmp)
-        if tokenizer is not None:
-            save_tokenizer(tokenizer, tmp)
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / SCHEDULER)
-        torch.save(_torch_rng(), tmp / RNG)
-        (tmp / TRAINER_STATE).write_text(state_text + "\n", encoding="utf-8")  # last: marks the folder complete
-        _fsync_tree(tmp)
-        tmp.chmod(0o755)
-        replace_folder(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(final) as tmp:
+            _write_model(model, tmp)
+            if tokenizer is not None:
+                save_tokenizer(tokenizer, tmp)
+            if optimizer is not None:
+                torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+            if scheduler is not None:
+                torch.save(scheduler.state_dict(), tmp / SCHEDULER)
+            torch.save(_torch_rng(), tmp / RNG)
+            (tmp / TRAINER_STATE).write_text(state_text + "\n", encoding="utf-8")  # last: marks it complete
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
+        if not _is_disk_error(error):
+            raise
+        previous = latest_checkpoint(run_dir)
+        kept = f"the last complete checkpoint is {previous}" if previous else "no earlier checkpoint exists"
+        free = shutil.disk_usage(final.parent).free / 1e9 if final.parent.exists() else 0.0
+        raise RuntimeError(
+            f"disk full (or not writable) while writing checkpoint {final} ({free:.2f} GB free); {kept}. Free "
+            "some space or choose another train.out, then continue with --resume"
+        ) from None
 
     if is_best:
         _write_pointer(final.parent / BEST, step, final)
+    _write_pointer(final.parent / LATEST, step, final)  # before pruning: a kill while pruning keeps this one
     _prune(final.parent, keep_last, keep=final)
-    _write_pointer(final.parent / LATEST, step, final)
     return final
+
+
+def _is_disk_error(error: BaseException) -> bool:
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES)
+    text = str(error).lower()
+    return "no space" in text or "file write failed" in text or "unexpected pos" in text
 
 
 def _write_model(model: nn.Module, folder: Path) -> None:
@@ -126,75 +141,28 @@ def _write_model(model: nn.Module, folder: Path) -> None:
     (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file's data to disk before the rename that makes the folder visible as complete."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_pointer(path: Path, step: int, target: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps({"step": step, "path": target.name}) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _read_pointer(path: Path) -> Path | None:
-    """The complete checkpoint a latest.json / best.json names, or None (absent, unreadable, stale)."""
-    try:
-        name = json.loads(path.read_text(encoding="utf-8"))["path"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    target = path.parent / str(name)
-    return target if STEP_DIR.match(target.name) and is_complete(target) else None
-
-
-def is_complete(path: Path) -> bool:
-    return (Path(path) / TRAINER_STATE).is_file()
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest step first (temporary and incomplete folders are skipped)."""
-    folder = Path(run_dir) / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and is_complete(p)]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    write_json_atomic(path, {"step": step, "path": target.name}, indent=None)
 
 
 def _prune(folder: Path, keep_last: int, keep: Path) -> None:
     """Delete complete checkpoints older than the last `keep_last` (by step), sparing `keep` and the best,
-    and leftovers of interrupted saves (hidden .tmp-/.old- folders: one process writes a run's checkpoints)."""
-    best = _read_pointer(folder / BEST)
+    and leftovers of interrupted saves or prunes (hidden folders: one process writes a run's checkpoints).
+
+    Each doomed checkpoint is first renamed to a hidden `.step_N.pruning` name, in one atomic step, and only
+    then deleted: a kill in the middle of the deletion leaves a hidden folder the next prune removes, never a
+    half-deleted folder under a step name that looks like a checkpoint."""
+    best = read_pointer(folder / BEST)
     complete = list_checkpoints(folder.parent)
     spared = {p.name for p in complete[-keep_last:]} | {keep.name} | ({best.name} if best else set())
     for path in complete:
         if path.name not in spared:
-            shutil.rmtree(path, ignore_errors=True)
+            doomed = path.with_name(f".{path.name}.pruning")
+            os.replace(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     for path in folder.iterdir():
-        if path.name.startswith(".step_") and (".tmp-" in path.name or ".old-" in path.name):
+        if path.name.startswith(".step_") and any(m in path.name for m in (".tmp-", ".old-", ".pruning")):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint latest.json names, or (when it is missing or points at nothing complete) the complete
-    checkpoint with the highest step; None when the run has none."""
-    pointed = _read_pointer(Path(run_dir) / CHECKPOINTS / LATEST)
-    if pointed is not None:
-        return pointed
-    complete = list_checkpoints(run_dir)
-    return complete[-1] if complete else None
-
-
-def best_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint best.json names, if it still exists."""
-    return _read_pointer(Path(run_dir) / CHECKPOINTS / BEST)
 
 
 # ---------------------------------------------------------------- loading
@@ -392,7 +360,7 @@ def check_writable(run_dir: Path, min_free_bytes: int) -> None:
     if free < min_free_bytes:
         raise RuntimeError(
             f"only {free / 1e9:.2f} GB free under {run_dir}, but checkpoints need about {min_free_bytes / 1e9:.2f} GB; "
-            f"free some space, lower keep_last, or choose another output folder"
+            f"free some space or choose another output folder (train.out)"
         )
 
 

@@ -1,14 +1,15 @@
-"""The pretraining config: four typed sections, one source for YAML files, command-line flags and `--help`.
+"""Typed run configs: one source for YAML files, command-line flags and `--help`, shared by every recipe.
 
-A run is `RunConfig(model, data, optim, train)`. Each field carries its help text in `metadata["help"]`,
-so the same dataclasses validate a YAML recipe, parse `--section.key=value` flags (the value parsed by the
-field's type) and print `--help`. Precedence: dataclass defaults < `--config FILE.yaml` < flags.
+A recipe's config is a dataclass with one field per section (`Schema`); each section is a dataclass whose
+fields carry their help text in `metadata["help"]` (`opt`). The same dataclasses validate a YAML recipe,
+parse `--section.key=value` flags (the value parsed by the field's type) and print `--help`. Precedence:
+dataclass defaults < `--config FILE.yaml` < flags.
 
     lmforge pretrain --config configs/shakespeare-char.yaml --train.batch_size=32 --max-steps 500
 
-Stable short flags (`ALIASES`) map to fields: `--model`, `--data`, `--out`, `--max-steps`, `--save-every`,
-`--eval-every`, `--seed`, `--resume`. An unknown key or a bad value fails before anything is built, naming
-the key and the closest valid ones (difflib).
+Stable short flags (`Schema.aliases`) map to fields, e.g. `--model`, `--data`, `--out`, `--max-steps`. An
+unknown key or a bad value fails before anything is built, naming the key and the closest valid ones
+(difflib). `TrainSection` (the loop's settings) is shared by every recipe.
 """
 
 from __future__ import annotations
@@ -22,46 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.train.optim import OptimConfig
-
 
 def opt(default: Any, help: str) -> Any:
     """A dataclass field with its help text (mutable defaults are copied per instance)."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class ModelSection:
-    name: str = opt("gpt-tiny", "preset (lmforge models), family (gpt, llama, bert, ...) or a saved model folder")
-    overrides: dict = opt({}, "model config fields to change, e.g. {n_layer: 4, d_model: 256}")
-    dropout: float = opt(0.0, "dropout on embeddings, residual branches and attention weights")
-
-
-@dataclass
-class DataSection:
-    dataset: str = opt("shakespeare-small", "catalog name (lmforge data list), a text file/folder/glob, or shards")
-    tokenizer: str = opt("char", "char | gpt2 | train (learn a byte-level BPE) | path to a tokenizer")
-    vocab_size: int = opt(4096, "vocabulary size when tokenizer=train")
-    block_size: int = opt(128, "tokens per training window (context length; translation: per sentence)")
-    val_fraction: float = opt(0.1, "held-out fraction when the dataset has no validation split")
-    text_field: str = opt("text", "JSON field holding the text, for JSONL/Parquet files")
-    mlm_probability: float = opt(0.15, "masked LM: fraction of tokens to predict")
-    noise_density: float = opt(0.15, "span corruption: fraction of tokens dropped")
-    source_lang: str = opt("en", "translation: record field of the source sentence")
-    target_lang: str = opt("es", "translation: record field of the target sentence")
-    max_pairs: int = opt(0, "translation: use only the first N training pairs (0: all)")
-
-    def __post_init__(self) -> None:
-        if self.block_size < 2:
-            raise ValueError(f"data.block_size={self.block_size} must be >= 2 (a window predicts block_size - 1)")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
-        if self.vocab_size < 2:
-            raise ValueError(f"data.vocab_size={self.vocab_size} must be >= 2")
-        if self.max_pairs < 0:
-            raise ValueError(f"data.max_pairs={self.max_pairs} must be >= 0 (0: all pairs)")
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -86,7 +53,7 @@ class TrainSection:
     early_stopping_patience: int = opt(0, "stop after N evaluations without a better val loss (0: off)")
     nan_policy: str = opt("stop", "stop | skip: what a NaN/inf loss does")
     out: str = opt("runs", "folder holding the run folders")
-    name: str = opt("", "run name (default: <model>-<dataset>)")
+    name: str = opt("", "run name, a folder under train.out (default: <model>-<dataset>)")
     resume: bool = opt(False, "continue from the run's latest checkpoint")
     threads: int = opt(0, "CPU threads (0: torch's default)")
     sample_tokens: int = opt(300, "tokens per sample written to samples.txt at the end (0: none)")
@@ -106,39 +73,11 @@ class TrainSection:
             raise ValueError(f"train.dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(f"train.nan_policy={self.nan_policy!r} is not one of {', '.join(NAN_POLICIES)}")
-
-
-@dataclass
-class RunConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, min_lr=2e-4, warmup_steps=50))
-    train: TrainSection = field(default_factory=TrainSection)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @property
-    def run_name(self) -> str:
-        return self.train.name or f"{Path(self.model.name).name}-{Path(self.data.dataset).stem}"
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.train.out) / self.run_name
-
-
-SECTION_TYPES = {"model": ModelSection, "data": DataSection, "optim": OptimConfig, "train": TrainSection}
-
-ALIASES = {
-    "model": "model.name",
-    "data": "data.dataset",
-    "out": "train.out",
-    "max-steps": "train.max_steps",
-    "save-every": "train.save_every",
-    "eval-every": "train.eval_every",
-    "seed": "train.seed",
-    "resume": "train.resume",
-}
+        if self.name and (self.name in (".", "..") or any(sep in self.name for sep in ("/", "\\", "\0"))):
+            raise ValueError(
+                f"train.name={self.name!r} must be a plain folder name (no '/', '..'): the run folder is "
+                "train.out/train.name; put the path in train.out instead"
+            )
 
 
 @dataclass(frozen=True)
@@ -151,15 +90,6 @@ class Schema:
     aliases: dict[str, str]
     command: str
     summary: str
-
-
-PRETRAIN = Schema(
-    RunConfig,
-    SECTION_TYPES,
-    ALIASES,
-    "pretrain",
-    "Pretrain a model. Settings come from the defaults below, then --config, then flags (in that order).",
-)
 
 
 # ------------------------------------------------------------------------------------------ values
@@ -270,7 +200,7 @@ def _build(values: dict[str, dict[str, Any]], schema: Schema) -> Any:
     return schema.root(**sections)
 
 
-def config_from_dict(data: dict, source: str = "config", schema: Schema = PRETRAIN) -> Any:
+def config_from_dict(data: dict, source: str, schema: Schema) -> Any:
     """A config from a nested mapping (a YAML file, or `to_dict()` stored in a checkpoint)."""
     values: dict[str, dict[str, Any]] = {}
     _merge(values, data, source, schema)
@@ -324,7 +254,7 @@ def _flag_pairs(argv: list[str]) -> list[tuple[str, str | None]]:
     return pairs
 
 
-def parse_args(argv: list[str], schema: Schema = PRETRAIN) -> Any:
+def parse_args(argv: list[str], schema: Schema) -> Any:
     """A config from command-line arguments: defaults, then `--config FILE.yaml`, then the flags in order."""
     pairs = _flag_pairs(list(argv))
     values: dict[str, dict[str, Any]] = {}
@@ -353,11 +283,11 @@ def parse_args(argv: list[str], schema: Schema = PRETRAIN) -> Any:
     return _build(values, schema)
 
 
-def _names(section: str, schema: Schema = PRETRAIN) -> list[str]:
+def _names(section: str, schema: Schema) -> list[str]:
     return [f.name for f in dataclasses.fields(schema.sections[section])]
 
 
-def all_keys(schema: Schema = PRETRAIN) -> list[str]:
+def all_keys(schema: Schema) -> list[str]:
     return [f"{section}.{name}" for section in schema.sections for name in _names(section, schema)]
 
 
@@ -379,7 +309,7 @@ def _comment_help(cls: type) -> dict[str, str]:
     return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", source, flags=re.M))
 
 
-def help_text(schema: Schema = PRETRAIN) -> str:
+def help_text(schema: Schema) -> str:
     """`lmforge <command> --help`: every key with its type, default and help, from the dataclasses."""
     lines = [
         f"usage: lmforge {schema.command} [--config FILE.yaml] [--section.key=value ...]",

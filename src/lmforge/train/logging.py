@@ -1,4 +1,5 @@
-"""What a run reports: a metrics file, TensorBoard events, a live progress bar, curves, a summary, MFU.
+"""What a run reports while it trains: a metrics file, TensorBoard events, a live progress bar, MFU. Its curves
+and its report are drawn from the metrics file afterwards by `lmforge.eval` (plot_training_curves, write_report).
 
 metrics.jsonl holds one JSON object per line, {"step", "split", "time", <metric>: value, ...}, written
 and flushed as each event happens, so a killed run keeps everything it logged. Non-finite values (a NaN
@@ -18,13 +19,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lmforge.eval.plots import read_metrics
+from lmforge.io import write_text_atomic
 
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
@@ -100,28 +102,13 @@ def _number(value: Any) -> float | int | None:
     return value
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The events of a metrics.jsonl, skipping lines that are not complete JSON objects (a kill mid-write)."""
-    records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
-
-
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep only the entries of `path` logged before `step` (and only complete lines), atomically."""
     path = Path(path)
     if not path.exists():
         return
     kept = [r for r in read_metrics(path) if r["step"] < step]
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 # ---------------------------------------------------------------- progress bar
@@ -208,75 +195,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-# ---------------------------------------------------------------- curves and summary
-
-
-def plot_curves(metrics_jsonl: Path, out_png: Path) -> None:
-    """Loss vs step (train and val, from the entries that have "loss") and, when logged, lr vs step, as a
-    PNG. Uses matplotlib's Agg canvas directly, so it works without a display and never changes pyplot's
-    global backend."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    metrics_jsonl, out_png = Path(metrics_jsonl), Path(out_png)
-    if not metrics_jsonl.is_file():
-        raise FileNotFoundError(f"{metrics_jsonl} not found; it is written by a training run (run_dir/{METRICS})")
-    records = read_metrics(metrics_jsonl)
-    curves: dict[str, tuple[list[int], list[float]]] = {}
-    for r in records:
-        if r.get("loss") is not None:
-            steps, losses = curves.setdefault(r.get("split", "train"), ([], []))
-            steps.append(r["step"])
-            losses.append(r["loss"])
-    if not curves:
-        raise ValueError(f"{metrics_jsonl} has no entries with a 'loss'; nothing to plot")
-    lr_points = [(r["step"], r["lr"]) for r in records if r.get("split") == "train" and r.get("lr") is not None]
-
-    fig = Figure(figsize=(8, 6 if lr_points else 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2 if lr_points else 1, 1, sharex=True, squeeze=False)[:, 0]
-    for split, (steps, losses) in sorted(curves.items(), key=lambda kv: kv[0] != "train"):
-        axes[0].plot(steps, losses, label=split, marker="o" if len(steps) < 30 and split != "train" else None)
-    axes[0].set_ylabel("loss")
-    axes[0].legend()
-    axes[0].grid(alpha=0.3)
-    if lr_points:
-        axes[1].plot(*zip(*lr_points, strict=True), color="tab:gray")
-        axes[1].set_ylabel("learning rate")
-        axes[1].grid(alpha=0.3)
-    axes[-1].set_xlabel("step")
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.stem}.tmp-{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, out_png)
-
-
-def write_summary(run_dir: Path, summary: dict) -> Path:
-    """run_dir/summary.json (the dict as is) and summary.md (a two-column table); returns the JSON path."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    json_path = run_dir / "summary.json"
-    try:
-        text = json.dumps(summary, indent=2, allow_nan=False, default=str)
-    except ValueError as error:
-        raise ValueError(f"summary must hold finite numbers ({error}); replace NaN/inf with None") from None
-    rows = "".join(f"| {key} | {_cell(value)} |\n" for key, value in summary.items())
-    markdown = f"# Run summary\n\n| | |\n|---|---|\n{rows}"
-    for path, content in ((json_path, text + "\n"), (run_dir / "summary.md", markdown)):
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.write_text(content, encoding="utf-8")
-        os.replace(tmp, path)
-    return json_path
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, (dict, list)):
-        return json.dumps(value).replace("|", "\\|")
-    return str(value).replace("|", "\\|")
-
-
 # ---------------------------------------------------------------- throughput
 
 
@@ -290,8 +208,12 @@ def mfu(tokens_per_s: float, flops_per_token: int, peak_flops: float) -> float:
 def measure_peak_flops(
     dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 1.0, device: str | torch.device = "cpu"
 ) -> float:
-    """FLOP/s of back-to-back (size x size) @ (size x size) matmuls on `device` (2 size^3 FLOPs each),
-    timed for about `seconds` after a warm-up: what this machine actually sustains, the denominator of MFU."""
+    """FLOP/s of back-to-back (size x size) @ (size x size) matmuls on `device` (2 size^3 FLOPs each): what this
+    machine sustains, the denominator of MFU.
+
+    The budget is split into short bursts and the fastest burst counts: on a shared machine other processes
+    steal time from some bursts, and an average would then understate the peak (and MFU would read above
+    100%). The fastest burst is the best estimate of what the hardware does when it is ours."""
     device = torch.device(device)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -303,15 +225,14 @@ def measure_peak_flops(
 
     torch.matmul(a, b, out=out)  # warm-up: kernel selection, thread pool start
     sync()
-    count, start = 0, time.perf_counter()
-    batch = 1
-    while True:
+    best, deadline, batch = 0.0, time.perf_counter() + seconds, 1
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
         for _ in range(batch):
             torch.matmul(a, b, out=out)
         sync()
-        count += batch
         elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            break
-        batch = min(batch * 2, 64)
-    return 2 * size**3 * count / elapsed
+        best = max(best, 2 * size**3 * batch / elapsed)
+        if elapsed < seconds / 16:  # grow bursts until each is long enough to time well
+            batch = min(batch * 2, 64)
+    return best

@@ -1,4 +1,4 @@
-"""The training loop every recipe shares: pretraining (`trainer.pretrain`) and fine-tuning (`lmforge.finetune`).
+"""The training loop every recipe shares: pretraining (`lmforge.pretrain`) and fine-tuning (`lmforge.finetune`).
 
 A recipe builds the model, optimizer, scheduler and an infinite, resumable batch iterator, then hands them to
 `train_loop` with an `Objective` (what one batch's loss is) and an evaluation function. The loop owns what
@@ -35,26 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.hf.runs import latest_checkpoint
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, all_reduce_sum, barrier
 from lmforge.train.logging import MetricsLogger, TrainProgress
-
-
-class Objective:
-    """What a batch's loss is. `count(batch)`: the units the loss averages over (target tokens, examples);
-    `loss_sum(model, batch)`: the loss summed over those units; `tokens(micro)`: tokens an optimizer step
-    processed, for tokens/s (None: the recipe's fixed tokens per step)."""
-
-    name = "objective"
-
-    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def tokens(self, micro: list[dict[str, torch.Tensor]]) -> int:
-        return sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
+from lmforge.train.objective import Objective
 
 
 class Stop:
@@ -117,6 +102,25 @@ def take_rows(batch: dict[str, torch.Tensor], info: DistInfo, device: torch.devi
     return {k: v[part].to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def optimizer_step(raw_model: nn.Module, optimizer, scheduler, scaler, grad_clip: float) -> tuple[float, float]:
+    """Clip, step and zero the gradients, advance the schedule; returns (gradient norm before clipping, the lr
+    the step used). With fp16 the GradScaler unscales first (so the clip sees true gradients) and skips the
+    step when they overflowed."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    trainable = [p for p in raw_model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip).item() if grad_clip > 0 else float("nan")
+    lr = optimizer.param_groups[0]["lr"]
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return grad_norm, lr
+
+
 @dataclass
 class LoopState:
     """What the loop carries across steps and checkpoints (besides model, optimizer and loader)."""
@@ -151,7 +155,7 @@ def open_run(tc: Any, run_dir: Path, info: DistInfo, min_free_bytes: int) -> Pat
         torch.set_num_threads(tc.threads)
     if info.is_main:
         ckpt.check_writable(run_dir, min_free_bytes)
-    latest = ckpt.latest_checkpoint(run_dir)
+    latest = latest_checkpoint(run_dir)
     if latest is not None and not tc.resume:
         raise ValueError(
             f"{run_dir} already holds checkpoints (latest: {latest.name}); pass --resume to continue that run, "
@@ -207,10 +211,12 @@ def train_loop(
     tokens_per_step: int | None,
     flops_per_token: int,
     peak_flops: float | None,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
 ) -> LoopResult:
     """Run optimizer steps from `state.step` to `config.train.max_steps`; see the module docstring.
     `config` has `.train` (TrainSection), `.optim.grad_clip` and `to_dict()`; `evaluate()` returns metrics
-    with a "loss" (lower is better: best checkpoint and early stopping follow it)."""
+    with a "loss" (lower is better: best checkpoint and early stopping follow it). `on_eval(step, metrics)`, if
+    given, sees every evaluation as it is logged; an exception it raises (a tuner's pruning) ends the run."""
     tc = config.train
     step = state.step
     logger = MetricsLogger(run_dir, tensorboard=tc.tensorboard, enabled=info.is_main)
@@ -252,7 +258,7 @@ def train_loop(
 
             if not math.isfinite(loss):
                 if tc.nan_policy == "stop":
-                    last = ckpt.latest_checkpoint(run_dir)
+                    last = latest_checkpoint(run_dir)
                     kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
                     raise RuntimeError(
                         f"the training loss became {loss} at step {step + 1}; {kept}. Lower optim.lr, raise "
@@ -265,22 +271,7 @@ def train_loop(
                 say(info, f"step {step}: loss {loss}, step skipped (train.nan_policy=skip)")
                 continue
 
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            trainable = [p for p in raw_model.parameters() if p.requires_grad]
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(trainable, config.optim.grad_clip).item()
-                if config.optim.grad_clip > 0
-                else float("nan")
-            )
-            lr = optimizer.param_groups[0]["lr"]
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            grad_norm, lr = optimizer_step(raw_model, optimizer, scheduler, scaler, config.optim.grad_clip)
             step += 1
             state.tokens_seen += step_tokens
             window_tokens += step_tokens
@@ -289,6 +280,8 @@ def train_loop(
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_tokens / max(elapsed, 1e-9)
             step_mfu = None if peak_flops is None else tokens_per_s * flops_per_token / peak_flops
+            if step_mfu is not None and step_mfu > 1.0:  # the peak was measured under load: not trustworthy
+                step_mfu = None
             progress.update(step, loss, lr, tokens_per_s, step_mfu)
             if step % tc.log_every == 0 or step == tc.max_steps:
                 values = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "grad_norm": grad_norm}
@@ -298,6 +291,13 @@ def train_loop(
             if (tc.eval_every and step % tc.eval_every == 0) or step == tc.max_steps:
                 last_eval = evaluate()
                 logger.log(step, last_eval, split="val")
+                if on_eval is not None:
+                    try:
+                        on_eval(step, last_eval)
+                    except BaseException:  # the caller ends the run (a pruned trial): release the bar and logs
+                        progress.close()
+                        logger.close()
+                        raise
                 if state.best_val_loss is None or last_eval["loss"] < state.best_val_loss:
                     state.best_val_loss, state.best_step, state.evals_without_improvement = last_eval["loss"], step, 0
                     is_best = True

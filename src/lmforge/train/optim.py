@@ -304,13 +304,3 @@ def build_scheduler(
     each `optimizer.step()`."""
     lr_at(0, cfg, max_steps)  # validates max_steps now rather than at the first step
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, max_steps) / cfg.lr)
-
-
-def clip_gradients(model: nn.Module, max_norm: float) -> float:
-    """Scale all gradients so their global L2 norm is at most `max_norm` (0 disables clipping); returns the
-    norm before clipping (worth logging: spikes precede loss spikes)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm <= 0:
-        norms = [p.grad.detach().norm() for p in params]
-        return float(torch.stack(norms).norm()) if norms else 0.0
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))

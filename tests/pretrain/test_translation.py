@@ -11,9 +11,10 @@ import torch
 
 from lmforge import load_model
 from lmforge.data import load_dataset
-from lmforge.data.tokenizer import load_tokenizer
-from lmforge.train.config import parse_args
-from lmforge.train.trainer import pretrain, translate
+from lmforge.data.tokenizers.tokenizer import load_tokenizer
+from lmforge.pretrain.config import parse_args
+from lmforge.pretrain.objectives import translate
+from lmforge.pretrain.trainer import pretrain
 
 
 @pytest.fixture
@@ -81,20 +82,20 @@ def test_translation_run_learns_saves_and_translates(translation_flags):
 def test_translation_loss_is_the_models_own_mean_over_target_tokens(translation_flags):
     """The trainer's teacher forcing (bos, then the targets shifted right) is the model's own: the evaluated
     loss of a fresh model equals `model(input_ids, attention_mask, labels=...).loss` on the same batches."""
-    from lmforge.train.data import prepare_data
+    from lmforge.pretrain.objectives import Translation
+    from lmforge.pretrain.trainer import build_pretrain_model, evaluate
     from lmforge.train.distributed import DistInfo
-    from lmforge.train.trainer import build_model, evaluate
 
     config = parse_args(translation_flags(train__eval_batches=2))
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
-    data = prepare_data(config, config.run_dir, info, "translation")
+    objective = Translation()
+    data = objective.prepare(config, config.run_dir, info, reuse_tokenizer=False)
     tok = data.tokenizer
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
     assert all(source[-1] == target[-1] == tok.eos_token_id for source, target in data.train)
     torch.manual_seed(0)
-    ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-    model = build_model(config, tok.vocab_size, ids).eval()
-    ours = evaluate(model, data, config, info, "translation")["loss"]
+    model = build_pretrain_model(config, objective, tok).eval()
+    ours = evaluate(model, data, config, info)["loss"]
     with torch.no_grad():
         sums = [
             (model(**b).loss * (b["labels"] != -100).sum(), (b["labels"] != -100).sum()) for b in data.val_batches(2)
