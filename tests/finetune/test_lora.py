@@ -21,9 +21,7 @@ from lmforge.finetune.lora import (
     merge_lora,
 )
 from lmforge.finetune.peft_format import load_adapter, save_adapter
-from lmforge.hf import bert as hf_bert
-from lmforge.hf import gpt as hf_gpt
-from lmforge.hf import llama as hf_llama
+from lmforge.hf import ADAPTERS
 from lmforge.models.bert import Bert
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.llama import Llama
@@ -44,7 +42,7 @@ def hf_gpt2():
     config = transformers.GPT2Config(
         vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, pad_token_id=PAD, bos_token_id=1, eos_token_id=1
     )
-    return transformers.GPT2LMHeadModel(config), hf_gpt, GPT
+    return transformers.GPT2LMHeadModel(config), ADAPTERS["gpt"], GPT
 
 
 def hf_llama_gqa():
@@ -60,7 +58,7 @@ def hf_llama_gqa():
         bos_token_id=1,
         eos_token_id=2,
     )
-    return transformers.LlamaForCausalLM(config), hf_llama, Llama
+    return transformers.LlamaForCausalLM(config), ADAPTERS["llama"], Llama
 
 
 def hf_bert_classifier():
@@ -75,7 +73,7 @@ def hf_bert_classifier():
         pad_token_id=PAD,
         architectures=["BertForSequenceClassification"],
     )
-    return transformers.BertForSequenceClassification(config), hf_bert, Bert
+    return transformers.BertForSequenceClassification(config), ADAPTERS["bert"], Bert
 
 
 FAMILIES = {"gpt": hf_gpt2, "llama": hf_llama_gqa, "bert": hf_bert_classifier}
@@ -90,14 +88,14 @@ PEFT_TARGETS = {
 def hf_and_ours(family: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A random HF model (biases and norms nudged off their init) and ours loaded from it by the hf mapping."""
     torch.manual_seed(0)
-    hf, mapping, model_cls = FAMILIES[family]()
+    hf, adapter, model_cls = FAMILIES[family]()
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     hf.eval()
-    config = mapping.config_from_hf(hf.config.to_dict())
+    config = adapter.config_from_hf(hf.config.to_dict())
     ours = model_cls(config).eval()
-    ours.load_state_dict(mapping.state_dict_from_hf(hf.state_dict(), config), strict=True)
+    ours.load_state_dict(adapter.state_dict_from_hf(hf.state_dict(), config), strict=True)
     return hf, ours
 
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 import transformers
 
-from lmforge.data.catalog import load_dataset
-from lmforge.data.conll import TaggedSentence
-from lmforge.data.derived import cloze_qa_from_tagged
-from lmforge.data.squad import Answer, QAExample
-from lmforge.data.tokenizer import Tokenizer, gpt2_tokenizer, load_tokenizer
+from lmforge.data.corpora.catalog import load_dataset
+from lmforge.data.corpora.derived import cloze_qa_from_tagged
+from lmforge.data.readers.conll import TaggedSentence
+from lmforge.data.readers.squad import Answer, QAExample
+from lmforge.data.tokenizers.tokenizer import Tokenizer, gpt2_tokenizer, load_tokenizer
 from lmforge.finetune.qa import decode_qa, encode_qa
 from lmforge.hf.real_weights import minilm_folder
 

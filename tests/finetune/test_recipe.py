@@ -76,7 +76,7 @@ def test_predictions_agree_with_the_reported_metrics(classifier_run, tmp_path):
 
     assert cli_main(["predict", str(model_dir), "--input", str(inputs), "--output", str(tmp_path / "p.csv")]) == 0
     header = (tmp_path / "p.csv").read_text().splitlines()[0].split(",")
-    assert header == ["label", "p_negative", "p_positive"]
+    assert header == ["text", "label", "p_negative", "p_positive"]  # the input beside its prediction
 
     out = tmp_path / "eval"
     code = cli_main(["evaluate", str(model_dir), "--data", str(tmp / "test.jsonl"), "--out", str(out)])
@@ -152,14 +152,13 @@ def test_token_classification_on_wsj_pos(tmp_path):
 
 
 def test_qa_on_squad_derived(tmp_path):
+    """With the default window settings: max_length 128 and doc_stride 128 could not fit any window."""
     summary = run(
         tmp_path,
         "--task=qa",
         "--model=bert-tiny",
         "--data=squad-derived",
         "--data.max_examples=120",
-        "--data.max_length=96",
-        "--data.doc_stride=32",
         "--max-steps=4",
         "--model.vocab_size=500",
     )
@@ -185,7 +184,7 @@ def test_seq2seq_translation_scores_bleu_and_chrf(tmp_path):
         assert key in summary["validation"]
 
 
-def test_sft_learns_only_from_responses(tmp_path):
+def test_sft_learns_only_from_responses(tmp_path, capsys):
     summary = run(
         tmp_path,
         "--task=sft",
@@ -196,21 +195,24 @@ def test_sft_learns_only_from_responses(tmp_path):
         "--task.max_new_tokens=4",
         "--max-steps=4",
         "--model.vocab_size=400",
+        "--train.progress=true",
     )
     assert {"exact_match", "loss", "chrf"} <= set(summary["validation"])
+    err = capsys.readouterr().err  # not a terminal: the bars print plain lines, the last one at 100%
+    assert "validation: generating 4/4 examples" in err and "test: generating 4/4 examples" in err
+    assert "validation: loss " in err  # over the features of those 4 (a reply cut off by max_length has none)
 
 
-def test_kfold_reports_mean_and_std_over_folds(tmp_path, sentiment_file):
+def test_kfold_reports_mean_and_std_over_folds(tmp_path, sentiment_file, capsys):
     sentiment_file(tmp_path / "train.jsonl", 60, seed=0)
-    summary = run(
-        tmp_path,
-        "--task=classification",
-        "--model=bert-tiny",
-        f"--data={tmp_path / 'train.jsonl'}",
-        "--kfold=3",
-        "--max-steps=3",
-        "--model.vocab_size=200",
-    )
+    flags = ["--model=bert-tiny", f"--data={tmp_path / 'train.jsonl'}", "--kfold=3", "--model.vocab_size=200"]
+    assert cli_main(["finetune", *QUIET, "--out", str(tmp_path), *flags, "--max-steps=3"]) == 0
+    err = capsys.readouterr().err
+    (closing,) = [line for line in err.splitlines() if line.startswith("run folder: ")]
+    # the closing message names what the K-fold folder holds: no model/ or plots, which only fold runs have
+    assert closing.endswith("(report.md, metrics.json, fold_01/ ... fold_03/ (one run per fold))")
+    assert "\n  accuracy: " in err
+    summary = {"folds": json.loads((tmp_path / "bert-tiny-train-classification" / "metrics.json").read_text())}
     folds = summary["folds"]["accuracy"]
     values = [
         json.loads((tmp_path / "bert-tiny-train-classification" / f"fold_{k:02d}" / "metrics.json").read_text())[
@@ -306,3 +308,97 @@ def test_multi_label_text_pairs_class_weights_freezing_and_layer_decay(tmp_path)
         "--model.vocab_size=200",
     )
     assert summary["validation"]["n_examples"] == summary["examples"]["validation"]
+
+
+def test_max_steps_alone_sets_the_run_length_and_a_preset_is_warned_about(tmp_path, sentiment_file, capsys):
+    sentiment_file(tmp_path / "train.jsonl", 80, seed=0)
+    flags = ["--train.progress=false", "--train.tensorboard=false", "--out", str(tmp_path), "--model=bert-tiny"]
+    config = parse_args(
+        [*flags, f"--data={tmp_path / 'train.jsonl'}", "--max-steps", "2", "--model.vocab_size=200"], FINETUNE
+    )
+    assert finetune(config)["steps"] == 2  # not 3 default epochs of 72 examples: 14 steps
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if "random weights" in line]
+    assert "bert-tiny" in warning and "72 examples" in warning and "--model all-MiniLM-L6-v2" in warning
+
+
+def test_conflicting_run_lengths_fail_in_one_line_before_a_run_folder_exists(tmp_path, sentiment_file, capsys):
+    sentiment_file(tmp_path / "train.jsonl", 40, seed=0)
+    argv = ["finetune", "--out", str(tmp_path / "runs"), "--model=bert-tiny", f"--data={tmp_path / 'train.jsonl'}"]
+    assert cli_main([*argv, "--epochs", "1", "--max-steps", "20"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "task.epochs=1 (--epochs) and train.max_steps=20 (--max-steps)" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_single_label_training_data_is_refused_before_training(tmp_path, capsys):
+    rows = [{"text": f"text number {i}", "label": "positive"} for i in range(40)]
+    (tmp_path / "one.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    argv = ["finetune", *QUIET, "--out", str(tmp_path / "runs"), "--model=bert-tiny", "--max-steps=2"]
+    assert cli_main([*argv, f"--data={tmp_path / 'one.jsonl'}", "--model.vocab_size=200"]) == 2
+    err = capsys.readouterr().err
+    assert "the training data has only one label 'positive'; classification needs at least two" in err
+    assert "fine-tuning bert-tiny" not in err  # refused before training began
+    assert not (tmp_path / "runs" / "bert-tiny-one-classification").exists()
+
+
+def test_a_failed_run_removes_the_empty_run_folder_it_created(tmp_path, sentiment_file, capsys):
+    sentiment_file(tmp_path / "train.jsonl", 40, seed=0)
+    argv = ["finetune", *QUIET, "--out", str(tmp_path / "runs"), "--model=bert-tiny", "--max-steps=2"]
+    bad = [*argv, f"--data={tmp_path / 'train.jsonl'}", "--data.label_field=nope"]
+    assert cli_main(bad) == 2
+    assert "nope" in capsys.readouterr().err
+    run_dir = tmp_path / "runs" / "bert-tiny-train-classification"
+    assert not run_dir.exists()
+
+    run_dir.mkdir(parents=True)  # a folder the user made (or an earlier run left) is never removed
+    (run_dir / "notes.txt").write_text("mine", encoding="utf-8")
+    assert cli_main(bad) == 2
+    assert (run_dir / "notes.txt").read_text() == "mine"
+
+
+def test_a_new_head_is_reported_in_one_line(classifier_run, tmp_path, capsys):
+    import warnings
+
+    from lmforge import build_model, save_model
+
+    tmp, _, _ = classifier_run
+    save_model(build_model("bert-tiny", vocab_size=200), tmp_path / "encoder")  # no head: fine-tuning adds one
+    tokenizer = tmp / "bert-tiny-train-classification" / "tokenizer"
+    argv = ["finetune", *QUIET, "--out", str(tmp_path / "runs"), f"--model={tmp_path / 'encoder'}",
+            f"--model.tokenizer={tokenizer}", f"--data={tmp / 'train.jsonl'}", "--max-steps=1"]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli_main(argv) == 0
+    assert not [w for w in caught if "newly initialised" in str(w.message)]
+    err = capsys.readouterr().err
+    assert "new head: classifier initialised randomly (expected for fine-tuning)" in err.splitlines()
+    assert "newly initialised" not in err
+
+
+def test_predict_reads_the_trained_text_field_and_writes_the_input_beside_the_label(tmp_path, sentiment_file):
+    rows = sentiment_file(tmp_path / "plain.jsonl", 48, seed=0)
+    reviews = [{"review": r["text"], "sentiment": r["label"]} for r in rows]
+    (tmp_path / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reviews), encoding="utf-8")
+    run(
+        tmp_path,
+        "--model=bert-tiny",
+        f"--data={tmp_path / 'reviews.jsonl'}",
+        "--data.text_field=review",
+        "--data.label_field=sentiment",
+        "--max-steps=1",
+        "--model.vocab_size=200",
+    )
+    model_dir = tmp_path / "bert-tiny-reviews-classification" / "model"
+    inputs = tmp_path / "new.jsonl"
+    inputs.write_text(json.dumps({"review": "a great film"}) + "\n" + json.dumps({"text": "dull"}) + "\n")
+    assert cli_main(["predict", str(model_dir), "--input", str(inputs), "--output", str(tmp_path / "p.jsonl")]) == 0
+    predictions = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [p["review"] for p in predictions] == ["a great film", "dull"]
+    assert all(p["label"] in ("positive", "negative") for p in predictions)
+
+    table = tmp_path / "new.csv"
+    table.write_text('id,review\n1,"a great film, truly"\n2,boring\n', encoding="utf-8")
+    assert cli_main(["predict", str(model_dir), "--input", str(table), "--output", str(tmp_path / "p.csv")]) == 0
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0].split(",")[:2] == ["review", "label"] and lines[1].startswith('"a great film, truly",')
+    assert len(lines) == 3  # the header row is no input

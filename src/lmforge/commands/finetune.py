@@ -7,7 +7,9 @@
 
 Flags are parsed from the config dataclasses (`lmforge.finetune.config`), like `lmforge pretrain`'s; `--help`
 lists every key. The run folder holds checkpoints, metrics.jsonl, metrics.json, report.md, plots, and the
-final model in model/ (with task.json, so `lmforge evaluate` and `lmforge predict` can use it).
+final model in model/ (with task.json, so `lmforge evaluate` and `lmforge predict` can use it); a K-fold run
+holds report.md and metrics.json over the folds and one run folder per fold. The closing message lists what
+the run folder actually holds.
 Several processes: `torchrun --nproc_per_node=N -m lmforge finetune ...` (see `lmforge pretrain`).
 """
 
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def register(commands, groups) -> None:
@@ -38,20 +41,34 @@ def _headline(metrics: dict) -> str:
     return ", ".join(parts)
 
 
-def run(args: argparse.Namespace) -> None:
+def _contents(run_dir: Path) -> str:
+    """The run folder's entries as the closing message lists them: the report first, folds as one range."""
+    entries = sorted(p for p in run_dir.iterdir() if not p.name.startswith("."))
+    first = {"report.md": 0, "metrics.json": 1}
+    entries.sort(key=lambda p: first.get(p.name, 2))
+    folds = [p.name for p in entries if p.is_dir() and p.name.startswith("fold_")]
+    names = [p.name + ("/" if p.is_dir() else "") for p in entries if p.name not in folds]
+    if folds:
+        names.append(f"{folds[0]}/ ... {folds[-1]}/ (one run per fold)" if len(folds) > 1 else f"{folds[0]}/")
+    return ", ".join(names)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmforge.commands.pretrain import exit_status
     from lmforge.finetune.config import FINETUNE
     from lmforge.train.config import help_text, parse_args
 
     if any(a in ("--help", "-h") for a in args.args):
         print(help_text(FINETUNE))
-        return
+        return 0
     config = parse_args(args.args, FINETUNE)
     from lmforge.finetune.recipe import finetune
 
     summary = finetune(config)
+    status = exit_status(summary.get("stopped_by"))
     if os.environ.get("RANK", "0") != "0":
-        return
-    lines = [f"run folder: {summary['run_dir']}  (report.md, metrics.json, plots, model/)"]
+        return status
+    lines = [f"run folder: {summary['run_dir']}  ({_contents(Path(summary['run_dir']))})"]
     if "folds" in summary:
         for name, stats in summary["folds"].items():
             if isinstance(stats, dict) and "mean" in stats:
@@ -59,18 +76,23 @@ def run(args: argparse.Namespace) -> None:
     for split in ("validation", "test"):
         if split in summary:
             lines.append(f"{split}: {_headline(summary[split])}")
+    if status:
+        lines.append(f"interrupted by {summary['stopped_by']} at step {summary['steps']}: continue with --resume")
     print("\n".join(lines), file=sys.stderr)
     print(json.dumps({k: v for k, v in summary.items() if k in ("run_dir", "model_dir", "steps")}))
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m lmforge.commands.finetune ...`: the same command without the rest of the CLI."""
     try:
-        run(argparse.Namespace(args=sys.argv[1:] if argv is None else argv))
+        return run(argparse.Namespace(args=sys.argv[1:] if argv is None else argv))
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"lmforge finetune: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print("lmforge finetune: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

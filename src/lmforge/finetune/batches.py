@@ -7,7 +7,7 @@ input (word_ids, offsets, example_index, n_words) stay in the features, not in t
 be passed to `model(**batch)` as it is.
 
 `FeatureBatches` shuffles per epoch with (seed, epoch) and saves its position like the pretraining loaders
-(`lmforge.data.loaders`), so a resumed run sees exactly the batches the uninterrupted run would have seen.
+(`lmforge.data.pipeline.loaders`), so a resumed run sees exactly the batches the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from lmforge.data.loaders import IGNORE_INDEX, _check_state, _EpochCursor
+from lmforge.data.pipeline.loaders import EpochCursor, check_state
 from lmforge.finetune.features import Feature
+from lmforge.nn.loss import IGNORE_INDEX
 
 PADDED = {"input_ids": None, "token_type_ids": 0}  # key -> pad value (None: the pad id); labels handled apart
 STACKED = ("start_positions", "end_positions")
@@ -90,7 +91,7 @@ class FeatureBatches:
                 "pad_id is None: this tokenizer has no pad token; set one, e.g. tok.pad_token = tok.eos_token"
             )
         self.features, self.pad_id = features, pad_id
-        self.cursor = _EpochCursor(len(features), batch_size, seed, shuffle, drop_last)
+        self.cursor = EpochCursor(len(features), batch_size, seed, shuffle, drop_last)
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -109,5 +110,5 @@ class FeatureBatches:
         return {"epoch": self.cursor.epoch, "position": self.cursor.batch, **self._settings()}
 
     def load_state_dict(self, state: dict) -> None:
-        _check_state(state, self._settings())
+        check_state(state, self._settings())
         self.cursor.load_state_dict({"epoch": state["epoch"], "batch": state["position"]})

@@ -4,7 +4,13 @@
 
 A run is `FinetuneConfig(model, data, task, optim, train)`. `optim` and `train` are pretraining's sections
 (the same loop runs both), with fine-tuning defaults: a small learning rate with linear decay, as BERT's
-recipe (Devlin et al., 2019) and Hugging Face's Trainer use.
+recipe (Devlin et al., 2019) and Hugging Face's Trainer use. The defaults start from real pretrained weights
+(each task's `default_model`) at lr 1e-4, which all-MiniLM-L6-v2 needs to learn in one epoch (5e-5, the
+usual BERT-base rate, barely moves a model this small in a short run).
+
+A run's length is set once: `task.epochs` (passes over the training set) or `train.max_steps` (optimizer
+steps). Both default to None, meaning 3 epochs; the one the user sets rules, and setting both is an error
+(`lmforge.finetune.recipe.training_steps`), so neither silently overrides the other.
 """
 
 from __future__ import annotations
@@ -13,31 +19,26 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.finetune.tasks import TASKS
 from lmforge.train.config import Schema, TrainSection, opt
 from lmforge.train.optim import OptimConfig
 
-TASKS = ("classification", "token-classification", "qa", "seq2seq", "sft")
 METHODS = ("full", "lora")
-HEADS = {
-    "classification": "sequence_classification",
-    "token-classification": "token_classification",
-    "qa": "question_answering",
-    "seq2seq": "seq2seq_lm",
-    "sft": "causal_lm",
-}
 
 
 @dataclass
 class FTModelSection:
     name: str = opt(
-        "bert-tiny",
+        "",
         "a Hugging Face folder, an lmforge checkpoint, a .gguf file, a real model name (all-MiniLM-L6-v2, "
-        "SmolLM2-135M-Instruct) or a preset (random weights)",
+        "SmolLM2-135M-Instruct) or a preset (random weights); default: the task's pretrained model "
+        "(all-MiniLM-L6-v2 for classification, token-classification and qa, SmolLM2-135M-Instruct for sft; "
+        "seq2seq has none offline: the transformer-tiny preset)",
     )
     tokenizer: str = opt("", "tokenizer file/folder (default: the model's own; presets: learn a BPE on the data)")
     vocab_size: int = opt(2048, "vocabulary of the BPE learned for a preset")
     dropout: float = opt(0.1, "dropout while fine-tuning")
-    overrides: dict = opt({}, "model config fields to change, e.g. {n_layer: 2}")
+    overrides: dict = opt({}, """model config fields to change, as JSON, e.g. '{"n_layer": 2}'""")
 
 
 @dataclass
@@ -54,7 +55,7 @@ class FTDataSection:
     text_pair_field: str = opt("", "classification: field of the second text of a pair (empty: single text)")
     label_field: str = opt("label", "classification: field of the label")
     multi_label: bool = opt(False, "classification: labels separated by '|', a sigmoid per label")
-    doc_stride: int = opt(128, "qa: tokens shared by consecutive windows of a long context")
+    doc_stride: int = opt(32, "qa: tokens shared by consecutive windows of a long context (below the window)")
     max_query_length: int = opt(64, "qa: tokens kept of each question")
     max_answer_length: int = opt(30, "qa: longest answer span predicted, in tokens")
     n_best: int = opt(20, "qa: start/end candidates per window")
@@ -76,9 +77,11 @@ class FTDataSection:
 
 @dataclass
 class TaskSection:
-    task: str = opt("classification", "classification | token-classification | qa | seq2seq | sft")
+    task: str = opt("classification", " | ".join(TASKS))
     method: str = opt("full", "full | lora")
-    epochs: float = opt(3.0, "passes over the training set (sets train.max_steps; 0: use train.max_steps)")
+    epochs: float | None = opt(
+        None, "passes over the training set; default 3 unless train.max_steps is set (set one, not both)"
+    )
     lora_r: int = opt(8, "LoRA rank")
     lora_alpha: float = opt(16.0, "LoRA scale numerator: the update is B A x alpha / r")
     lora_dropout: float = opt(0.05, "dropout on the LoRA branch input")
@@ -99,8 +102,8 @@ class TaskSection:
             raise ValueError(f"task.task={self.task!r} is not one of {', '.join(TASKS)}")
         if self.method not in METHODS:
             raise ValueError(f"task.method={self.method!r} is not one of {', '.join(METHODS)}")
-        if self.epochs < 0:
-            raise ValueError(f"task.epochs={self.epochs} must be >= 0")
+        if self.epochs is not None and self.epochs < 0:
+            raise ValueError(f"task.epochs={self.epochs} must be >= 0 (0: train.max_steps sets the length)")
         if self.kfold == 1 or self.kfold < 0:
             raise ValueError(f"task.kfold={self.kfold} must be 0 (off) or >= 2")
         if not 0.0 < self.layer_lr_decay <= 1.0:
@@ -112,15 +115,23 @@ class TaskSection:
             if getattr(self, name) < 0:
                 raise ValueError(f"task.{name}={getattr(self, name)} must be >= 0")
 
-    @property
-    def head(self) -> str:
-        return HEADS[self.task]
+
+@dataclass
+class FTTrainSection(TrainSection):
+    """Pretraining's loop settings, except that `max_steps` may be left unset (None): a fine-tuning run's length
+    then comes from task.epochs, and the recipe can tell a length the user chose from a default."""
+
+    max_steps: int | None = opt(None, "optimizer steps; default: task.epochs passes (set one, not both)")
+
+    def __post_init__(self) -> None:
+        if self.max_steps is None:
+            dataclasses.replace(self, max_steps=1)  # checks every other field as TrainSection does
+        else:
+            super().__post_init__()
 
 
-def _finetune_train() -> TrainSection:
-    return TrainSection(
-        max_steps=1000, batch_size=16, eval_every=100, eval_batches=1, save_every=0, keep_last=1, sample_tokens=0
-    )
+def _finetune_train() -> FTTrainSection:
+    return FTTrainSection(batch_size=16, eval_every=100, eval_batches=1, save_every=0, keep_last=1, sample_tokens=0)
 
 
 @dataclass
@@ -129,16 +140,25 @@ class FinetuneConfig:
     data: FTDataSection = field(default_factory=FTDataSection)
     task: TaskSection = field(default_factory=TaskSection)
     optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=5e-5, min_lr=0.0, warmup_steps=0, schedule="linear", weight_decay=0.01)
+        default_factory=lambda: OptimConfig(lr=1e-4, min_lr=0.0, warmup_steps=0, schedule="linear", weight_decay=0.01)
     )
-    train: TrainSection = field(default_factory=_finetune_train)
+    train: FTTrainSection = field(default_factory=_finetune_train)
+
+    @property
+    def model_name(self) -> str:
+        """model.name, else the task's default model (pretrained where one exists offline, else a preset)."""
+        return self.model.name or TASKS[self.task.task].default_model
+
+    def with_model_name(self) -> FinetuneConfig:
+        """The config with model.name filled in (`model_name`), as the recipe runs and task.json records it."""
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, name=self.model_name))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @property
     def run_name(self) -> str:
-        return self.train.name or f"{Path(self.model.name).stem}-{Path(self.data.dataset).stem}-{self.task.task}"
+        return self.train.name or f"{Path(self.model_name).stem}-{Path(self.data.dataset).stem}-{self.task.task}"
 
     @property
     def run_dir(self) -> Path:
@@ -147,7 +167,13 @@ class FinetuneConfig:
 
 FINETUNE = Schema(
     FinetuneConfig,
-    {"model": FTModelSection, "data": FTDataSection, "task": TaskSection, "optim": OptimConfig, "train": TrainSection},
+    {
+        "model": FTModelSection,
+        "data": FTDataSection,
+        "task": TaskSection,
+        "optim": OptimConfig,
+        "train": FTTrainSection,
+    },
     {
         "task": "task.task",
         "model": "model.name",

@@ -27,10 +27,10 @@ from typing import Any
 
 import tokenizers
 
-from lmforge.data.conll import TaggedSentence
-from lmforge.data.loaders import IGNORE_INDEX
-from lmforge.data.tasks import ClassificationExample, InstructionExample, LabelVocab, ParallelExample
-from lmforge.data.tokenizer import Tokenizer
+from lmforge.data.readers.conll import TaggedSentence
+from lmforge.data.readers.records import ClassificationExample, InstructionExample, LabelVocab, ParallelExample
+from lmforge.data.tokenizers.tokenizer import Tokenizer
+from lmforge.nn.loss import IGNORE_INDEX
 
 Feature = dict[str, Any]
 

@@ -36,8 +36,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lmforge.finetune.lora import LoRALinear, freeze_all_but_adapters, linear_layers, lora_layers, replace_module
-from lmforge.hf.files import atomic_folder, read_pickled_state_dict, write_safetensors
-from lmforge.hf.load import FAMILY_MAPPINGS
+from lmforge.hf import ADAPTERS
+from lmforge.hf.files import check_destination, read_pickled_state_dict, write_safetensors
+from lmforge.io import atomic_folder
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -62,9 +63,9 @@ def hf_tensor_parts(model: nn.Module) -> dict[str, list[Part]]:
     transposes can be read back from the values. Costs one number per row, not the weights."""
     config = getattr(model, "config", None)
     family = getattr(config, "family", None)
-    if family not in FAMILY_MAPPINGS:
+    if family not in ADAPTERS:
         raise ValueError(
-            f"model family {family!r} has no Hugging Face mapping; peft adapters need one of {sorted(FAMILY_MAPPINGS)}"
+            f"model family {family!r} has no Hugging Face mapping; peft adapters need one of {sorted(ADAPTERS)}"
         )
     wrapped = set(lora_layers(model))
     starts, names, probe = [], [], {}
@@ -79,7 +80,7 @@ def hf_tensor_parts(model: nn.Module) -> dict[str, list[Part]]:
         names.append(name)
         offset += tensor.shape[0]
     parts: dict[str, list[Part]] = {}
-    for hf_name, values in FAMILY_MAPPINGS[family].state_dict_to_hf(probe, config).items():
+    for hf_name, values in ADAPTERS[family].state_dict_to_hf(probe, config).items():
         ids = values.flatten()
         first = int(ids[0])
         index = bisect.bisect_right(starts, first) - 1
@@ -150,7 +151,8 @@ def save_adapter(
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    with atomic_folder(Path(folder), overwrite, marker=ADAPTER_CONFIG) as tmp:
+    check_destination(Path(folder), overwrite, marker=ADAPTER_CONFIG)
+    with atomic_folder(folder) as tmp:
         write_safetensors(tensors, tmp / ADAPTER_WEIGHTS)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return Path(folder)

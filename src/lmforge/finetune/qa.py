@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.data.squad import QAExample
-from lmforge.data.tokenizer import Tokenizer
+from lmforge.data.readers.squad import QAExample
+from lmforge.data.tokenizers.tokenizer import Tokenizer
 from lmforge.finetune.features import Feature, has_token_types, join_pair, pair_separator, pair_special_count
 
 

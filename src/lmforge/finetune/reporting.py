@@ -2,7 +2,7 @@
 
 The headline split is the test set when there is one (scored once, at the end), else the validation set.
 Classification adds ROC and precision-recall curves and the confusion matrix of that split; every run adds
-its training curves (train loss and validation metrics against steps).
+its training curves (`plot_training_curves`: loss, validation metrics and learning rate against steps).
 """
 
 from __future__ import annotations
