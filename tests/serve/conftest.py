@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lmforge.data.tokenizer import Tokenizer
+from lmforge.data.tokenizers.tokenizer import Tokenizer
 from lmforge.hf.save import save_model
 from lmforge.models import build_model
 
@@ -55,6 +56,23 @@ def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = build_model("gpt-tiny", vocab_size=512, n_layer=2, max_seq_len=4096)
     return save_model(model, tmp_path_factory.mktemp("serve") / "tiny-chat", tokenizer=train_chat_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def variant(checkpoint, tmp_path_factory):
+    """variant(chat_template=..., generation_config=...) -> a copy of `checkpoint` (same folder name, so the
+    same served name) with that chat_template in its tokenizer_config.json and/or a generation_config.json."""
+
+    def make(chat_template=None, generation_config: dict | None = None) -> Path:
+        folder = shutil.copytree(checkpoint, tmp_path_factory.mktemp("variant") / checkpoint.name)
+        if chat_template is not None:
+            config = json.loads((folder / "tokenizer_config.json").read_text())
+            (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": chat_template}))
+        if generation_config is not None:
+            (folder / "generation_config.json").write_text(json.dumps(generation_config))
+        return folder
+
+    return make
 
 
 class Server:

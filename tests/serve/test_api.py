@@ -1,6 +1,6 @@
 """The HTTP API's guarantees against real `lmforge serve` processes: each bad request gets the right 4xx in
-OpenAI's error shape with a clear message and the server keeps serving; a full queue answers 503 at once;
-a request past --timeout gets 504 and frees its worker; SIGTERM lets in-flight requests finish."""
+OpenAI's error shape with a clear message and the server keeps serving; a full queue answers 503 at once, with
+`Retry-After`; a request past --timeout gets 504 and frees its worker; SIGTERM lets in-flight requests finish."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import json
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -16,6 +18,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 KEY = "test-key-123"
+LOOPING_TEMPLATE = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"  # 10^10 steps
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -84,6 +87,57 @@ BAD_REQUESTS = {
     "logprobs": (chat(logprobs=True), 400, ["logprobs are not supported"], "logprobs", None),
     "too many choices": (chat(n=9), 400, ["n: Input should be less than or equal to 8"], "n", None),
     "seed out of range": (chat(seed=2**70), 400, ["seed: Input should be less than"], "seed", None),
+    # types are strict: no boolean is a number, no string a number or a boolean
+    "max_tokens boolean": (
+        chat(max_tokens=True),
+        400,
+        ["max_tokens: Input should be a valid integer"],
+        "max_tokens",
+        None,
+    ),
+    "stream string": (chat(stream="yes"), 400, ["stream: Input should be a valid boolean"], "stream", None),
+    "n string": (chat(n="2"), 400, ["n: Input should be a valid integer", '"2"'], "n", None),
+    "temperature string": (
+        chat(temperature="0.5"),
+        400,
+        ["temperature: Input should be a valid number"],
+        "temperature",
+        None,
+    ),
+    "top_k boolean": (chat(top_k=True), 400, ["top_k: Input should be a valid integer"], "top_k", None),
+    "stop number": (chat(stop=5), 400, ["stop: Input should be a valid string"], "stop", None),
+    "seed fraction": (chat(seed=1.5), 400, ["seed: Input should be a valid integer"], "seed", None),
+    "logprobs number": (chat(logprobs=0), 400, ["logprobs: Input should be a valid boolean"], "logprobs", None),
+    "include_usage string": (
+        chat(stream=True, stream_options={"include_usage": "yes"}),
+        400,
+        ["stream_options.include_usage: Input should be a valid boolean"],
+        "stream_options.include_usage",
+        None,
+    ),
+    "best_of": (chat(best_of=100), 400, ["best_of=100 is not supported", "equal to n"], "best_of", None),
+    # JSON can spell a lone surrogate ("\ud800"), which is not Unicode text
+    "lone surrogate in content": (
+        chat(messages=[{"role": "user", "content": "hi \ud800"}]),
+        400,
+        ["messages.0.content: contains invalid Unicode (a lone surrogate, U+D800"],
+        "messages.0.content",
+        None,
+    ),
+    "lone surrogate in a text part": (
+        chat(messages=[{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]),
+        400,
+        ["messages.0.content.0.text: contains invalid Unicode"],
+        "messages.0.content.0.text",
+        None,
+    ),
+    "lone surrogate in a stop string": (
+        chat(stop=["ok", "\ud800"]),
+        400,
+        ["stop.1: contains invalid Unicode"],
+        "stop.1",
+        None,
+    ),
 }
 
 
@@ -92,6 +146,37 @@ def test_bad_request_gets_a_clear_4xx_and_the_server_keeps_serving(guarded, case
     payload, status, fragments, param, code = BAD_REQUESTS[case]
     assert_error(*guarded.post("/v1/chat/completions", payload, AUTH), status, *fragments, param=param, code=code)
     assert_still_serving(guarded, AUTH)
+
+
+COMPLETION_BAD_REQUESTS = {
+    "lone surrogate": ({"prompt": "\ud800"}, ["prompt: contains invalid Unicode (a lone surrogate, U+D800"], "prompt"),
+    "lone surrogate in a list": ({"prompt": ["ok", "a\udfff"]}, ["prompt.1: contains invalid Unicode"], "prompt.1"),
+    "max_tokens boolean": ({"max_tokens": True}, ["max_tokens: Input should be a valid integer"], "max_tokens"),
+    "echo string": ({"echo": "yes"}, ["echo: Input should be a valid boolean"], "echo"),
+    "best_of": ({"best_of": 3}, ["best_of=3 is not supported"], "best_of"),
+    "logprobs boolean": ({"logprobs": True}, ["logprobs: Input should be a valid integer"], "logprobs"),
+    "logprobs": ({"logprobs": 2}, ["logprobs are not supported"], "logprobs"),
+}
+
+
+@pytest.mark.parametrize("case", COMPLETION_BAD_REQUESTS, ids=list(COMPLETION_BAD_REQUESTS))
+def test_bad_completion_request_gets_a_clear_400(guarded, case):
+    fields, fragments, param = COMPLETION_BAD_REQUESTS[case]
+    payload = {"model": "tiny-chat", "prompt": "hello", "max_tokens": 2, **fields}
+    assert_error(*guarded.post("/v1/completions", payload, AUTH), 400, *fragments, param=param)
+    assert_still_serving(guarded, AUTH)
+
+
+def test_a_raw_utf8_surrogate_and_valid_best_of_and_logprobs(guarded):
+    """Bytes that spell a surrogate in UTF-8 (ED A0 80) decode to one too; best_of equal to n and
+    logprobs 0/false ask for nothing unsupported and are accepted."""
+    body = b'{"model": "tiny-chat", "prompt": "\xed\xa0\x80", "max_tokens": 2}'
+    status, reply = guarded.post("/v1/completions", body, AUTH)
+    assert status == 400 and reply["error"]["param"] == "prompt", reply
+    payload = {"model": "tiny-chat", "prompt": "hello", "max_tokens": 2, "n": 2, "best_of": 2, "logprobs": 0}
+    status, reply = guarded.post("/v1/completions", payload, AUTH)
+    assert status == 200 and len(reply["choices"]) == 2, reply
+    assert guarded.post("/v1/chat/completions", chat(logprobs=False, temperature=1), AUTH)[0] == 200
 
 
 def test_completion_prompt_of_wrong_type_and_too_long_are_rejected(guarded):
@@ -142,34 +227,70 @@ def test_unknown_route_and_oversized_body_use_the_error_shape(guarded):
     assert_still_serving(guarded, AUTH)
 
 
+@pytest.fixture(scope="module")
+def looping(start_server, variant):
+    """A server whose chat template would loop 10^10 times."""
+    server = start_server([str(variant(chat_template=LOOPING_TEMPLATE)), "--timeout", "120"])
+    yield server
+    server.stop()
+
+
+def test_a_chat_template_that_loops_for_hours_is_a_prompt_500_and_the_server_stays_healthy(looping):
+    start = time.monotonic()
+    status, body = looping.post("/v1/chat/completions", chat())
+    assert_error(status, body, 500, "chat template rendering exceeded 5 s", code="chat_template_error")
+    assert body["error"]["type"] == "server_error"
+    assert time.monotonic() - start < 30  # the template's 5 s budget, not the request's 120 s timeout
+    wait_until_idle(looping)
+    assert_still_serving(looping)
+
+
 def long_request(server, max_tokens: int = 4000, stream: bool = False):
     payload = {"model": "tiny-chat", "prompt": "go", "max_tokens": max_tokens, "ignore_eos": True, "stream": stream}
     return server.post("/v1/completions", payload)
 
 
-def test_a_full_queue_answers_503_at_once_and_the_server_stays_healthy(tight):
+def long_request_with_headers(server) -> tuple[int, dict, dict[str, str]]:
+    """(status, parsed JSON, headers) of one long completion: `Server.request` drops the headers."""
+    payload = {"model": "tiny-chat", "prompt": "go", "max_tokens": 4000, "ignore_eos": True}
+    body = json.dumps(payload).encode()
+    request = urllib.request.Request(
+        server.url + "/v1/completions", body, {"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, raw, headers = response.status, response.read(), response.headers
+    except urllib.error.HTTPError as error:
+        status, raw, headers = error.code, error.read(), error.headers
+    return status, json.loads(raw), dict(headers)
+
+
+def test_a_full_queue_answers_503_at_once_with_retry_after_and_the_server_stays_healthy(tight):
     barrier = threading.Barrier(6)
+    answered: list[int] = []  # statuses in the order the answers arrived
 
     def send(_):
         barrier.wait(10)
-        start = time.monotonic()
-        status, body = long_request(tight)
-        return status, body, time.monotonic() - start
+        status, body, headers = long_request_with_headers(tight)
+        answered.append(status)
+        return status, body, headers
 
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(send, range(6)))
     busy = [r for r in results if r[0] == 503]
     admitted = [r for r in results if r[0] != 503]
     assert len(busy) == 4 and len(admitted) == 2  # 1 running + 1 queued; the rest refused
-    for status, body, seconds in busy:
+    for status, body, headers in busy:
         assert_error(status, body, 503, "server is busy", "--concurrency + --queue-size", code="server_busy")
-        assert seconds < 1.5  # refused at once, not after waiting
+        assert headers.get("retry-after") == "1", headers
     assert all(status == 504 for status, _, _ in admitted)  # 4000 tokens cannot finish in 2 s
+    assert answered[:4] == [503] * 4  # refused at once: while the admitted requests still held the worker
     wait_until_idle(tight)
     assert_still_serving(tight)
 
 
-def wait_until_idle(server, seconds: float = 20.0) -> None:
+def wait_until_idle(server, seconds: float = 60.0) -> None:
+    """Poll /health until nothing runs or waits; `seconds` only keeps a broken server from hanging the test."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         health = server.get("/health")[1]
@@ -180,12 +301,10 @@ def wait_until_idle(server, seconds: float = 20.0) -> None:
 
 
 def test_timeout_is_504_and_frees_the_worker(tight):
-    start = time.monotonic()
     status, body = long_request(tight)
     assert_error(status, body, 504, "did not finish within 2 s", "--timeout", code="timeout")
-    assert 1.9 < time.monotonic() - start < 10
-    wait_until_idle(tight, 5.0)  # the cancelled generation stopped at its next step
-    assert_still_serving(tight)
+    wait_until_idle(tight)  # the cancelled generation stopped at its next step
+    assert_still_serving(tight)  # the one worker is free again: a short request gets its 200, not a 504
 
 
 def test_streamed_timeout_ends_the_stream_with_an_error_event(tight):
@@ -197,7 +316,7 @@ def test_streamed_timeout_ends_the_stream_with_an_error_event(tight):
         ):
             received.append(chunk)
     assert received  # text streamed before the deadline
-    wait_until_idle(tight, 5.0)
+    wait_until_idle(tight)
     assert_still_serving(tight)
 
 

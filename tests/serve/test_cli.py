@@ -1,5 +1,7 @@
 """`lmforge chat` driven through a pipe (replies equal in-process greedy generation over the same
-conversation; /reset forgets it; /exit stops reading) and `lmforge serve`'s command-line errors.
+conversation; /reset forgets it; /exit stops reading), the sampling defaults `chat` and `generate` take from
+a model's generation_config.json, one-line errors for broken chat templates, and `lmforge serve`'s
+command-line errors.
 
 (These live next to the serving tests, not under tests/commands/, to share the checkpoint fixture.)"""
 
@@ -15,7 +17,7 @@ import torch
 
 from lmforge.cli import main
 from lmforge.commands.generate import ByteTokenizer
-from lmforge.data.tokenizer import load_tokenizer
+from lmforge.data.tokenizers.tokenizer import load_tokenizer
 from lmforge.generate import generate
 from lmforge.hf.load import load_model
 from lmforge.models import build_model
@@ -53,6 +55,48 @@ def test_piped_chat_streams_replies_with_the_chat_template_and_resets(checkpoint
     assert result.stdout == f"{first}\n(conversation cleared)\n{first}\n{second}\n"
 
 
+def test_chat_and_generate_decode_as_the_models_generation_config_says(variant, monkeypatch, capsys):
+    """SmolLM2-Instruct's generation_config.json holds only token ids: transformers then decodes greedily, and
+    so do `chat` and `generate` (before, they sampled at their own temperatures, 0.7 and 1.0). A flag still
+    overrides the model."""
+    folder = variant(generation_config={"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0})
+    model, tok = load_model(folder), load_tokenizer(folder)
+    messages = [{"role": "user", "content": "hello"}]
+    ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+    greedy = reply_in_process(model, tok, ids, 8)
+    sampled = reply_in_process(model, tok, ids, 8, do_sample=True, temperature=0.7, top_p=0.95, seed=3)
+    assert greedy != sampled  # the defaults matter for this seed
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert main(["chat", str(folder), "--seed", "3", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == greedy + "\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert main(["chat", str(folder), "--seed", "3", "--max-new-tokens", "8", "--temperature", "0.7"]) == 0
+    assert capsys.readouterr().out == sampled + "\n"
+    prompt_ids = tok.encode("The model")
+    assert main(["generate", str(folder), "--prompt", "The model", "--seed", "3", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == reply_in_process(model, tok, prompt_ids, 8) + "\n"
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{% for i in range(10000000000) %}x{% endfor %}", "chat template asked for a range of 10000000000 items"),
+        (5, "tokenizer_config.json: chat_template must be a Jinja template"),
+        ([{"name": "default"}], "tokenizer_config.json: chat_template must be a Jinja template"),
+    ],
+    ids=["huge loop", "number", "named template without its text"],
+)
+def test_chat_and_generate_fail_in_one_line_on_a_broken_chat_template(template, message, variant, monkeypatch, capsys):
+    folder = str(variant(chat_template=template))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nagain\n"))
+    assert main(["chat", folder, "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmforge chat: error: ") and message in err and err.count("\n") == 1, err
+    assert main(["generate", folder, "--prompt", "hi", "--chat", "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmforge generate: error: ") and message in err and err.count("\n") == 1, err
+
+
 def test_chat_without_a_template_uses_a_plain_transcript(monkeypatch, capsys):
     torch.manual_seed(0)
     model = build_model("gpt-tiny").eval()
@@ -85,6 +129,7 @@ def test_serve_reports_a_taken_port(capsys):
         (["--queue-size", "-1"], "--queue-size -1 must be >= 0"),
         (["--port", "70000"], "--port 70000 is not a TCP port"),
         (["--max-prompt-tokens", "0"], "max_prompt_tokens=0 must be >= 1"),
+        (["--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
     ],
 )
 def test_serve_rejects_bad_settings(argv, message, capsys):

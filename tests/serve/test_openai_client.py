@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from lmforge.data.tokenizer import load_tokenizer
+from lmforge.data.tokenizers.tokenizer import load_tokenizer
 from lmforge.generate import generate
 from lmforge.hf.load import load_model
 
@@ -40,11 +40,13 @@ def local(checkpoint):
     return load_model(checkpoint), load_tokenizer(checkpoint)
 
 
-def local_generate(local, prompt_ids: list[int], max_tokens: int, seed: int | None = None) -> tuple[str, str, int]:
-    """(text, finish reason, completion tokens) generated in-process: greedy, or sampled at temperature 1
-    with `seed`."""
+def local_generate(
+    local, prompt_ids: list[int], max_tokens: int, seed: int | None = None, **sampling
+) -> tuple[str, str, int]:
+    """(text, finish reason, completion tokens) generated in-process: greedy, or sampled with `seed` (at
+    temperature 1 unless `sampling` says otherwise)."""
     model, tok = local
-    sampling = {} if seed is None else {"do_sample": True, "seed": seed}
+    sampling = {} if seed is None else {"do_sample": True, "seed": seed, **sampling}
     ids = torch.tensor([prompt_ids])
     out = generate(model, ids, max_new_tokens=max_tokens, tokenizer=tok, eos_token_id=tok.eos_token_id, **sampling)
     reason = out.finish_reasons[0]
@@ -135,11 +137,13 @@ def test_a_client_that_leaves_a_stream_frees_its_worker(server, client, checkpoi
         model=checkpoint.name, prompt="go", max_tokens=4000, stream=True, extra_body={"ignore_eos": True}
     )
     next(iter(stream))
-    stream.close()  # 4000 tokens take far longer than the wait below: the server must cancel the generation
-    deadline = time.monotonic() + 2.0
+    stream.close()  # the server must cancel the generation rather than decode the 4000 tokens
+    deadline = time.monotonic() + 60.0  # only keeps a broken server from hanging the test: a slow one passes
     while time.monotonic() < deadline and server.get("/health")[1]["running"]:
         time.sleep(0.05)
-    assert server.get("/health")[1]["running"] == 0
+    health = server.get("/health")[1]
+    assert health["running"] == 0, health
+    assert client.completions.create(model=checkpoint.name, prompt="go", max_tokens=2).usage.completion_tokens >= 1
 
 
 def test_sixteen_concurrent_clients_are_all_answered(server, local, checkpoint):
@@ -158,6 +162,27 @@ def test_sixteen_concurrent_clients_are_all_answered(server, local, checkpoint):
         assert reply.choices[0].message.content == expected
     status, health = server.get("/health")
     assert status == 200 and health["status"] == "ok" and health["running"] == health["waiting"] == 0
+
+
+def test_requests_take_the_servers_flags_over_the_models_generation_config(start_server, variant, local):
+    """Precedence: a request's fields > the server's flags > the model's generation_config.json > OpenAI's.
+    The model asks for sampling at temperature 0.5 with top_k 20 and at most 6 new tokens; the server's flag
+    narrows top_k to 10; a request without sampling fields gets exactly that, not temperature 1."""
+    generation_config = {"do_sample": True, "temperature": 0.5, "top_k": 20, "max_new_tokens": 6}
+    server = start_server([str(variant(generation_config=generation_config)), "--top-k", "10", "--timeout", "120"])
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = chat_ids(local, messages)
+    tuned = local_generate(local, ids, 6, seed=5, temperature=0.5, top_k=10)
+    assert tuned != local_generate(local, ids, 6, seed=5)  # the defaults matter for this seed
+    reply = client.chat.completions.create(model="tiny-chat", messages=messages, seed=5)
+    choice = reply.choices[0]
+    assert (choice.message.content, choice.finish_reason, reply.usage.completion_tokens) == tuned
+    greedy = client.chat.completions.create(model="tiny-chat", messages=messages, seed=5, temperature=0, max_tokens=8)
+    assert greedy.choices[0].message.content == local_generate(local, ids, 8)[0]
+    completion = client.completions.create(model="tiny-chat", prompt="go", extra_body={"ignore_eos": True})
+    assert completion.usage.completion_tokens == 6  # the model's max_new_tokens, not OpenAI's 16
+    server.stop()
 
 
 @pytest.mark.slow

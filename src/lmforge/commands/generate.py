@@ -1,15 +1,34 @@
-"""`lmforge generate MODEL --prompt ...`: text from a preset (random weights) or a saved model."""
+"""`lmforge generate MODEL --prompt ...`: text from a preset (random weights) or trained weights (a real model's
+name, a saved model, a checkpoint or a run folder: `lmforge.hf.resolve`).
+
+Sampling defaults (shared with `chat` and `serve`, see `lmforge.generate.defaults`): a flag given on the
+command line, else what the model records (a folder's generation_config.json, a GGUF's general.sampling.*),
+else the command's built-in value, which `--help` shows.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 
+from lmforge.generate.defaults import SamplingDefaults, model_defaults
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+GENERATE_DEFAULTS = SamplingDefaults(
+    temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, max_new_tokens=64
+)
+MODEL_HELP = (
+    "preset name (random weights), real model name (SmolLM2-135M-Instruct), lmforge or Hugging Face folder, "
+    "checkpoint, run folder (its best checkpoint) or .gguf file"
+)
+SAMPLING_PRECEDENCE = (
+    "Sampling defaults: a flag given here, else the model's own (generation_config.json in a model folder, "
+    "where a file without do_sample true means greedy; general.sampling.* in a GGUF file), else the value shown."
+)
 
 
 class ByteTokenizer:
@@ -24,25 +43,27 @@ class ByteTokenizer:
 
 
 def load_model_and_tokenizer(name: str, tokenizer_path: str | None):
-    """A preset name builds random weights (with --tokenizer or the byte fallback); a path is loaded."""
-    from lmforge.models import PRESETS, build_model
+    """A preset name builds random weights (with --tokenizer or the byte fallback); anything else
+    `lmforge.hf.resolve.resolve_model` accepts (a real model's name, a folder, a checkpoint, a run folder, a
+    .gguf file) is loaded with the tokenizer saved beside it."""
+    from lmforge.hf.resolve import resolve_model
+    from lmforge.models import build_model
 
-    if name in PRESETS:
+    source = resolve_model(name)
+    if source.path is None:
         model = build_model(name)
         if tokenizer_path is not None:
             return model, _load_tokenizer(tokenizer_path)
         if model.config.vocab_size < 256:
             raise ValueError(f"preset {name!r} has vocab_size={model.config.vocab_size} < 256; pass --tokenizer")
         return model, ByteTokenizer()
-    if not Path(name).exists():
-        raise FileNotFoundError(f"{name!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing path")
     from lmforge.hf.load import load_model
 
-    return load_model(name), _load_tokenizer(tokenizer_path or name)
+    return load_model(source.path), _load_tokenizer(tokenizer_path or str(source.path))
 
 
 def _load_tokenizer(path: str):
-    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.data.tokenizers.tokenizer import load_tokenizer
 
     return load_tokenizer(path)
 
@@ -62,6 +83,45 @@ def load_for_generation(args: argparse.Namespace):
     return prepare_for_decoding(model), tokenizer
 
 
+def add_sampling_arguments(p: argparse.ArgumentParser, builtin: SamplingDefaults) -> None:
+    """--temperature, --top-p, --top-k, --min-p, --repetition-penalty and, when `builtin` sets one,
+    --max-new-tokens. Each defaults to None (read `sampling_defaults`), so a flag given on the command line
+    can be told from one left to the model; the help names the built-in value."""
+
+    def default(name: str) -> str:
+        value = getattr(builtin, name)
+        return f"(default: the model's, else {value:g})"
+
+    p.add_argument("--temperature", type=float, help=f"0 means greedy {default('temperature')}")
+    p.add_argument("--top-p", type=float, help=f"nucleus sampling mass; 1 turns it off {default('top_p')}")
+    p.add_argument("--top-k", type=int, help=f"keep the k likeliest tokens; 0 turns it off {default('top_k')}")
+    p.add_argument("--min-p", type=float, help=f"min-p cut-off; 0 turns it off {default('min_p')}")
+    p.add_argument("--repetition-penalty", type=float, help=f"1 turns it off {default('repetition_penalty')}")
+    if builtin.max_new_tokens is not None:
+        p.add_argument("--max-new-tokens", type=int, help=f"tokens to generate {default('max_new_tokens')}")
+
+
+def sampling_defaults(args: argparse.Namespace, builtin: SamplingDefaults) -> SamplingDefaults:
+    """The flags given, over the model's recorded defaults, over `builtin`; checked now, so that a bad value
+    is one error at start rather than one per generation (or per request, for a server)."""
+    from lmforge.generate import SamplingParams
+
+    flags = SamplingDefaults(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        max_new_tokens=getattr(args, "max_new_tokens", None),
+    )
+    from lmforge.hf.resolve import resolve_model
+
+    source = resolve_model(args.model)  # the folder or file a name, run folder or checkpoint stands for
+    defaults = flags.over(model_defaults(str(source.path) if source.path else args.model), builtin)
+    SamplingParams(**defaults.stream_options()).validate()
+    return defaults
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     with torch.inference_mode():  # a context, not a global switch: main() also runs in-process (tests, notebooks)
         run_generate(args)
@@ -70,19 +130,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def run_generate(args: argparse.Namespace) -> None:
     from lmforge.generate import encode_prompts, generate, stream
 
+    defaults = sampling_defaults(args, GENERATE_DEFAULTS)
+    if args.greedy:
+        defaults = replace(defaults, temperature=0.0)
     model, tokenizer = load_for_generation(args)
     input_ids, attention_mask = encode_prompts(tokenizer, args.prompt, chat=args.chat)
     options = dict(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=not args.greedy and args.temperature > 0,
-        temperature=args.temperature if args.temperature > 0 else 1.0,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
+        max_new_tokens=defaults.max_new_tokens,
+        **defaults.stream_options(),
         frequency_penalty=args.frequency_penalty,
         presence_penalty=args.presence_penalty,
-        eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        eos_token_id=defaults.end_ids(getattr(tokenizer, "eos_token_id", None)),
         stop_strings=args.stop,
         tokenizer=tokenizer,
         seed=args.seed,
@@ -107,20 +165,17 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
-    p = commands.add_parser("generate", help="generate text from a preset (random weights) or a saved model")
-    p.add_argument("model", help="preset name (random weights) or a model path loaded with lmforge.load_model")
+    p = commands.add_parser(
+        "generate", help="generate text from a preset (random weights) or a saved model", epilog=SAMPLING_PRECEDENCE
+    )
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's; presets: UTF-8 bytes)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--greedy", action="store_true", help="take the most likely token (no sampling)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--greedy", action="store_true", help="take the most likely token (no sampling): --temperature 0")
+    add_sampling_arguments(p, GENERATE_DEFAULTS)
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="(default: %(default)s)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="(default: %(default)s)")
     p.add_argument("--stop", action="append", default=[], help="stop string; repeat for several")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (and a preset's random weights)")
     p.add_argument("--num-beams", type=int, default=1, help="beam search width (greedy beams, no sampling)")

@@ -1,7 +1,9 @@
 """`lmforge serve MODEL`: the OpenAI-compatible API and playground; `lmforge chat MODEL`: a terminal chat.
 
-MODEL is a preset name (random weights; `--seed` fixes them), an lmforge or Hugging Face folder, or a
-.gguf file, loaded as `lmforge generate` loads it.
+MODEL is a preset name (random weights; `--seed` fixes them), a real model's name, an lmforge or Hugging Face
+folder, a checkpoint, a run folder or a .gguf file, loaded as `lmforge generate` loads it. Sampling defaults
+come as in `lmforge generate` (flags, else the model's recorded ones, else the built-in values `--help` shows);
+a request to the server that sets a sampling field overrides them all.
 """
 
 from __future__ import annotations
@@ -14,7 +16,24 @@ import socket
 import sys
 from pathlib import Path
 
-from lmforge.commands.generate import DTYPES, load_for_generation
+from lmforge.commands.generate import (
+    DTYPES,
+    MODEL_HELP,
+    SAMPLING_PRECEDENCE,
+    add_sampling_arguments,
+    load_for_generation,
+    sampling_defaults,
+)
+from lmforge.generate.defaults import OPENAI_DEFAULTS, SamplingDefaults
+
+CHAT_DEFAULTS = SamplingDefaults(
+    temperature=0.7, top_p=0.95, top_k=0, min_p=0.0, repetition_penalty=1.0, max_new_tokens=256
+)
+SERVE_PRECEDENCE = (
+    "Sampling defaults: a request's own fields, else the flags given here, else the model's own "
+    "(generation_config.json in a model folder, where a file without do_sample true means greedy; "
+    "general.sampling.* in a GGUF file), else the value shown (OpenAI's API defaults)."
+)
 
 
 def served_name(model: str) -> str:
@@ -57,9 +76,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
     sock = listen(args.host, args.port)
     try:
+        defaults = sampling_defaults(args, OPENAI_DEFAULTS)
         model, tokenizer = load_for_generation(args)
         name = args.served_model_name or served_name(args.model)
-        served = ServedModel(model, tokenizer, name, args.max_tokens_limit, args.max_prompt_tokens)
+        served = ServedModel(model, tokenizer, name, args.max_tokens_limit, args.max_prompt_tokens, defaults)
     except BaseException:
         sock.close()
         raise
@@ -89,8 +109,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from lmforge.serve.terminal import chat_loop
 
+    defaults = sampling_defaults(args, CHAT_DEFAULTS)
     model, tokenizer = load_for_generation(args)
-    greedy = args.temperature == 0
     try:
         chat_loop(
             model,
@@ -98,13 +118,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
             sys.stdin,
             sys.stdout,
             system=args.system,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=defaults.max_new_tokens,
             interactive=sys.stdin.isatty(),
-            do_sample=not greedy,
-            temperature=1.0 if greedy else args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            repetition_penalty=args.repetition_penalty,
+            **defaults.stream_options(),
+            eos_token_id=defaults.end_ids(getattr(tokenizer, "eos_token_id", None)),
             seed=args.seed,
         )
     except BrokenPipeError:  # the reader of our output left (e.g. `| head`): stop quietly
@@ -112,7 +129,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="preset name (random weights), lmforge/Hugging Face folder, or .gguf file")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's; presets: UTF-8 bytes)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8 weight-only linears")
@@ -120,8 +137,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
-    p = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with a playground")
+    p = commands.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API with a playground", epilog=SERVE_PRECEDENCE
+    )
     add_model_arguments(p)
+    add_sampling_arguments(p, OPENAI_DEFAULTS)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set LMFORGE_API_KEY)")
@@ -134,12 +154,10 @@ def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._S
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     p.set_defaults(func=cmd_serve)
 
-    p = commands.add_parser("chat", help="chat with a model in the terminal (streams replies; /reset, /exit)")
+    p = commands.add_parser(
+        "chat", help="chat with a model in the terminal (streams replies; /reset, /exit)", epilog=SAMPLING_PRECEDENCE
+    )
     add_model_arguments(p)
     p.add_argument("--system", default=None, help="system message that starts the conversation")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    add_sampling_arguments(p, CHAT_DEFAULTS)
     p.set_defaults(func=cmd_chat)

@@ -9,10 +9,15 @@ Limits, checked before a job is queued so a bad request never takes a worker:
 - max_tokens <= max_tokens_limit (the server's --max-tokens-limit);
 - each prompt <= max_prompt_tokens (--max-prompt-tokens, default: the model's context minus one);
 - a decoder's prompt + max_tokens - 1 <= its context (max_seq_len): the last new token need not be fed back.
+
+Sampling fields a request leaves out take `defaults`: the server's flags, else the model's recorded
+generation defaults, else OpenAI's (`lmforge.generate.defaults`); its end-of-sequence ids are the tokenizer's
+plus those the model records.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,9 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.data.tokenizers.tokenizer import ChatTemplateBudgetError
 from lmforge.generate import stream
-from lmforge.serve.errors import invalid
+from lmforge.generate.defaults import OPENAI_DEFAULTS, SamplingDefaults
+from lmforge.serve.errors import APIError, invalid
 from lmforge.serve.prompts import encode, render_chat
+
+log = logging.getLogger("lmforge.serve")
 
 
 @dataclass
@@ -47,6 +56,7 @@ class ServedModel:
         name: str,
         max_tokens_limit: int = 1024,
         max_prompt_tokens: int | None = None,
+        defaults: SamplingDefaults = OPENAI_DEFAULTS,
     ) -> None:
         head = getattr(model.config, "head", None)
         if head not in ("causal_lm", "seq2seq_lm"):
@@ -62,7 +72,8 @@ class ServedModel:
             raise ValueError(f"max_prompt_tokens={max_prompt_tokens} must be >= 1")
         self.max_tokens_limit, self.max_prompt_tokens = max_tokens_limit, max_prompt_tokens
         self.device = next(model.parameters()).device
-        self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        self.defaults = defaults.over(OPENAI_DEFAULTS)
+        self.eos_token_id = self.defaults.end_ids(getattr(tokenizer, "eos_token_id", None))
 
     # --- prompts -----------------------------------------------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
@@ -74,6 +85,9 @@ class ServedModel:
         """Prompt ids of a conversation and the stop strings its format needs."""
         try:
             text, templated, stops = render_chat(self.tokenizer, messages)
+        except ChatTemplateBudgetError as error:  # the server's template is at fault, not the request
+            log.error("%s", error)
+            raise APIError(500, str(error), "server_error", code="chat_template_error") from error
         except ValueError as error:  # the template rejected the conversation (e.g. roles out of order)
             raise invalid(str(error), "messages") from error
         ids = encode(self.tokenizer, text, templated)
@@ -98,6 +112,13 @@ class ServedModel:
         if self.context is not None:
             room = min(room, self.context if self.encoder_decoder else self.context - prompt_tokens + 1)
         return room
+
+    def default_max_tokens(self, prompt_tokens: int, fallback: int | None) -> int:
+        """max_tokens for a request that sets none: the model's recorded max_new_tokens cut to what fits,
+        else `fallback` (None: all the room the prompt leaves)."""
+        if self.defaults.max_new_tokens is not None:
+            return min(self.defaults.max_new_tokens, self.room(prompt_tokens))
+        return self.room(prompt_tokens) if fallback is None else fallback
 
     def check_max_tokens(self, max_tokens: int, prompt_tokens: int, param: str = "max_tokens") -> None:
         if max_tokens > self.max_tokens_limit:
@@ -137,16 +158,18 @@ class ServedModel:
         return run
 
     def sampling_options(self, request: Any, max_tokens: int, stops: list[str]) -> dict[str, Any]:
-        """`stream` options from a request's sampling fields. Temperature 0 means greedy, as in OpenAI's API."""
-        greedy = request.temperature == 0
-        options = dict(
-            max_new_tokens=max_tokens,
-            do_sample=not greedy,
-            temperature=1.0 if greedy else request.temperature,
+        """`stream` options from a request's sampling fields, the server's defaults where it sets none.
+        Temperature 0 means greedy, as in OpenAI's API."""
+        asked = SamplingDefaults(
+            temperature=request.temperature,
             top_p=request.top_p,
             top_k=request.top_k,
             min_p=request.min_p,
             repetition_penalty=request.repetition_penalty,
+        )
+        options = dict(
+            max_new_tokens=max_tokens,
+            **asked.over(self.defaults).stream_options(),
             frequency_penalty=request.frequency_penalty,
             presence_penalty=request.presence_penalty,
             stop_strings=[*request.stop, *stops],

@@ -5,23 +5,46 @@ The shapes follow OpenAI's API reference (Completions, Chat Completions, Models,
 do not depend on the server's settings live here (types, ranges); limits set on the command line
 (`--max-tokens-limit`, `--max-prompt-tokens`, the model's context) are checked by the app.
 
+Types are strict, as OpenAI's own server checks them: `true` is not a number of tokens, `"0.5"` is not a
+temperature and `"yes"` is not a boolean (Pydantic's default lax mode would convert each); an integer is
+a valid float. Every string must be valid Unicode: JSON can spell a lone surrogate (`"\\ud800"`), which no
+tokenizer can encode and no UTF-8 reply can echo.
+
+Sampling fields a request leaves out (None here) take the server's defaults: its flags, else the model's
+recorded generation defaults, else OpenAI's (`lmforge.generate.defaults`).
+
 Extensions beyond OpenAI's fields, named as vLLM names them: `top_k`, `min_p`, `repetition_penalty`,
 `ignore_eos` (generate exactly max_tokens tokens, e.g. for benchmarks).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_PROMPTS = 16  # prompts in one completions request
 MAX_CHOICES = 8  # n
 
 
+def valid_unicode(text: str) -> str:
+    """`text` if it encodes as UTF-8; a lone surrogate (U+D800-U+DFFF) does not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code, at = ord(text[error.start]), error.start
+        message = f"contains invalid Unicode (a lone surrogate, U+{code:04X}, at character {at}); send valid UTF-8 text"
+        raise PydanticCustomError("invalid_unicode", message) from None
+    return text
+
+
+Text = Annotated[str, Field(strict=True), AfterValidator(valid_unicode)]
+
+
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingFields(BaseModel):
@@ -30,22 +53,22 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
+    model: Text = Field(min_length=1)
+    temperature: StrictFloat | None = Field(None, ge=0.0, le=2.0)
+    top_p: StrictFloat | None = Field(None, gt=0.0, le=1.0)
+    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)
+    best_of: StrictInt | None = None
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logprobs: bool | int | None = None
-    user: str | None = None
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    ignore_eos: bool = False
+    stop: Text | list[Text] | None = Field(None, validate_default=True)
+    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
+    frequency_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0)
+    user: Text | None = None
+    top_k: StrictInt | None = Field(None, ge=0)
+    min_p: StrictFloat | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: StrictFloat | None = Field(None, gt=0.0)
+    ignore_eos: StrictBool = False
 
     @field_validator("stop")
     @classmethod
@@ -55,21 +78,28 @@ class SamplingFields(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stops)}")
         return [s for s in stops if s]
 
-    @field_validator("logprobs")
+    @field_validator("best_of")
     @classmethod
-    def _no_logprobs(cls, value: bool | int | None) -> None:
-        if value:
-            raise ValueError("logprobs are not supported by this server; leave logprobs unset")
+    def _no_best_of(cls, value: int | None, info) -> None:
+        """best_of = k asks for the n most likely of k samples, which needs log-probabilities we do not
+        compute; best_of = n (every sample returned) is what the server does anyway."""
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError(
+                f"best_of={value} is not supported by this server (it returns every one of n samples); "
+                "leave best_of unset or equal to n"
+            )
         return None
 
 
 class CompletionRequest(SamplingFields):
-    """POST /v1/completions. max_tokens defaults to 16, as in OpenAI's API."""
+    """POST /v1/completions. Without max_tokens: the model's recorded max_new_tokens, else 16 (OpenAI's
+    default). logprobs is an integer here (how many alternatives per token), as in OpenAI's API."""
 
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
-    echo: bool = False
-    suffix: str | None = None
+    prompt: Text | list[Text]
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    echo: StrictBool = False
+    suffix: Text | None = None
+    logprobs: StrictInt | None = Field(None, ge=0)
 
     @field_validator("prompt")
     @classmethod
@@ -85,16 +115,23 @@ class CompletionRequest(SamplingFields):
             raise ValueError("suffix (insertion) is not supported by this server; leave it unset")
         return None
 
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: int | None) -> None:
+        if value:
+            raise ValueError("logprobs are not supported by this server; leave logprobs unset")
+        return None
+
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -104,11 +141,21 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions. Without max_tokens (or max_completion_tokens, its newer name) the reply may
-    fill the model's context, up to the server's --max-tokens-limit."""
+    fill the model's context (or the model's recorded max_new_tokens), up to the server's --max-tokens-limit.
+    logprobs is a boolean here, top_logprobs its integer companion, as in OpenAI's API."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0)
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | int | None) -> None:
+        if value:
+            raise ValueError("logprobs are not supported by this server; leave logprobs and top_logprobs unset")
+        return None
 
 
 # --- responses -------------------------------------------------------------------------------------------

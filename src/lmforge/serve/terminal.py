@@ -3,7 +3,8 @@
 Each turn renders the whole conversation (the tokenizer's chat template, or the plain transcript of
 `prompts.render_chat`) and generates the reply token by token, printing text as soon as it is final.
 When the conversation no longer fits the model's context with room for the reply, the oldest turns are
-dropped (the system message stays). Commands: `/reset` forgets the conversation, `/exit` (or end of
+dropped (the system message stays); a message the template rejects is skipped, but a template that runs
+past its time or size budget ends the chat. Commands: `/reset` forgets the conversation, `/exit` (or end of
 input) leaves. Reading from a pipe works the same, without the prompts, so scripts and tests can drive it.
 """
 
@@ -14,6 +15,7 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
+from lmforge.data.tokenizers.tokenizer import ChatTemplateBudgetError
 from lmforge.generate import stream
 from lmforge.serve.prompts import encode, render_chat
 
@@ -82,6 +84,8 @@ def chat_loop(
             continue
         try:
             ids, stops, messages = fit_conversation(tokenizer, [*messages, {"role": "user", "content": text}], room)
+        except ChatTemplateBudgetError:
+            raise  # the template, not this message, is at fault: every turn would fail the same way
         except ValueError as error:
             print(f"(skipped: {error})", file=stdout, flush=True)
             continue

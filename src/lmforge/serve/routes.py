@@ -1,0 +1,260 @@
+"""The routes of the OpenAI-compatible API and the playground page, on one `APIRouter`.
+
+Routes:
+    GET  /                       the playground (static/playground.html)
+    GET  /health                 {"status": "ok", "model", "running", "waiting", ...}; never needs a key
+    GET  /v1/models, /v1/models/{id}
+    POST /v1/completions         prompt -> text; `stream: true` sends server-sent events
+    POST /v1/chat/completions    messages -> assistant message; streams likewise
+
+Streams follow OpenAI's format: one `data: <JSON chunk>` event per decoding step that produced text, a
+last chunk per choice carrying `finish_reason`, an optional usage chunk (`stream_options.include_usage`),
+then `data: [DONE]`. An error after the stream began (timeout) is sent as a `data: {"error": ...}` event.
+
+The handlers hold no state of their own: the served model, the settings, the model card, the playground page
+and the worker live on `request.app.state` (set by `create_app` and its lifespan), so one router serves any
+number of apps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import State
+
+from lmforge.serve import errors
+from lmforge.serve.backend import ServedModel, Step
+from lmforge.serve.errors import APIError, invalid
+from lmforge.serve.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from lmforge.serve.worker import Job, JobTimeout, ServerBusy
+
+log = logging.getLogger("lmforge.serve")
+router = APIRouter()
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's max_tokens for a completion that sets none
+
+
+# --- pages and metadata -----------------------------------------------------------------------------------
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def index(request: Request) -> HTMLResponse:
+    return HTMLResponse(request.app.state.playground)
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    state = request.app.state
+    return {
+        "status": "ok",
+        "model": state.served.name,
+        "running": state.worker.running,
+        "waiting": state.worker.waiting,
+        "concurrency": state.settings.concurrency,
+        "queue_size": state.settings.queue_size,
+    }
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[request.app.state.card])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    check_model(request.app.state.served, model_id, "model_id")
+    return request.app.state.card
+
+
+# --- completions ------------------------------------------------------------------------------------------
+@router.post("/v1/completions", response_model=Completion)
+async def completions(body: CompletionRequest, request: Request):
+    state = request.app.state
+    served: ServedModel = state.served
+    check_model(served, body.model)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    prompt_ids = await run_in_threadpool(lambda: [served.encode_prompt(p) for p in prompts])
+    longest = max(map(len, prompt_ids))
+    max_tokens = body.max_tokens
+    if max_tokens is None:
+        max_tokens = served.default_max_tokens(longest, DEFAULT_COMPLETION_TOKENS)
+        if max_tokens < 1:
+            served.check_max_tokens(1, longest, "prompt")
+    for ids in prompt_ids:
+        served.check_max_tokens(max_tokens, len(ids))
+    n_prompt = sum(map(len, prompt_ids))
+    rows = [ids for ids in prompt_ids for _ in range(body.n)]  # choice i*n + j: prompt i, sample j
+    prefixes = [p if body.echo else "" for p in prompts for _ in range(body.n)]
+    job = submit(state, rows, served.sampling_options(body, max_tokens, []))
+    timeout = state.settings.timeout
+    reply_id, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        return sse(Completion(id=reply_id, created=now, model=served.name, choices=choices, usage=usage))
+
+    if body.stream:
+
+        async def events() -> AsyncIterator[str]:
+            for i, prefix in enumerate(prefixes):
+                if prefix:
+                    yield chunk([CompletionChoice(index=i, text=prefix, finish_reason=None)])
+            last = None
+            async for step in job_events(job, timeout):
+                last = step
+                for i, (delta, reason) in enumerate(zip(step.deltas, step.finish_reasons, strict=True)):
+                    if delta or step.just_finished[i]:
+                        yield chunk([CompletionChoice(index=i, text=delta, finish_reason=reason)])
+            if body.stream_options and body.stream_options.include_usage and last is not None:
+                yield chunk([], usage_of(n_prompt, last))
+
+        return stream_response(events())
+    texts, last = await collect(job, len(rows), timeout)
+    choices = [
+        CompletionChoice(index=i, text=prefixes[i] + text, finish_reason=last.finish_reasons[i])
+        for i, text in enumerate(texts)
+    ]
+    return Completion(id=reply_id, created=now, model=served.name, choices=choices, usage=usage_of(n_prompt, last))
+
+
+# --- chat -------------------------------------------------------------------------------------------------
+@router.post("/v1/chat/completions", response_model=ChatCompletion)
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = request.app.state
+    served: ServedModel = state.served
+    check_model(served, body.model)
+    messages = [{"role": chat_role(m.role), "content": m.text()} for m in body.messages]
+    ids, stops = await run_in_threadpool(served.encode_chat, messages)
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is None:
+        max_tokens = served.default_max_tokens(len(ids), None)
+        if max_tokens < 1:
+            served.check_max_tokens(1, len(ids), "messages")
+    served.check_max_tokens(max_tokens, len(ids), param)
+    rows, n_prompt = [ids] * body.n, len(ids)
+    job = submit(state, rows, served.sampling_options(body, max_tokens, stops))
+    timeout = state.settings.timeout
+    reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        return sse(ChatCompletionChunk(id=reply_id, created=now, model=served.name, choices=choices, usage=usage))
+
+    if body.stream:
+
+        async def events() -> AsyncIterator[str]:
+            for i in range(len(rows)):
+                yield chunk([ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""})])
+            last = None
+            async for step in job_events(job, timeout):
+                last = step
+                for i, (delta, reason) in enumerate(zip(step.deltas, step.finish_reasons, strict=True)):
+                    if delta:
+                        yield chunk([ChatChunkChoice(index=i, delta={"content": delta})])
+                    if step.just_finished[i]:
+                        yield chunk([ChatChunkChoice(index=i, delta={}, finish_reason=reason)])
+            if body.stream_options and body.stream_options.include_usage and last is not None:
+                yield chunk([], usage_of(n_prompt, last))
+
+        return stream_response(events())
+    texts, last = await collect(job, len(rows), timeout)
+    choices = [
+        ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=last.finish_reasons[i])
+        for i, text in enumerate(texts)
+    ]
+    return ChatCompletion(id=reply_id, created=now, model=served.name, choices=choices, usage=usage_of(n_prompt, last))
+
+
+# --- shared -----------------------------------------------------------------------------------------------
+def check_model(served: ServedModel, name: str, param: str = "model") -> None:
+    """A request naming another model is a 404, as OpenAI answers for a model you cannot use."""
+    if name != served.name:
+        raise APIError(
+            404,
+            f"model {name!r} does not exist; this server serves {served.name!r}",
+            param=param,
+            code="model_not_found",
+        )
+
+
+def submit(state: State, rows: list[list[int]], options: dict[str, Any]) -> Job:
+    """Admit the generation to the app's worker; a full queue is a 503 now rather than a long wait."""
+    try:
+        return state.worker.submit(state.served.work(rows, options))
+    except ServerBusy as busy:
+        raise errors.server_busy(busy.running, busy.waiting) from None
+
+
+async def job_events(job: Job, timeout: float) -> AsyncIterator[Step]:
+    """The job's steps; its errors become APIErrors (`timeout` is only quoted in the 504's message)."""
+    try:
+        async for step in job.events():
+            yield step
+    except JobTimeout:
+        raise errors.timed_out(timeout) from None
+    except ValueError as error:  # the engine's checks on the options
+        raise invalid(str(error)) from error
+    except APIError:
+        raise
+    except Exception as error:
+        log.exception("generation failed")
+        raise APIError(500, f"generation failed: {type(error).__name__}: {error}", "server_error") from error
+
+
+async def collect(job: Job, n_rows: int, timeout: float) -> tuple[list[str], Step]:
+    """Every choice's whole text and the last step (its finish reasons and token counts), for a reply
+    that is not streamed."""
+    texts, last = [""] * n_rows, None
+    async for step in job_events(job, timeout):
+        texts = [text + delta for text, delta in zip(texts, step.deltas, strict=True)]
+        last = step
+    if last is None:
+        raise APIError(500, "generation ended without producing a step", "server_error")
+    return texts, last
+
+
+def stream_response(events: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events ending in `[DONE]`; an error once the 200 is sent can only travel as an event."""
+
+    async def with_done() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        except APIError as error:
+            yield f"data: {json.dumps(error.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(with_done(), media_type="text/event-stream", headers=headers)
+
+
+def chat_role(role: str) -> str:
+    """OpenAI's "developer" messages are the newer name for system messages; templates know "system"."""
+    return "system" if role == "developer" else role
+
+
+def usage_of(prompt: int, last: Step) -> Usage:
+    """Token counts: each distinct prompt once (n choices share it, as in OpenAI's counts), every choice's reply."""
+    completion = sum(last.completion_tokens)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def sse(payload) -> str:
+    return f"data: {payload.model_dump_json()}\n\n"
