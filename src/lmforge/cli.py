@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "lmforge.commands.pretrain",  # pretrain
     "lmforge.commands.finetune",  # finetune
     "lmforge.commands.evaluate",  # evaluate, predict
+    "lmforge.commands.tune",  # tune
 )
 GROUPS = {
     "data": "datasets: catalog, cleaning, tokenised shards",
@@ -41,14 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one subcommand; its return value (an int) is the exit status, 0 when it returns nothing.
+
+    A bad input is one line on stderr and status 2; Ctrl-C before a command installs its own handling (a
+    training run saves a checkpoint first) is one line and status 130, as shells report SIGINT."""
     try:
-        args.func(args)
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+    name = " ".join(filter(None, [args.command, getattr(args, "subcommand", None)]))
+    try:
+        status = args.func(args)
+        return status if isinstance(status, int) else 0
     except (ValueError, FileNotFoundError, RuntimeError) as error:
-        name = " ".join(filter(None, [args.command, getattr(args, "subcommand", None)]))
         print(f"lmforge {name}: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print(f"lmforge {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
