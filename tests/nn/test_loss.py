@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.nn import loss as loss_module
-from lmforge.nn.loss import cross_entropy
+from lmforge.nn.loss import IGNORE_INDEX, cross_entropy
 
 
 @pytest.mark.parametrize("n_rows, vocab", [(7, 5), (64, 1000), (33, 50257)])
@@ -44,3 +44,23 @@ def test_all_targets_ignored_gives_zero_loss_and_zero_gradient():
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match=r"needs logits \(N, V\) and targets \(N,\)"):
         cross_entropy(torch.randn(4, 10), torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 0.3])
+def test_label_smoothing_matches_torch_value_and_gradient(smoothing, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 64)  # several chunks
+    torch.manual_seed(0)
+    logits = torch.randn(40, 17, requires_grad=True)
+    targets = torch.randint(0, 17, (40,))
+    targets[::7] = IGNORE_INDEX
+    ours = cross_entropy(logits, targets, label_smoothing=smoothing)
+    (grad,) = torch.autograd.grad(ours, logits)
+    reference = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=smoothing)
+    (ref_grad,) = torch.autograd.grad(reference, logits)
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_label_smoothing_outside_zero_one_is_refused():
+    with pytest.raises(ValueError, match=r"label_smoothing=1.0 must be in \[0, 1\)"):
+        cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), label_smoothing=1.0)

@@ -90,6 +90,9 @@ class TaskSection:
     freeze_embeddings: bool = opt(False, "keep the embeddings fixed")
     freeze_layers: int = opt(0, "keep the first N Transformer layers fixed")
     layer_lr_decay: float = opt(1.0, "layer-wise lr decay: layer i of L trains at lr x decay^(L - i) (1: off)")
+    label_smoothing: float = opt(
+        0.0, "train against (1 - e) one-hot + e uniform targets (Szegedy et al. 2016); evaluation losses stay plain"
+    )
     class_weights: str = opt("", "classification loss weights: '' (none), 'balanced', or one number per label")
     kfold: int = opt(0, "K-fold cross-validation on train + validation (stratified for classification; 0: off)")
     num_beams: int = opt(4, "seq2seq: beam width at evaluation")
@@ -106,6 +109,8 @@ class TaskSection:
             raise ValueError(f"task.epochs={self.epochs} must be >= 0 (0: train.max_steps sets the length)")
         if self.kfold == 1 or self.kfold < 0:
             raise ValueError(f"task.kfold={self.kfold} must be 0 (off) or >= 2")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"task.label_smoothing={self.label_smoothing} must be in [0, 1)")
         if not 0.0 < self.layer_lr_decay <= 1.0:
             raise ValueError(f"task.layer_lr_decay={self.layer_lr_decay} must be in (0, 1]")
         for name in ("lora_r", "num_beams", "max_new_tokens", "predict_batch_size"):
@@ -125,7 +130,8 @@ class FTTrainSection(TrainSection):
 
     def __post_init__(self) -> None:
         if self.max_steps is None:
-            dataclasses.replace(self, max_steps=1)  # checks every other field as TrainSection does
+            checked = dataclasses.replace(self, max_steps=1)  # checks every other field as TrainSection does
+            self.batch_size, self.grad_accum = checked.batch_size, checked.grad_accum  # as split there
         else:
             super().__post_init__()
 

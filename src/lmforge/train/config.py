@@ -40,6 +40,11 @@ class TrainSection:
     max_steps: int = opt(1000, "optimizer steps")
     batch_size: int = opt(16, "sequences per micro-batch (per process)")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
+    max_micro_batch: int = opt(
+        0,
+        "largest micro-batch that fits in memory: a larger batch_size becomes micro-batches of this size and "
+        "grad_accum grows to match, so each optimizer step sees the same examples (0: off)",
+    )
     eval_every: int = opt(200, "evaluate every N steps (0: only at the end)")
     eval_batches: int = opt(10, "validation batches per evaluation")
     save_every: int = opt(500, "checkpoint every N steps (0: only at the end)")
@@ -62,11 +67,38 @@ class TrainSection:
     tensorboard: bool = opt(True, "write TensorBoard event files")
     progress: bool = opt(True, "live progress bar")
 
+    def split_micro_batches(self) -> None:
+        """batch_size > max_micro_batch: run it as batch_size / max_micro_batch micro-batches of max_micro_batch
+        with that many times more accumulation. The loop averages the loss over all units of a step
+        (`lmforge.train.loop`), so the update is the large batch's (up to float rounding, and dropout's random
+        draws); a tuned batch size thus never needs more memory than max_micro_batch rows. Idempotent: a saved
+        config already split stays as it is."""
+        if self.max_micro_batch < 0:
+            raise ValueError(f"train.max_micro_batch={self.max_micro_batch} must be >= 0 (0: off)")
+        if not self.max_micro_batch or self.batch_size <= self.max_micro_batch:
+            return
+        if self.batch_size % self.max_micro_batch:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} is not a multiple of train.max_micro_batch="
+                f"{self.max_micro_batch}; choose sizes that divide"
+            )
+        factor = self.batch_size // self.max_micro_batch
+        self.batch_size, self.grad_accum = self.max_micro_batch, self.grad_accum * factor
+
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
-        for name in ("eval_every", "save_every", "keep_last", "early_stopping_patience", "threads", "sample_tokens"):
+        self.split_micro_batches()
+        for name in (
+            "max_micro_batch",
+            "eval_every",
+            "save_every",
+            "keep_last",
+            "early_stopping_patience",
+            "threads",
+            "sample_tokens",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")
         if self.dtype not in DTYPES:

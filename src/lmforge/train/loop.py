@@ -40,6 +40,7 @@ from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, all_reduce_sum, barrier
 from lmforge.train.logging import MetricsLogger, TrainProgress
 from lmforge.train.objective import Objective
+from lmforge.train.optim import add_l1_subgradient
 
 
 class Stop:
@@ -102,12 +103,15 @@ def take_rows(batch: dict[str, torch.Tensor], info: DistInfo, device: torch.devi
     return {k: v[part].to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def optimizer_step(raw_model: nn.Module, optimizer, scheduler, scaler, grad_clip: float) -> tuple[float, float]:
-    """Clip, step and zero the gradients, advance the schedule; returns (gradient norm before clipping, the lr
-    the step used). With fp16 the GradScaler unscales first (so the clip sees true gradients) and skips the
-    step when they overflowed."""
+def optimizer_step(
+    raw_model: nn.Module, optimizer, scheduler, scaler, grad_clip: float, l1: float = 0.0
+) -> tuple[float, float]:
+    """Add the L1 subgradient (`l1` > 0), clip, step and zero the gradients, advance the schedule; returns
+    (gradient norm before clipping, the lr the step used). With fp16 the GradScaler unscales first (so the
+    penalty and the clip see true gradients) and skips the step when they overflowed."""
     if scaler is not None:
         scaler.unscale_(optimizer)
+    add_l1_subgradient(optimizer, l1)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip).item() if grad_clip > 0 else float("nan")
     lr = optimizer.param_groups[0]["lr"]
@@ -271,7 +275,9 @@ def train_loop(
                 say(info, f"step {step}: loss {loss}, step skipped (train.nan_policy=skip)")
                 continue
 
-            grad_norm, lr = optimizer_step(raw_model, optimizer, scheduler, scaler, config.optim.grad_clip)
+            grad_norm, lr = optimizer_step(
+                raw_model, optimizer, scheduler, scaler, config.optim.grad_clip, config.optim.l1
+            )
             step += 1
             state.tokens_seen += step_tokens
             window_tokens += step_tokens

@@ -40,8 +40,11 @@ def is_seq2seq(model: nn.Module) -> bool:
     return getattr(unwrap_model(model).config, "head", "") == "seq2seq_lm"
 
 
-def summed_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-    """Sum over the batch's target tokens of -log p(target): the mean cross-entropy times the token count.
+def summed_token_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], targets: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Sum over the batch's target tokens of -log p(target): the mean cross-entropy times the token count
+    (with `label_smoothing`, against the smoothed targets of `lmforge.nn.loss`).
 
     `targets` (B, T) holds the token each position predicts, IGNORE_INDEX where none. An encoder-decoder's
     decoder reads `batch["labels"]` shifted right after its start token: T5 starts from its
@@ -53,4 +56,4 @@ def summed_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], targets:
         inputs["decoder_input_ids"] = shift_right(batch["labels"], start, config.pad_token_id)
     logits = model(**inputs).logits  # (B, T, vocab)
     count = (targets != IGNORE_INDEX).sum()
-    return cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE_INDEX) * count
+    return cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE_INDEX, label_smoothing) * count

@@ -25,7 +25,15 @@ Schedules (`lr_at`): a linear warmup from 0 to `lr` over `warmup_steps` (as in t
     wsd:       lr until the last `decay_fraction` of max_steps, then linear to min_lr (warmup-stable-decay,
                Hu et al., 2024, MiniCPM)
     constant:  lr
+    exponential: min_lr (lr / min_lr)^p' with p' = (step - warmup) / (max_steps - 1 - warmup): from min_lr at the
+               first step to lr at the last, the learning-rate range test's sweep (`lmforge lr-find`)
 Past max_steps the rate stays at its final value. `step` counts optimizer updates already taken.
+
+L1 regularisation (`l1` = lambda, Tibshirani 1996; Keras' `l1` kernel regulariser) adds lambda sum |w| over the
+weights that get weight decay to the loss. It is applied as its subgradient, lambda sign(w) added to those
+gradients before clipping (`add_l1_subgradient`), which is what backpropagating the penalty would add, without
+a forward pass over every weight; the logged loss is the data loss alone. Unlike decay (which shrinks w in
+proportion to its size) it pulls every weight towards 0 by the same amount, so small weights reach 0: sparsity.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from torch import nn
 from lmforge.train.distributed import unwrap_model
 
 OPTIMIZERS = ("adamw", "muon")
-SCHEDULES = ("cosine", "linear", "wsd", "constant")
+SCHEDULES = ("cosine", "linear", "wsd", "constant", "exponential")
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 OUTPUT_MODULES = ("lm_head", "classifier")  # lmforge's head modules (models/heads.py): outputs, not hidden maps
@@ -58,10 +66,11 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    schedule: str = "cosine"  # "cosine" | "linear" | "wsd" | "constant"
+    schedule: str = "cosine"  # "cosine" | "linear" | "wsd" | "constant" | "exponential"
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying at the end
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    l1: float = 0.0  # L1 penalty l1 * sum|w| on the decayed weights (Linear weights), as a subgradient; 0: off
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
 
@@ -78,8 +87,11 @@ class OptimConfig:
         _check_range("eps", self.eps, 0.0, math.inf, low_open=True)
         _check_range("decay_fraction", self.decay_fraction, 0.0, 1.0)
         _check_range("grad_clip", self.grad_clip, 0.0, math.inf)
+        _check_range("l1", self.l1, 0.0, math.inf)
         _check_range("muon_lr", self.muon_lr, 0.0, math.inf, low_open=True)
         _check_range("muon_momentum", self.muon_momentum, 0.0, 1.0, high_open=True)
+        if self.schedule == "exponential" and not 0 < self.min_lr < self.lr:
+            raise ValueError(f"schedule=exponential sweeps from min_lr to lr: it needs 0 < min_lr ({self.min_lr}) < lr")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps!r} must be an integer >= 0")
 
@@ -163,6 +175,18 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused or None
     )
+
+
+def add_l1_subgradient(optimizer: torch.optim.Optimizer, l1: float) -> None:
+    """grad += l1 sign(w) for every parameter of the groups that get weight decay (see the module docstring)."""
+    if not l1:
+        return
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            if group.get("role") in ("decay", "muon"):
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.add_(torch.sign(p), alpha=l1)
 
 
 # ---------------------------------------------------------------- Muon
@@ -283,6 +307,9 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
         return cfg.lr * step / warmup
     if cfg.schedule == "constant":
         return cfg.lr
+    if cfg.schedule == "exponential":
+        progress = min(1.0, (step - warmup) / max(1, max_steps - 1 - warmup))
+        return cfg.min_lr * (cfg.lr / cfg.min_lr) ** progress
     if cfg.schedule == "wsd":
         decay_steps = round(cfg.decay_fraction * max_steps)
         decay_start = max(warmup, max_steps - decay_steps)

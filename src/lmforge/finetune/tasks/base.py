@@ -181,6 +181,11 @@ class Task(Objective, ABC):
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss summed over the batch's `count` units."""
 
+    def smoothing(self, model: nn.Module) -> float:
+        """task.label_smoothing while the model trains, 0 in evaluation: validation and test losses stay the
+        plain negative log-likelihood, comparable across runs (and tuning trials) with any smoothing."""
+        return self.config.task.label_smoothing if model.training else 0.0
+
     # -------------------------------------------------------------------------------- evaluation and prediction
 
     @abstractmethod

@@ -149,11 +149,12 @@ class ClassificationTask(Task):
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(**model_inputs(model, batch)).logits.float()
-        labels = batch["labels"]
-        if self.multi_label:
-            return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(-1).sum()
+        labels, smoothing = batch["labels"], self.smoothing(model)
+        if self.multi_label:  # each label a 2-class problem: targets y (1 - e) + e / 2
+            targets = labels.float() * (1.0 - smoothing) + smoothing / 2
+            return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(-1).sum()
         weight = None if self.weights is None else self.weights.to(logits.device)
-        return F.cross_entropy(logits, labels, weight=weight, reduction="sum")
+        return F.cross_entropy(logits, labels, weight=weight, reduction="sum", label_smoothing=smoothing)
 
     def probabilities(self, model: nn.Module, features: list[dict]) -> np.ndarray:
         """(N, K): a sigmoid per label (multi-label) or the softmax over labels."""

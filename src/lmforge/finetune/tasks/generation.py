@@ -71,7 +71,7 @@ class GenerationTask(Task):
         from lmforge.train.objective import summed_token_loss
 
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-        return summed_token_loss(model, inputs, self.targets(batch))
+        return summed_token_loss(model, inputs, self.targets(batch), self.smoothing(model))
 
     def evaluate(self, model: nn.Module, records: list, features: list[dict], final: bool = True) -> tuple[dict, dict]:
         """Teacher-forced loss and perplexity; when `final`, generated text scored against the references on

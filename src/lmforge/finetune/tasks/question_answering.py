@@ -78,8 +78,9 @@ class QATask(Task):
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(**model_inputs(model, batch)).logits.float()  # (B, T, 2)
-        start = F.cross_entropy(logits[..., 0], batch["start_positions"], reduction="sum")
-        end = F.cross_entropy(logits[..., 1], batch["end_positions"], reduction="sum")
+        smoothing = self.smoothing(model)
+        start = F.cross_entropy(logits[..., 0], batch["start_positions"], reduction="sum", label_smoothing=smoothing)
+        end = F.cross_entropy(logits[..., 1], batch["end_positions"], reduction="sum", label_smoothing=smoothing)
         return (start + end) / 2
 
     def answers(self, model: nn.Module, records: list, features: list[dict]) -> dict[str, str]:

@@ -115,7 +115,11 @@ class TaggingTask(Task):
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(**model_inputs(model, batch)).logits.float()  # (B, T, n_tags)
         return F.cross_entropy(
-            logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            logits.flatten(0, 1),
+            batch["labels"].flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+            label_smoothing=self.smoothing(model),
         )
 
     def word_tags(self, model: nn.Module, records: list, features: list[dict]) -> list[list[str]]:
