@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -129,6 +130,36 @@ def test_pruning_stops_a_trial_at_the_step_it_reached(tmp_path, pretrain_flags, 
     assert "pruned at step 2" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
 
 
+def test_a_kfold_trial_reports_the_running_mean_after_each_fold(tmp_path, finetune_flags):
+    config = parse_args([*finetune_flags, "--kfold=2", f"--train.out={tmp_path}", "--train.name=cv"], FINETUNE)
+    calls = []
+    summary = finetune(config, on_eval=lambda step, metrics: calls.append((step, metrics)))
+    assert [step for step, _ in calls] == [1, 2]
+    accuracy = summary["folds"]["accuracy"]["values"]
+    for step, metrics in calls:
+        assert metrics["accuracy"] == pytest.approx(sum(accuracy[:step]) / step)
+
+
+def test_a_kfold_trial_is_pruned_between_folds(tmp_path, finetune_flags, monkeypatch):
+    monkeypatch.setitem(study_module.PRUNERS, "median", AlwaysPrune)
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {type: float, low: 0.001, high: 0.01, log: true}\n", encoding="utf-8")
+    out = tmp_path / "out"
+    settings = TuneSettings(
+        recipe="finetune",
+        space=str(space),
+        metric="accuracy",
+        out=str(out),
+        base_args=[*finetune_flags, "--kfold=3"],
+        trials=1,
+        pruner="median",
+    )
+    assert tune(settings)["states"] == {"PRUNED": 1}
+    (trial,) = load(out).trials
+    assert trial.user_attrs["pruned_at_step"] == 1  # after the first of three folds
+    assert sorted(p.name for p in (out / "trials" / "trial_0000").glob("fold_*")) == ["fold_01"]
+
+
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, finetune_flags):
     space = tmp_path / "space.yaml"  # warmup longer than the 6-step run: the recipe refuses it
     space.write_text("optim.warmup_steps: {type: categorical, choices: [10, 0]}\n", encoding="utf-8")
@@ -192,6 +223,48 @@ def test_two_workers_share_one_study(tmp_path, pretrain_flags):
     assert len(trials) >= 4 and all(t.state == TrialState.COMPLETE for t in trials)
     assert ran[0] | ran[1] == {t.number for t in trials}
     assert sorted(p.name for p in (tmp_path / "out" / "trials").iterdir()) == [f"trial_{t.number:04d}" for t in trials]
+
+
+def test_a_killed_workers_trial_is_failed_by_the_next_worker(tmp_path, pretrain_flags, monkeypatch):
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {type: float, low: 0.001, high: 0.01, log: true}\n", encoding="utf-8")
+    journal, out = tmp_path / "study.journal", tmp_path / "out"
+    argv = [sys.executable, "-m", "lmforge", "tune", "--recipe", "pretrain", "--space", str(space), "--metric"]
+    argv += ["loss", "--direction", "minimize", "--trials", "2", "--pruner", "none", "--storage", str(journal)]
+    argv += ["--out", str(out), "--resume", *pretrain_flags, "--train.max_steps=1000000"]  # a trial that never ends
+    worker = subprocess.Popen(argv, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and worker.poll() is None:
+            if journal.exists() and "lmforge" in optuna.get_all_study_names(open_storage(str(journal), out)):
+                running = load(out, storage=str(journal)).get_trials(states=(TrialState.RUNNING,))
+                if running and study_module.HEARTBEAT_ATTR in running[0].system_attrs:
+                    break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the first worker never started a trial")
+    finally:
+        worker.kill()  # SIGKILL: no chance to record anything
+        worker.wait()
+    monkeypatch.setattr(study_module, "GRACE_S", 0)  # this worker calls any trial without a fresh beat stale
+    settings = TuneSettings(
+        recipe="pretrain",
+        space=str(space),
+        metric="loss",
+        direction="minimize",
+        out=str(out),
+        base_args=pretrain_flags,
+        trials=2,
+        pruner="none",
+        storage=str(journal),
+        resume=True,
+    )
+    time.sleep(1.0)  # the killed trial's last beat is now older than the grace period
+    assert tune(settings)["states"] == {"FAIL": 1, "COMPLETE": 1}
+    killed, finished = load(out, storage=str(journal)).trials
+    assert killed.state == TrialState.FAIL and "stopped beating" in killed.user_attrs["error"]
+    assert finished.state == TrialState.COMPLETE
+    assert "stopped beating" in (out / "report.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize(

@@ -223,8 +223,10 @@ def finetune(
 ) -> dict:
     """Fine-tune and evaluate; returns the run summary (with K-fold: the fold summary). A failure before the run
     wrote anything of value removes the run folder, if this call created it. `on_eval(step, metrics)` sees every
-    validation during training (`train_loop`'s hook; K-fold folds evaluate once, at their end, and do not call
-    it); `score_test=False` leaves the test split untouched (a tuner's trials select on validation only)."""
+    validation during training (`train_loop`'s hook); with K-fold, whose folds evaluate once at their end, it is
+    called after fold k with step k and the mean of each metric over the k folds done, so a tuner can stop a
+    poor configuration between folds; `score_test=False` leaves the test split untouched (a tuner's trials
+    select on validation only)."""
     config = config.with_model_name()
     check_length(config)
     created = not config.run_dir.exists()
@@ -232,7 +234,7 @@ def finetune(
     try:
         with run_lock(config.run_dir, enabled=info.is_main):
             if config.task.kfold:
-                return _kfold(config, info)
+                return _kfold(config, info, on_eval)
             return _finetune(config, info, on_eval=on_eval, score_test=score_test)
     except BaseException:
         if created and info.is_main and config.run_dir.is_dir() and not holds_results(config.run_dir):
@@ -414,7 +416,9 @@ def save_final(model: nn.Module, task: Task, config: FinetuneConfig, run_dir: Pa
 # ------------------------------------------------------------------------------------------ K-fold
 
 
-def _kfold(config: FinetuneConfig, info: DistInfo) -> dict:
+def _kfold(
+    config: FinetuneConfig, info: DistInfo, on_eval: Callable[[int, dict[str, float]], None] | None = None
+) -> dict:
     from lmforge.eval import kfold_indices, stratified_kfold_indices, summarize_folds
 
     k = config.task.kfold
@@ -448,6 +452,8 @@ def _kfold(config: FinetuneConfig, info: DistInfo) -> dict:
         summary = _finetune(fold_config, info, fold_data, save_model=False)  # a fold's model is a by-product
         fold_summaries.append(summary)
         fold_metrics.append(numbers(summary.get("validation", {})))
+        if on_eval is not None:  # the running mean over the folds done (a pruner's intermediate value)
+            on_eval(i + 1, {name: value["mean"] for name, value in summarize_folds(fold_metrics).items()})
     summary = {
         "run_dir": str(base_dir),
         "model": config.model.name,

@@ -5,7 +5,8 @@ The trial's config is built the way `lmforge finetune` / `lmforge pretrain` buil
 to OUT/trials/trial_NNNN. The trial's value is a validation metric from the run summary (K-fold: the mean over
 the held-out folds); a fine-tuning trial never encodes or scores the test split (`score_test=False`), so no
 selection sees it. At every evaluation the recipe's `on_eval` hook reports the metric to Optuna
-(`trial.report`) and raises `optuna.TrialPruned` when the pruner rejects the trial.
+(`trial.report`) and raises `optuna.TrialPruned` when the pruner rejects the trial. A K-fold trial reports after
+each fold (step k = folds done, value = the mean over them), so a poor configuration stops between folds.
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 
 Storage: by default a SQLite file OUT/study.db; any SQLAlchemy URL (`postgresql://...`, `sqlite:///...`); or
 a path without `://`, an Optuna journal file (`JournalStorage(JournalFileBackend(path))`, file-locked appends),
-the simplest way for many workers on one file system. Relational storages run a heartbeat: a worker killed
-mid-trial stops beating and the next worker marks its trial FAIL after the grace period (Optuna's journal
-storage has no heartbeat, so there a killed worker's trial stays RUNNING).
+the simplest way for many workers on one file system. Every storage runs a heartbeat: a worker records one
+every HEARTBEAT_S seconds while its trial runs, and a worker killed mid-trial stops beating; the next worker to
+start a trial marks every RUNNING trial silent for more than GRACE_S seconds FAIL, and the study goes on.
+Relational storages have Optuna's own heartbeat; Optuna's journal storage has none, so `HeartbeatJournalStorage`
+gives it the same one (the beat is a trial system attribute, written to the journal like any other).
 
 `trials` is the study's budget, shared by every worker on it (Optuna's `MaxTrialsCallback` counts finished and
 running trials of all workers), so N workers started with `--trials 20` finish 20 trials between them, each
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages._heartbeat import BaseHeartbeat  # the interface Optuna's optimize loop drives
 from optuna.trial import TrialState
 
 from lmforge.tune.objective import RECIPES, TrialObjective, check_inputs
@@ -32,6 +35,7 @@ from lmforge.tune.space import Param, grid, load_space
 
 HEARTBEAT_S = 30
 GRACE_S = 90
+HEARTBEAT_ATTR = "lmforge:heartbeat"
 DIRECTIONS = ("maximize", "minimize")
 
 
@@ -61,6 +65,43 @@ PRUNERS = {
 }
 
 
+class HeartbeatJournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
+    """Optuna's journal storage with the heartbeat its RDBStorage has. Optuna's `study.optimize` starts a thread
+    per trial calling `record_heartbeat` every `get_heartbeat_interval()` seconds, and before each trial fails
+    the trials `_get_stale_trial_ids` returns. A beat is the wall-clock time in a system attribute of the trial;
+    a trial is stale when it is RUNNING and its last beat is older than `grace_period` (workers on several
+    machines need clocks that agree to well within it, as NTP keeps them). A RUNNING trial with no beat at all
+    (started by a worker without a heartbeat) is left alone."""
+
+    def __init__(self, backend, heartbeat_interval: int = HEARTBEAT_S, grace_period: int = GRACE_S) -> None:
+        super().__init__(backend)
+        self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now, stale = time.time(), []
+        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            beat = trial.system_attrs.get(HEARTBEAT_ATTR)
+            if beat is None or now - beat <= self.grace_period:
+                continue
+            try:  # say why in the report; another worker may have failed it meanwhile
+                self.set_trial_user_attr(
+                    trial._trial_id, "error", f"its worker stopped beating for {now - beat:.0f} s (killed?)"
+                )
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            stale.append(trial._trial_id)
+        return stale
+
+    def get_heartbeat_interval(self) -> int:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self) -> None:
+        return None
+
+
 def open_storage(url: str | None, out: Path) -> optuna.storages.BaseStorage:
     """The study's storage (see the module docstring); one line naming the URL when it cannot be opened."""
     if not url:
@@ -72,7 +113,7 @@ def open_storage(url: str | None, out: Path) -> optuna.storages.BaseStorage:
                 raise ValueError(f"folder {path.parent} does not exist")
             from optuna.storages.journal import JournalFileBackend
 
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+            return HeartbeatJournalStorage(JournalFileBackend(str(path)), HEARTBEAT_S, GRACE_S)
         with warnings.catch_warnings():  # the heartbeat is marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
