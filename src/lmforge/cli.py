@@ -20,7 +20,7 @@ COMMAND_MODULES = (
     "lmforge.commands.pretrain",  # pretrain
     "lmforge.commands.finetune",  # finetune
     "lmforge.commands.evaluate",  # evaluate, predict
-    "lmforge.commands.tune",  # tune
+    "lmforge.commands.tune",  # tune, lr-find
 )
 GROUPS = {
     "data": "datasets: catalog, cleaning, tokenised shards",

@@ -296,3 +296,20 @@ def test_scheduler_scales_muon_group_with_the_same_shape():
         assert groups["muon"]["lr"] == pytest.approx(lr_at(step, cfg, 20) * 0.02 / 1e-3)
         opt.step()
         sched.step()
+
+
+def test_l1_subgradient_is_the_gradient_of_the_penalty_on_decayed_weights():
+    from lmforge.train.optim import add_l1_subgradient
+
+    model = tiny("llama-tiny", tie_embeddings=False, n_kv_heads=1)
+    optimizer = build_optimizer(model, OptimConfig(l1=0.01))
+    decayed = groups_by_role(optimizer)["decay"]["params"]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    add_l1_subgradient(optimizer, 0.01)
+    penalty = 0.01 * sum(p.abs().sum() for p in decayed)  # what backpropagating lambda sum|w| would add
+    expected = torch.autograd.grad(penalty, decayed)
+    for p, g in zip(decayed, expected, strict=True):
+        torch.testing.assert_close(p.grad, g)
+    decayed_ids = {id(p) for p in decayed}
+    assert all(not p.grad.any() for p in model.parameters() if id(p) not in decayed_ids)  # norms, embeddings

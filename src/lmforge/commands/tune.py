@@ -26,6 +26,14 @@ def register(commands, groups) -> None:
     )
     parser.add_argument("args", nargs="*")
     parser.set_defaults(func=run)
+    finder = commands.add_parser(
+        "lr-find",
+        help="learning-rate range test of a recipe: loss against an exponentially growing lr, and a suggestion",
+        add_help=False,
+        prefix_chars="\x00",
+    )
+    finder.add_argument("args", nargs="*")
+    finder.set_defaults(func=run_lr_find)
 
 
 class TuneParser(argparse.ArgumentParser):
@@ -95,3 +103,40 @@ def run(args: argparse.Namespace) -> None:
         print(
             f"best {summary['best_value']:.6g} with {summary['best_params']}; {summary['best_yaml']}", file=sys.stderr
         )
+
+
+def lr_find_parser() -> TuneParser:
+    parser = TuneParser(
+        prog="lmforge lr-find",
+        allow_abbrev=False,
+        description="The learning-rate range test (Smith 2017): one short run of the recipe whose lr grows "
+        "exponentially from --start-lr to --end-lr; writes OUT/lr_find.png and OUT/lr_find.json and suggests a lr.",
+        epilog="any other --section.key=value (and --config BASE.yaml) sets the recipe's config, as for the recipe",
+    )
+    parser.add_argument("--recipe", required=True, help="finetune | pretrain")
+    parser.add_argument("--start-lr", type=float, default=1e-7, help="lr of the first step (default 1e-7)")
+    parser.add_argument("--end-lr", type=float, default=10.0, help="lr of the last step (default 10)")
+    parser.add_argument("--steps", type=int, default=100, help="steps of the sweep (default 100)")
+    parser.add_argument("--out", default="runs/lr-find", help="folder for the sweep run, the plot and the JSON")
+    return parser
+
+
+def run_lr_find(args: argparse.Namespace) -> None:
+    if any(a in ("--help", "-h") for a in args.args):
+        print(lr_find_parser().format_help())
+        return
+    from lmforge.tune.lr_find import LRFindSettings, lr_find, summary_line
+
+    known, base = lr_find_parser().parse_known_args(args.args)
+    summary = lr_find(
+        LRFindSettings(
+            recipe=known.recipe,
+            out=known.out,
+            base_args=tuple(base),
+            start_lr=known.start_lr,
+            end_lr=known.end_lr,
+            steps=known.steps,
+        )
+    )
+    print(json.dumps(summary))
+    print(summary_line(summary), file=sys.stderr)
