@@ -37,6 +37,9 @@ class FTModelSection:
     )
     tokenizer: str = opt("", "tokenizer file/folder (default: the model's own; presets: learn a BPE on the data)")
     vocab_size: int = opt(2048, "vocabulary of the BPE learned for a preset")
+    embeddings: str = opt(
+        "", "a preset (lstm-seed, ...): start its embedding from this model's table and use its tokenizer"
+    )
     dropout: float = opt(0.1, "dropout while fine-tuning")
     overrides: dict = opt({}, """model config fields to change, as JSON, e.g. '{"n_layer": 2}'""")
 

@@ -65,6 +65,15 @@ def load_tokenizer_for(config: FinetuneConfig, data: TaskData, run_dir: Path, in
 
     if config.model.tokenizer:
         return load_tokenizer(config.model.tokenizer)
+    if config.model.embeddings:  # the embedding rows are the pretrained model's token ids
+        from lmforge.models import PRESETS
+
+        if config.model.name not in PRESETS:
+            raise ValueError(
+                f"model.embeddings={config.model.embeddings!r} seeds a preset's embedding (e.g. --model lstm-seed); "
+                f"{config.model.name!r} brings its own weights: drop model.embeddings"
+            )
+        return load_tokenizer(resolve_model(config.model.embeddings))
     path = Path(resolve_model(config.model.name))
     if path.exists():
         try:
@@ -100,25 +109,47 @@ def build_finetune_model(config: FinetuneConfig, task: Task, tokenizer) -> nn.Mo
                 "together; use the model's own tokenizer (drop model.tokenizer)"
             )
         return model.train()
-    from lmforge.models import PRESETS, build_model
+    from lmforge.models import FAMILIES, PRESETS, build_model
 
     if config.model.name not in PRESETS:
         raise ValueError(
             f"model.name={config.model.name!r} is not a folder, a .gguf file, a real model name or a preset "
             "(lmforge models lists presets)"
         )
+    table = pretrained_embeddings(config.model.embeddings) if config.model.embeddings else None
+    if table is not None:
+        values.update(vocab_size=table.shape[0], d_model=table.shape[1])
     values.setdefault("vocab_size", tokenizer.vocab_size)
     if tokenizer.pad_token_id is not None:
         values.setdefault("pad_token_id", tokenizer.pad_token_id)
     family = PRESETS[config.model.name][0]
-    if family != "t5":
+    from lmforge.models.config import field_names
+
+    if "max_seq_len" in field_names(FAMILIES[family][0]):  # recurrent and T5 models have no position table
         longest = max(config.data.max_length, config.data.max_target_length) + 2
         values.setdefault("max_seq_len", longest)
     if family == "transformer":
         for name in ("bos_token_id", "eos_token_id"):
             if getattr(tokenizer, name, None) is not None:
                 values.setdefault(name, getattr(tokenizer, name))
-    return build_model(config.model.name, head=task.head, **values).train()
+    model = build_model(config.model.name, head=task.head, **values)
+    if table is not None:
+        with torch.no_grad():
+            model.tok_emb.weight.copy_(table)
+    return model.train()
+
+
+def pretrained_embeddings(name: str) -> torch.Tensor:
+    """The token embedding table (vocab, d) of the model `name` (a real model's name, a folder, a checkpoint):
+    a recurrent preset starts from it instead of random vectors (word vectors as in Kim, 2014), with the
+    model's own tokenizer, so the rows and the ids agree."""
+    from lmforge.hf.load import load_model
+
+    source = load_model(resolve_model(name))
+    embedding = getattr(source, "tok_emb", None)
+    if not isinstance(embedding, nn.Embedding):
+        raise ValueError(f"model.embeddings={name!r} has no token embedding table (tok_emb); pass a BERT/GPT model")
+    return embedding.weight.detach().float().clone()
 
 
 def adapt(model: nn.Module, config: FinetuneConfig) -> dict[str, int]:
