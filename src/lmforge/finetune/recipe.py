@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -284,6 +285,11 @@ def _finetune(
 ) -> dict:
     tc, device = config.train, info.device
     run_dir = config.run_dir
+    baselines = check_baselines(config, info)
+    train_baseline = baseline_trainer(config, info)
+    from lmforge.finetune.augment import augment_training, check_augment
+
+    check_augment(config)
     latest = open_run(tc, run_dir, info, MIN_FREE_BYTES)
     seed_everything(tc.seed, tc.deterministic)
 
@@ -291,6 +297,9 @@ def _finetune(
         data = load_task_data(config)
         if warning := random_weights_warning(config, len(data.train)):
             say(info, warning)
+    data, augmented = augment_training(config, data)  # training records only, after validation/test are split off
+    if augmented:
+        say(info, f"{augmented['method']}: {augmented['original']} training examples + {augmented['added']} variants")
     tokenizer = load_tokenizer_for(config, data, run_dir, info)
     task = build_task(config, tokenizer, data)
     train_features = task.encode(data.train, "train")
@@ -349,6 +358,7 @@ def _finetune(
         metrics, _ = task.evaluate(model, data.validation, val_features, final=False)
         return numbers(metrics)
 
+    start = time.perf_counter()
     result = train_loop(
         config=config,
         info=info,
@@ -376,12 +386,15 @@ def _finetune(
         "dataset": data.source,
         **counts,
         "steps": result.step,
+        "train_seconds": time.perf_counter() - start,
         "stopped_by": result.stopped_by,
         "best_step": result.state.best_step,
         "best_val_loss": result.state.best_val_loss,
         "examples": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test or [])},
         "counts": dict(task.stats),
     }
+    if augmented:
+        summary["augmented"] = augmented
     if result.stopped_by not in (None, "early_stopping"):
         return summary  # interrupted: --resume continues; nothing final to write
     best = best_checkpoint(run_dir)
@@ -399,6 +412,17 @@ def _finetune(
         summary["test"] = test_metrics
     else:
         test_arrays = None
+    if baselines:
+        from lmforge.finetune.baselines import run_baselines
+
+        splits = {"validation": data.validation, **({"test": data.test} if test_features is not None else {})}
+        summary["baselines"] = run_baselines(
+            baselines,
+            task,
+            data.train,
+            splits,
+            lambda preset, settings: train_baseline(preset, settings, data, "test" in splits),
+        )
     if save_model:
         save_final(raw_model, task, config, run_dir)
         summary["model_dir"] = str(run_dir / "model")
@@ -407,6 +431,50 @@ def _finetune(
 
         write_run_report(run_dir, summary, val_arrays, test_arrays)
     return summary
+
+
+def check_baselines(config: FinetuneConfig, info: DistInfo) -> list[str]:
+    """The run's baselines (`lmforge.finetune.baselines`), refused before training when they cannot run."""
+    from lmforge.finetune.baselines import BASELINES, baseline_names
+
+    names = baseline_names(config.task.baseline, config.task.task)
+    for name in names:
+        BASELINES[name].check(config)
+    if "lstm" in names and info.world_size > 1:
+        raise ValueError("task.baseline=lstm trains a second model, which runs in one process; drop it under torchrun")
+    return names
+
+
+def baseline_trainer(config: FinetuneConfig, info: DistInfo) -> Callable[[str, dict, TaskData, bool], dict]:
+    """train(preset, settings, data, score_test): the summary of `preset` fine-tuned by this recipe on the run's
+    very data (its splits or fold, already augmented), in run_dir/baselines/<preset>, with the run's settings
+    except the model's own and `settings` ({"optim.lr": 2e-3, ...}); its length comes from the settings' epochs."""
+
+    def train(preset: str, settings: dict[str, Any], data: TaskData, score_test: bool) -> dict:
+        sections = {
+            "model": dataclasses.replace(config.model, name=preset, tokenizer="", embeddings="", overrides={}),
+            "data": dataclasses.replace(config.data, augment=""),
+            "task": dataclasses.replace(
+                config.task,
+                baseline="",
+                method="full",
+                kfold=0,
+                freeze_embeddings=False,
+                freeze_layers=0,
+                layer_lr_decay=1.0,
+            ),
+            "optim": config.optim,
+            "train": dataclasses.replace(
+                config.train, out=str(config.run_dir / "baselines"), name=preset, max_steps=None, resume=False
+            ),
+        }
+        for key, value in settings.items():
+            section, field = key.split(".")
+            sections[section] = dataclasses.replace(sections[section], **{field: value})
+        say(info, f"baseline {preset}: trained by this recipe on the same records")
+        return _finetune(FinetuneConfig(**sections), info, data, report=False, save_model=False, score_test=score_test)
+
+    return train
 
 
 def task_record(task: Task, config: FinetuneConfig) -> dict:
@@ -478,7 +546,7 @@ def _kfold(config: FinetuneConfig, info: DistInfo) -> dict:
         say(info, f"fold {i + 1}/{k}: {len(train_idx)} train / {len(val_idx)} held-out examples")
         summary = _finetune(fold_config, info, fold_data, save_model=False)  # a fold's model is a by-product
         fold_summaries.append(summary)
-        fold_metrics.append(numbers(summary.get("validation", {})))
+        fold_metrics.append({**numbers(summary.get("validation", {})), "train_seconds": summary.get("train_seconds")})
     summary = {
         "run_dir": str(base_dir),
         "model": config.model.name,
@@ -488,6 +556,17 @@ def _kfold(config: FinetuneConfig, info: DistInfo) -> dict:
         "folds": summarize_folds(fold_metrics),
         "examples": len(pool),
     }
+    names = [name for name in fold_summaries[0].get("baselines", {})] if fold_summaries else []
+    if names:  # each baseline's held-out scores on the very same folds, summarised the same way
+        summary["baselines"] = {
+            name: summarize_folds(
+                [
+                    {**numbers(s["baselines"][name].get("validation", {})), "seconds": s["baselines"][name]["seconds"]}
+                    for s in fold_summaries
+                ]
+            )
+            for name in names
+        }
     if info.is_main:
         from lmforge.finetune.reporting import write_kfold_report
 
