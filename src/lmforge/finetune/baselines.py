@@ -146,7 +146,7 @@ class RecurrentBaseline(Baseline):
     description = "lstm-seed (sentences) or bilstm (tags) trained from scratch by this recipe"
     presets = {"classification": "lstm-seed", "token-classification": "bilstm"}
     # from scratch a recurrent model wants a larger step and more passes than a pretrained Transformer
-    settings = {"optim.lr": 2e-3, "optim.warmup_steps": 0, "task.epochs": 10.0, "model.vocab_size": 8000}
+    settings = {"optim.lr": 2e-3, "optim.warmup_steps": 0, "task.epochs": 4.0, "model.vocab_size": 8000}
 
     def fit_score(self, task: Task, train: list, splits: dict[str, list], train_model: TrainModel) -> dict[str, dict]:
         summary = train_model(self.presets[task.name], self.settings)
