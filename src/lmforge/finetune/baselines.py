@@ -96,11 +96,21 @@ class FrozenEncoderBaseline(Baseline):
     description = "frozen all-MiniLM-L6-v2, mean-pooled embeddings + logistic regression (scikit-learn)"
     batch_size = 64
 
+    def __init__(self) -> None:
+        # the encoder is frozen, so a text's features depend on the text alone: K folds embed each text once
+        self.cache: dict[tuple[str, int, str], np.ndarray] = {}
+
     def check(self, config: FinetuneConfig) -> None:
         single_label(config, self.name)
 
-    def embed(self, model: Any, tokenizer: Any, texts: list[str], max_length: int) -> np.ndarray:
-        """Mean of the last hidden states over each text's real tokens, (N, d)."""
+    def embed(self, model: Any, tokenizer: Any, texts: list[str], max_length: int, key: str) -> np.ndarray:
+        """Mean of the last hidden states over each text's real tokens, (N, d); each distinct text once."""
+        todo = list(dict.fromkeys(t for t in texts if (key, max_length, t) not in self.cache))
+        for text, row in zip(todo, self.encode(model, tokenizer, todo, max_length), strict=True):
+            self.cache[key, max_length, text] = row
+        return np.stack([self.cache[key, max_length, t] for t in texts])
+
+    def encode(self, model: Any, tokenizer: Any, texts: list[str], max_length: int) -> np.ndarray:
         import torch
 
         rows = []
@@ -116,7 +126,7 @@ class FrozenEncoderBaseline(Baseline):
                 h = model(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
                 keep = batch["attention_mask"][..., None].to(h.dtype)
                 rows.append(((h * keep).sum(1) / keep.sum(1)).float().numpy())
-        return np.concatenate(rows)
+        return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
 
     def fit_score(self, task: Task, train: list, splits: dict[str, list], train_model: TrainModel) -> dict[str, dict]:
         from sklearn.linear_model import LogisticRegression
@@ -127,14 +137,14 @@ class FrozenEncoderBaseline(Baseline):
 
         path = resolve_model(type(task).default_model).path
         model, tokenizer = load_model(path, head="none").eval(), load_tokenizer(path)
-        length = task.config.data.max_length
-        x = self.embed(model, tokenizer, task.texts(train), length)
+        length, key = task.config.data.max_length, str(path)
+        x = self.embed(model, tokenizer, task.texts(train), length, key)
         classifier = LogisticRegression(C=1.0, max_iter=5000).fit(x, [r.label for r in train])
         labels = task.vocab.labels
         return {
             split: task.score(
                 records,
-                class_probabilities(classifier, self.embed(model, tokenizer, task.texts(records), length), labels),
+                class_probabilities(classifier, self.embed(model, tokenizer, task.texts(records), length, key), labels),
             )[0]
             for split, records in splits.items()
         }
