@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score
@@ -26,8 +28,31 @@ def config_of(tmp_path, *flags):
     return parse_args([*QUIET, "--out", str(tmp_path), *flags], FINETUNE)
 
 
+def minilm_features(texts: list[str], peer: str):
+    """The oracle's frozen-lr features: all-MiniLM-L6-v2 mean-pooled over real tokens, computed by `transformers`
+    (slow to import) or by lmforge's loader, which tests/hf/test_real_weights.py holds to sentence-transformers."""
+    from lmforge.finetune.recipe import resolve_model
+
+    folder = resolve_model("all-MiniLM-L6-v2")
+    if peer == "transformers":
+        import transformers
+
+        model = transformers.AutoModel.from_pretrained(folder).eval()
+        batch = transformers.AutoTokenizer.from_pretrained(folder)(texts, padding=True, return_tensors="pt")
+    else:
+        from lmforge.data.tokenizers.tokenizer import load_tokenizer
+        from lmforge.hf.load import load_model
+
+        model = load_model(folder)
+        batch = load_tokenizer(folder).encode_batch(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    return ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+
+
 def test_kfold_baselines_use_the_runs_folds(tmp_path, sentiment_file):
-    sentiment_file(tmp_path / "train.jsonl", 48, seed=0)
+    sentiment_file(tmp_path / "train.jsonl", 40, seed=0)
     flags = [
         "--model=lstm-tiny",
         f"--data={tmp_path / 'train.jsonl'}",
@@ -67,6 +92,27 @@ def test_kfold_baselines_use_the_runs_folds(tmp_path, sentiment_file):
         "| tfidf",
         "| lstm",
     ]
+
+
+@pytest.mark.parametrize("peer", ["lmforge", pytest.param("transformers", marks=pytest.mark.slow)])
+def test_frozen_lr_is_logistic_regression_on_minilms_mean_pooled_features(tmp_path, sentiment_file, peer):
+    from lmforge.data.readers.records import ClassificationExample
+    from lmforge.finetune.baselines import BASELINES
+    from lmforge.finetune.tasks.classification import ClassificationTask
+
+    rows = sentiment_file(tmp_path / "train.jsonl", 24, seed=3)
+    records = [ClassificationExample(r["text"], (r["label"],)) for r in rows]
+    train, held_out = records[:16], records[16:]
+    task = ClassificationTask(config_of(tmp_path), None, ("negative", "positive"), None)
+    scores = BASELINES["frozen-lr"].fit_score(task, train, {"validation": held_out}, train_model=None)
+
+    features = minilm_features([r.text for r in records], peer)
+    oracle = LogisticRegression(C=1.0, max_iter=5000).fit(features[:16], [r.label for r in train])
+    probs = oracle.predict_proba(features[16:])  # classes_ are sorted: negative, positive
+    assert scores["validation"]["accuracy"] == pytest.approx(
+        accuracy_score([r.label for r in held_out], oracle.predict(features[16:]))
+    )
+    assert scores["validation"]["log_loss"] == pytest.approx(task.score(held_out, probs)[0]["log_loss"], abs=1e-4)
 
 
 def test_most_frequent_tag_baseline_on_the_runs_splits(tmp_path):
@@ -111,3 +157,36 @@ def test_a_baseline_that_does_not_exist_for_the_task_is_one_line(tmp_path, capsy
     assert cli_main([*base, f"--data={tmp_path / 'train.jsonl'}", "--baseline=bow"]) == 2
     assert "baseline 'bow' does not exist; classification baselines: tfidf, frozen-lr, lstm" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_an_lstm_can_start_from_minilms_embedding_and_tokenizer(tmp_path, sentiment_file):
+    from lmforge.data.tokenizers.tokenizer import load_tokenizer
+    from lmforge.finetune.datasets import TaskData
+    from lmforge.finetune.recipe import build_finetune_model, load_tokenizer_for, resolve_model
+    from lmforge.finetune.tasks import build_task
+    from lmforge.hf.load import load_model
+    from lmforge.train.distributed import init_distributed
+
+    rows = sentiment_file(tmp_path / "train.jsonl", 8, seed=0)
+    config = config_of(
+        tmp_path, f"--data={tmp_path / 'train.jsonl'}", "--model=lstm-seed", "--model.embeddings=all-MiniLM-L6-v2"
+    )
+    data = load_task_data(config)
+    tokenizer = load_tokenizer_for(config, data, tmp_path, init_distributed("cpu"))
+    minilm = Path(resolve_model("all-MiniLM-L6-v2"))
+    assert tokenizer.encode(rows[0]["text"]) == load_tokenizer(minilm).encode(rows[0]["text"])
+    model = build_finetune_model(
+        config, build_task(config, tokenizer, TaskData(data.train, data.validation, None, "")), tokenizer
+    )
+    table = load_model(minilm).tok_emb.weight
+    assert model.tok_emb.weight.shape == table.shape == (30522, 384)
+    assert torch.equal(model.tok_emb.weight, table)
+
+    bad = config_of(
+        tmp_path,
+        f"--data={tmp_path / 'train.jsonl'}",
+        "--model=all-MiniLM-L6-v2",
+        "--model.embeddings=all-MiniLM-L6-v2",
+    )
+    with pytest.raises(ValueError, match="model.embeddings='all-MiniLM-L6-v2' seeds a preset's embedding"):
+        load_tokenizer_for(bad, data, tmp_path, init_distributed("cpu"))

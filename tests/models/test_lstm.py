@@ -23,7 +23,6 @@ def padded_batch(lengths: list[int], vocab: int = 1000, pad: int = 0, seed: int 
     "preset, overrides",
     [
         ("lstm-tiny", {"pooling": "last"}),
-        ("lstm-tiny", {"pooling": "mean", "bidirectional": True}),
         ("lstm-tiny", {"pooling": "max", "bidirectional": True}),
         ("gru-tiny", {"pooling": "last", "bidirectional": True}),
     ],
