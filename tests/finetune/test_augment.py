@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from lmforge.cli import main as cli_main
 from lmforge.finetune.augment import augment_training
 from lmforge.finetune.config import FINETUNE
@@ -23,46 +21,25 @@ def config_of(tmp_path, *flags):
     return parse_args([*QUIET, "--out", str(tmp_path), *flags], FINETUNE)
 
 
-@pytest.fixture(scope="module")
-def eda_run(tmp_path_factory, sentiment_file):
-    tmp = tmp_path_factory.mktemp("eda")
-    sentiment_file(tmp / "train.jsonl", 40, seed=0)
-    sentiment_file(tmp / "test.jsonl", 10, seed=1)
-    flags = [
-        "--model=lstm-tiny",
-        f"--data={tmp / 'train.jsonl'}",
-        f"--data.test={tmp / 'test.jsonl'}",
-        "--max-steps=1",
-        "--train.batch_size=8",
-        "--model.vocab_size=120",
-        "--data.augment=eda",
-        "--data.augment_factor=3",
-    ]
-    return tmp, flags, finetune(config_of(tmp, *flags))
-
-
-def test_eda_grows_the_training_set_by_the_factor_and_nothing_else(eda_run):
-    tmp, flags, summary = eda_run
-    plain = load_task_data(config_of(tmp, *flags))  # the same splits, before augmentation
-    assert summary["examples"] == {"train": 3 * len(plain.train), "validation": len(plain.validation), "test": 10}
-    assert summary["augmented"] == {
-        "method": "eda",
-        "factor": 3,
-        "original": len(plain.train),
-        "added": 2 * len(plain.train),
-    }
-    assert summary["validation"]["n_examples"] == len(plain.validation) and summary["test"]["n_examples"] == 10
-
-    augmented, _ = augment_training(config_of(tmp, *flags), plain)
+def test_eda_grows_the_training_set_by_the_factor_and_nothing_else(tmp_path, sentiment_file):
+    """The recipe applies this to each run's (or fold's) training records: tests/finetune/test_baselines.py runs it."""
+    sentiment_file(tmp_path / "train.jsonl", 40, seed=0)
+    sentiment_file(tmp_path / "test.jsonl", 10, seed=1)
+    flags = [f"--data={tmp_path / 'train.jsonl'}", f"--data.test={tmp_path / 'test.jsonl'}", "--data.augment=eda"]
+    config = config_of(tmp_path, *flags, "--data.augment_factor=3")
+    plain = load_task_data(config)
+    augmented, note = augment_training(config, plain)
+    assert len(augmented.train) == 3 * len(plain.train)
+    assert note == {"method": "eda", "factor": 3, "original": len(plain.train), "added": 2 * len(plain.train)}
     assert augmented.validation is plain.validation and augmented.test is plain.test
     assert augmented.train[: len(plain.train)] == plain.train
-    originals = {r.text: r.labels for r in plain.train}
+    originals = {r.text for r in plain.train}
     held_out = {r.text for r in plain.validation + plain.test}
     for variant in augmented.train[len(plain.train) :]:
         assert variant.text not in originals and variant.text not in held_out
     # each original's 2 variants follow it in order and keep its label
-    labels = [r.labels for r in plain.train for _ in range(2)]
-    assert [r.labels for r in augmented.train[len(plain.train) :]] == labels
+    assert [r.labels for r in augmented.train[len(plain.train) :]] == [r.labels for r in plain.train for _ in range(2)]
+    assert augment_training(config_of(tmp_path, *flags, "--data.augment_factor=1"), plain)[0] is plain
 
 
 def test_back_translation_adds_the_round_trip_of_the_seq2seq_models(tmp_path, sentiment_file):
@@ -103,9 +80,20 @@ def test_back_translation_adds_the_round_trip_of_the_seq2seq_models(tmp_path, se
     assert note["added"] == len(expected) > 0 and augmented.validation is plain.validation
 
 
-def test_bad_augmentation_settings_are_one_line(eda_run, tmp_path, capsys, sentiment_file):
-    run_dir = eda_run[0] / "lstm-tiny-train-classification"
+def test_bad_augmentation_settings_are_one_line(tmp_path, capsys, sentiment_file):
+    from lmforge.finetune.recipe import save_final
+    from lmforge.finetune.tasks.classification import ClassificationTask
+    from lmforge.models import build_model
+
     sentiment_file(tmp_path / "train.jsonl", 20, seed=0)
+    config = config_of(tmp_path, f"--data={tmp_path / 'train.jsonl'}", "--model=lstm-tiny")
+    run_dir = tmp_path / "classifier"  # a classification model folder as the recipe writes it (untrained)
+    save_final(
+        build_model("lstm-tiny", head="sequence_classification"),
+        ClassificationTask(config, None, ("a", "b"), None),
+        config,
+        run_dir,
+    )
     base = ["finetune", *QUIET, "--out", str(tmp_path / "runs"), "--model=lstm-tiny", "--max-steps=1"]
     data = f"--data={tmp_path / 'train.jsonl'}"
     cases = [

@@ -51,7 +51,11 @@ def minilm_features(texts: list[str], peer: str):
     return ((hidden * mask).sum(1) / mask.sum(1)).numpy()
 
 
-def test_kfold_baselines_use_the_runs_folds(tmp_path, sentiment_file):
+def test_kfold_baselines_and_augmentation_use_the_runs_folds(tmp_path, sentiment_file):
+    """Each fold's training part (and only it) gets EDA variants; the baselines fit on exactly those records."""
+    from lmforge.finetune.augment import augment_training
+    from lmforge.finetune.datasets import TaskData
+
     sentiment_file(tmp_path / "train.jsonl", 40, seed=0)
     flags = [
         "--model=lstm-tiny",
@@ -61,23 +65,29 @@ def test_kfold_baselines_use_the_runs_folds(tmp_path, sentiment_file):
         "--train.batch_size=8",
         "--model.vocab_size=120",
         "--baseline=tfidf,lstm",
+        "--data.augment=eda",
+        "--data.augment_factor=2",
     ]
     summary = finetune(config_of(tmp_path, *flags))
     config = config_of(tmp_path, *flags)
     data = load_task_data(config)
     pool = data.train + data.validation
     texts, labels = [r.text for r in pool], [r.label for r in pool]
-    expected = []
+    expected, held_out = [], []
     for train_idx, val_idx in stratified_kfold_indices(labels, 2, seed=config.train.seed):
+        fold = TaskData([pool[i] for i in train_idx], [pool[i] for i in val_idx], None, "")
+        train = augment_training(config, fold)[0].train
+        assert len(train) == 2 * len(train_idx)
         vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
         classifier = LogisticRegression(C=10.0, max_iter=2000)
-        classifier.fit(vectorizer.fit_transform([texts[i] for i in train_idx]), [labels[i] for i in train_idx])
+        classifier.fit(vectorizer.fit_transform([r.text for r in train]), [r.label for r in train])
         predicted = classifier.predict(vectorizer.transform([texts[i] for i in val_idx]))
+        held_out.append(len(val_idx))
         expected.append(accuracy_score([labels[i] for i in val_idx], predicted))
 
     tfidf = summary["baselines"]["tfidf"]
     assert tfidf["accuracy"]["values"] == pytest.approx(expected)
-    assert tfidf["n_examples"]["values"] == summary["folds"]["n_examples"]["values"]  # the same held-out folds
+    assert tfidf["n_examples"]["values"] == summary["folds"]["n_examples"]["values"] == held_out  # not augmented
     lstm = summary["baselines"]["lstm"]  # lstm-seed, trained by the recipe inside each fold
     assert lstm["n_examples"]["values"] == summary["folds"]["n_examples"]["values"]
     assert all(0 <= v <= 1 for v in lstm["accuracy"]["values"])
