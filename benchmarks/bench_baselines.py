@@ -51,7 +51,7 @@ def mean_std(summary: dict, name: str) -> list[float]:
 def kfold(args) -> dict:
     flags = [
         "--task=classification", "--model=lstm-seed", "--data=pang-lee-sentences", "--kfold=10", *LSTM,
-        "--data.max_length=64", "--baseline=tfidf,frozen-lr", f"--train.threads={args.threads}",
+        "--data.max_length=64", f"--baseline={args.kfold_baselines}", f"--train.threads={args.threads}",
         f"--out={args.out}", "--train.name=lstm-seed-pang-lee-kfold",
     ]  # fmt: skip
     summary, seconds = run(flags)
@@ -150,6 +150,7 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(PARTS), help="comma-separated parts")
     parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[100, 200, 500, 0])
     parser.add_argument("--pos-epochs", type=int, default=10)
+    parser.add_argument("--kfold-baselines", default="tfidf,frozen-lr")
     parser.add_argument("--out", default="runs/bench-baselines")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
