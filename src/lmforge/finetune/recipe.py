@@ -6,6 +6,10 @@
     -> run_dir/model/ (loadable with `lmforge.load_model`, plus task.json for evaluate/predict)
     and, with LoRA, run_dir/adapter/ (a peft-format adapter)
 
+`data.augment` adds variants of the training records once the held-out records are split off (per fold with
+K-fold; `finetune/augment.py`); `task.baseline` fits baselines on those same training records and scores them
+on the same held-out records after the model (`finetune/baselines.py`), reported beside it.
+
 K-fold (`task.kfold=K`): the training and validation records are pooled and split into K folds (stratified
 by label for classification); fold k trains on the other K - 1 folds from the same starting weights for the
 full budget (no checkpoint choice or early stopping on the held-out fold, which would leak it) and is scored on
