@@ -6,7 +6,8 @@ The JSON holds the metrics dict as given, with sorted keys and every NaN or infi
 the run details, the headline metrics, a per-class table (`per_class`, as written by
 `classification_report` and `tagging_report`), the confusion matrix (`confusion_matrix` with `labels`),
 a K-fold table of mean ± std (entries shaped like `summarize_folds`' output, at the top level or under one
-key), and links to the plots.
+key), a table of the run beside its baselines (`baselines`: name -> metrics, the run's own time from
+`train_seconds`), and links to the plots.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import numpy as np
 from lmforge.io import write_text_atomic
 
 PER_CLASS_COLUMNS = ("precision", "recall", "f1", "support", "roc_auc", "pr_auc")
+# the headline scores a run is compared with its baselines by (every score stays in the JSON)
+BASELINE_COLUMNS = ("accuracy", "token_accuracy", "f1_macro", "f1_micro", "roc_auc", "seconds")
 
 
 def to_jsonable(value: Any) -> Any:
@@ -69,7 +72,7 @@ def _headline_rows(metrics: Mapping) -> list[list[Any]]:
     """Scalar entries, and the scalar leaves of small nested dicts (e.g. rouge1 -> f1) as "rouge1 f1"."""
     rows = []
     for name, value in metrics.items():
-        if name in ("per_class", "confusion_matrix", "labels") or _is_fold_summary(value):
+        if name in ("per_class", "confusion_matrix", "labels", "baselines") or _is_fold_summary(value):
             continue
         if _is_scalar(value):
             rows.append([name, value])
@@ -90,6 +93,28 @@ def _fold_row(name: str, summary: Mapping) -> list[str]:
     mean, std = summary["mean"], summary["std"]
     spread = f"{_cell(mean)} ± {_cell(std)}" if std is not None else _cell(mean)
     return [name, spread, ", ".join(_cell(v) for v in summary["values"])]
+
+
+def _baselines_section(metrics: Mapping, baselines: Mapping) -> str:
+    """The run beside its baselines: one row each, the metrics they share (mean ± std for K-fold summaries)."""
+    columns: dict[str, None] = {}
+    for scores in baselines.values():
+        columns.update(
+            (k, None) for k in BASELINE_COLUMNS if _is_scalar(scores.get(k)) or _is_fold_summary(scores.get(k))
+        )
+
+    def cell(value: Any) -> str:
+        if _is_fold_summary(value):
+            return _fold_row("", value)[1]
+        return _cell(value) if value is not None else ""
+
+    own = {**metrics, "seconds": metrics.get("train_seconds")}  # the run's own time is its training time
+    rows = [["this run", *(cell(own.get(c)) for c in columns)]]
+    rows += [[name, *(cell(scores.get(c)) for c in columns)] for name, scores in baselines.items()]
+    return (
+        "## Baselines\n\nFitted on the same training records and scored on the same held-out records "
+        "(seconds: a baseline's fit and scoring time).\n\n" + _table(["model", *columns], rows)
+    )
 
 
 def _link(path: Path, out_dir: Path) -> str:
@@ -121,6 +146,9 @@ def _markdown(metrics: Mapping, title: str, plots: Mapping, details: Mapping | N
             "## Confusion matrix\n\nRows are the true class, columns the predicted one.\n\n"
             + _table(["true \\ predicted", *labels], rows)
         )
+    baselines = metrics.get("baselines")
+    if isinstance(baselines, Mapping) and baselines:
+        parts.append(_baselines_section(metrics, baselines))
     folds = _fold_summaries(metrics)
     if folds:
         n_folds = max(len(s["values"]) for s in folds.values())

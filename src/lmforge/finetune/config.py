@@ -19,6 +19,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.finetune.augment import AUGMENTERS
+from lmforge.finetune.baselines import baseline_names
 from lmforge.finetune.tasks import TASKS
 from lmforge.train.config import Schema, TrainSection, opt
 from lmforge.train.optim import OptimConfig
@@ -37,6 +39,9 @@ class FTModelSection:
     )
     tokenizer: str = opt("", "tokenizer file/folder (default: the model's own; presets: learn a BPE on the data)")
     vocab_size: int = opt(2048, "vocabulary of the BPE learned for a preset")
+    embeddings: str = opt(
+        "", "a preset (lstm-seed, ...): start its embedding from this model's table and use its tokenizer"
+    )
     dropout: float = opt(0.1, "dropout while fine-tuning")
     overrides: dict = opt({}, """model config fields to change, as JSON, e.g. '{"n_layer": 2}'""")
 
@@ -64,6 +69,10 @@ class FTDataSection:
     target_field: str = opt("es", "seq2seq: field of the target text")
     max_target_length: int = opt(128, "seq2seq: tokens per target")
     prefix: str = opt("", "seq2seq: text put before every source, e.g. 'translate English to Spanish: '")
+    augment: str = opt("", "add variants of the training records (never validation/test): eda | backtranslate")
+    augment_factor: int = opt(2, "augment: the training set grows K-fold, each record plus K - 1 variants")
+    augment_model: str = opt("", "backtranslate: a fine-tuned seq2seq model (run or model folder), source -> pivot")
+    augment_back_model: str = opt("", "backtranslate: a fine-tuned seq2seq model, pivot -> source")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -73,6 +82,12 @@ class FTDataSection:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
         if self.max_examples < 0:
             raise ValueError(f"data.max_examples={self.max_examples} must be >= 0 (0: all)")
+        if self.augment and self.augment not in AUGMENTERS:
+            raise ValueError(f"data.augment={self.augment!r} is not one of {', '.join(AUGMENTERS)}")
+        if isinstance(self.augment_factor, bool) or not isinstance(self.augment_factor, int) or self.augment_factor < 1:
+            raise ValueError(
+                f"data.augment_factor={self.augment_factor!r} must be an integer >= 1: the training set grows K-fold"
+            )
 
 
 @dataclass
@@ -95,6 +110,11 @@ class TaskSection:
     )
     class_weights: str = opt("", "classification loss weights: '' (none), 'balanced', or one number per label")
     kfold: int = opt(0, "K-fold cross-validation on train + validation (stratified for classification; 0: off)")
+    baseline: str = opt(
+        "",
+        "comma-separated baselines fitted and scored on the run's own splits/folds: tfidf, frozen-lr, lstm "
+        "(classification); most-frequent-tag, lstm (token-classification)",
+    )
     num_beams: int = opt(4, "seq2seq: beam width at evaluation")
     max_new_tokens: int = opt(64, "seq2seq/sft: tokens generated per evaluation example")
     eval_examples: int = opt(200, "seq2seq/sft: held-out examples generated for the end-of-run scores (0: all)")
@@ -107,6 +127,7 @@ class TaskSection:
             raise ValueError(f"task.method={self.method!r} is not one of {', '.join(METHODS)}")
         if self.epochs is not None and self.epochs < 0:
             raise ValueError(f"task.epochs={self.epochs} must be >= 0 (0: train.max_steps sets the length)")
+        baseline_names(self.baseline, self.task)
         if self.kfold == 1 or self.kfold < 0:
             raise ValueError(f"task.kfold={self.kfold} must be 0 (off) or >= 2")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -189,6 +210,7 @@ FINETUNE = Schema(
         "epochs": "task.epochs",
         "method": "task.method",
         "kfold": "task.kfold",
+        "baseline": "task.baseline",
         "save-every": "train.save_every",
         "eval-every": "train.eval_every",
         "seed": "train.seed",

@@ -6,6 +6,10 @@
     -> run_dir/model/ (loadable with `lmforge.load_model`, plus task.json for evaluate/predict)
     and, with LoRA, run_dir/adapter/ (a peft-format adapter)
 
+`data.augment` adds variants of the training records once the held-out records are split off (per fold with
+K-fold; `finetune/augment.py`); `task.baseline` fits baselines on those same training records and scores them
+on the same held-out records after the model (`finetune/baselines.py`), reported beside it.
+
 K-fold (`task.kfold=K`): the training and validation records are pooled and split into K folds (stratified
 by label for classification); fold k trains on the other K - 1 folds from the same starting weights for the
 full budget (no checkpoint choice or early stopping on the held-out fold, which would leak it) and is scored on
@@ -22,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +70,15 @@ def load_tokenizer_for(config: FinetuneConfig, data: TaskData, run_dir: Path, in
 
     if config.model.tokenizer:
         return load_tokenizer(config.model.tokenizer)
+    if config.model.embeddings:  # the embedding rows are the pretrained model's token ids
+        from lmforge.models import PRESETS
+
+        if config.model.name not in PRESETS:
+            raise ValueError(
+                f"model.embeddings={config.model.embeddings!r} seeds a preset's embedding (e.g. --model lstm-seed); "
+                f"{config.model.name!r} brings its own weights: drop model.embeddings"
+            )
+        return load_tokenizer(resolve_model(config.model.embeddings))
     path = Path(resolve_model(config.model.name))
     if path.exists():
         try:
@@ -100,25 +114,47 @@ def build_finetune_model(config: FinetuneConfig, task: Task, tokenizer) -> nn.Mo
                 "together; use the model's own tokenizer (drop model.tokenizer)"
             )
         return model.train()
-    from lmforge.models import PRESETS, build_model
+    from lmforge.models import FAMILIES, PRESETS, build_model
 
     if config.model.name not in PRESETS:
         raise ValueError(
             f"model.name={config.model.name!r} is not a folder, a .gguf file, a real model name or a preset "
             "(lmforge models lists presets)"
         )
+    table = pretrained_embeddings(config.model.embeddings) if config.model.embeddings else None
+    if table is not None:
+        values.update(vocab_size=table.shape[0], d_model=table.shape[1])
     values.setdefault("vocab_size", tokenizer.vocab_size)
     if tokenizer.pad_token_id is not None:
         values.setdefault("pad_token_id", tokenizer.pad_token_id)
     family = PRESETS[config.model.name][0]
-    if family != "t5":
+    from lmforge.models.config import field_names
+
+    if "max_seq_len" in field_names(FAMILIES[family][0]):  # recurrent and T5 models have no position table
         longest = max(config.data.max_length, config.data.max_target_length) + 2
         values.setdefault("max_seq_len", longest)
     if family == "transformer":
         for name in ("bos_token_id", "eos_token_id"):
             if getattr(tokenizer, name, None) is not None:
                 values.setdefault(name, getattr(tokenizer, name))
-    return build_model(config.model.name, head=task.head, **values).train()
+    model = build_model(config.model.name, head=task.head, **values)
+    if table is not None:
+        with torch.no_grad():
+            model.tok_emb.weight.copy_(table)
+    return model.train()
+
+
+def pretrained_embeddings(name: str) -> torch.Tensor:
+    """The token embedding table (vocab, d) of the model `name` (a real model's name, a folder, a checkpoint):
+    a recurrent preset starts from it instead of random vectors (word vectors as in Kim, 2014), with the
+    model's own tokenizer, so the rows and the ids agree."""
+    from lmforge.hf.load import load_model
+
+    source = load_model(resolve_model(name))
+    embedding = getattr(source, "tok_emb", None)
+    if not isinstance(embedding, nn.Embedding):
+        raise ValueError(f"model.embeddings={name!r} has no token embedding table (tok_emb); pass a BERT/GPT model")
+    return embedding.weight.detach().float().clone()
 
 
 def adapt(model: nn.Module, config: FinetuneConfig) -> dict[str, int]:
@@ -255,6 +291,11 @@ def _finetune(
 ) -> dict:
     tc, device = config.train, info.device
     run_dir = config.run_dir
+    baselines = check_baselines(config, info)
+    train_baseline = baseline_trainer(config, info)
+    from lmforge.finetune.augment import augment_training, check_augment
+
+    check_augment(config)
     latest = open_run(tc, run_dir, info, MIN_FREE_BYTES)
     seed_everything(tc.seed, tc.deterministic)
 
@@ -262,6 +303,9 @@ def _finetune(
         data = load_task_data(config)
         if warning := random_weights_warning(config, len(data.train)):
             say(info, warning)
+    data, augmented = augment_training(config, data)  # training records only, after validation/test are split off
+    if augmented:
+        say(info, f"{augmented['method']}: {augmented['original']} training examples + {augmented['added']} variants")
     tokenizer = load_tokenizer_for(config, data, run_dir, info)
     task = build_task(config, tokenizer, data)
     train_features = task.encode(data.train, "train")
@@ -320,6 +364,7 @@ def _finetune(
         metrics, _ = task.evaluate(model, data.validation, val_features, final=False)
         return numbers(metrics)
 
+    start = time.perf_counter()
     result = train_loop(
         config=config,
         info=info,
@@ -347,12 +392,15 @@ def _finetune(
         "dataset": data.source,
         **counts,
         "steps": result.step,
+        "train_seconds": time.perf_counter() - start,
         "stopped_by": result.stopped_by,
         "best_step": result.state.best_step,
         "best_val_loss": result.state.best_val_loss,
         "examples": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test or [])},
         "counts": dict(task.stats),
     }
+    if augmented:
+        summary["augmented"] = augmented
     if result.stopped_by not in (None, "early_stopping"):
         return summary  # interrupted: --resume continues; nothing final to write
     best = best_checkpoint(run_dir)
@@ -370,6 +418,17 @@ def _finetune(
         summary["test"] = test_metrics
     else:
         test_arrays = None
+    if baselines:
+        from lmforge.finetune.baselines import run_baselines
+
+        splits = {"validation": data.validation, **({"test": data.test} if test_features is not None else {})}
+        summary["baselines"] = run_baselines(
+            baselines,
+            task,
+            data.train,
+            splits,
+            lambda preset, settings: train_baseline(preset, settings, data, "test" in splits),
+        )
     if save_model:
         save_final(raw_model, task, config, run_dir)
         summary["model_dir"] = str(run_dir / "model")
@@ -378,6 +437,50 @@ def _finetune(
 
         write_run_report(run_dir, summary, val_arrays, test_arrays)
     return summary
+
+
+def check_baselines(config: FinetuneConfig, info: DistInfo) -> list[str]:
+    """The run's baselines (`lmforge.finetune.baselines`), refused before training when they cannot run."""
+    from lmforge.finetune.baselines import BASELINES, baseline_names
+
+    names = baseline_names(config.task.baseline, config.task.task)
+    for name in names:
+        BASELINES[name].check(config)
+    if "lstm" in names and info.world_size > 1:
+        raise ValueError("task.baseline=lstm trains a second model, which runs in one process; drop it under torchrun")
+    return names
+
+
+def baseline_trainer(config: FinetuneConfig, info: DistInfo) -> Callable[[str, dict, TaskData, bool], dict]:
+    """train(preset, settings, data, score_test): the summary of `preset` fine-tuned by this recipe on the run's
+    very data (its splits or fold, already augmented), in run_dir/baselines/<preset>, with the run's settings
+    except the model's own and `settings` ({"optim.lr": 2e-3, ...}); its length comes from the settings' epochs."""
+
+    def train(preset: str, settings: dict[str, Any], data: TaskData, score_test: bool) -> dict:
+        sections = {
+            "model": dataclasses.replace(config.model, name=preset, tokenizer="", embeddings="", overrides={}),
+            "data": dataclasses.replace(config.data, augment=""),
+            "task": dataclasses.replace(
+                config.task,
+                baseline="",
+                method="full",
+                kfold=0,
+                freeze_embeddings=False,
+                freeze_layers=0,
+                layer_lr_decay=1.0,
+            ),
+            "optim": config.optim,
+            "train": dataclasses.replace(
+                config.train, out=str(config.run_dir / "baselines"), name=preset, max_steps=None, resume=False
+            ),
+        }
+        for key, value in settings.items():
+            section, field = key.split(".")
+            sections[section] = dataclasses.replace(sections[section], **{field: value})
+        say(info, f"baseline {preset}: trained by this recipe on the same records")
+        return _finetune(FinetuneConfig(**sections), info, data, report=False, save_model=False, score_test=score_test)
+
+    return train
 
 
 def task_record(task: Task, config: FinetuneConfig) -> dict:
@@ -451,7 +554,7 @@ def _kfold(
         say(info, f"fold {i + 1}/{k}: {len(train_idx)} train / {len(val_idx)} held-out examples")
         summary = _finetune(fold_config, info, fold_data, save_model=False)  # a fold's model is a by-product
         fold_summaries.append(summary)
-        fold_metrics.append(numbers(summary.get("validation", {})))
+        fold_metrics.append({**numbers(summary.get("validation", {})), "train_seconds": summary.get("train_seconds")})
         if on_eval is not None:  # the running mean over the folds done (a pruner's intermediate value)
             on_eval(i + 1, {name: value["mean"] for name, value in summarize_folds(fold_metrics).items()})
     summary = {
@@ -463,6 +566,17 @@ def _kfold(
         "folds": summarize_folds(fold_metrics),
         "examples": len(pool),
     }
+    names = [name for name in fold_summaries[0].get("baselines", {})] if fold_summaries else []
+    if names:  # each baseline's held-out scores on the very same folds, summarised the same way
+        summary["baselines"] = {
+            name: summarize_folds(
+                [
+                    {**numbers(s["baselines"][name].get("validation", {})), "seconds": s["baselines"][name]["seconds"]}
+                    for s in fold_summaries
+                ]
+            )
+            for name in names
+        }
     if info.is_main:
         from lmforge.finetune.reporting import write_kfold_report
 

@@ -45,15 +45,28 @@ def write_run_report(run_dir: Path, summary: dict[str, Any], val_arrays: dict | 
     arrays = test_arrays if split == "test" else val_arrays
     plots = _plots(Path(run_dir), arrays, split)
     title = f"{summary['task']}: {summary['model']} on {summary['dataset']} ({split} set)"
-    details = {k: v for k, v in summary.items() if k not in ("validation", "test")}
+    details = {k: v for k, v in summary.items() if k not in ("validation", "test", "baselines")}
     if split == "test":  # the validation set chose the checkpoint; its headline numbers, for reference
         scalars = {k: v for k, v in summary["validation"].items() if isinstance(v, float)}
         details["validation"] = ", ".join(f"{k} {v:.4f}" for k, v in scalars.items())
-    return write_report(run_dir, summary[split], title=title, plots=plots, details=details)
+    metrics = dict(summary[split])
+    if summary.get("baselines"):  # each baseline's scores on the same split, and its fit + scoring time
+        metrics["baselines"] = {
+            name: {
+                **{k: v for k, v in scores.get(split, {}).items() if isinstance(v, float)},
+                "seconds": scores["seconds"],
+            }
+            for name, scores in summary["baselines"].items()
+        }
+        metrics["train_seconds"] = summary.get("train_seconds")
+    return write_report(run_dir, metrics, title=title, plots=plots, details=details)
 
 
 def write_kfold_report(run_dir: Path, summary: dict[str, Any], fold_summaries: list[dict]) -> Path:
     title = f"{summary['task']}: {summary['model']} on {summary['dataset']}, {summary['kfold']}-fold cross-validation"
-    details = {k: v for k, v in summary.items() if k != "folds"}
+    details = {k: v for k, v in summary.items() if k not in ("folds", "baselines")}
     details["fold_runs"] = [s["run_dir"] for s in fold_summaries]
-    return write_report(run_dir, summary["folds"], title=title, details=details)
+    metrics = dict(summary["folds"])
+    if summary.get("baselines"):
+        metrics["baselines"] = summary["baselines"]
+    return write_report(run_dir, metrics, title=title, details=details)

@@ -28,6 +28,7 @@ from lmforge.models.bert import Bert, BertConfig, RobertaConfig
 from lmforge.models.config import ModelConfig
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.llama import Llama, LlamaConfig
+from lmforge.models.lstm import GRUConfig, LSTMConfig, RNNClassifier
 from lmforge.models.presets import PRESETS
 from lmforge.models.t5 import T5, T5Config
 from lmforge.models.transformer import Transformer, TransformerConfig
@@ -39,6 +40,8 @@ FAMILIES: dict[str, tuple[type[ModelConfig], type[nn.Module]]] = {
     "roberta": (RobertaConfig, Bert),
     "t5": (T5Config, T5),
     "transformer": (TransformerConfig, Transformer),
+    "lstm": (LSTMConfig, RNNClassifier),
+    "gru": (GRUConfig, RNNClassifier),
 }
 
 
@@ -156,6 +159,7 @@ SIZE_FIELDS = (
     "n_decoder_layer",
     "d_model",
     "d_ff",
+    "hidden_size",
     "head_dim",
     "vocab_size",
     "tgt_vocab_size",

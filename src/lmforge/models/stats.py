@@ -27,8 +27,12 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def matmul_parameters(model: nn.Module) -> int:
-    """Weights used in matrix multiplies, a tied output projection counted again as the matmul it is."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    """Weights used in matrix multiplies, a tied output projection counted again as the matmul it is, and the
+    input and recurrent matrices of LSTM/GRU layers (each multiplies every token once per direction)."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+    recurrent = sum(p.numel() for m in rnns for n, p in m.named_parameters() if n.startswith("weight"))
+    return linear + recurrent
 
 
 def attention_width(model: nn.Module) -> int:

@@ -164,9 +164,15 @@ class ClassificationTask(Task):
         return np.concatenate(parts) if parts else np.zeros((0, len(self.vocab)))
 
     def evaluate(self, model: nn.Module, records: list, features: list[dict], final: bool = True) -> tuple[dict, dict]:
+        metrics, arrays = self.score(records, self.probabilities(model, features))
+        metrics["loss"] = self.eval_loss(model, features)
+        return metrics, arrays
+
+    def score(self, records: list, probs: np.ndarray) -> tuple[dict, dict]:
+        """(metrics, arrays for plots) of predicted probabilities (N, K) over `self.vocab.labels` against the
+        records' labels: what `evaluate` reports for the model, and for a baseline on the same records."""
         from lmforge.eval import classification_report
 
-        probs = self.probabilities(model, features)
         labels = list(self.vocab.labels)
         if self.multi_label:
             y_true = np.array([self.vocab.multi_hot(r.labels) for r in records], dtype=int)
@@ -177,7 +183,6 @@ class ClassificationTask(Task):
             y_pred = [labels[i] for i in probs.argmax(-1)]
             metrics = classification_report(y_true, y_pred, probs=probs, labels=labels)
             arrays = {"y_true": y_true, "probs": probs, "labels": labels}
-        metrics["loss"] = self.eval_loss(model, features)
         return metrics, arrays
 
     def predict(self, model: nn.Module, records: list, features: list[dict]) -> list[dict]:

@@ -141,9 +141,15 @@ class TaggingTask(Task):
         return tags
 
     def evaluate(self, model: nn.Module, records: list, features: list[dict], final: bool = True) -> tuple[dict, dict]:
+        metrics = self.score_tags(records, self.word_tags(model, records, features))
+        metrics["loss"] = self.eval_loss(model, features)
+        return metrics, {}
+
+    def score_tags(self, records: list, predicted: list[list[str]]) -> dict:
+        """The metrics of predicted word tags against the records' tags: what `evaluate` reports for the model,
+        and for a baseline on the same sentences."""
         from lmforge.eval import classification_report, tagging_report, token_accuracy
 
-        predicted = self.word_tags(model, records, features)
         gold = [list(r.tags) for r in records]
         if self.is_bio:  # entity-level scores (seqeval's conventions) are the headline for BIO tags
             metrics = tagging_report(gold, predicted)
@@ -153,8 +159,7 @@ class TaggingTask(Task):
             flat_pred = [t for s in predicted for t in s]
             metrics = classification_report(flat_true, flat_pred, labels=list(self.tags))
             metrics["token_accuracy"] = token_accuracy(gold, predicted)
-        metrics["loss"] = self.eval_loss(model, features)
-        return metrics, {}
+        return metrics
 
     def predict(self, model: nn.Module, records: list, features: list[dict]) -> list[dict]:
         return [
