@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "lmforge.commands.evaluate",  # evaluate, predict
     "lmforge.commands.tune",  # tune
     "lmforge.commands.export",  # export
+    "lmforge.commands.quantize",  # quantize
 )
 GROUPS = {
     "data": "datasets: catalog, cleaning, tokenised shards",
