@@ -110,7 +110,11 @@ IDS = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
 
 @pytest.mark.parametrize(
     "flags",
-    [["--method", "int8"], ["--method", "int4", "--group-size", "32"], ["--method", "int4", "--group-size", "32", "--gptq", "--act-order"]],
+    [
+        ["--method", "int8"],
+        ["--method", "int4", "--group-size", "32"],
+        ["--method", "int4", "--group-size", "32", "--gptq", "--act-order"],
+    ],
     ids=["int8", "int4-rtn", "int4-gptq"],
 )
 def test_quantised_checkpoint_loads_back_with_identical_logits(tiny, tmp_path, capsys, flags):
@@ -172,7 +176,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny, tmp_path, capsys
         assert code == 2 and message in err and err.count("\n") == 1, err
     wide = build_model("gpt-tiny", n_layer=1, d_model=96, n_head=4, d_ff=192, vocab_size=300)  # 96 = 3 x 32
     save_model(wide, tmp_path / "wide", tokenizer=tiny_tokenizer())
-    code, _, err = run_cli(capsys, "quantize", tmp_path / "wide", "--method", "int4", "--group-size", "64", "--out", out)
+    flags = ["--method", "int4", "--group-size", "64"]
+    code, _, err = run_cli(capsys, "quantize", tmp_path / "wide", *flags, "--out", out)
     assert code == 2 and "--group-size 64 does not divide the width 96 of blocks.0." in err and "[32]" in err
     assert not out.exists()
     out.mkdir()
