@@ -89,12 +89,13 @@ def tiny_tokenizer() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
-    """A 2-layer random Llama (d_model 128) saved with its tokenizer, and a calibration text file."""
+    """A 1-layer random Llama (d_model 128) saved with its tokenizer, and a calibration text file."""
     folder = tmp_path_factory.mktemp("quantize")
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
-    model = build_model("llama-tiny", n_layer=2, vocab_size=tokenizer.vocab_size)
+    model = build_model("llama-tiny", n_layer=1, vocab_size=tokenizer.vocab_size)
     save_model(model, folder / "model", tokenizer=tokenizer)
+    (folder / "model" / "task.json").write_text('{"task": "a fine-tuned model records its task here"}')
     (folder / "calibration.txt").write_text(TEXT)
     return folder / "model", folder / "calibration.txt"
 
@@ -124,7 +125,8 @@ def test_quantised_checkpoint_loads_back_with_identical_logits(tiny, tmp_path, c
     assert code == 0, err
     assert "2 x 16 tokens" in out if "--gptq" in flags else "round-to-nearest" in out
     back = load_model(tmp_path / "q")
-    layer = back.blocks[1].ffn.down
+    assert (tmp_path / "q" / "task.json").read_text() == (folder / "task.json").read_text()  # for evaluate
+    layer = back.blocks[0].ffn.down
     assert isinstance(layer, QuantizedLinear if "int8" in flags else Int4Linear)
     assert isinstance(back.lm_head, torch.nn.Linear) and back.lm_head.weight is back.tok_emb.weight
 

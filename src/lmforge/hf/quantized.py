@@ -27,9 +27,15 @@ from lmforge.nn.quant import SHELLS
 
 
 def save_quantized(
-    model: nn.Module, path: str | Path, quantization: dict[str, Any], tokenizer: Any = None, overwrite: bool = False
+    model: nn.Module,
+    path: str | Path,
+    quantization: dict[str, Any],
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    side_files: tuple[Path, ...] = (),
 ) -> Path:
-    """Write a model whose `quantization["modules"]` are quantised layers, with `tokenizer`'s files."""
+    """Write a model whose `quantization["modules"]` are quantised layers, with `tokenizer`'s files and copies
+    of `side_files` (a fine-tuned model's task.json, which `lmforge evaluate` and `predict` read)."""
     from lmforge import __version__
     from lmforge.hf.load import tied_aliases
     from lmforge.hf.save import save_tokenizer
@@ -48,6 +54,8 @@ def save_quantized(
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)
+        for file in side_files:
+            (tmp / file.name).write_bytes(file.read_bytes())
     return Path(path)
 
 

@@ -27,6 +27,8 @@ from torch import nn
 from lmforge.quantize.gptq import HessianAccumulator, gptq, round_to_nearest
 from lmforge.quantize.methods import METHODS
 
+SIDE_FILES = ("task.json",)  # copied from the source folder: a fine-tuned model's task, for evaluate / predict
+
 
 def target_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """(name, module) of the Linears inside `model.blocks`, in order."""
@@ -171,7 +173,8 @@ def quantize_checkpoint(
     tokenizer = load_tokenizer(path)
     sequences = calibration_sequences(tokenizer, calibration, samples, seq_len) if use_gptq else None
     config = quantize_model(model, method, group_size, sequences, act_order)
-    save_quantized(model, out, config, tokenizer=tokenizer, overwrite=overwrite)
+    side_files = tuple(path / name for name in SIDE_FILES if (path / name).is_file())
+    save_quantized(model, out, config, tokenizer=tokenizer, overwrite=overwrite, side_files=side_files)
     how = f"GPTQ on {samples} x {seq_len} tokens" if use_gptq else "round-to-nearest"
     group = f", group {config['group_size']}" if "group_size" in config else ""
     return f"wrote {out}: {method}{group}, {how}, {len(config['modules'])} Linear layers quantised"
