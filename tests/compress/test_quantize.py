@@ -15,6 +15,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from lmforge import build_model
 from lmforge.cli import main
 from lmforge.data.tokenizers.tokenizer import Tokenizer
+from lmforge.data.tokenizers.tokenizer import load_tokenizer as load_tokenizer_of
+from lmforge.generate import generate
 from lmforge.hf.load import load_model
 from lmforge.hf.save import save_model
 from lmforge.nn.quant import Int4Linear, QuantizedLinear, has_int4pack_kernel, int4_group_params
@@ -146,6 +148,16 @@ def test_quantised_checkpoint_loads_back_with_identical_logits(tiny, tmp_path, c
         full = load_model(folder)(IDS).logits
     assert torch.equal(got, want)  # the saved codes and grids are the quantised model's, bit for bit
     assert 0 < (got - full).abs().max() < 0.5 * full.abs().max()
+    if "int4" in flags and "--gptq" not in flags:  # `lmforge generate` on the folder: the in-memory model's text
+        tokenizer = load_tokenizer_of(folder)
+        prompt = torch.tensor([tokenizer.encode("the quick")])
+        with torch.no_grad():
+            ids = generate(original, prompt, max_new_tokens=8, eos_token_id=[]).tokens[0].tolist()
+        code, out, err = run_cli(
+            capsys, "generate", tmp_path / "q", "--prompt", "the quick", "--greedy", "--max-new-tokens", "8"
+        )
+        assert code == 0, err
+        assert len(ids) == 8 and tokenizer.decode(ids) and tokenizer.decode(ids) in out
 
 
 @pytest.mark.slow
