@@ -86,14 +86,13 @@ def rounded_like_gguf(model: torch.nn.Module, gguf_type: str) -> torch.nn.Module
 
 DEFAULT_CASES = {
     ("llama", "f32"),
-    ("gpt", "f32"),
     ("llama", "q4_0"),
     ("gpt", "q8_0"),
     ("gpt", "f16"),
     ("llama", "bf16"),
 }
 SLOW = pytest.mark.slow
-CASES = [  # every family and type in `make test-all`; each type once (and f32 for both) in the default suite
+CASES = [  # every family and type in `make test-all`; each type once in the default suite (gpt f32: transformers)
     pytest.param(family, gguf_type, marks=[] if (family, gguf_type) in DEFAULT_CASES else [SLOW])
     for family in ("llama", "gpt")
     for gguf_type in ("f32", *QTYPES)
@@ -118,6 +117,30 @@ def test_exported_file_loads_back_with_the_same_logits(tmp_path, capsys, family,
     else:  # exactly the rounding of gguf's reference quantiser, no more
         assert (got - logits(model, IDS)).abs().max() > 1e-4
         torch.testing.assert_close(got, logits(rounded_like_gguf(model, gguf_type), IDS), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    # transformers' GGUF reader keeps GPT-2's default 1024 positions whatever gpt2.context_length says
+    [("gpt", {"max_seq_len": 1024}), ("llama", {"tie_embeddings": False})],
+    ids=["gpt", "llama"],
+)
+def test_transformers_gguf_reader_loads_our_file_as_the_same_model(tmp_path, family, overrides):
+    """`transformers`' own GGUF loader (written to llama.cpp's conventions, independent of ours) is the peer."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = build_model(f"{family}-tiny", n_layer=2, vocab_size=tokenizer.vocab_size, **overrides).eval()
+    save_model(model, tmp_path / "model", tokenizer=tokenizer)
+    assert (
+        main(["export", str(tmp_path / "model"), "--to", "gguf", "--type", "f32", "--out", str(tmp_path / "m.gguf")])
+        == 0
+    )
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(IDS).logits, logits(model, IDS), atol=1e-5, rtol=0)
 
 
 def test_tensor_names_types_and_metadata_follow_llama_cpp(tmp_path):
