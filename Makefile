@@ -13,6 +13,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 test-all: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,oracles]'
 	$(BIN)/python -m pytest -m ""
 
 bench: $(STAMP)

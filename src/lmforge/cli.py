@@ -21,6 +21,8 @@ COMMAND_MODULES = (
     "lmforge.commands.finetune",  # finetune
     "lmforge.commands.evaluate",  # evaluate, predict
     "lmforge.commands.tune",  # tune, lr-find
+    "lmforge.commands.export",  # export
+    "lmforge.commands.quantize",  # quantize
 )
 GROUPS = {
     "data": "datasets: catalog, cleaning, tokenised shards",

@@ -201,8 +201,8 @@ def test_unsupported_quant_type_is_named(tmp_path):
 
 def test_unsupported_architecture_is_named(tmp_path):
     path = tmp_path / "other.gguf"
-    write_llama_gguf(path, small_llama(), {}, arch="gpt2")
-    with pytest.raises(ValueError, match=r"architecture 'gpt2' is not supported.*\['llama'\]"):
+    write_llama_gguf(path, small_llama(), {}, arch="falcon")
+    with pytest.raises(ValueError, match=r"architecture 'falcon' is not supported.*\['llama', 'gpt2'\]"):
         load_gguf(path)
 
 

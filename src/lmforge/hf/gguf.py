@@ -1,9 +1,10 @@
-"""Llama models from GGUF files (llama.cpp's single-file format), dequantised to float tensors.
+"""Llama and GPT-2 models from GGUF files (llama.cpp's single-file format), dequantised to float tensors.
 
 A GGUF file holds typed key/value metadata (the architecture's sizes, the tokenizer) followed by tensors,
 each stored as raw bytes of one GGML type at a recorded offset. `load_gguf` reads it with the `gguf`
-package's `GGUFReader`, builds a `LlamaConfig` from the `llama.*` keys, dequantises every tensor to
-float32 and maps the names onto our Llama. Quantised types store blocks of 32 consecutive weights of a row
+package's `GGUFReader`, builds our config from the `<arch>.*` keys, dequantises every tensor to float32
+and maps the names onto our model (`lmforge.hf.gguf_layouts`: one layout per architecture, llama and gpt2).
+Quantised types store blocks of 32 consecutive weights of a row
 (GGML's documented layouts, ggml/src/ggml-common.h):
 
     Q8_0  fp16 d, 32 x int8 q                          x_i = d q_i
@@ -16,10 +17,6 @@ Every count a GGUF file declares (metadata keys, string lengths, array lengths, 
 bytes of each tensor) is checked against the file's size by `check_gguf_layout`, a bounded walk over the
 header, before the `gguf` reader sees the file: the reader trusts them, and a 96-byte file declaring an
 array of 2^40 bytes would keep it looping for hours.
-
-llama.cpp's converter reorders the rows of each query and key head from Hugging Face's "rotate half" RoPE
-layout (feature i pairs with i + d/2) to the interleaved layout (feature 2i pairs with 2i + 1): within a
-head, row s d/2 + j moves to row 2j + s. `unpermute_rope_rows` undoes it, since our RoPE rotates halves.
 """
 
 from __future__ import annotations
@@ -32,14 +29,14 @@ from typing import Any, NoReturn
 
 import numpy as np
 import torch
+from torch import nn
 
 from lmforge.hf import ADAPTERS
-from lmforge.models.build import check_memory, config_from_dict
-from lmforge.models.llama import Llama, LlamaConfig
-from lmforge.nn import RotaryEmbedding
+from lmforge.hf.gguf_layouts import LAYOUTS, GGUFLayout
+from lmforge.models.build import check_memory
+from lmforge.models.config import ModelConfig
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHITECTURES = ("llama",)
 # GGML type id -> (name, weights per block, bytes per block)
 GGML_TYPES = {
     0: ("F32", 1, 4),
@@ -62,19 +59,6 @@ GGUF_VALUE_TYPES = {
 GGUF_STRING, GGUF_ARRAY = 8, 9
 MIN_KEY_BYTES = 8 + 4 + 1  # name length, value type, the smallest value
 MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, dimension count, type, offset
-# GGUF tensor name (after `blk.N.`) -> Hugging Face Llama name (after `layers.N.`)
-LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-TOP_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
 
 
 def dequantize(raw: np.ndarray, type_id: int) -> np.ndarray:
@@ -112,17 +96,6 @@ def ggml_type_name(type_id: int) -> str:
             f"(re-quantise the model to one of them, e.g. with llama.cpp's llama-quantize)"
         )
     return GGML_TYPES[type_id][0]
-
-
-def unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of a GGUF query/key projection back in HF's rotate-half order.
-
-    GGUF row 2j + s of a head (s in {0, 1}, j < d/2) is HF row s d/2 + j: view the head's rows as (d/2, 2),
-    swap the two axes, flatten."""
-    out_features = weight.shape[0]
-    head_dim = out_features // n_heads
-    rows = weight.reshape(n_heads, head_dim // 2, 2, *weight.shape[1:])
-    return rows.transpose(1, 2).reshape(weight.shape)
 
 
 def open_gguf(path: str | Path):
@@ -286,61 +259,6 @@ def read_metadata(reader, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     }
 
 
-def config_from_gguf(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]]) -> LlamaConfig:
-    """LlamaConfig from `llama.*` metadata; `tensor_shapes` (torch order) settles tying and the vocab."""
-    arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"GGUF architecture {arch!r} is not supported; lmforge loads {list(SUPPORTED_ARCHITECTURES)} GGUF files"
-        )
-    scaling = meta.get("llama.rope.scaling.type", "none")
-    if scaling != "none" or "rope_freqs.weight" in tensor_shapes:
-        raise ValueError(f"GGUF RoPE scaling ({scaling}, rope_freqs) is not supported; only unscaled RoPE loads")
-
-    def need(key: str) -> Any:
-        if key not in meta:
-            raise ValueError(f"GGUF metadata lacks {key!r}; the file is not a complete llama model")
-        return meta[key]
-
-    d_model, n_head = need("llama.embedding_length"), need("llama.attention.head_count")
-    n_kv_heads = meta.get("llama.attention.head_count_kv", n_head)
-    head_dim = meta.get("llama.attention.key_length", meta.get("llama.rope.dimension_count", d_model // n_head))
-    if "token_embd.weight" not in tensor_shapes:
-        raise ValueError("GGUF file has no token_embd.weight tensor; the file is not a complete llama model")
-    embedding_rows = tensor_shapes["token_embd.weight"][0]
-    vocab_size = len(meta.get("tokenizer.ggml.tokens", ())) or meta.get("llama.vocab_size", embedding_rows)
-    if vocab_size != embedding_rows:
-        raise ValueError(f"GGUF vocabulary has {vocab_size} tokens but token_embd.weight has {embedding_rows} rows")
-    values = dict(
-        family="llama",
-        head="causal_lm",
-        vocab_size=vocab_size,
-        max_seq_len=meta.get("llama.context_length", 2048),
-        n_layer=need("llama.block_count"),
-        n_head=n_head,
-        n_kv_heads=None if n_kv_heads == n_head else n_kv_heads,
-        d_model=d_model,
-        d_ff=need("llama.feed_forward_length"),
-        head_dim=None if head_dim == d_model // n_head else head_dim,
-        norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-        tie_embeddings="output.weight" not in tensor_shapes,
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
-    )
-    return config_from_dict(values)  # checks each value's type: the metadata's types are the writer's choice
-
-
-def hf_name(gguf_name: str) -> str:
-    """HF Llama name (without `model.`) of a GGUF tensor name; unknown names are an error."""
-    stem, _, param = gguf_name.rpartition(".")
-    parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in LAYER_NAMES:
-        return f"layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{param}"
-    if stem in TOP_NAMES:
-        return f"{TOP_NAMES[stem]}.{param}"
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no place in lmforge's Llama (unsupported llama variant)")
-
-
 def tensor_values(reader, tensor) -> torch.Tensor:
     """The float32 tensor (torch shape order: GGUF lists dimensions fastest-first) of one GGUF tensor."""
     type_id = int(tensor.tensor_type)
@@ -353,51 +271,38 @@ def tensor_values(reader, tensor) -> torch.Tensor:
     return torch.from_numpy(dequantize(np.asarray(raw), type_id).reshape(shape))
 
 
-def state_dict_from_gguf(reader, config: LlamaConfig) -> dict[str, torch.Tensor]:
-    """Our state dict: dequantised tensors, q/k rows un-permuted, then the HF Llama mapping."""
-    n_kv = config.n_kv_heads or config.n_head
+def state_dict_from_gguf(reader, config: ModelConfig, layout: GGUFLayout) -> dict[str, torch.Tensor]:
+    """Our state dict: dequantised tensors in HF's names and layout (the architecture's `GGUFLayout`), then the
+    family's HF mapping."""
     for tensor in reader.tensors:
         ggml_type_name(int(tensor.tensor_type))  # refuse unsupported types before dequantising anything
     hf = {}
     for tensor in reader.tensors:
-        name = hf_name(tensor.name)
-        values = tensor_values(reader, tensor)
-        if name.endswith("q_proj.weight"):
-            values = unpermute_rope_rows(values, config.n_head)
-        elif name.endswith("k_proj.weight"):
-            values = unpermute_rope_rows(values, n_kv)
-        hf[name] = values
-    return ADAPTERS["llama"].state_dict_from_hf(hf, config)
+        name = layout.hf_name(tensor.name)
+        hf[name] = layout.from_gguf(name, tensor_values(reader, tensor), config)
+    return ADAPTERS[layout.family].state_dict_from_hf(hf, config)
 
 
-def llama_from_state_dict(config: LlamaConfig, state: dict[str, torch.Tensor]) -> Llama:
-    """A Llama holding `state`'s tensors, built without drawing random weights first (1.8 s at 135M):
-    modules are made on the meta device, the tensors assigned, and RoPE's computed (unsaved) frequency
-    buffer made afresh."""
-    with torch.device("meta"):
-        model = Llama(config)
-    model.load_state_dict(state, assign=True)
-    model.rope = RotaryEmbedding(config.head_width, config.rope_theta, config.rope_scaling)
-    if model.lm_head is not None and config.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
-    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"tensors {left} were not filled from the GGUF file; lmforge's Llama has changed")
-    return model
+def load_gguf(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """A Llama or GPT (causal LM, eval mode) with the weights of a `llama` or `gpt2` GGUF file, dequantised
+    to float32 (or `dtype`). Supported tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1."""
+    from lmforge.hf.load import build_from_state
 
-
-def load_gguf(path: str | Path, dtype: torch.dtype | None = None) -> Llama:
-    """A Llama (causal LM, eval mode) with the weights of a llama-architecture GGUF file, dequantised to
-    float32 (or `dtype`). Supported tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1."""
     reader = open_gguf(path)
     meta = read_metadata(reader, skip=("tokenizer.ggml.merges", "tokenizer.ggml.token_type"))
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
+    architecture = meta.get("general.architecture")
+    if architecture not in LAYOUTS:
+        raise ValueError(
+            f"{path}: GGUF architecture {architecture!r} is not supported; lmforge loads {list(LAYOUTS)} GGUF files"
+        )
+    layout = LAYOUTS[architecture]
     try:
-        config = config_from_gguf(meta, shapes)
+        config = layout.config_from_gguf(meta, shapes)
     except (ValueError, TypeError, ArithmeticError) as error:
         raise ValueError(f"{path}: {error}") from None
     check_memory(config, dtype or torch.float32, source=f"{path}: ")  # dequantised: float32 unless cast
-    model = llama_from_state_dict(config, state_dict_from_gguf(reader, config))
+    model = build_from_state(config, state_dict_from_gguf(reader, config, layout), config, str(path))
     if dtype is not None:
         model.to(dtype)
     return model.eval()

@@ -70,6 +70,12 @@ def load_model(
         stored = stored_model.config
         return build_from_state(stored, stored_model.state_dict(), target_config(stored, head, overrides), str(path))
     values = read_config(path)
+    if values.get("format") == "lmforge" and "quantization" in values:  # int8 / int4 layers, loaded as saved
+        from lmforge.hf.quantized import load_quantized
+
+        if head is not None or dtype is not None or overrides:
+            raise ValueError(f"{path} is a quantised checkpoint; it loads as saved (no head, dtype or overrides)")
+        return load_quantized(values, path)
     weights = CheckpointWeights(path)
     stored = lmforge_config(values, path) if values.get("format") == "lmforge" else hf_config(values, path)
     headers = weights.headers()

@@ -62,6 +62,16 @@ class QuantizedLinear(nn.Module):
         q, scale = quantize_per_channel(linear.weight)
         return cls(q, scale, linear.bias)
 
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, bias: bool) -> QuantizedLinear:
+        """A shell of the right shapes, to be filled by `load_state_dict`."""
+        weight = torch.zeros(out_features, in_features, dtype=torch.int8)
+        return cls(weight, torch.ones(out_features), torch.zeros(out_features) if bias else None)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.scale_bf16 = self.scale.to(torch.bfloat16)  # not saved: follows the loaded scale
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.to(dtype) * self.scale[:, None].to(dtype)
 
@@ -129,3 +139,128 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         else:
             quantize_int8(child)
     return model
+
+
+INT4_MAX = 15  # 4-bit codes q in [0, 15]; the kernels store q - 8 around zero
+
+
+def int4_group_params(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max grid of each row of `weight` (rows, g): (scale, zero) with w ~= (q - 8) scale + zero.
+
+    With lo = min(w, 0) and hi = max(w, 0) (the grid always holds 0 exactly), scale = (hi - lo) / 15 and
+    q = round((w - lo) / scale) in [0, 15], so w ~= q scale + lo = (q - 8) scale + (lo + 8 scale): zero is the
+    value of the middle code 8, the convention of PyTorch's int4 kernels (tinygemm)."""
+    w = weight.float()
+    lo, hi = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
+    scale = ((hi - lo) / INT4_MAX).clamp(min=1e-8)
+    return scale, lo + 8 * scale
+
+
+def int4_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """q = round((w - zero) / scale) + 8, clamped to [0, 15]; scale and zero broadcast against `weight`."""
+    return (torch.round((weight.float() - zero) / scale) + 8).clamp(0, INT4_MAX)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in [0, 15] -> (N, K/2) uint8, column 2j in the low nibble and 2j + 1 in the high one."""
+    c = codes.to(torch.uint8)
+    return c[:, 0::2] | (c[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_nibbles`: (N, K/2) uint8 -> (N, K) uint8 codes."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def has_int4pack_kernel() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+class Int4Linear(nn.Module):
+    """A Linear whose weight is stored in 4 bits, group-wise: each run of `group_size` consecutive inputs of an
+    output row has its own scale and zero, W_ij ~= (Q_ij - 8) s_{i,g(j)} + z_{i,g(j)} (g(j) = j // group_size).
+
+    Stored (the state_dict, what a quantised checkpoint saves): `weight` (out, in/2) uint8, two codes a byte
+    (`pack_nibbles`), `scale` and `zero` (out, in/group_size) fp32. On CPU the product runs in PyTorch's int4
+    kernel `_weight_int4pack_mm_for_cpu` (the codes reordered once, on first use, into its own packed layout by
+    `_convert_weight_to_int4pack_for_cpu`; it unpacks each group's codes in registers, so the weight is read
+    in 4 bits per step and never materialised in floating point). Elsewhere the weight is dequantised to the
+    activations' dtype and multiplied (a fallback, as fast as a float Linear at best).
+    """
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.group_size = self.in_features // scale.shape[1]
+        self.register_buffer("weight", pack_nibbles(codes))
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("zero", zero.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._kernel_weight: torch.Tensor | None = None
+        self._kernel_params: dict[torch.dtype, torch.Tensor] = {}
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, group_size: int, bias: bool) -> Int4Linear:
+        """A shell of the right shapes, to be filled by `load_state_dict`."""
+        groups = in_features // group_size
+        return cls(
+            torch.zeros(out_features, in_features, dtype=torch.uint8),
+            torch.ones(out_features, groups),
+            torch.zeros(out_features, groups),
+            torch.zeros(out_features) if bias else None,
+        )
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._kernel_weight, self._kernel_params = None, {}  # new codes: repack on next use
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        codes = unpack_nibbles(self.weight).to(dtype)
+        scale = self.scale.repeat_interleave(self.group_size, dim=1).to(dtype)
+        zero = self.zero.repeat_interleave(self.group_size, dim=1).to(dtype)
+        return (codes - 8) * scale + zero
+
+    def kernel_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed weight, scales_and_zeros (in/group, out, 2) in `dtype`) for `_weight_int4pack_mm_for_cpu`."""
+        if self._kernel_weight is None:
+            codes = unpack_nibbles(self.weight).to(torch.int32)
+            self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        if dtype not in self._kernel_params:
+            self._kernel_params[dtype] = torch.stack([self.scale.t(), self.zero.t()], dim=-1).to(dtype).contiguous()
+        return self._kernel_weight, self._kernel_params[dtype]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and has_int4pack_kernel():
+            weight, params = self.kernel_operands(x.dtype)
+            flat = x.reshape(-1, self.in_features).contiguous()  # (N, in)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight, self.group_size, params)
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantized_weight(x.dtype))
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+SHELLS = {
+    "int8": lambda linear, config: QuantizedLinear.empty(
+        linear.out_features, linear.in_features, linear.bias is not None
+    ),
+    "int4": lambda linear, config: Int4Linear.empty(
+        linear.out_features, linear.in_features, config["group_size"], linear.bias is not None
+    ),
+}
+"""Quantisation method (a checkpoint's `quantization.method`) -> the empty layer that replaces a Linear before
+the checkpoint's tensors are loaded into it."""

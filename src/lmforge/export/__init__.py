@@ -1,0 +1,1 @@
+"""Exporting lmforge models to the formats other runtimes load, one module per format."""
