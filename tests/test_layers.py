@@ -34,6 +34,9 @@ FORBIDDEN: dict[str, set[str]] = {
     # tune runs the other recipes as they are (each trial is a real run), so it sits above them: it may call
     # their public entry points and schemas, and no recipe may import it
     "tune": {"serve", *TOP},
+    # compress prunes and distils models; distillation reuses finetune's task objects (data, heads, metrics),
+    # so like tune it sits above the recipes, and no recipe imports it
+    "compress": {"serve", "tune", *TOP},
     "fetch": {"nn", "models", "data", "hf", "eval", "generate", "train", "serve", *RECIPES, *TOP},
     "commands": {"cli"},
 }
