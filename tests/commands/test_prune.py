@@ -123,6 +123,7 @@ def test_pruned_classifier_scores_with_lmforge_evaluate(tmp_path, capsys):
         (["--pattern", "4:2"], "--pattern '4:2' is not N:M"),
         (["--pattern", "2:4", "--sparsity", "0.5"], "give one of --sparsity"),
         (["--method", "wanda", "--sparsity", "0.5"], "--method wanda needs calibration text"),
+        (["--structured", "heads", "--amount", "0.9", "--calibration", "CAL"], "would remove every head of a layer"),
         (["--method", "wanda", "--sparsity", "0.5", "--seq-len", "100000", "--calibration", "CAL"],
          "too little calibration data"),
     ],
@@ -135,3 +136,17 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, tiny_lm, cal
     assert result.stderr.startswith("lmforge prune: error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".pruned*"))
+
+
+def test_structured_prune_writes_a_smaller_model(tmp_path, capsys, tiny_lm, calibration_file):
+    out = tmp_path / "smaller"
+    result = run_cli(
+        capsys, "prune", tiny_lm, "--structured", "heads", "--amount", "0.5",
+        "--calibration", calibration_file, "--samples", "4", "--seq-len", "32", "--out", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "sparsity.json").read_text())
+    model = load_model(out)
+    assert model.config.n_head == 2 and model.config.n_kv_heads == 2
+    assert record["parameters"] == sum(p.numel() for p in model.parameters()) < record["parameters_before"]
+    assert all(len(kept) == 2 for kept in record["kept"].values())

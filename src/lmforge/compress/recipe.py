@@ -1,4 +1,5 @@
-"""`prune_checkpoint`: load a model, prune it, measure it, and write the pruned folder in one atomic step.
+"""`prune_checkpoint`: load a model, prune it (weights, or whole heads / FFN channels), measure it, and write the
+pruned folder in one atomic step.
 
     model (any name `lmforge.hf.resolve` accepts) + its tokenizer
     calibration text -> token ids -> random windows (the first 90% of the tokens) ... compress.prune
@@ -6,8 +7,9 @@
     OUT/  config.json, model.safetensors (lmforge format), the tokenizer, sparsity.json, and task.json when
           the source was a fine-tuned model folder (so `lmforge evaluate OUT` scores it like the original)
 
-sparsity.json records the method, the target, each pruned layer's fraction of zeros and the perplexities.
-Weights are stored dense (zeros included): every loader reads them unchanged.
+sparsity.json records the method, the target, each pruned layer's fraction of zeros (or, structured, the units
+each block kept and the new config), the parameter counts and the perplexities. Unstructured weights are stored
+dense (zeros included): every loader reads them unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from lmforge.compress.prune import METHODS, Sparsity, calibration_batches, prune_model
+from lmforge.compress.structured import remove_units
 from lmforge.hf.files import check_destination
 from lmforge.io import atomic_folder, write_json_atomic
 
@@ -79,9 +82,11 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int, windows: in
 def prune_checkpoint(
     model_name: str,
     out: str | Path,
-    method: str,
+    method: str = "magnitude",
     sparsity: float | None = None,
     pattern: str | None = None,
+    structured: str | None = None,
+    amount: float | None = None,
     calibration: str | None = None,
     samples: int = 64,
     seq_len: int = 256,
@@ -89,17 +94,28 @@ def prune_checkpoint(
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Prune `model_name` and write it to `out` (see the module docstring); returns what sparsity.json holds."""
+    """Prune `model_name` and write it to `out` (see the module docstring); returns what sparsity.json holds.
+    Unstructured or N:M with `method` and `sparsity` or `pattern`; or, with `structured` ("heads" or "ffn"),
+    remove that fraction (`amount`) of every layer's heads or FFN channels, which makes the model smaller."""
     from lmforge.data.tokenizers.tokenizer import load_tokenizer
     from lmforge.hf.load import load_model
     from lmforge.hf.resolve import resolve_model
     from lmforge.hf.save import save_model
 
-    target = Sparsity.parse(sparsity, pattern)
-    if method not in METHODS:
-        raise ValueError(f"--method {method!r} is unknown; choose one of {', '.join(METHODS)}")
-    if METHODS[method].needs_calibration and calibration is None:
-        raise ValueError(f"--method {method} needs calibration text: pass --calibration DATA (a catalog name or file)")
+    if structured is None:
+        target = Sparsity.parse(sparsity, pattern)
+        if method not in METHODS:
+            raise ValueError(f"--method {method!r} is unknown; choose one of {', '.join(METHODS)}")
+        needs_text = METHODS[method].needs_calibration
+        what = f"--method {method}"
+    else:
+        if sparsity is not None or pattern is not None:
+            raise ValueError("--structured removes whole units by --amount; drop --sparsity/--pattern")
+        if amount is None:
+            raise ValueError(f"--structured {structured} needs --amount A, the fraction of units removed (e.g. 0.25)")
+        needs_text, what = True, f"--structured {structured}"
+    if needs_text and calibration is None:
+        raise ValueError(f"{what} needs calibration text: pass --calibration DATA (a catalog name or file)")
     out = Path(out)
     check_destination(out, overwrite)
     source = resolve_model(model_name, presets=False).path
@@ -112,14 +128,19 @@ def prune_checkpoint(
         split = int(len(tokens) * (1 - HELD_OUT))
         batches = calibration_batches(tokens[:split], samples, seq_len, seed=seed)
         held_out = tokens[split:]
-    causal = model.config.head == "causal_lm"
-    record: dict[str, Any] = {"source": str(model_name), "method": method, "target": target.describe()}
-    if causal and held_out is not None:
+    scored = model.config.head == "causal_lm" and held_out is not None
+    record: dict[str, Any] = {"source": str(model_name), "parameters_before": _parameters(model)}
+    if scored:
         record["dense_perplexity"] = perplexity(model, held_out, seq_len, samples)
-    layers = prune_model(model, method, target, batches, progress)
-    record["layers"] = layers
-    record["overall"] = _overall(model, layers)
-    if causal and held_out is not None:
+    if structured is None:
+        record.update(method=method, target=target.describe())
+        record["layers"] = prune_model(model, method, target, batches, progress)
+        record["overall"] = _overall(model, record["layers"])
+    else:
+        removal = remove_units(model, structured, amount, batches)
+        record.update(structured=structured, amount=amount, kept=removal.kept, config=model.config.to_dict())
+    record["parameters"] = _parameters(model)
+    if scored:
         record["perplexity"] = perplexity(model, held_out, seq_len, samples)
         record["held_out_tokens"] = len(held_out)
     with atomic_folder(out) as tmp:
@@ -128,6 +149,10 @@ def prune_checkpoint(
             shutil.copyfile(source / TASK_FILE, tmp / TASK_FILE)
         write_json_atomic(tmp / SPARSITY_FILE, record)
     return record
+
+
+def _parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def _has_tokenizer(folder: Path) -> bool:
