@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "lmforge.commands.evaluate",  # evaluate, predict
     "lmforge.commands.tune",  # tune
     "lmforge.commands.prune",  # prune
+    "lmforge.commands.distill",  # distill
 )
 GROUPS = {
     "data": "datasets: catalog, cleaning, tokenised shards",

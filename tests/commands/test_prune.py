@@ -95,19 +95,8 @@ def test_prune_writes_a_sparse_model_that_loads_back(tmp_path, capsys, tiny_lm, 
     assert (out / "tokenizer.json").is_file()
 
 
-def test_pruned_classifier_scores_with_lmforge_evaluate(tmp_path, capsys):
-    from lmforge.finetune.config import FINETUNE
-    from lmforge.finetune.recipe import finetune
-    from lmforge.train.config import parse_args
-
-    rng = random.Random(0)
-    rows = [{"text": " ".join(rng.sample(WORDS, 6)), "label": ["positive", "negative"][i % 2]} for i in range(60)]
-    data = tmp_path / "sentiment.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    flags = ["--train.progress=false", "--train.tensorboard=false", "--epochs", "0", "--out", str(tmp_path / "run")]
-    flags += ["--task=classification", "--model=bert-tiny", f"--data={data}", "--max-steps=2", "--model.vocab_size=90"]
-    finetune(parse_args(flags, FINETUNE))
-    (run_dir,) = (tmp_path / "run").iterdir()
+def test_pruned_classifier_scores_with_lmforge_evaluate(tmp_path, capsys, classifier_run, sentiment_data):
+    run_dir, data = classifier_run, sentiment_data
     out = tmp_path / "pruned"
     result = run_cli(capsys, "prune", run_dir, "--method", "magnitude", "--pattern", "2:4", "--out", out)
     assert result.returncode == 0, result.stderr
