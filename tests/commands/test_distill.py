@@ -94,3 +94,23 @@ def test_bad_input_is_one_line(tmp_path, capsys, classifier_run, sentiment_data,
     assert result.stderr.startswith("lmforge distill: error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_resume_continues_a_distillation_exactly(tmp_path, capsys, classifier_run, sentiment_data):
+    flags = [
+        "--teacher", str(classifier_run), "--keep-every", "2", "--task", "classification", f"--data={sentiment_data}",
+        "--optim.schedule=constant", "--optim.lr=1e-3", "--train.batch_size=8", "--train.log_every=1",
+        "--eval-every=0", "--train.deterministic=true", "--hidden", "1", *QUIET,
+    ]  # fmt: skip
+    assert run_cli(capsys, "distill", *flags, "--out", tmp_path / "whole", "--max-steps=6").returncode == 0
+    assert run_cli(capsys, "distill", *flags, "--out", tmp_path / "parts", "--max-steps=3").returncode == 0
+    assert run_cli(capsys, "distill", *flags, "--out", tmp_path / "parts", "--max-steps=6", "--resume").returncode == 0
+
+    def losses(root):
+        (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [r["loss"] for r in map(json.loads, lines) if r["split"] == "train"]
+
+    assert len(losses(tmp_path / "whole")) == 6
+    assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
