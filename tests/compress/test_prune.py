@@ -134,3 +134,14 @@ def test_bad_sparsity_is_one_clear_error(sparsity, pattern, message):
 def test_too_little_calibration_text_is_refused():
     with pytest.raises(ValueError, match="too little calibration data: 10 tokens"):
         calibration_batches(torch.arange(10), 4, 32)
+
+
+def test_one_pass_calibration_prunes_the_first_block_as_the_sequential_one():
+    """Block 0 sees the dense embeddings either way; later blocks see pruned inputs only when sequential."""
+    dense, data = tiny(), batches()
+    one, two = copy.deepcopy(dense), copy.deepcopy(dense)
+    prune_model(one, "sparsegpt", Sparsity.parse(0.5, None), data, sequential=False)
+    prune_model(two, "sparsegpt", Sparsity.parse(0.5, None), data, sequential=True)
+    for name in prunable_layers(dense)["blocks.0"]:
+        torch.testing.assert_close(one.get_submodule(name).weight, two.get_submodule(name).weight)
+    assert not torch.equal(one.blocks[1].ffn.down.weight, two.blocks[1].ffn.down.weight)

@@ -23,7 +23,8 @@ The methods differ in the score that decides which weights go, and in what happe
 Wanda and SparseGPT read the inputs each layer sees on calibration text. The blocks are pruned in order, and
 each block's statistics come from a forward pass through the blocks already pruned (the "sequential"
 variant of both papers), so a later layer is fitted to what the pruned earlier layers give it; the pass stops
-at the block being measured, so pruning L blocks costs about L/2 full forwards.
+at the block being measured, so pruning L blocks costs about L/2 full forwards (`sequential=False` measures
+every layer on the dense model in one pass instead).
 """
 
 from __future__ import annotations
@@ -243,9 +244,14 @@ def calibration_forward(model: nn.Module) -> Callable[[torch.Tensor], object]:
 
 
 def block_statistics(
-    model: nn.Module, block: nn.Module, layers: dict[str, nn.Linear], batches: list[torch.Tensor], hessian: bool
+    model: nn.Module,
+    block: nn.Module | None,
+    layers: dict[str, nn.Linear],
+    batches: list[torch.Tensor],
+    hessian: bool,
 ) -> dict[str, InputStatistics]:
-    """The inputs each of `layers` sees over `batches`, with the model as it is now (earlier blocks pruned)."""
+    """The inputs each of `layers` sees over `batches`, with the model as it is now (earlier blocks pruned); the
+    forward pass stops once `block` has run (None: the whole model runs)."""
     device = next(model.parameters()).device
     stats = {name: InputStatistics(layer.in_features, hessian, device) for name, layer in layers.items()}
     hooks = [
@@ -256,7 +262,8 @@ def block_statistics(
     def stop(_module, _args, _output):
         raise _BlockDone
 
-    hooks.append(block.register_forward_hook(stop))
+    if block is not None:
+        hooks.append(block.register_forward_hook(stop))
     forward = calibration_forward(model)
     try:
         with torch.no_grad():
@@ -275,9 +282,12 @@ def prune_model(
     sparsity: Sparsity,
     calibration: list[torch.Tensor] | None = None,
     progress: Callable[[str], None] | None = None,
+    sequential: bool = True,
 ) -> dict[str, float]:
     """Prune `model`'s block Linears in place with `method` (a name in METHODS) to `sparsity`; `calibration`
-    is a list of token-id batches (B, T), needed by wanda and sparsegpt. Returns {layer name: fraction of
+    is a list of token-id batches (B, T), needed by wanda and sparsegpt. `sequential` calibrates each block on
+    the output of the blocks already pruned (about L/2 forward passes for L blocks); False measures every layer
+    on the dense model in one pass (faster, and the less accurate variant). Returns {layer name: fraction of
     zero weights}."""
     if method not in METHODS:
         raise ValueError(f"--method {method!r} is unknown; choose one of {', '.join(METHODS)}")
@@ -289,13 +299,18 @@ def prune_model(
         for name, layer in layers.items():
             sparsity.check_width(name, layer.in_features)
     model.eval()
+    every_layer = {name: layer for layers in blocks.values() for name, layer in layers.items()}
+    dense_stats = None
+    if pruner.needs_calibration and not sequential:
+        dense_stats = block_statistics(model, None, every_layer, calibration, pruner.needs_hessian)
     achieved = {}
     for block_name, layers in blocks.items():
-        stats = (
-            block_statistics(model, model.get_submodule(block_name), layers, calibration, pruner.needs_hessian)
-            if pruner.needs_calibration
-            else dict.fromkeys(layers)
-        )
+        if not pruner.needs_calibration:
+            stats = dict.fromkeys(layers)
+        elif dense_stats is not None:
+            stats = dense_stats
+        else:
+            stats = block_statistics(model, model.get_submodule(block_name), layers, calibration, pruner.needs_hessian)
         for name, layer in layers.items():
             with torch.no_grad():
                 layer.weight.copy_(pruner.prune(layer.weight.data, stats[name], sparsity))
