@@ -37,7 +37,7 @@ def test_distil_into_every_other_layer(tmp_path, capsys, classifier_run, sentime
     result = run_cli(
         capsys, "distill", "--teacher", classifier_run, "--keep-every", "2", "--task", "classification",
         f"--data={sentiment_data}", "--out", tmp_path, "--max-steps=2", "--train.batch_size=16", "--hidden", "1",
-        "--cosine", "1", *QUIET,
+        "--cosine", "1", "--attention", "1", *QUIET,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
@@ -59,7 +59,7 @@ def test_student_equal_to_teacher_pays_only_the_task_loss(classifier_run, sentim
     model, _, task, _ = load_finetuned(classifier_run)
     records = task.read_file(sentiment_data, task.config)[:8]
     batch = collate(task.encode(records, "train"), task.pad_id)
-    settings = DistillSettings(soft=1.0, hard=1.0, hidden=1.0, cosine=1.0, temperature=3.0)
+    settings = DistillSettings(soft=1.0, hard=1.0, hidden=1.0, cosine=1.0, attention=1.0, temperature=3.0)
     with torch.no_grad():
         distilled = DistillObjective(task, model, settings).loss_sum(model, batch)
         torch.testing.assert_close(distilled, task.loss_sum(model, batch), atol=1e-4, rtol=1e-5)

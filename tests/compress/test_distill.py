@@ -68,3 +68,25 @@ def test_keep_every_second_layer_copies_those_layers():
 def test_bad_settings_are_refused(changes, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         DistillSettings(**changes)
+
+
+def test_recorded_attention_reproduces_the_model_and_sums_to_one():
+    """While recording, attention runs through softmax(Q K^T * s + M) V: the outputs equal the model's own
+    (fused SDPA), and every recorded row is a distribution over the keys a query may see."""
+    from lmforge.compress.distill import Capture
+
+    torch.manual_seed(0)
+    model = build_model("llama-tiny", vocab_size=128, n_layer=2).eval()
+    ids = torch.randint(0, 128, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        with Capture(model, hidden=False, attention=True) as caught:
+            got = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1, 3:], expected[1, 3:], rtol=1e-4, atol=1e-5)
+    assert len(caught.attention) == 2 and caught.attention[0].shape == (2, 4, 12, 12)
+    torch.testing.assert_close(caught.attention[0].sum(-1), torch.ones(2, 4, 12))
+    assert float(caught.attention[0][0, :, 0, 1:].abs().max()) == 0  # causal: the first query sees itself only
+    assert model.blocks[0].attn.attend.__name__ == "sdpa_attention"  # restored

@@ -40,6 +40,7 @@ def distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--hard", type=float, default=1.0, help="weight of the task's own loss (default: 1)")
     p.add_argument("--hidden", type=float, default=0.0, help="weight of the hidden-state MSE (default: 0)")
     p.add_argument("--cosine", type=float, default=0.0, help="weight of the hidden-state cosine loss (default: 0)")
+    p.add_argument("--attention", type=float, default=0.0, help="weight of the attention-map KL (default: 0)")
     return p
 
 

@@ -9,6 +9,7 @@ the task averages over (an example, or a target token), with weights w:
       + w_soft T^2 D(p_teacher^T, p_student^T)          p^T = softmax(logits / T)   (Hinton et al. 2015)
       + w_hidden mean_l MSE(h_student^l, h_teacher^m(l))                             (FitNets, TinyBERT)
       + w_cosine mean_l (1 - cos(h_student^l, h_teacher^m(l)))                       (DistilBERT)
+      + w_attention mean_l mean_heads KL(A_teacher^m(l) || A_student^l)   per query  (TinyBERT, MiniLM)
 
 The T^2 keeps the soft term's gradients on the scale of the hard term's as T grows (Hinton et al., section 2).
 D is one of three divergences (`DIVERGENCES`): forward KL(p_t || p_s), the classic choice, which makes the
@@ -17,7 +18,9 @@ students (MiniLLM, Gu et al. 2024); and the generalised Jensen-Shannon divergenc
 beta KL(p_t || m) + (1 - beta) KL(p_s || m) with m = beta p_t + (1 - beta) p_s (GKD, Agarwal et al. 2024),
 which interpolates between the two. Student layer l (of L_s) is matched with teacher layer
 m(l) = round((l + 1) L_t / L_s) - 1, so the last layers always meet; hidden states are compared per token
-(over real tokens; an example's loss is the mean over its tokens).
+(over real tokens; an example's loss is the mean over its tokens). The attention term compares each head's
+distribution over keys, softmax(Q K^T / sqrt(d) + M), recorded while both models run (MiniLM, Wang et al. 2020,
+uses this KL on the last layer; TinyBERT, Jiao et al. 2020, an MSE on every mapped layer).
 
 Both models read the same token ids, so they must share a vocabulary (checked before the run). The student is
 a preset (random weights), a model folder, or the teacher with every k-th layer kept (`keep_every`, as
@@ -100,6 +103,7 @@ class DistillSettings:
     hard: float = 1.0
     hidden: float = 0.0
     cosine: float = 0.0
+    attention: float = 0.0
 
     def __post_init__(self) -> None:
         if self.divergence not in DIVERGENCES:
@@ -108,7 +112,7 @@ class DistillSettings:
             raise ValueError(f"--temperature {self.temperature} must be positive (2 to 4 is usual)")
         if not 0 < self.beta < 1:
             raise ValueError(f"--beta {self.beta} must be in (0, 1)")
-        weights = {k: getattr(self, k) for k in ("soft", "hard", "hidden", "cosine")}
+        weights = {k: getattr(self, k) for k in ("soft", "hard", "hidden", "cosine", "attention")}
         if any(w < 0 for w in weights.values()) or not any(weights.values()):
             raise ValueError(f"loss weights {weights} must be >= 0 and not all 0")
 
@@ -122,15 +126,34 @@ def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     return [round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
 
 
-class Capture:
-    """Forward hooks that keep the last output of a model and of each of its blocks."""
+def attention_probabilities(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float | None
+) -> torch.Tensor:
+    """softmax(Q K^T * scale + M) (B, H, T_q, T_k), the attention distribution of every head and query."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q.float() @ k.float().transpose(-2, -1)) * scale
+    if is_causal:
+        t_q, t_k = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    return torch.softmax(scores, dim=-1)
 
-    def __init__(self, model: nn.Module, hidden: bool) -> None:
+
+class Capture:
+    """Keeps the last output of a model and, when asked, of each of its blocks and each self-attention's
+    distribution (its attention function is swapped for one that records softmax(Q K^T * s + M))."""
+
+    def __init__(self, model: nn.Module, hidden: bool, attention: bool) -> None:
         self.output = None
         self.hidden: list[torch.Tensor] = []
+        self.attention: list[torch.Tensor] = []
         self.hooks = [model.register_forward_hook(self._keep_output)]
         if hidden:
             self.hooks += [b.register_forward_hook(self._keep_hidden) for b in blocks(model)]
+        self.swapped = [(b.attn, b.attn.attend) for b in blocks(model)] if attention else []
+        for attn, _ in self.swapped:
+            attn.attend = self._recording
 
     def _keep_output(self, _module, _args, output) -> None:
         self.output = output
@@ -138,12 +161,19 @@ class Capture:
     def _keep_hidden(self, _module, _args, output) -> None:
         self.hidden.append(output)
 
+    def _recording(self, q, k, v, mask=None, is_causal=False, scale=None, dropout_p=0.0) -> torch.Tensor:
+        probabilities = attention_probabilities(q, k, mask, is_causal, scale)
+        self.attention.append(probabilities)
+        return F.dropout(probabilities, p=dropout_p).to(v.dtype) @ v
+
     def __enter__(self) -> Capture:
         return self
 
     def __exit__(self, *exc) -> None:
         for hook in self.hooks:
             hook.remove()
+        for attn, original in self.swapped:
+            attn.attend = original
 
 
 class DistillObjective(Objective):
@@ -164,14 +194,14 @@ class DistillObjective(Objective):
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         s = self.settings
-        hidden = bool(s.hidden or s.cosine)
+        hidden, attention = bool(s.hidden or s.cosine), bool(s.attention)
         student = unwrap_model(model)
         device = next(student.parameters()).device
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
-        with Capture(student, hidden) as caught:
+        with Capture(student, hidden, attention) as caught:
             loss = self.task.loss_sum(model, batch) * s.hard
-        with torch.no_grad(), Capture(self.teacher, hidden) as taught:
+        with torch.no_grad(), Capture(self.teacher, hidden, attention) as taught:
             self.teacher(**model_inputs(self.teacher, batch))
         s_logits, t_logits = caught.output.logits.float(), taught.output.logits.float()
         if s_logits.shape != t_logits.shape:
@@ -199,6 +229,19 @@ class DistillObjective(Objective):
             if s.cosine:
                 per_token = sum(1 - F.cosine_similarity(a.float(), b.float(), dim=-1) for a, b in pairs)
                 loss = loss + s.cosine * self.reduce(per_token / len(pairs), batch, units)
+        if attention:
+            mapping = layer_map(len(caught.attention), len(taught.attention))
+            per_token = 0
+            for i, j in enumerate(mapping):
+                p_s, p_t = caught.attention[i], taught.attention[j]  # (B, H, T, T)
+                if p_s.shape != p_t.shape:
+                    raise ValueError(
+                        f"attention maps of shape {tuple(p_s.shape[1:])} (student) and {tuple(p_t.shape[1:])} "
+                        "(teacher): the attention loss needs as many heads in both; set --attention 0"
+                    )
+                log_t, log_s = p_t.clamp(min=1e-30).log(), p_s.clamp(min=1e-30).log()
+                per_token = per_token + (p_t * (log_t - log_s)).sum(-1).mean(1)  # KL per query, mean over heads
+            loss = loss + s.attention * self.reduce(per_token / len(mapping), batch, units)
         return loss
 
     def unit_mask(self, batch: dict[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
@@ -326,4 +369,5 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
         hard=args.hard,
         hidden=args.hidden,
         cosine=args.cosine,
+        attention=args.attention,
     )
