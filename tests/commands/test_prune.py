@@ -139,3 +139,16 @@ def test_structured_prune_writes_a_smaller_model(tmp_path, capsys, tiny_lm, cali
     assert model.config.n_head == 2 and model.config.n_kv_heads == 2
     assert record["parameters"] == sum(p.numel() for p in model.parameters()) < record["parameters_before"]
     assert all(len(kept) == 2 for kept in record["kept"].values())
+
+
+def test_one_pass_wanda_with_a_pattern(tmp_path, capsys, tiny_lm, calibration_file):
+    out = tmp_path / "two-four"
+    result = run_cli(
+        capsys, "prune", tiny_lm, "--method", "wanda", "--pattern", "2:4", "--one-pass",
+        "--calibration", calibration_file, "--samples", "4", "--seq-len", "32", "--out", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    model = load_model(out)
+    for name in json.loads((out / "sparsity.json").read_text())["layers"]:
+        weight = model.get_submodule(name).weight
+        assert int((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1).max()) <= 2, name

@@ -29,6 +29,7 @@ def register(commands, groups) -> None:
     p.add_argument("--calibration", default=None, help="calibration text: catalog name or file (wanda, sparsegpt)")
     p.add_argument("--samples", type=int, default=64, help="calibration windows (default: 64)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default: 256)")
+    p.add_argument("--one-pass", action="store_true", help="calibrate all layers on the dense model in one pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     p.add_argument("--out", required=True, help="output model folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is an existing model folder")
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> None:
         seq_len=args.seq_len,
         seed=args.seed,
         overwrite=args.overwrite,
+        sequential=not args.one_pass,
     )
     summary = {k: v for k, v in record.items() if k not in ("layers", "kept", "config")}
     print(json.dumps(summary, indent=2))

@@ -93,10 +93,12 @@ def prune_checkpoint(
     seed: int = 0,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    sequential: bool = True,
 ) -> dict[str, Any]:
     """Prune `model_name` and write it to `out` (see the module docstring); returns what sparsity.json holds.
     Unstructured or N:M with `method` and `sparsity` or `pattern`; or, with `structured` ("heads" or "ffn"),
-    remove that fraction (`amount`) of every layer's heads or FFN channels, which makes the model smaller."""
+    remove that fraction (`amount`) of every layer's heads or FFN channels, which makes the model smaller.
+    `sequential=False` calibrates every layer on the dense model in one pass (`compress.prune.prune_model`)."""
     from lmforge.data.tokenizers.tokenizer import load_tokenizer
     from lmforge.hf.load import load_model
     from lmforge.hf.resolve import resolve_model
@@ -134,7 +136,7 @@ def prune_checkpoint(
         record["dense_perplexity"] = perplexity(model, held_out, seq_len, samples)
     if structured is None:
         record.update(method=method, target=target.describe())
-        record["layers"] = prune_model(model, method, target, batches, progress)
+        record["layers"] = prune_model(model, method, target, batches, progress, sequential=sequential)
         record["overall"] = _overall(model, record["layers"])
     else:
         removal = remove_units(model, structured, amount, batches)
