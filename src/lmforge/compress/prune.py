@@ -196,7 +196,7 @@ class SparseGPT(PruneMethod):
                     mask[:, i : i + sparsity.m].scatter_(1, lowest, True)
                 pruned = mask[:, i].to(W1.dtype)
                 error = W1[:, i] * pruned / d[i]  # (w - q) / [H^-1]_ii, q = w with the pruned entries zeroed
-                W1[:, i:] -= error[:, None] * U1[i, i:][None, :]
+                W1[:, i:].addr_(error, U1[i, i:], alpha=-1)  # W1[:, i:] -= error outer U1[i, i:]
                 W1[:, i] *= 1 - pruned  # exactly zero (the update leaves a rounding residue)
                 errors[:, i] = error
             W[:, start:end] = W1
