@@ -36,6 +36,9 @@ FORBIDDEN: dict[str, set[str]] = {
     "tune": {"serve", *TOP},
     "export": {"serve", *(RECIPES - {"export"}), *TOP},
     "quantize": {"serve", *(RECIPES - {"quantize"}), *TOP},
+    # compress prunes and distils models; distillation reuses finetune's task objects (data, heads, metrics),
+    # so like tune it sits above the recipes, and no recipe imports it
+    "compress": {"serve", "tune", *TOP},
     "fetch": {"nn", "models", "data", "hf", "eval", "generate", "train", "serve", *RECIPES, *TOP},
     "commands": {"cli"},
 }

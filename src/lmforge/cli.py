@@ -23,6 +23,8 @@ COMMAND_MODULES = (
     "lmforge.commands.tune",  # tune, lr-find
     "lmforge.commands.export",  # export
     "lmforge.commands.quantize",  # quantize
+    "lmforge.commands.prune",  # prune
+    "lmforge.commands.distill",  # distill
 )
 GROUPS = {
     "data": "datasets: catalog, cleaning, tokenised shards",

@@ -42,6 +42,7 @@ from lmforge.hf.runs import best_checkpoint
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, cleanup, init_distributed, seed_everything, wrap_model
 from lmforge.train.loop import open_run, resume_state, say, train_loop
+from lmforge.train.objective import Objective
 from lmforge.train.optim import build_optimizer, build_scheduler
 from lmforge.train.runlock import run_lock
 
@@ -255,14 +256,19 @@ def numbers(metrics: dict) -> dict[str, float]:
 
 
 def finetune(
-    config: FinetuneConfig, on_eval: Callable[[int, dict[str, float]], None] | None = None, score_test: bool = True
+    config: FinetuneConfig,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
+    score_test: bool = True,
+    objective: Callable[[Task], Objective] | None = None,
 ) -> dict:
     """Fine-tune and evaluate; returns the run summary (with K-fold: the fold summary). A failure before the run
     wrote anything of value removes the run folder, if this call created it. `on_eval(step, metrics)` sees every
     validation during training (`train_loop`'s hook); with K-fold, whose folds evaluate once at their end, it is
     called after fold k with step k and the mean of each metric over the k folds done, so a tuner can stop a
     poor configuration between folds; `score_test=False` leaves the test split untouched (a tuner's trials
-    select on validation only)."""
+    select on validation only); `objective(task)`, when given, is the training loss instead of the task's own
+    (distillation wraps the task with a teacher); evaluation, checkpoints and the saved model are the task's
+    as always."""
     config = config.with_model_name()
     check_length(config)
     created = not config.run_dir.exists()
@@ -271,7 +277,7 @@ def finetune(
         with run_lock(config.run_dir, enabled=info.is_main):
             if config.task.kfold:
                 return _kfold(config, info, on_eval)
-            return _finetune(config, info, on_eval=on_eval, score_test=score_test)
+            return _finetune(config, info, on_eval=on_eval, score_test=score_test, objective=objective)
     except BaseException:
         if created and info.is_main and config.run_dir.is_dir() and not holds_results(config.run_dir):
             shutil.rmtree(config.run_dir, ignore_errors=True)
@@ -288,6 +294,7 @@ def _finetune(
     save_model: bool = True,
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
     score_test: bool = True,
+    objective: Callable[[Task], Objective] | None = None,
 ) -> dict:
     tc, device = config.train, info.device
     run_dir = config.run_dir
@@ -374,7 +381,7 @@ def _finetune(
         scheduler=scheduler,
         scaler=scaler,
         train_batches=train_batches,
-        objective=task,
+        objective=task if objective is None else objective(task),
         evaluate=evaluate,
         run_dir=run_dir,
         tokenizer=tokenizer,

@@ -1,0 +1,60 @@
+"""`lmforge prune MODEL --method magnitude|wanda|sparsegpt (--sparsity S | --pattern N:M) --out DIR`.
+
+    lmforge prune SmolLM2-135M-Instruct --method wanda --sparsity 0.5 --calibration wikipedia-sample --out pruned
+    lmforge prune runs/minilm-pang-lee --method magnitude --pattern 2:4 --out minilm-2-4
+    lmforge prune SmolLM2-135M-Instruct --structured ffn --amount 0.25 --calibration wikipedia-sample --out smaller
+
+The work is `lmforge.compress.recipe.prune_checkpoint`; the folder appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lmforge.commands.convert import MODEL_HELP
+
+METHOD_NAMES = ("magnitude", "wanda", "sparsegpt")
+
+
+def register(commands, groups) -> None:
+    p = commands.add_parser("prune", help="prune a model's weights (magnitude, Wanda, SparseGPT; N:M patterns)")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--method", choices=METHOD_NAMES, default="magnitude", help="how weights are chosen")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of each layer's weights zeroed, in [0, 1)")
+    p.add_argument("--pattern", default=None, help="N:M semi-structured sparsity: N kept of every M (e.g. 2:4)")
+    p.add_argument("--structured", choices=("heads", "ffn"), default=None, help="remove whole heads or FFN channels")
+    p.add_argument("--amount", type=float, default=None, help="fraction of every layer's heads/channels removed")
+    p.add_argument("--calibration", default=None, help="calibration text: catalog name or file (wanda, sparsegpt)")
+    p.add_argument("--samples", type=int, default=64, help="calibration windows (default: 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default: 256)")
+    p.add_argument("--one-pass", action="store_true", help="calibrate all layers on the dense model in one pass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    p.add_argument("--out", required=True, help="output model folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is an existing model folder")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from lmforge.compress.recipe import prune_checkpoint
+
+    record = prune_checkpoint(
+        args.model,
+        args.out,
+        method=args.method,
+        sparsity=args.sparsity,
+        pattern=args.pattern,
+        structured=args.structured,
+        amount=args.amount,
+        calibration=args.calibration,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        sequential=not args.one_pass,
+    )
+    summary = {k: v for k, v in record.items() if k not in ("layers", "kept", "config")}
+    print(json.dumps(summary, indent=2))
+    what = f"{args.structured} x {args.amount}" if args.structured else f"{args.method}, {record['target']}"
+    print(f"wrote {args.out}: {record['parameters']:,} parameters ({what})", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""Compression recipes: pruning (`prune`: magnitude, Wanda, SparseGPT, N:M; structured heads/FFN channels)."""

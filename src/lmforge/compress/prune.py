@@ -1,0 +1,352 @@
+"""Unstructured and N:M pruning of a model's linear layers: magnitude, Wanda and SparseGPT.
+
+Every method zeroes weights of the Linear layers inside the Transformer blocks (attention q/k/v/out, the FFN);
+embeddings, norms and task heads stay dense, as in the Wanda and SparseGPT papers. Two sparsity forms:
+
+- unstructured at sparsity s: a fraction s of each layer's weights is zeroed;
+- N:M semi-structured (`--pattern 2:4`): of every M consecutive weights along the input dimension of a row at
+  most N are kept, the layout sparse tensor cores run (NVIDIA Ampere 2:4; Mishra et al. 2021).
+
+The methods differ in the score that decides which weights go, and in what happens to the rest:
+
+    magnitude   score |W_ij| over the whole layer; exactly `torch.nn.utils.prune.l1_unstructured`'s mask
+                (Han et al. 2015), the kept weights unchanged
+    wanda       score |W_ij| * ||X_j||_2, compared within each output row i (Sun et al. 2023, eq. 1: the
+                input-feature norm over calibration tokens stands in for the diagonal of the Hessian);
+                the kept weights unchanged
+    sparsegpt   the layer-wise reconstruction min ||W X - W' X||_2^2 solved approximately by the optimal
+                brain surgeon update (Frantar & Alistarh 2023, Algorithm 1): columns are pruned left to right
+                with H = X X^T (dampened by 1% of its mean diagonal), the mask chosen per block of 128 columns
+                by w^2 / [H^-1]_jj^2, and the error of each pruned column spread over the columns not yet
+                visited through the Cholesky factor of H^-1 (lazy batched updates)
+
+Wanda and SparseGPT read the inputs each layer sees on calibration text. The blocks are pruned in order, and
+each block's statistics come from a forward pass through the blocks already pruned (the "sequential"
+variant of both papers), so a later layer is fitted to what the pruned earlier layers give it; the pass stops
+at the block being measured, so pruning L blocks costs about L/2 full forwards (`sequential=False` measures
+every layer on the dense model in one pass instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from lmforge.nn import Block
+
+PATTERN = re.compile(r"^(\d+):(\d+)$")
+SPARSEGPT_BLOCK = 128  # columns per lazy batch (Frantar & Alistarh 2023, section 3.4)
+SPARSEGPT_DAMPENING = 0.01  # lambda = 1% of the mean diagonal of H (their reference implementation)
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """What to remove: a fraction of each layer (`fraction`), or an N:M pattern (`n` kept of every `m`)."""
+
+    fraction: float = 0.0
+    n: int = 0
+    m: int = 0
+
+    @classmethod
+    def parse(cls, sparsity: float | None, pattern: str | None) -> Sparsity:
+        """From `--sparsity S` or `--pattern N:M` (exactly one); errors name the flag and what is allowed."""
+        if (sparsity is None) == (pattern is None):
+            raise ValueError("give one of --sparsity S (a fraction in [0, 1)) or --pattern N:M (e.g. 2:4)")
+        if pattern is not None:
+            match = PATTERN.match(pattern.strip())
+            if not match or not 0 < int(match[1]) < int(match[2]):
+                raise ValueError(
+                    f"--pattern {pattern!r} is not N:M with 0 < N < M (N weights kept of every M), e.g. 2:4 or 4:8"
+                )
+            n, m = int(match[1]), int(match[2])
+            return cls(fraction=1 - n / m, n=n, m=m)
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+            raise ValueError(f"--sparsity {sparsity!r} must be a fraction in [0, 1), e.g. 0.5")
+        return cls(fraction=float(sparsity))
+
+    @property
+    def structured(self) -> bool:
+        return self.m > 0
+
+    def describe(self) -> str:
+        return f"{self.n}:{self.m}" if self.structured else f"{self.fraction:g}"
+
+    def check_width(self, name: str, in_features: int) -> None:
+        if self.structured and in_features % self.m:
+            raise ValueError(
+                f"{name} has {in_features} input features, not a multiple of M={self.m}; choose a pattern whose "
+                f"M divides every layer's width (e.g. 2:4)"
+            )
+
+
+def lowest_mask(scores: torch.Tensor, sparsity: Sparsity) -> torch.Tensor:
+    """Boolean mask, True where a weight is pruned: per row, the round(s * columns) lowest scores, or for N:M
+    the M - N lowest of every M consecutive columns."""
+    rows, cols = scores.shape
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if sparsity.structured:
+        groups = scores.reshape(rows, cols // sparsity.m, sparsity.m)
+        lowest = groups.topk(sparsity.m - sparsity.n, dim=-1, largest=False).indices
+        return mask.reshape_as(groups).scatter_(-1, lowest, True).reshape(rows, cols)
+    k = round(sparsity.fraction * cols)
+    if k:
+        mask.scatter_(1, scores.topk(k, dim=1, largest=False).indices, True)
+    return mask
+
+
+class InputStatistics:
+    """Running statistics of a Linear layer's inputs X (tokens x in_features) over calibration batches:
+    the squared column norms sum_t x_tj^2 (Wanda) and, when `hessian`, H = (2 / n) sum_t x_t x_t^T
+    (SparseGPT's Hessian of the squared reconstruction error), both in float32."""
+
+    def __init__(self, in_features: int, hessian: bool, device: torch.device) -> None:
+        self.tokens = 0
+        self.squares = torch.zeros(in_features, device=device)
+        self.hessian = torch.zeros(in_features, in_features, device=device) if hessian else None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in_features)
+        n = x.shape[0]
+        self.squares += x.square().sum(0)
+        if self.hessian is not None:  # running mean of 2 x x^T, numerically steadier than one big sum
+            self.hessian *= self.tokens / (self.tokens + n)
+            self.hessian += (2 / (self.tokens + n)) * x.T @ x
+        self.tokens += n
+
+    @property
+    def norms(self) -> torch.Tensor:
+        return self.squares.sqrt()
+
+
+class PruneMethod(ABC):
+    """One way to choose (and compensate for) the pruned weights of a Linear layer."""
+
+    name: ClassVar[str]
+    needs_calibration: ClassVar[bool] = True
+    needs_hessian: ClassVar[bool] = False
+
+    @abstractmethod
+    def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: Sparsity) -> torch.Tensor:
+        """The pruned weight (out_features, in_features), the same shape and dtype, zeros where pruned."""
+
+
+class Magnitude(PruneMethod):
+    """Smallest |W| over the whole layer (unstructured: torch.nn.utils.prune's L1Unstructured), or within each
+    group of M (N:M)."""
+
+    name = "magnitude"
+    needs_calibration = False
+
+    def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: Sparsity) -> torch.Tensor:
+        if sparsity.structured:
+            return weight.masked_fill(lowest_mask(weight.abs(), sparsity), 0)
+        keep = torch_prune.L1Unstructured(amount=sparsity.fraction).compute_mask(weight, torch.ones_like(weight))
+        return weight * keep
+
+
+class Wanda(PruneMethod):
+    """S_ij = |W_ij| * ||X_j||_2 (Sun et al. 2023, eq. 1), pruned per output row (their per-output comparison
+    group, section 3) or per group of M."""
+
+    name = "wanda"
+
+    def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: Sparsity) -> torch.Tensor:
+        scores = weight.abs().float() * stats.norms.to(weight.device)[None, :]
+        return weight.masked_fill(lowest_mask(scores, sparsity), 0)
+
+
+class SparseGPT(PruneMethod):
+    """Frantar & Alistarh 2023, Algorithm 1, with adaptive mask selection per block of 128 columns."""
+
+    name = "sparsegpt"
+    needs_hessian = True
+
+    def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: Sparsity) -> torch.Tensor:
+        W = weight.detach().float().clone()  # (rows, cols)
+        H = stats.hessian.to(W.device).clone()
+        cols = W.shape[1]
+        dead = H.diagonal() == 0  # inputs that were always zero: their weights cannot matter, prune them
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        H += SPARSEGPT_DAMPENING * H.diagonal().mean() * torch.eye(cols, device=W.device)
+        # U, upper Cholesky factor of H^-1: row i of U holds the OBS update for column i given columns < i gone
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        for start in range(0, cols, SPARSEGPT_BLOCK):
+            end = min(start + SPARSEGPT_BLOCK, cols)
+            W1, U1 = W[:, start:end].clone(), U[start:end, start:end]
+            errors = torch.zeros_like(W1)
+            d = U1.diagonal()
+            if sparsity.structured:  # filled group by group below
+                mask = torch.zeros_like(W1, dtype=torch.bool)
+            else:
+                mask = lowest_mask_block(W1.square() / d.square(), sparsity.fraction)
+            for i in range(end - start):
+                if sparsity.structured and i % sparsity.m == 0:  # choose this group's mask from the updated weights
+                    group = W1[:, i : i + sparsity.m].square() / d[i : i + sparsity.m].square()
+                    lowest = group.topk(sparsity.m - sparsity.n, dim=1, largest=False).indices
+                    mask[:, i : i + sparsity.m].scatter_(1, lowest, True)
+                pruned = mask[:, i].to(W1.dtype)
+                error = W1[:, i] * pruned / d[i]  # (w - q) / [H^-1]_ii, q = w with the pruned entries zeroed
+                W1[:, i:].addr_(error, U1[i, i:], alpha=-1)  # W1[:, i:] -= error outer U1[i, i:]
+                W1[:, i] *= 1 - pruned  # exactly zero (the update leaves a rounding residue)
+                errors[:, i] = error
+            W[:, start:end] = W1
+            W[:, end:] -= errors @ U[start:end, end:]
+        return W.to(weight.dtype)
+
+
+def lowest_mask_block(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """True at the round(fraction * size) lowest scores of a whole block (SparseGPT's adaptive mask)."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    k = round(fraction * scores.numel())
+    if k:
+        mask[scores.flatten().topk(k, largest=False).indices] = True
+    return mask.reshape(scores.shape)
+
+
+METHODS: dict[str, PruneMethod] = {method.name: method for method in (Magnitude(), Wanda(), SparseGPT())}
+
+
+def prunable_layers(model: nn.Module) -> dict[str, dict[str, nn.Linear]]:
+    """block name -> {layer name: Linear} for the Linear layers inside each Transformer block, in the order the
+    blocks run (encoder before decoder: their order in the model)."""
+    blocks = {}
+    for block_name, block in model.named_modules():
+        if isinstance(block, Block):
+            blocks[block_name] = {
+                f"{block_name}.{name}": module
+                for name, module in block.named_modules()
+                if isinstance(module, nn.Linear)
+            }
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no Transformer blocks (lmforge.nn.Block) to prune")
+    return blocks
+
+
+class _BlockDone(Exception):
+    """Raised by a hook once the measured block has run: the rest of the forward pass is not needed."""
+
+
+def calibration_forward(model: nn.Module) -> Callable[[torch.Tensor], object]:
+    """A forward call over token ids (B, T) for any head: encoder-decoders get the same ids on both sides."""
+    if getattr(model.config, "head", "") == "seq2seq_lm" or hasattr(model, "decoder"):
+        return lambda ids: model(input_ids=ids, decoder_input_ids=ids)
+    return lambda ids: model(input_ids=ids)
+
+
+def block_statistics(
+    model: nn.Module,
+    block: nn.Module | None,
+    layers: dict[str, nn.Linear],
+    batches: list[torch.Tensor],
+    hessian: bool,
+) -> dict[str, InputStatistics]:
+    """The inputs each of `layers` sees over `batches`, with the model as it is now (earlier blocks pruned); the
+    forward pass stops once `block` has run (None: the whole model runs)."""
+    device = next(model.parameters()).device
+    stats = {name: InputStatistics(layer.in_features, hessian, device) for name, layer in layers.items()}
+    hooks = [
+        layer.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
+        for name, layer in layers.items()
+    ]
+
+    def stop(_module, _args, _output):
+        raise _BlockDone
+
+    if block is not None:
+        hooks.append(block.register_forward_hook(stop))
+    forward = calibration_forward(model)
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                with contextlib.suppress(_BlockDone):
+                    forward(ids.to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return stats
+
+
+def prune_model(
+    model: nn.Module,
+    method: str,
+    sparsity: Sparsity,
+    calibration: list[torch.Tensor] | None = None,
+    progress: Callable[[str], None] | None = None,
+    sequential: bool = True,
+) -> dict[str, float]:
+    """Prune `model`'s block Linears in place with `method` (a name in METHODS) to `sparsity`; `calibration`
+    is a list of token-id batches (B, T), needed by wanda and sparsegpt. `sequential` calibrates each block on
+    the output of the blocks already pruned (about L/2 forward passes for L blocks); False measures every layer
+    on the dense model in one pass (faster, and the less accurate variant). Returns {layer name: fraction of
+    zero weights}."""
+    if method not in METHODS:
+        raise ValueError(f"--method {method!r} is unknown; choose one of {', '.join(METHODS)}")
+    pruner = METHODS[method]
+    if pruner.needs_calibration and not calibration:
+        raise ValueError(f"--method {method} needs calibration text: pass --calibration DATA (a catalog name or file)")
+    blocks = prunable_layers(model)
+    for layers in blocks.values():
+        for name, layer in layers.items():
+            sparsity.check_width(name, layer.in_features)
+    model.eval()
+    every_layer = {name: layer for layers in blocks.values() for name, layer in layers.items()}
+    dense_stats = None
+    if pruner.needs_calibration and not sequential:
+        dense_stats = block_statistics(model, None, every_layer, calibration, pruner.needs_hessian)
+    achieved = {}
+    for block_name, layers in blocks.items():
+        if not pruner.needs_calibration:
+            stats = dict.fromkeys(layers)
+        elif dense_stats is not None:
+            stats = dense_stats
+        else:
+            stats = block_statistics(model, model.get_submodule(block_name), layers, calibration, pruner.needs_hessian)
+        for name, layer in layers.items():
+            with torch.no_grad():
+                layer.weight.copy_(pruner.prune(layer.weight.data, stats[name], sparsity))
+            achieved[name] = float((layer.weight == 0).float().mean())
+        if progress is not None:
+            progress(block_name)
+    return achieved
+
+
+def iter_windows(tokens: torch.Tensor, samples: int, seq_len: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """`samples` windows of `seq_len` tokens drawn at random offsets of the 1-D `tokens` (as the Wanda and
+    SparseGPT calibration sets are: random 2048-token segments of C4)."""
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - seq_len + 1, (samples,), generator=generator)
+    for start in starts.tolist():
+        yield tokens[start : start + seq_len]
+
+
+def calibration_batches(
+    tokens: torch.Tensor, samples: int, seq_len: int, batch_size: int = 8, seed: int = 0
+) -> list[torch.Tensor]:
+    """Random windows of `tokens` in batches (B, seq_len); too little text for one window is an error."""
+    if samples < 1:
+        raise ValueError(f"--samples {samples} must be at least 1")
+    if len(tokens) < seq_len:
+        raise ValueError(
+            f"too little calibration data: {len(tokens)} tokens, fewer than one window of --seq-len {seq_len}; "
+            "give more text with --calibration or a smaller --seq-len"
+        )
+    windows = list(iter_windows(tokens, samples, seq_len, seed))
+    return [torch.stack(windows[i : i + batch_size]) for i in range(0, len(windows), batch_size)]
+
+
+def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, inputs: torch.Tensor) -> float:
+    """||W X - W' X||_F / ||W X||_F over inputs X (tokens, in_features): what SparseGPT minimises."""
+    x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+    weight, pruned = weight.detach(), pruned.detach()
+    dense = x @ weight.float().T
+    return float((dense - x @ pruned.float().T).norm() / dense.norm().clamp(min=math.ulp(1.0)))

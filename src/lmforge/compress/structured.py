@@ -1,0 +1,248 @@
+"""Structured pruning: remove whole attention heads or FFN channels, and build the genuinely smaller model.
+
+A unit (one attention head, one FFN hidden channel) writes into the residual stream through its slice of the
+output projection: head h adds o_h W_out[:, h]^T (o_h its d_head outputs), channel j adds h_j W_down[:, j]^T.
+Its importance is the norm of that contribution over calibration tokens,
+
+    I_u = ( sum_t || x_t[cols_u] W[:, cols_u]^T ||^2 )^(1/2)      (for a channel: ||h_j||_2 * ||W_down[:, j]||_2)
+
+the activation-norm criterion of structured pruning (e.g. Michel et al. 2019 score heads by how much the output
+changes without them; the norm of the contribution is its first-order-free, data-driven proxy, as in the
+activation-based channel pruning of Hu et al. 2016 weighted by the outgoing weights). Every layer loses the
+same number of units, so the pruned model has a uniform config (fewer heads, or a smaller d_ff) that every
+lmforge loader and the Hugging Face exporters read as an ordinary model.
+
+Removing a unit is exact: its rows of the input projections and its columns of the output projection go
+(query rows for a head; q/k/v rows when each head has its own key/value head), so the smaller model computes
+what the original computes with those units' outputs zeroed (tested). With grouped-query attention each
+key/value head keeps serving the same number of query heads: the same count is removed from every group.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from lmforge.compress.prune import calibration_forward
+from lmforge.nn import Block
+
+
+@dataclass
+class Removal:
+    """What one structured pruning removed: per block, the units kept (sorted), and the new config."""
+
+    kind: str
+    amount: float
+    kept: dict[str, list[int]]
+    config: object
+
+
+class UnitKind(ABC):
+    """One kind of unit (heads or FFN channels): where its contribution is measured and how it is cut out."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def check(self, model: nn.Module, amount: float) -> int:
+        """Units removed per layer for `amount`, or a ValueError naming why the model or amount cannot be used."""
+
+    @abstractmethod
+    def output_layer(self, block: Block) -> nn.Linear:
+        """The Linear whose input columns are the units' outputs (attention out, FFN down/proj)."""
+
+    @abstractmethod
+    def width(self, block: Block) -> int:
+        """Columns per unit in `output_layer`'s input (d_head, or 1 for a channel)."""
+
+    @abstractmethod
+    def choose(self, block: Block, scores: torch.Tensor, remove: int) -> list[int]:
+        """The units kept, sorted, given one score per unit."""
+
+    @abstractmethod
+    def cut(self, block: Block, kept: list[int]) -> None:
+        """Replace the block's Linears by their slices for the `kept` units (in place)."""
+
+    @abstractmethod
+    def new_config(self, config, kept_per_layer: int):
+        """The config of the smaller model."""
+
+
+def rows(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
+    """A Linear holding `linear`'s output rows `index`."""
+    new = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None, device=linear.weight.device)
+    new = new.to(linear.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[index])
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias[index])
+    return new
+
+
+def columns(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
+    """A Linear holding `linear`'s input columns `index` (the bias is the output's and stays)."""
+    new = nn.Linear(len(index), linear.out_features, bias=linear.bias is not None, device=linear.weight.device)
+    new = new.to(linear.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[:, index])
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias)
+    return new
+
+
+class Heads(UnitKind):
+    name = "heads"
+
+    def check(self, model: nn.Module, amount: float) -> int:
+        config = model.config
+        if not hasattr(config, "head_dim") or any(b.cross_attn is not None for b in blocks(model).values()):
+            raise ValueError(
+                f"--structured heads needs a decoder- or encoder-only model whose config sets head_dim (the llama "
+                f"family: Llama, SmolLM2, Qwen, Mistral); {config.family} cannot say fewer heads of the same width: "
+                "use --structured ffn"
+            )
+        n_head, n_kv = config.n_head, config.n_kv_heads or config.n_head
+        group = n_head // n_kv
+        per = group if group > 1 else n_head  # units that may be removed together: a GQA group, or all heads
+        remove = round(amount * per)
+        if remove >= per:
+            raise ValueError(
+                f"--amount {amount} would remove every head of a layer ({remove} of {per}"
+                f"{' query heads per key/value group' if group > 1 else ' heads'}); choose a smaller amount"
+            )
+        if remove == 0:
+            raise ValueError(f"--amount {amount} removes no head ({per} per group); choose at least {1 / per:.3g}")
+        return remove
+
+    def output_layer(self, block: Block) -> nn.Linear:
+        return block.attn.out
+
+    def width(self, block: Block) -> int:
+        return block.attn.head_dim
+
+    def choose(self, block: Block, scores: torch.Tensor, remove: int) -> list[int]:
+        attn = block.attn
+        group = attn.n_head // attn.n_kv_heads
+        if group == 1:  # each head has its own key/value head: any heads may go
+            return sorted(scores.topk(attn.n_head - remove).indices.tolist())
+        kept = []
+        for g in range(attn.n_kv_heads):  # the same number from every group, so each K/V head serves as many
+            local = scores[g * group : (g + 1) * group].topk(group - remove).indices
+            kept += (local + g * group).tolist()
+        return sorted(kept)
+
+    def cut(self, block: Block, kept: list[int]) -> None:
+        attn = block.attn
+        d, q_dim, kv_dim = attn.head_dim, attn.n_head * attn.head_dim, attn.n_kv_heads * attn.head_dim
+        head_cols = torch.tensor([h * d + i for h in kept for i in range(d)], device=attn.out.weight.device)
+        if attn.n_kv_heads == attn.n_head:  # multi-head attention: the heads' own keys and values go too
+            index = torch.cat([head_cols, head_cols + q_dim, head_cols + q_dim + kv_dim])
+            attn.n_kv_heads = len(kept)
+        else:
+            index = torch.cat([head_cols, torch.arange(q_dim, q_dim + 2 * kv_dim, device=head_cols.device)])
+        attn.qkv = rows(attn.qkv, index)
+        attn.out = columns(attn.out, head_cols)
+        attn.n_head = len(kept)
+
+    def new_config(self, config, kept_per_layer: int):
+        n_kv = config.n_kv_heads
+        if n_kv is not None and n_kv == config.n_head:
+            n_kv = kept_per_layer
+        head_dim = config.head_dim or config.d_model // config.n_head
+        return config.replace(n_head=kept_per_layer, n_kv_heads=n_kv, head_dim=head_dim)
+
+
+class FFNChannels(UnitKind):
+    name = "ffn"
+
+    def check(self, model: nn.Module, amount: float) -> int:
+        d_ff = self.output_layer(next(iter(blocks(model).values()))).in_features
+        remove = round(amount * d_ff)
+        if remove >= d_ff:
+            raise ValueError(f"--amount {amount} would remove every FFN channel of a layer; choose a smaller amount")
+        if remove == 0:
+            raise ValueError(f"--amount {amount} removes no FFN channel (d_ff={d_ff}); choose a larger amount")
+        return remove
+
+    def output_layer(self, block: Block) -> nn.Linear:
+        ffn = block.ffn
+        return ffn.down if hasattr(ffn, "down") else ffn.proj
+
+    def width(self, block: Block) -> int:
+        return 1
+
+    def choose(self, block: Block, scores: torch.Tensor, remove: int) -> list[int]:
+        return sorted(scores.topk(len(scores) - remove).indices.tolist())
+
+    def cut(self, block: Block, kept: list[int]) -> None:
+        ffn = block.ffn
+        index = torch.tensor(kept, device=self.output_layer(block).weight.device)
+        if hasattr(ffn, "down"):  # gated: W_down (act(W_gate x) * W_up x)
+            ffn.gate, ffn.up, ffn.down = rows(ffn.gate, index), rows(ffn.up, index), columns(ffn.down, index)
+        else:
+            ffn.fc, ffn.proj = rows(ffn.fc, index), columns(ffn.proj, index)
+
+    def new_config(self, config, kept_per_layer: int):
+        return config.replace(d_ff=kept_per_layer)
+
+
+UNIT_KINDS: dict[str, UnitKind] = {kind.name: kind for kind in (Heads(), FFNChannels())}
+
+
+def blocks(model: nn.Module) -> dict[str, Block]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, Block)}
+
+
+def unit_scores(model: nn.Module, kind: UnitKind, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Block name -> I_u for each unit (module docstring), from one forward pass over the calibration batches."""
+    found = blocks(model)
+    squares = {name: torch.zeros(kind.output_layer(b).in_features // kind.width(b)) for name, b in found.items()}
+
+    def hook(name: str, block: Block):
+        layer, width = kind.output_layer(block), kind.width(block)
+
+        def add(_module, args, _output):
+            x = args[0].detach().float().reshape(-1, layer.in_features // width, width)  # (tokens, units, width)
+            w = layer.weight.detach().float().reshape(layer.out_features, -1, width)  # (out, units, width)
+            if width == 1:  # a channel: ||h_j w_j^T||_F^2 = ||h_j||^2 ||w_j||^2
+                squares[name] += (x.square().sum(0) * w.square().sum(0)).squeeze(-1).cpu()
+            else:  # a head: ||o_h W_h^T||_F^2, o_h (tokens, d_head)
+                squares[name] += torch.einsum("tuw,ouw->tuo", x, w).square().sum((0, 2)).cpu()
+
+        return layer.register_forward_hook(add)
+
+    hooks = [hook(name, block) for name, block in found.items()]
+    forward = calibration_forward(model)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                forward(ids.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: s.sqrt() for name, s in squares.items()}
+
+
+def remove_units(model: nn.Module, kind_name: str, amount: float, batches: list[torch.Tensor]) -> Removal:
+    """Remove `amount` of every layer's heads or FFN channels (`kind_name`) from `model`, in place, by their
+    contribution norms on `batches`; the model's config becomes the smaller one. Returns what was kept."""
+    if kind_name not in UNIT_KINDS:
+        raise ValueError(f"--structured {kind_name!r} is unknown; choose one of {', '.join(UNIT_KINDS)}")
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 < amount < 1:
+        raise ValueError(f"--amount {amount!r} must be a fraction in (0, 1), e.g. 0.25")
+    if not batches:
+        raise ValueError(f"--structured {kind_name} scores units on calibration text: pass --calibration DATA")
+    kind = UNIT_KINDS[kind_name]
+    remove = kind.check(model, amount)
+    model.eval()
+    scores = unit_scores(model, kind, batches)
+    kept = {}
+    for name, block in blocks(model).items():
+        kept[name] = kind.choose(block, scores[name], remove)
+        kind.cut(block, kept[name])
+    model.config = kind.new_config(model.config, len(next(iter(kept.values()))))
+    return Removal(kind_name, amount, kept, model.config)

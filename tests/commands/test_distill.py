@@ -1,0 +1,116 @@
+"""`lmforge distill` end to end: a student from every other teacher layer trains on the shared loop (run folder,
+checkpoints, model/ that `lmforge evaluate` scores); its loss is the task's exactly when it equals the teacher;
+bad input is one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.compress.distill import DistillObjective, DistillSettings
+
+
+def run_cli(capsys, *args: str | Path) -> subprocess.CompletedProcess:
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread beats several on a shared machine (restored after each test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+QUIET = ["--train.progress=false", "--train.tensorboard=false", "--epochs", "0"]
+
+
+def test_distil_into_every_other_layer(tmp_path, capsys, classifier_run, sentiment_data):
+    result = run_cli(
+        capsys, "distill", "--teacher", classifier_run, "--keep-every", "2", "--task", "classification",
+        f"--data={sentiment_data}", "--out", tmp_path, "--max-steps=2", "--train.batch_size=16", "--hidden", "1",
+        "--cosine", "1", "--attention", "1", *QUIET,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    record = json.loads((run_dir / "distill.json").read_text())
+    assert record["soft"] == 1.0 and record["hidden"] == 1.0 and record["temperature"] == 2.0
+    student = json.loads((run_dir / "model" / "config.json").read_text())["model"]
+    assert student["n_layer"] == 1  # bert-tiny's 2 layers, every other kept
+    assert (run_dir / "metrics.jsonl").is_file() and list((run_dir / "checkpoints").glob("step_*"))
+    result = run_cli(capsys, "evaluate", run_dir, "--data", sentiment_data, "--split", "train", "--out", tmp_path / "e")
+    assert result.returncode == 0, result.stderr
+    assert 0 <= json.loads(result.stdout)["accuracy"] <= 1
+
+
+def test_student_equal_to_teacher_pays_only_the_task_loss(classifier_run, sentiment_data):
+    """Every distillation term vanishes when the student is the teacher: the objective is the task's loss."""
+    from lmforge.finetune.batches import collate
+    from lmforge.finetune.evaluation import load_finetuned
+
+    model, _, task, _ = load_finetuned(classifier_run)
+    records = task.read_file(sentiment_data, task.config)[:8]
+    batch = collate(task.encode(records, "train"), task.pad_id)
+    settings = DistillSettings(soft=1.0, hard=1.0, hidden=1.0, cosine=1.0, attention=1.0, temperature=3.0)
+    with torch.no_grad():
+        distilled = DistillObjective(task, model, settings).loss_sum(model, batch)
+        torch.testing.assert_close(distilled, task.loss_sum(model, batch), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--task", "token-classification", "--keep-every", "2"], "was fine-tuned for 'classification'"),
+        (["--task", "classification"], "give the student"),
+        (["--task", "classification", "--student", "STUDENT"], "have different vocabularies"),
+        (["--task", "classification", "--keep-every", "2", "--divergence", "l2"], "--divergence 'l2' is unknown"),
+        (["--keep-every", "2"], "the following arguments are required: --task"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, capsys, classifier_run, sentiment_data, flags, message):
+    from lmforge import build_model
+    from lmforge.data.tokenizers.tokenizer import load_tokenizer
+    from lmforge.hf.save import save_model
+    from lmforge.train.tokenizer import MASKED_LM, learn_tokenizer
+
+    if "STUDENT" in flags:  # a student with a tokenizer of its own
+        learn_tokenizer("bpe", ["other words entirely, in another vocabulary"] * 3, 60, tmp_path / "tok", MASKED_LM)
+        tokenizer = load_tokenizer(tmp_path / "tok")
+        save_model(build_model("bert-tiny", vocab_size=60), tmp_path / "student", tokenizer=tokenizer)
+        flags = [str(tmp_path / "student") if f == "STUDENT" else f for f in flags]
+    result = run_cli(
+        capsys, "distill", "--teacher", classifier_run, *flags, f"--data={sentiment_data}", "--out", tmp_path / "o",
+        *QUIET,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("lmforge distill: error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_resume_continues_a_distillation_exactly(tmp_path, capsys, classifier_run, sentiment_data):
+    flags = [
+        "--teacher", str(classifier_run), "--keep-every", "2", "--task", "classification", f"--data={sentiment_data}",
+        "--optim.schedule=constant", "--optim.lr=1e-3", "--train.batch_size=8", "--train.log_every=1",
+        "--eval-every=0", "--train.deterministic=true", "--hidden", "1", *QUIET,
+    ]  # fmt: skip
+    assert run_cli(capsys, "distill", *flags, "--out", tmp_path / "whole", "--max-steps=6").returncode == 0
+    assert run_cli(capsys, "distill", *flags, "--out", tmp_path / "parts", "--max-steps=3").returncode == 0
+    assert run_cli(capsys, "distill", *flags, "--out", tmp_path / "parts", "--max-steps=6", "--resume").returncode == 0
+
+    def losses(root):
+        (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [r["loss"] for r in map(json.loads, lines) if r["split"] == "train"]
+
+    assert len(losses(tmp_path / "whole")) == 6
+    assert losses(tmp_path / "parts") == losses(tmp_path / "whole")

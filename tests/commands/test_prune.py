@@ -1,0 +1,154 @@
+"""`lmforge prune` as a user runs it: the pruned folder loads through the normal resolver, records its sparsity
+per layer, scores with `lmforge evaluate`, and bad input is one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge import build_model
+from lmforge.cli import main
+from lmforge.hf.load import load_model
+
+WORDS = [
+    "the",
+    "a",
+    "king",
+    "queen",
+    "sword",
+    "crown",
+    "river",
+    "stone",
+    "light",
+    "night",
+    "day",
+    "sea",
+    "ship",
+    "field",
+    "horse",
+    "rain",
+    "wind",
+    "gold",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread beats several on a shared machine (restored after each test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(capsys, *args: str | Path) -> subprocess.CompletedProcess:
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+@pytest.fixture(scope="module")
+def calibration_file(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(500)]
+    path = tmp_path_factory.mktemp("text") / "calibration.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory, calibration_file) -> Path:
+    """llama-tiny (random weights, 2 layers) with a byte-level BPE tokenizer learned on the calibration text."""
+    from lmforge.data.tokenizers.tokenizer import load_tokenizer
+    from lmforge.hf.save import save_model
+    from lmforge.train.tokenizer import learn_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-lm")
+    learn_tokenizer("bpe", [calibration_file.read_text()], 300, folder / "tok")
+    tokenizer = load_tokenizer(folder / "tok")
+    torch.manual_seed(0)
+    model = build_model("llama-tiny", vocab_size=tokenizer.vocab_size, n_layer=2)
+    return save_model(model, folder / "model", tokenizer=tokenizer)
+
+
+def test_prune_writes_a_sparse_model_that_loads_back(tmp_path, capsys, tiny_lm, calibration_file):
+    out = tmp_path / "pruned"
+    result = run_cli(
+        capsys, "prune", tiny_lm, "--method", "sparsegpt", "--sparsity", "0.5",
+        "--calibration", calibration_file, "--samples", "4", "--seq-len", "32", "--out", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "sparsity.json").read_text())
+    assert record["method"] == "sparsegpt" and record["target"] == "0.5"
+    assert len(record["layers"]) == 10  # 2 blocks x (qkv, out, gate, up, down)
+    model = load_model(out)  # through the resolver, as every command loads it
+    for name, fraction in record["layers"].items():
+        weight = model.get_submodule(name).weight
+        assert float((weight == 0).float().mean()) == pytest.approx(fraction) == pytest.approx(0.5, abs=0.01)
+    assert record["perplexity"] > 1 and record["dense_perplexity"] > 1
+    assert json.loads(result.stdout)["overall"] == pytest.approx(0.5, abs=0.01)
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_pruned_classifier_scores_with_lmforge_evaluate(tmp_path, capsys, classifier_run, sentiment_data):
+    run_dir, data = classifier_run, sentiment_data
+    out = tmp_path / "pruned"
+    result = run_cli(capsys, "prune", run_dir, "--method", "magnitude", "--pattern", "2:4", "--out", out)
+    assert result.returncode == 0, result.stderr
+    result = run_cli(capsys, "evaluate", out, "--data", data, "--split", "train", "--out", tmp_path / "eval")
+    assert result.returncode == 0, result.stderr
+    assert 0 <= json.loads(result.stdout)["accuracy"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--sparsity", "1.5"], "--sparsity 1.5 must be a fraction in [0, 1)"),
+        (["--pattern", "4:2"], "--pattern '4:2' is not N:M"),
+        (["--pattern", "2:4", "--sparsity", "0.5"], "give one of --sparsity"),
+        (["--method", "wanda", "--sparsity", "0.5"], "--method wanda needs calibration text"),
+        (["--structured", "heads", "--amount", "0.9", "--calibration", "CAL"], "would remove every head of a layer"),
+        (["--method", "wanda", "--sparsity", "0.5", "--seq-len", "100000", "--calibration", "CAL"],
+         "too little calibration data"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, tiny_lm, calibration_file, flags, message):
+    out = tmp_path / "pruned"
+    flags = [str(calibration_file) if f == "CAL" else f for f in flags]
+    result = run_cli(capsys, "prune", tiny_lm, *flags, "--out", out)
+    assert result.returncode == 2
+    assert result.stderr.startswith("lmforge prune: error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".pruned*"))
+
+
+def test_structured_prune_writes_a_smaller_model(tmp_path, capsys, tiny_lm, calibration_file):
+    out = tmp_path / "smaller"
+    result = run_cli(
+        capsys, "prune", tiny_lm, "--structured", "heads", "--amount", "0.5",
+        "--calibration", calibration_file, "--samples", "4", "--seq-len", "32", "--out", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "sparsity.json").read_text())
+    model = load_model(out)
+    assert model.config.n_head == 2 and model.config.n_kv_heads == 2
+    assert record["parameters"] == sum(p.numel() for p in model.parameters()) < record["parameters_before"]
+    assert all(len(kept) == 2 for kept in record["kept"].values())
+
+
+def test_one_pass_wanda_with_a_pattern(tmp_path, capsys, tiny_lm, calibration_file):
+    out = tmp_path / "two-four"
+    result = run_cli(
+        capsys, "prune", tiny_lm, "--method", "wanda", "--pattern", "2:4", "--one-pass",
+        "--calibration", calibration_file, "--samples", "4", "--seq-len", "32", "--out", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    model = load_model(out)
+    for name in json.loads((out / "sparsity.json").read_text())["layers"]:
+        weight = model.get_submodule(name).weight
+        assert int((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1).max()) <= 2, name
