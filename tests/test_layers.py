@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lmforge"
-RECIPES = {"pretrain", "finetune", "tune"}
+RECIPES = {"pretrain", "finetune", "tune", "explain"}
 TOP = {"cli", "commands", "demo", "__main__"}
 # package -> the lmforge packages it must never import
 FORBIDDEN: dict[str, set[str]] = {
@@ -34,6 +34,7 @@ FORBIDDEN: dict[str, set[str]] = {
     # tune runs the other recipes as they are (each trial is a real run), so it sits above them: it may call
     # their public entry points and schemas, and no recipe may import it
     "tune": {"serve", *TOP},
+    "explain": {"serve", *(RECIPES - {"explain"}), *TOP},
     "fetch": {"nn", "models", "data", "hf", "eval", "generate", "train", "serve", *RECIPES, *TOP},
     "commands": {"cli"},
 }

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "lmforge.commands.finetune",  # finetune
     "lmforge.commands.evaluate",  # evaluate, predict
     "lmforge.commands.tune",  # tune
+    "lmforge.commands.explain",  # explain
 )
 GROUPS = {
     "data": "datasets: catalog, cleaning, tokenised shards",
