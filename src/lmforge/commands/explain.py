@@ -23,9 +23,7 @@ def register(commands, groups) -> None:
         "--target", default=None, help="label (classifiers) or single token (causal LMs); default: the prediction"
     )
     parser.add_argument("--position", type=int, default=None, help="token classifiers: token index explained")
-    parser.add_argument(
-        "--method", action="append", choices=list(METHODS), help="repeat for several (default: ig)"
-    )
+    parser.add_argument("--method", action="append", choices=list(METHODS), help="repeat for several (default: ig)")
     parser.add_argument("--steps", type=int, default=50, help="integrated-gradients steps (>= 32 for 1%% completeness)")
     parser.add_argument("--out", default="explain", help="output folder (default: explain)")
     parser.set_defaults(func=run)
@@ -34,9 +32,7 @@ def register(commands, groups) -> None:
 def run(args: argparse.Namespace) -> None:
     from lmforge.explain import explain
 
-    summary = explain(
-        args.model, args.input, args.method or ["ig"], args.out, args.target, args.position, args.steps
-    )
+    summary = explain(args.model, args.input, args.method or ["ig"], args.out, args.target, args.position, args.steps)
     for n, record in enumerate(summary["inputs"], start=1):
         for note in record["notes"]:
             print(f"input {n}: {note}", file=sys.stderr)

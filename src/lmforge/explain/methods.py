@@ -147,10 +147,11 @@ class Occlusion(Method):
 
 
 def lens_logits(subject: Subject) -> torch.Tensor:
-    """(layers + 1, T, vocab): the embeddings' and each block's output through the final norm and the LM head."""
+    """(layers + 1, T, vocab): the residual stream entering the first block (the embeddings) and leaving each block,
+    through the final norm and the LM head."""
     model = subject.model
     states: list[torch.Tensor] = []
-    hooks = [model.tok_emb.register_forward_hook(lambda m, a, out: states.append(out))]
+    hooks = [model.blocks[0].register_forward_pre_hook(lambda m, args: states.append(args[0]))]  # embeddings
     hooks += [block.register_forward_hook(lambda m, a, out: states.append(out)) for block in model.blocks]
     try:
         with torch.no_grad():

@@ -93,7 +93,9 @@ class Subject:
 
     def baseline_ids(self) -> torch.Tensor:
         """The input with every non-special token replaced by the baseline token (1, T)."""
-        return torch.where(self.special_mask()[None], self.input_ids, torch.full_like(self.input_ids, self.baseline_id()))
+        return torch.where(
+            self.special_mask()[None], self.input_ids, torch.full_like(self.input_ids, self.baseline_id())
+        )
 
 
 # ------------------------------------------------------------------------------------------ building one
@@ -147,7 +149,9 @@ def encode(tokenizer, text: str, limit: int) -> tuple[list[int], str | None]:
     return ids, f"the input has {len(full)} tokens, more than the model's context of {limit}: truncated to {len(ids)}"
 
 
-def resolve_target(kind: str, target: str | None, labels: list[str] | None, tokenizer, predicted: int) -> tuple[int, str]:
+def resolve_target(
+    kind: str, target: str | None, labels: list[str] | None, tokenizer, predicted: int
+) -> tuple[int, str]:
     """(id, name) of the target: a label name or index of a classifier, a single token of a causal LM, or
     the model's own prediction when none is given."""
     if kind == "causal_lm":
