@@ -14,7 +14,13 @@ TEXT = "the film was good but dull"
 CASES = [("bert-tiny", "sequence_classification"), ("gpt-tiny", "causal_lm"), ("llama-tiny", "token_classification")]
 
 
-@pytest.mark.parametrize(("preset", "head"), CASES + [("roberta-tiny", "sequence_classification")])
+@pytest.mark.parametrize(
+    ("preset", "head"),
+    [
+        CASES[0],
+        *(pytest.param(*c, marks=pytest.mark.slow) for c in [*CASES[1:], ("roberta-tiny", "sequence_classification")]),
+    ],
+)
 def test_integrated_gradients_are_complete_within_one_percent(tiny_models, preset, head):
     model, tokenizer, _ = tiny_models(preset, head)
     subject = build_subject(model, tokenizer, TEXT)
