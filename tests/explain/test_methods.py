@@ -100,3 +100,23 @@ def test_bad_inputs_are_one_clear_error(tiny_models):
     lm, lm_tokenizer, _ = tiny_models("gpt-tiny", "causal_lm")
     with pytest.raises(ValueError, match="is 2 tokens for this tokenizer; a causal LM's target is one token"):
         build_subject(lm, lm_tokenizer, TEXT, target="pl")
+
+
+def test_deletion_curve_removes_the_top_ranked_content_tokens_first(tiny_models):
+    from lmforge.explain.faithfulness import aopc, deletion_curve
+
+    model, tokenizer, folder = tiny_models("bert-tiny", "sequence_classification")
+    subject = build_subject(model, tokenizer, TEXT, folder=folder)
+    ids = subject.input_ids[0]
+    T = len(ids)
+    scores = [0.0] * T
+    scores[2], scores[0] = 5.0, 9.0  # position 0 is [CLS]: special tokens are never deleted
+
+    def p(kept):
+        with torch.no_grad():
+            logits = model(input_ids=kept[None], attention_mask=torch.ones(1, len(kept), dtype=torch.long)).logits
+        return float(torch.softmax(logits, -1)[0, subject.target])
+
+    curve = deletion_curve(subject, scores, fractions=(0.01,))
+    assert curve[0] == pytest.approx(p(ids) - p(torch.cat([ids[:2], ids[3:]])), abs=1e-6)
+    assert aopc(subject, scores, fractions=(0.01, 0.01)) == pytest.approx(curve[0], abs=1e-6)

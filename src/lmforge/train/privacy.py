@@ -184,14 +184,18 @@ class PrivateTraining:
             dataset, batch_size=batch_size, collate_fn=collate, generator=torch.Generator().manual_seed(seed)
         )
         self.sample_rate = 1 / len(loader)
-        self.noise_multiplier = get_noise_multiplier(
-            target_epsilon=settings.epsilon,
-            target_delta=settings.delta,
-            sample_rate=self.sample_rate,
-            steps=steps,
-            accountant=settings.accountant,
-            epsilon_tolerance=EPSILON_TOLERANCE,
-        )
+        # Opacus's hooks fire on modules whose inputs need no gradient (the embeddings): expected, not a problem
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+        with warnings.catch_warnings():  # the RDP search notes when its best order is the largest it tries
+            warnings.simplefilter("ignore", UserWarning)
+            self.noise_multiplier = get_noise_multiplier(
+                target_epsilon=settings.epsilon,
+                target_delta=settings.delta,
+                sample_rate=self.sample_rate,
+                steps=steps,
+                accountant=settings.accountant,
+                epsilon_tolerance=EPSILON_TOLERANCE,
+            )
         with warnings.catch_warnings():  # the note that secure_mode is off: lmforge runs are for experiments
             warnings.simplefilter("ignore", UserWarning)
             self.engine = PrivacyEngine(accountant=settings.accountant, secure_mode=False)
