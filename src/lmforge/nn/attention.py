@@ -16,7 +16,9 @@ where query head h reads key/value head h // (H / H_kv). Fewer K/V heads shrink 
 
 Two implementations compute the same thing: `sdpa_attention` calls PyTorch's fused kernel
 (`F.scaled_dot_product_attention`: flash / memory-efficient kernels on CUDA, a fused kernel on CPU);
-`reference_attention` writes the formula out and is what tests hold the fused path against.
+`reference_attention` writes the formula out and is what tests hold the fused path against. The fused kernel never
+forms the weights softmax(Q K^T * s + M); inside `recorded_attention(model)` every self-attention layer computes
+them explicitly and keeps them (`lmforge explain` draws them), SDPA staying the default everywhere else.
 """
 
 from __future__ import annotations
