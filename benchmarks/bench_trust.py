@@ -171,7 +171,7 @@ def canary(args: argparse.Namespace) -> None:
         result["runs"][arm] = {
             "exposure": math.log2(10_000) - math.log2(rank),
             "rank": rank,
-            "final_loss": float(loss),
+            "final_loss": loss.item(),
             "seconds": time.perf_counter() - start,
             **({"epsilon_spent": private.epsilon(), "delta": private.settings.delta} if private else {}),
         }
