@@ -77,10 +77,11 @@ def tiny_private(steps: int, epsilon: float = 8.0, delta: float = 1e-3, n: int =
     model = build_model("bert-tiny", head="sequence_classification", n_layer=1, vocab_size=50, max_seq_len=16)
     features = [{"input_ids": [2, 5 + i % 9, 3], "labels": i % 2} for i in range(n)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    settings = PrivacySettings(epsilon, delta, 1.0, "rdp")
+    settings = PrivacySettings(epsilon, delta, 1.0, "rdp", epsilon_tolerance=0.5)  # a coarse, faster search
     return PrivateTraining(model, optimizer, features, partial(collate, pad_id=0), 8, steps, settings)
 
 
+@pytest.mark.slow  # Opacus's noise calibration alone takes ~10 s on two loaded cores
 def test_noise_is_calibrated_to_the_budget_and_a_step_beyond_it_is_refused():
     from opacus.accountants import RDPAccountant
 
@@ -89,13 +90,13 @@ def test_noise_is_calibrated_to_the_budget_and_a_step_beyond_it_is_refused():
     assert private.before_step(0) is None and private.before_step(2) is None  # the planned steps fit
     for _ in range(3):  # what the optimizer records at each of the 3 planned steps
         private.engine.accountant.step(noise_multiplier=private.noise_multiplier, sample_rate=private.sample_rate)
-    assert 7.9 <= private.epsilon() <= 8.0 * 1.01
+    assert 7.5 <= private.epsilon() <= 8.0 * 1.01
     reason = private.before_step(3)  # a fourth step would spend more than ε = 8
     assert reason is not None and reason.startswith("privacy budget: one more step would spend ε=")
     accountant = RDPAccountant()  # the oracle: Opacus's accountant after the 3 planned steps
     for _ in range(3):
         accountant.step(noise_multiplier=private.noise_multiplier, sample_rate=private.sample_rate)
-    assert 7.9 <= accountant.get_epsilon(delta=1e-3) <= 8.0 * 1.01
+    assert 7.5 <= accountant.get_epsilon(delta=1e-3) <= 8.0 * 1.01
 
 
 def test_bad_privacy_settings_are_one_clear_error():

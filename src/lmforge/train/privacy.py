@@ -122,6 +122,7 @@ class PrivacySettings:
     delta: float
     max_grad_norm: float
     accountant: str = "prv"
+    epsilon_tolerance: float = EPSILON_TOLERANCE  # the calibrated noise spends between ε - this and ε
 
 
 def check_settings(settings: PrivacySettings, n_examples: int) -> None:
@@ -194,7 +195,7 @@ class PrivateTraining:
                 sample_rate=self.sample_rate,
                 steps=steps,
                 accountant=settings.accountant,
-                epsilon_tolerance=EPSILON_TOLERANCE,
+                epsilon_tolerance=settings.epsilon_tolerance,
             )
         with warnings.catch_warnings():  # the note that secure_mode is off: lmforge runs are for experiments
             warnings.simplefilter("ignore", UserWarning)
