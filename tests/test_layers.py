@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lmforge"
-RECIPES = {"pretrain", "finetune", "tune", "export", "quantize"}
+RECIPES = {"pretrain", "finetune", "tune", "export", "quantize", "explain"}
 TOP = {"cli", "commands", "demo", "__main__"}
 # package -> the lmforge packages it must never import
 FORBIDDEN: dict[str, set[str]] = {
@@ -39,6 +39,7 @@ FORBIDDEN: dict[str, set[str]] = {
     # compress prunes and distils models; distillation reuses finetune's task objects (data, heads, metrics),
     # so like tune it sits above the recipes, and no recipe imports it
     "compress": {"serve", "tune", *TOP},
+    "explain": {"serve", *(RECIPES - {"explain"}), *TOP},
     "fetch": {"nn", "models", "data", "hf", "eval", "generate", "train", "serve", *RECIPES, *TOP},
     "commands": {"cli"},
 }

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "lmforge.commands.quantize",  # quantize
     "lmforge.commands.prune",  # prune
     "lmforge.commands.distill",  # distill
+    "lmforge.commands.explain",  # explain
 )
 GROUPS = {
     "data": "datasets: catalog, cleaning, tokenised shards",

@@ -143,6 +143,26 @@ class TaskSection:
 
 
 @dataclass
+class PrivacySection:
+    """DP-SGD through Opacus (`lmforge.train.privacy`): off unless privacy.epsilon is set."""
+
+    epsilon: float | None = opt(None, "DP-SGD privacy budget ε (e.g. 8; smaller is more private); unset: no DP")
+    delta: float = opt(1e-5, "DP-SGD δ, below 1/N for N training examples")
+    max_grad_norm: float = opt(1.0, "DP-SGD per-example gradient clipping norm C")
+    accountant: str = opt("prv", "privacy accountant: prv (Gopi et al., 2021) | rdp (Mironov, 2017)")
+
+    def __post_init__(self) -> None:
+        if self.epsilon is not None and self.epsilon <= 0:
+            raise ValueError(f"privacy.epsilon={self.epsilon} must be > 0 (e.g. 8; smaller is more private)")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"privacy.max_grad_norm={self.max_grad_norm} must be > 0 (e.g. 1.0)")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"privacy.delta={self.delta} must be in (0, 1/N) for N training examples, e.g. 1e-5")
+        if self.accountant not in ("prv", "rdp"):
+            raise ValueError(f"privacy.accountant={self.accountant!r} is not one of prv, rdp")
+
+
+@dataclass
 class FTTrainSection(TrainSection):
     """Pretraining's loop settings, except that `max_steps` may be left unset (None): a fine-tuning run's length
     then comes from task.epochs, and the recipe can tell a length the user chose from a default."""
@@ -170,6 +190,7 @@ class FinetuneConfig:
         default_factory=lambda: OptimConfig(lr=1e-4, min_lr=0.0, warmup_steps=0, schedule="linear", weight_decay=0.01)
     )
     train: FTTrainSection = field(default_factory=_finetune_train)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
 
     @property
     def model_name(self) -> str:
@@ -200,6 +221,7 @@ FINETUNE = Schema(
         "task": TaskSection,
         "optim": OptimConfig,
         "train": FTTrainSection,
+        "privacy": PrivacySection,
     },
     {
         "task": "task.task",

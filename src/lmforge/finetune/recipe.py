@@ -185,6 +185,43 @@ def build_finetune_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.
     return build_optimizer(model, config.optim)
 
 
+# ------------------------------------------------------------------------------------------ DP-SGD
+
+
+def make_private(config: FinetuneConfig, info: DistInfo, model: nn.Module, optimizer, features, pad_id, latest):
+    """The run made private by Opacus (`lmforge.train.privacy.PrivateTraining`): Poisson-sampled batches of
+    train.batch_size expected examples, per-example clipping at privacy.max_grad_norm replacing optim.grad_clip,
+    noise calibrated to spend privacy.epsilon over the run's steps. Returns it and the config it runs with."""
+    from functools import partial
+
+    from lmforge.finetune.batches import collate
+    from lmforge.train.privacy import PrivacySettings, PrivateTraining
+
+    tc, p = config.train, config.privacy
+    refused = {
+        "train.resume (a private run restarts: its sampling is not checkpointed)": latest is not None,
+        "several processes (DDP with DP-SGD is not supported yet)": info.world_size > 1,
+        "train.grad_accum > 1 (Poisson batches are drawn whole; raise train.batch_size)": tc.grad_accum > 1,
+        "train.compile (Opacus's per-example hooks)": tc.compile,
+        "train.dtype=float16 (the GradScaler does not see per-example gradients)": tc.dtype == "float16",
+    }
+    for what, present in refused.items():
+        if present:
+            raise ValueError(f"privacy.epsilon is set, which does not go with {what}")
+    settings = PrivacySettings(p.epsilon, p.delta, p.max_grad_norm, p.accountant)
+    private = PrivateTraining(
+        model, optimizer, features, partial(collate, pad_id=pad_id), tc.batch_size, tc.max_steps, settings, tc.seed
+    )
+    say(
+        info,
+        f"DP-SGD (Opacus): ε={p.epsilon:g}, δ={p.delta:g}, C={p.max_grad_norm:g}, noise multiplier "
+        f"{private.noise_multiplier:.3f}, sampling rate {private.sample_rate:.4f}; per-example clipping replaces "
+        "optim.grad_clip",
+    )
+    config = dataclasses.replace(config, optim=dataclasses.replace(config.optim, grad_clip=0.0))
+    return private, config
+
+
 # ------------------------------------------------------------------------------------------ one run
 
 
@@ -349,6 +386,10 @@ def _finetune(
         train_features, global_batch, pad_id=task.pad_id, seed=tc.seed, shuffle=True, drop_last=True
     )
     train_batches = Endless(loader)
+    privacy = None
+    if config.privacy.epsilon is not None:
+        privacy, config = make_private(config, info, raw_model, optimizer, train_features, task.pad_id, latest)
+        optimizer, train_batches, tc = privacy.optimizer, Endless(privacy.loader), config.train
     state = resume_state(latest, raw_model, optimizer, scheduler, train_batches, scaler, info)
     model = wrap_model(raw_model, info)
     if tc.compile:
@@ -390,6 +431,7 @@ def _finetune(
         flops_per_token=0,
         peak_flops=None,
         on_eval=on_eval,
+        hook=privacy,
     )
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
@@ -408,6 +450,13 @@ def _finetune(
     }
     if augmented:
         summary["augmented"] = augmented
+    if privacy is not None:
+        summary["privacy"] = privacy.summary()
+        say(
+            info,
+            f"DP-SGD: ε={summary['privacy']['epsilon_spent']:.3f} spent of {config.privacy.epsilon:g} "
+            f"(δ={config.privacy.delta:g})",
+        )
     if result.stopped_by not in (None, "early_stopping"):
         return summary  # interrupted: --resume continues; nothing final to write
     best = best_checkpoint(run_dir)

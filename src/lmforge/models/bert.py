@@ -143,8 +143,8 @@ class Bert(nn.Module):
     ) -> ModelOutput:
         """input_ids (B, T); attention_mask (B, T), 1 = real token; token_type_ids (B, T), default 0."""
         B, T = input_ids.shape
-        if position_ids is None:
-            position_ids = self.default_position_ids(input_ids)
+        if position_ids is None:  # one row per example (not broadcast): DP-SGD needs per-example gradients
+            position_ids = self.default_position_ids(input_ids).expand(B, -1)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.tok_emb(input_ids) + self.pos_emb(position_ids) + self.type_emb(token_type_ids)

@@ -1,6 +1,14 @@
 """Building blocks shared by every model family. Imports nothing from the rest of lmforge."""
 
-from lmforge.nn.attention import Attention, KVCache, build_attention_bias, reference_attention, sdpa_attention
+from lmforge.nn.attention import (
+    Attention,
+    KVCache,
+    attention_probabilities,
+    build_attention_bias,
+    recorded_attention,
+    reference_attention,
+    sdpa_attention,
+)
 from lmforge.nn.block import Block
 from lmforge.nn.embedding import (
     LearnedPositionalEmbedding,
@@ -27,9 +35,11 @@ __all__ = [
     "SinusoidalPositionalEmbedding",
     "TokenEmbedding",
     "apply_rotary",
+    "attention_probabilities",
     "build_attention_bias",
     "build_ffn",
     "build_norm",
+    "recorded_attention",
     "reference_attention",
     "sdpa_attention",
 ]

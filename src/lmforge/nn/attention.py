@@ -16,12 +16,16 @@ where query head h reads key/value head h // (H / H_kv). Fewer K/V heads shrink 
 
 Two implementations compute the same thing: `sdpa_attention` calls PyTorch's fused kernel
 (`F.scaled_dot_product_attention`: flash / memory-efficient kernels on CUDA, a fused kernel on CPU);
-`reference_attention` writes the formula out and is what tests hold the fused path against.
+`reference_attention` writes the formula out and is what tests hold the fused path against. The fused kernel never
+forms the weights softmax(Q K^T * s + M); inside `recorded_attention(model)` every self-attention layer computes
+them explicitly and keeps them (`lmforge explain` draws them), SDPA staying the default everywhere else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +49,21 @@ def reference_attention(
     `mask` is either boolean (True = may attend) or additive float, broadcastable to (B, H, T_q, T_k).
     `is_causal` hides key j from query i when j > i (top-left aligned, as in PyTorch's SDPA).
     """
+    weights = attention_probabilities(q, k, mask, is_causal, scale)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v
+
+
+def attention_probabilities(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The attention weights softmax(Q K^T * scale + M), (B, H, T_q, T_k): row i is how query i spreads its
+    attention over the keys (each row sums to 1). Arguments as in `reference_attention`."""
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32)) * scale  # (B, H, T_q, T_k)
     if is_causal:
@@ -56,10 +75,7 @@ def reference_attention(
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask.to(scores.dtype)
-    weights = torch.softmax(scores, dim=-1).to(q.dtype)
-    if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
-    return weights @ v
+    return torch.softmax(scores, dim=-1).to(q.dtype)
 
 
 def sdpa_attention(
@@ -231,6 +247,8 @@ class Attention(nn.Module):
                 f"attention={implementation!r} is unknown; choose one of {list(ATTENTION_IMPLEMENTATIONS)}"
             )
         self.attend = ATTENTION_IMPLEMENTATIONS[implementation]
+        self.keep_weights = False  # set by `recorded_attention`: keep the weights of the last forward
+        self.weights: torch.Tensor | None = None
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_heads * self.head_dim
         if cross:
             self.q = nn.Linear(d_model, q_dim, bias=bias)
@@ -288,5 +306,25 @@ class Attention(nn.Module):
             repeat = self.n_head // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         dropout = self.dropout if self.training else 0.0
-        y = self.attend(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale, dropout_p=dropout)
+        if self.keep_weights:  # the explicit path: the fused kernel never forms the weights
+            self.weights = attention_probabilities(q, k, mask, is_causal, self.scale)  # (B, H, T, T_k)
+            y = F.dropout(self.weights, p=dropout) @ v
+        else:
+            y = self.attend(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale, dropout_p=dropout)
         return self.out(y.transpose(1, 2).reshape(B, T, q_dim))
+
+
+@contextlib.contextmanager
+def recorded_attention(model: nn.Module) -> Iterator[list[Attention]]:
+    """Within the block, every self-attention layer of `model` computes softmax(Q K^T * s + M) explicitly and
+    keeps it: after a forward pass, `[layer.weights for layer in layers]` are the (B, H, T_q, T_k) weights of
+    each layer, in the order the model runs them. Outside it SDPA runs as usual (the fused kernel does not
+    return the weights, and materialising them costs O(T^2) memory per head). Cross-attention is left out."""
+    layers = [m for m in model.modules() if isinstance(m, Attention) and not m.cross]
+    for layer in layers:
+        layer.keep_weights = True
+    try:
+        yield layers
+    finally:
+        for layer in layers:
+            layer.keep_weights, layer.weights = False, None

@@ -132,6 +132,7 @@ class TrainProgress:
         self.plain_interval_s = plain_interval_s
         self._last_plain = -math.inf
         self._progress = None
+        self._extra = ""
         if not enabled:
             return
         from rich.console import Console
@@ -151,17 +152,25 @@ class TrainProgress:
             self._progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} tok/s  "
-                           "MFU {task.fields[mfu]}"),
+                           "MFU {task.fields[mfu]}{task.fields[extra]}"),
                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                 console=self.console,
             )  # fmt: skip
             self._task = self._progress.add_task(
-                "train", total=total_steps, completed=start_step, loss="-", lr="-", speed="-", mfu="-"
+                "train", total=total_steps, completed=start_step, loss="-", lr="-", speed="-", mfu="-", extra=""
             )
             self._progress.start()
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None) -> None:
-        """Show the state after update number `step` (1-based count of steps done)."""
+    @property
+    def live(self) -> bool:
+        """Whether the bar redraws every step (a terminal), so extra fields are worth computing every step."""
+        return self._progress is not None
+
+    def update(
+        self, step: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None, extra: dict | None = None
+    ) -> None:
+        """Show the state after update number `step` (1-based count of steps done); `extra` adds named numbers
+        (a private run's ε)."""
         if not self.enabled:
             return
         fields = {
@@ -169,7 +178,9 @@ class TrainProgress:
             "lr": f"{lr:.2e}",
             "speed": f"{tokens_per_s:,.0f}",
             "mfu": "-" if mfu is None else f"{100 * mfu:.1f}%",
+            "extra": "".join(f"  {k} {v:.3g}" for k, v in (extra or {}).items()) or self._extra,
         }
+        self._extra = fields["extra"]  # shown until the next values (they are computed at logging steps only)
         if self._progress is not None:
             self._progress.update(self._task, completed=step, **fields)
             return
@@ -180,7 +191,7 @@ class TrainProgress:
             eta = (now - self._start) / done * max(self.total_steps - step, 0)
             self.console.print(
                 f"step {step}/{self.total_steps}  loss {fields['loss']}  lr {fields['lr']}  "
-                f"{fields['speed']} tok/s  MFU {fields['mfu']}  ETA {_duration(eta)}",
+                f"{fields['speed']} tok/s  MFU {fields['mfu']}{fields['extra']}  ETA {_duration(eta)}",
                 highlight=False,
             )
 

@@ -188,6 +188,18 @@ def resume_state(
     return state
 
 
+class StepHook:
+    """What a recipe may add to every step without the loop knowing what it is (DP-SGD's privacy accounting,
+    `lmforge.train.privacy`): `before_step(step)` returns a reason to stop before taking step `step + 1` (the loop
+    saves and ends the run, stopped_by="budget"), and `metrics()` extra numbers for metrics.jsonl and the bar."""
+
+    def before_step(self, step: int) -> str | None:
+        return None
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+
 @dataclass
 class LoopResult:
     step: int
@@ -216,11 +228,13 @@ def train_loop(
     flops_per_token: int,
     peak_flops: float | None,
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
+    hook: StepHook | None = None,
 ) -> LoopResult:
     """Run optimizer steps from `state.step` to `config.train.max_steps`; see the module docstring.
     `config` has `.train` (TrainSection), `.optim.grad_clip` and `to_dict()`; `evaluate()` returns metrics
     with a "loss" (lower is better: best checkpoint and early stopping follow it). `on_eval(step, metrics)`, if
-    given, sees every evaluation as it is logged; an exception it raises (a tuner's pruning) ends the run."""
+    given, sees every evaluation as it is logged; an exception it raises (a tuner's pruning) ends the run.
+    `hook` (a `StepHook`) may stop the run before a step and adds its metrics to the logs and the bar."""
     tc = config.train
     step = state.step
     logger = MetricsLogger(run_dir, tensorboard=tc.tensorboard, enabled=info.is_main)
@@ -255,6 +269,11 @@ def train_loop(
     device = info.device
     with Stop() as stop:
         while step < tc.max_steps:
+            if hook is not None and (reason := hook.before_step(step)):
+                stopped_by = "budget"
+                say(info, f"stopping at step {step}: {reason}")
+                save(step)
+                break
             # ---- one optimizer step over grad_accum micro-batches
             micro = [take_rows(next(train_batches), info, device) for _ in range(tc.grad_accum)]
             loss = backward_accumulated(model, micro, objective, tc.dtype, info, scaler)
@@ -288,9 +307,11 @@ def train_loop(
             step_mfu = None if peak_flops is None else tokens_per_s * flops_per_token / peak_flops
             if step_mfu is not None and step_mfu > 1.0:  # the peak was measured under load: not trustworthy
                 step_mfu = None
-            progress.update(step, loss, lr, tokens_per_s, step_mfu)
-            if step % tc.log_every == 0 or step == tc.max_steps:
-                values = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "grad_norm": grad_norm}
+            logging_step = step % tc.log_every == 0 or step == tc.max_steps
+            extra = hook.metrics() if hook is not None and (logging_step or progress.live) else {}
+            progress.update(step, loss, lr, tokens_per_s, step_mfu, extra)
+            if logging_step:
+                values = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "grad_norm": grad_norm} | extra
                 logger.log(step, values | ({"mfu": step_mfu} if step_mfu is not None else {}))
                 window_start, window_tokens = time.perf_counter(), 0
             is_best, early_stop = False, False

@@ -1,0 +1,248 @@
+"""DP-SGD (Abadi et al., 2016) through Opacus: per-example clipping, Gaussian noise, Poisson sampling, accounting.
+
+One private step, for a batch B drawn by Poisson sampling (each example in with probability q = 1 / batches per
+epoch, `UniformWithReplacementSampler`):
+
+    g_i   = grad of example i's loss                                  (Opacus: per-example gradients)
+    g~_i  = g_i / max(1, ||g_i|| / C)                                  (clip each to norm C = max_grad_norm)
+    g     = (sum_i g~_i + N(0, sigma^2 C^2 I)) / (q N)                 (noise, then the expected batch size)
+
+The noise multiplier sigma is calibrated by Opacus's accountant (`get_noise_multiplier`, PRV by default,
+Gopi et al., 2021; RDP, Mironov 2017) so that the planned number of steps spends exactly the target (eps, delta);
+it is `make_private_with_epsilon`'s calibration, done for a number of steps rather than of whole epochs, since a
+run's length is `train.max_steps`. The ε spent so far is the accountant's, after the steps taken.
+
+Opacus computes per-example gradients with a "grad sampler" per layer type; ours subclass or re-implement
+torch's layers, so `register_grad_samplers` gives Opacus the four with parameters of their own:
+TokenEmbedding (E[t] * scale), LearnedPositionalEmbedding (nn.Embedding's), LayerNorm (with an optional bias) and
+RMSNorm (dL/dw = sum_t x_t / rms(x_t) * dL/dy_t). Everything else is nn.Linear or nn.Embedding, which Opacus has.
+T5's relative position bias is one table shared by every example of the batch (its input is a (T, T) bucket
+grid, not a batch), so it has no per-example gradient: such a layer is refused by name.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.nn.embedding import LearnedPositionalEmbedding, RelativePositionBias, TokenEmbedding
+from lmforge.nn.norm import LayerNorm, RMSNorm
+
+ACCOUNTANTS = ("prv", "rdp")
+EPSILON_TOLERANCE = 0.01  # the calibration reaches the target within this (Opacus's epsilon_tolerance)
+
+
+def _sum_but_batch_and_last(tensor: torch.Tensor, n: int = 1) -> torch.Tensor:
+    """(B, ..., X) -> (B, X): sum over every dimension but the batch and the last n."""
+    return tensor.sum(dim=tuple(range(1, tensor.dim() - n))) if tensor.dim() > n + 1 else tensor
+
+
+def _embedding_grad(layer: nn.Embedding, ids: torch.Tensor, backprops: torch.Tensor, scale: float = 1.0):
+    """Per-example gradient of an embedding table: example b adds dL/dy_{b,t} * scale to row ids[b, t]."""
+    B = backprops.shape[0]
+    ids = ids.expand(B, *ids.shape[1:]) if ids.shape[0] == 1 and B > 1 else ids
+    grad = torch.zeros(B, *layer.weight.shape, device=layer.weight.device, dtype=backprops.dtype)
+    index = ids.reshape(B, -1, 1).expand(-1, -1, layer.embedding_dim)
+    grad.scatter_add_(1, index, backprops.reshape(B, -1, layer.embedding_dim) * scale)
+    return grad
+
+
+def _token_embedding(layer: TokenEmbedding, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    if not layer.weight.requires_grad:
+        return {}
+    return {layer.weight: _embedding_grad(layer, activations[0], backprops, layer.scale)}
+
+
+def _positional_embedding(layer: nn.Embedding, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    if not layer.weight.requires_grad:
+        return {}
+    return {layer.weight: _embedding_grad(layer, activations[0], backprops)}
+
+
+def _layer_norm(layer: LayerNorm, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    x = activations[0]
+    grads = {}
+    if layer.weight.requires_grad:
+        normed = torch.nn.functional.layer_norm(x, layer.weight.shape, eps=layer.eps)
+        grads[layer.weight] = _sum_but_batch_and_last(normed * backprops)
+    if layer.bias is not None and layer.bias.requires_grad:
+        grads[layer.bias] = _sum_but_batch_and_last(backprops)
+    return grads
+
+
+def _rms_norm(layer: RMSNorm, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    if not layer.weight.requires_grad:
+        return {}
+    x = activations[0].float()
+    normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layer.eps)).to(activations[0].dtype)
+    return {layer.weight: _sum_but_batch_and_last(normed * backprops)}
+
+
+GRAD_SAMPLERS: dict[type, Callable] = {
+    TokenEmbedding: _token_embedding,
+    LearnedPositionalEmbedding: _positional_embedding,
+    LayerNorm: _layer_norm,
+    RMSNorm: _rms_norm,
+}
+
+
+def register_grad_samplers() -> None:
+    """Tell Opacus how to compute per-example gradients of our layers (idempotent)."""
+    from opacus.grad_sample import register_grad_sampler
+
+    for layer_type, sampler in GRAD_SAMPLERS.items():
+        register_grad_sampler(layer_type)(sampler)
+
+
+def check_per_example(model: nn.Module) -> None:
+    """Refuse a model with a trainable layer that has no per-example gradient, naming the first one: Opacus's
+    validator (batch norm mixes examples) and layers whose input is not a batch (a shared position bias)."""
+    from opacus.validators import ModuleValidator
+
+    for name, module in model.named_modules():
+        if isinstance(module, RelativePositionBias) and any(p.requires_grad for p in module.parameters()):
+            raise ValueError(
+                f"layer {name} (a relative position bias shared by every example) has no per-example gradient, "
+                "so DP-SGD cannot clip it; freeze it or fine-tune a gpt, llama, bert or roberta model"
+            )
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError(f"a layer has no per-example gradient for DP-SGD: {errors[0]}; replace or freeze it")
+
+
+@dataclass
+class PrivacySettings:
+    epsilon: float
+    delta: float
+    max_grad_norm: float
+    accountant: str = "prv"
+    epsilon_tolerance: float = EPSILON_TOLERANCE  # the calibrated noise spends between ε - this and ε
+
+
+def check_settings(settings: PrivacySettings, n_examples: int) -> None:
+    """ε > 0, 0 < δ < 1/N (a δ of 1/N or more allows publishing one example outright), C > 0."""
+    if settings.epsilon <= 0:
+        raise ValueError(f"privacy.epsilon={settings.epsilon} must be > 0 (e.g. 8; smaller is more private)")
+    if not 0 < settings.delta < 1 / n_examples:
+        raise ValueError(
+            f"privacy.delta={settings.delta:g} must be in (0, 1/N) = (0, {1 / n_examples:.3g}) for N={n_examples} "
+            f"training examples; use e.g. {10 ** -(len(str(n_examples)) + 1):g}"
+        )
+    if settings.max_grad_norm <= 0:
+        raise ValueError(f"privacy.max_grad_norm={settings.max_grad_norm} must be > 0 (e.g. 1.0)")
+    if settings.accountant not in ACCOUNTANTS:
+        raise ValueError(f"privacy.accountant={settings.accountant!r} is not one of {', '.join(ACCOUNTANTS)}")
+
+
+class PoissonBatches:
+    """Opacus's Poisson-sampled loader, with the state the training loop checkpoints (position only: a private
+    run does not resume, since the sampler's randomness is not saved)."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.batches = loader, 0
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.batches += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"loader": "PoissonBatches", "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        raise ValueError("a DP-SGD run cannot resume (its Poisson sampling is not checkpointed); start a new run")
+
+
+class PrivateTraining:
+    """The model, optimizer and loader made private by Opacus, and the `train_loop` hook that logs ε and stops
+    before a step would exceed the budget."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dataset: Sequence[Any],
+        collate: Callable,
+        batch_size: int,
+        steps: int,
+        settings: PrivacySettings,
+        seed: int = 0,
+    ) -> None:
+        from opacus import PrivacyEngine
+        from opacus.accountants.utils import get_noise_multiplier
+
+        check_settings(settings, len(dataset))
+        check_per_example(model)
+        register_grad_samplers()
+        self.settings, self.steps = settings, steps
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, collate_fn=collate, generator=torch.Generator().manual_seed(seed)
+        )
+        self.sample_rate = 1 / len(loader)
+        # Opacus's hooks fire on modules whose inputs need no gradient (the embeddings): expected, not a problem
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+        with warnings.catch_warnings():  # the RDP search notes when its best order is the largest it tries
+            warnings.simplefilter("ignore", UserWarning)
+            self.noise_multiplier = get_noise_multiplier(
+                target_epsilon=settings.epsilon,
+                target_delta=settings.delta,
+                sample_rate=self.sample_rate,
+                steps=steps,
+                accountant=settings.accountant,
+                epsilon_tolerance=settings.epsilon_tolerance,
+            )
+        with warnings.catch_warnings():  # the note that secure_mode is off: lmforge runs are for experiments
+            warnings.simplefilter("ignore", UserWarning)
+            self.engine = PrivacyEngine(accountant=settings.accountant, secure_mode=False)
+        self.module, self.optimizer, dp_loader = self.engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=settings.max_grad_norm,
+            poisson_sampling=True,
+        )
+        self.loader = PoissonBatches(dp_loader)
+
+    def epsilon(self) -> float:
+        """ε spent by the steps taken so far (the accountant's, at the run's δ)."""
+        if len(self.engine.accountant) == 0:
+            return 0.0
+        return float(self.engine.accountant.get_epsilon(delta=self.settings.delta))
+
+    def epsilon_after_next_step(self) -> float:
+        accountant = copy.deepcopy(self.engine.accountant)
+        accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return float(accountant.get_epsilon(delta=self.settings.delta))
+
+    # ---- the train_loop hook
+    def before_step(self, step: int) -> str | None:
+        """A reason to stop before this step: the next step would spend more than the budget."""
+        if step < self.steps:
+            return None  # the calibration covers the planned steps
+        after = self.epsilon_after_next_step()
+        if after > self.settings.epsilon * (1 + EPSILON_TOLERANCE):
+            return (
+                f"privacy budget: one more step would spend ε={after:.3f} > privacy.epsilon={self.settings.epsilon:g}"
+            )
+        return None
+
+    def metrics(self) -> dict[str, float]:
+        return {"epsilon": self.epsilon()}
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "epsilon_spent": self.epsilon(),
+            "epsilon_target": self.settings.epsilon,
+            "delta": self.settings.delta,
+            "max_grad_norm": self.settings.max_grad_norm,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "accountant": self.settings.accountant,
+        }

@@ -1,0 +1,131 @@
+"""DP-SGD through Opacus: per-example gradients of our layers equal separate backward passes; ε is accounted,
+logged and capped; bad settings are one clear error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lmforge import build_model
+from lmforge.train.privacy import PrivacySettings, PrivateTraining, check_per_example, register_grad_samplers
+
+
+def per_example_loss(model, ids, labels):
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    return out.loss
+
+
+@pytest.mark.parametrize(
+    ("preset", "head"),
+    [
+        pytest.param("gpt-tiny", "causal_lm", marks=pytest.mark.slow),  # LayerNorm, positions: bert covers them too
+        ("llama-tiny", "sequence_classification"),
+        ("bert-tiny", "token_classification"),
+    ],
+)
+def test_opacus_per_example_gradients_equal_separate_backward_passes(preset, head):
+    """Every layer type we train (TokenEmbedding, positions, LayerNorm, RMSNorm incl. tied weights) through
+    Opacus's hooks, against the gradient of each example's loss alone."""
+    from opacus import GradSampleModule
+
+    register_grad_samplers()
+    torch.manual_seed(0)
+    extra = {"attention_dropout": 0.0} if preset == "bert-tiny" else {}
+    model = build_model(preset, head=head, n_layer=1, vocab_size=50, max_seq_len=16, num_labels=3, dropout=0.0, **extra)
+    model = model.train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    B, T = 3, 6
+    ids = torch.randint(0, 50, (B, T), generator=torch.Generator().manual_seed(1))
+    labels = ids if head == "causal_lm" else torch.randint(0, 3, (B,) if head == "sequence_classification" else (B, T))
+    expected = []
+    for b in range(B):
+        model.zero_grad()
+        per_example_loss(model, ids[b : b + 1], labels[b : b + 1]).backward()
+        expected.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    model.zero_grad()
+    wrapped = GradSampleModule(model, loss_reduction="sum")
+    # the batch loss is the sum of the examples' own losses, so each example's gradient is its own
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    losses = torch.stack([per_example_out_loss(model, out[b : b + 1], labels[b : b + 1]) for b in range(B)])
+    losses.sum().backward()
+    checked = 0
+    for name, p in model.named_parameters():
+        assert p.grad_sample is not None, f"{name} has no per-example gradient"
+        for b in range(B):
+            assert (p.grad_sample[b] - expected[b][name]).abs().max() < 1e-5, f"{name}, example {b}"
+        checked += 1
+    assert checked == len(list(model.parameters()))
+    wrapped._close()
+
+
+def per_example_out_loss(model, logits, labels):
+    from lmforge.models.heads import head_loss
+
+    return head_loss(model.config.head, logits, labels)
+
+
+def tiny_private(steps: int, epsilon: float = 8.0, delta: float = 1e-3, n: int = 40) -> PrivateTraining:
+    from functools import partial
+
+    from lmforge.finetune.batches import collate
+
+    model = build_model("bert-tiny", head="sequence_classification", n_layer=1, vocab_size=50, max_seq_len=16)
+    features = [{"input_ids": [2, 5 + i % 9, 3], "labels": i % 2} for i in range(n)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    settings = PrivacySettings(epsilon, delta, 1.0, "rdp", epsilon_tolerance=0.5)  # a coarse, faster search
+    return PrivateTraining(model, optimizer, features, partial(collate, pad_id=0), 8, steps, settings)
+
+
+@pytest.mark.slow  # Opacus's noise calibration alone takes ~10 s on two loaded cores
+def test_noise_is_calibrated_to_the_budget_and_a_step_beyond_it_is_refused():
+    from opacus.accountants import RDPAccountant
+
+    private = tiny_private(steps=3)
+    assert private.epsilon() == 0.0 and private.sample_rate == pytest.approx(1 / 5)
+    assert private.before_step(0) is None and private.before_step(2) is None  # the planned steps fit
+    for _ in range(3):  # what the optimizer records at each of the 3 planned steps
+        private.engine.accountant.step(noise_multiplier=private.noise_multiplier, sample_rate=private.sample_rate)
+    assert 7.5 <= private.epsilon() <= 8.0 * 1.01
+    reason = private.before_step(3)  # a fourth step would spend more than ε = 8
+    assert reason is not None and reason.startswith("privacy budget: one more step would spend ε=")
+    accountant = RDPAccountant()  # the oracle: Opacus's accountant after the 3 planned steps
+    for _ in range(3):
+        accountant.step(noise_multiplier=private.noise_multiplier, sample_rate=private.sample_rate)
+    assert 7.5 <= accountant.get_epsilon(delta=1e-3) <= 8.0 * 1.01
+
+
+def test_bad_privacy_settings_are_one_clear_error():
+    with pytest.raises(ValueError, match=r"privacy.epsilon=0 must be > 0"):
+        tiny_private(steps=3, epsilon=0)
+    with pytest.raises(ValueError, match=r"privacy.delta=0.05 must be in \(0, 1/N\) = \(0, 0.025\) for N=40"):
+        tiny_private(steps=3, delta=0.05)
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match="BatchNorm"):
+        check_per_example(net)
+    t5 = build_model("t5-tiny", n_layer=1)
+    with pytest.raises(ValueError, match=r"layer encoder.position_bias \(a relative position bias"):
+        check_per_example(t5)
+
+
+@pytest.mark.slow  # a whole run (~25 s here); the pieces are covered by the fast tests above
+def test_private_finetune_logs_epsilon_and_stays_within_budget(sentiment_file, tmp_path, capsys):
+    from lmforge.cli import main
+
+    sentiment_file(tmp_path / "train.jsonl", 48, seed=0)
+    argv = ["finetune", "--model", "bert-tiny", "--data", str(tmp_path / "train.jsonl"), "--max-steps", "4",
+            "--train.batch_size", "8", "--out", str(tmp_path), "--train.name", "dp", "--eval-every", "0",
+            "--model.vocab_size", "120", "--model.overrides", '{"n_layer": 1}', "--train.log_every", "2",
+            "--privacy.epsilon", "8", "--privacy.delta", "1e-3", "--privacy.accountant", "rdp"]  # fmt: skip
+    assert main(argv) == 0
+    logged = [json.loads(line) for line in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
+    epsilons = [row["epsilon"] for row in logged if row.get("split") == "train"]
+    assert len(epsilons) == 2 and 0 < epsilons[0] < epsilons[1] <= 8 * 1.01
+    assert f"'epsilon_spent': {epsilons[-1]}" in (tmp_path / "dp" / "report.md").read_text()
+    assert "DP-SGD: ε=" in capsys.readouterr().err
+    assert main([*argv[:-6], "--privacy.epsilon", "-1", "--train.name", "bad"]) == 2
+    assert "privacy.epsilon=-1.0 must be > 0" in capsys.readouterr().err
