@@ -129,3 +129,22 @@ def test_private_finetune_logs_epsilon_and_stays_within_budget(sentiment_file, t
     assert "DP-SGD: ε=" in capsys.readouterr().err
     assert main([*argv[:-6], "--privacy.epsilon", "-1", "--train.name", "bad"]) == 2
     assert "privacy.epsilon=-1.0 must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--data.augment", "eda"], "does not go with data.augment"),
+        (["--optim.l1", "0.001"], "does not go with optim.l1"),
+    ],
+)
+def test_settings_that_would_break_the_guarantee_are_refused(sentiment_file, tmp_path, capsys, flags, message):
+    from lmforge.cli import main
+
+    sentiment_file(tmp_path / "train.jsonl", 48, seed=0)
+    argv = ["finetune", "--model", "bert-tiny", "--data", str(tmp_path / "train.jsonl"), "--max-steps", "2",
+            "--out", str(tmp_path), "--model.vocab_size", "120", "--privacy.epsilon", "8", "--privacy.delta", "1e-3",
+            *flags]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("lmforge finetune: error:") and message in err

@@ -204,6 +204,10 @@ def make_private(config: FinetuneConfig, info: DistInfo, model: nn.Module, optim
         "train.grad_accum > 1 (Poisson batches are drawn whole; raise train.batch_size)": tc.grad_accum > 1,
         "train.compile (Opacus's per-example hooks)": tc.compile,
         "train.dtype=float16 (the GradScaler does not see per-example gradients)": tc.dtype == "float16",
+        "optim.l1 > 0 (Opacus rebuilds the gradients from clipped per-example ones)": config.optim.l1 > 0,
+        "data.augment (each record's K variants would be K examples of one person: the guarantee would not hold)": bool(
+            config.data.augment
+        ),
     }
     for what, present in refused.items():
         if present:
