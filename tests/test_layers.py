@@ -34,6 +34,8 @@ FORBIDDEN: dict[str, set[str]] = {
     # tune runs the other recipes as they are (each trial is a real run), so it sits above them: it may call
     # their public entry points and schemas, and no recipe may import it
     "tune": {"serve", *TOP},
+    # exports and their runtimes sit beside hf/: they read models (hf.load) and never import the engine
+    "export": {"train", "serve", *RECIPES, *TOP},
     "fetch": {"nn", "models", "data", "hf", "eval", "generate", "train", "serve", *RECIPES, *TOP},
     "commands": {"cli"},
 }

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "lmforge.commands.finetune",  # finetune
     "lmforge.commands.evaluate",  # evaluate, predict
     "lmforge.commands.tune",  # tune
+    "lmforge.commands.export",  # export
 )
 GROUPS = {
     "data": "datasets: catalog, cleaning, tokenised shards",
