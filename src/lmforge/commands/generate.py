@@ -62,7 +62,9 @@ def load_model_and_tokenizer(name: str, tokenizer_path: str | None):
         if tokenizer_path is not None:
             return model, _load_tokenizer(tokenizer_path)
         if model.config.vocab_size < 256:
-            raise ValueError(f"{name!r} has no tokenizer and vocab_size={model.config.vocab_size} < 256; pass --tokenizer")
+            raise ValueError(
+                f"{name!r} has no tokenizer and vocab_size={model.config.vocab_size} < 256; pass --tokenizer"
+            )
         return model, ByteTokenizer()
     from lmforge.hf.load import load_model
 

