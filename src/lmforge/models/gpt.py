@@ -120,7 +120,7 @@ class GPT(nn.Module):
         last one; at GPT-2 sizes the (T, vocab) projection of a whole prompt costs as much as 5 layers)."""
         B, T = input_ids.shape
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
-        past = len(cache) if cache is not None else 0
+        past = cache.seq_len() if cache is not None else 0
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, past, T, input_ids.device)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(position_ids))  # (B, T, d_model)

@@ -156,7 +156,7 @@ class T5Stack(nn.Module):
         """x (B, T, d_model) token embeddings -> (B, T, d_model). `attention_mask` covers cached + new
         positions; `memory` (B, S, d_model) is the encoder output, `memory_mask` (B, S) its padding."""
         T = x.shape[1]
-        past = len(cache) if cache is not None else 0
+        past = cache.seq_len() if cache is not None else 0
         bias = self.position_bias(T, past + T, offset=past)  # (1, H, T, past + T), shared by all layers
         mask, _ = build_attention_bias(attention_mask, T, past + T, self.decoder, x.dtype, position_bias=bias)
         memory_bias = None

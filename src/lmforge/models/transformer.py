@@ -193,7 +193,7 @@ class Transformer(nn.Module):
 
         T, S = decoder_input_ids.shape[1], encoder_outputs.shape[1]
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
-        past = len(cache) if cache is not None else 0
+        past = cache.seq_len() if cache is not None else 0
         y = self._embed(self.tgt_emb, decoder_input_ids, decoder_attention_mask, past)
         self_mask, is_causal = build_attention_bias(decoder_attention_mask, T, past + T, True, y.dtype)
         cross_mask, _ = build_attention_bias(attention_mask, T, S, False, y.dtype)

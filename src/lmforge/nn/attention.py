@@ -154,6 +154,11 @@ class KVCache:
 
     def __len__(self) -> int:
         """Number of cached positions (0 when empty)."""
+        return int(self.seq_len())
+
+    def seq_len(self) -> int:
+        """`len(cache)` as the models read it: the size itself, not `int()` of it, so that `torch.export` keeps
+        it symbolic (a graph exported with a cache then takes any number of past positions, `lmforge.export`)."""
         if not self.self_kv:
             return 0
         return next(iter(self.self_kv.values()))[0].shape[-2]
@@ -187,6 +192,9 @@ class StaticKVCache:
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
+        return int(self.seq_len())
+
+    def seq_len(self) -> int:
         if not self.self_kv:
             return 0
         return next(iter(self.self_kv.values()))[0].shape[-2]
