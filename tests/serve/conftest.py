@@ -25,7 +25,6 @@ from lmforge.data.tokenizers.tokenizer import Tokenizer
 from lmforge.hf.save import save_model
 from lmforge.models import build_model
 
-REPO = Path(__file__).resolve().parents[2]
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -34,7 +33,11 @@ START_TIMEOUT = 90.0  # seconds for a server to load its model and answer /healt
 
 
 def train_chat_tokenizer() -> Tokenizer:
-    """A 512-id byte-level BPE trained on the repository's README, with ChatML special tokens and template."""
+    """A 512-id byte-level BPE trained on 100,000 characters of the catalog's Shakespeare (a fixed text: a corpus
+    that edits change, such as the README, would change the ids and every sampled reply), with ChatML special
+    tokens and template."""
+    from lmforge.data import load_dataset
+
     backend = tokenizers.Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -44,7 +47,8 @@ def train_chat_tokenizer() -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator((REPO / "README.md").read_text(encoding="utf-8").splitlines(), trainer)
+    text = load_dataset("shakespeare-small", "train")[0][:100_000]
+    backend.train_from_iterator(text.splitlines(), trainer)
     special = {"bos": "<|endoftext|>", "eos": "<|im_end|>", "pad": "<|endoftext|>"}
     return Tokenizer(backend, special, chat_template=CHATML)
 
