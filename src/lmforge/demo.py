@@ -38,8 +38,9 @@ LM_HEAD = {
     "t5": "seq2seq_lm",
     "transformer": "seq2seq_lm",
 }
-TINY_PRESETS = [name for name in PRESETS if name.endswith("-tiny")]
-FULL_PRESETS = [name for name in PRESETS if not name.endswith("-tiny")]
+# the tour trains the Transformer families' language-model heads; the recurrent baselines (lstm, gru) have none
+TINY_PRESETS = [name for name in PRESETS if name.endswith("-tiny") and PRESETS[name][0] in LM_HEAD]
+FULL_PRESETS = [name for name in PRESETS if not name.endswith("-tiny") and PRESETS[name][0] in LM_HEAD]
 
 
 def make_batch(family: str, vocab_size: int, batch_size: int, seq_len: int, generator: torch.Generator) -> dict:
