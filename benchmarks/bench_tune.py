@@ -9,9 +9,13 @@
    on the very folds of the hand-set baseline (benchmarks/results/finetune_classification.json: 0.796 +- 0.020,
    3,200 sentences, seed 1337, val_fraction 0.1 pooled back), and the held-out test accuracy of the best
    configuration, scored once (`--final-test`).
+3. workers: two `lmforge tune` processes started at once on one Optuna journal file finish N trials between
+   them (the samplers' recipe, 100 steps a trial): every trial number is run by exactly one worker, both
+   workers run some, and the study holds N complete trials.
 
     .venv/bin/python benchmarks/bench_tune.py --only samplers [--trials 40]
     .venv/bin/python benchmarks/bench_tune.py --only minilm [--timeout 3300]
+    .venv/bin/python benchmarks/bench_tune.py --only workers [--trials 12]
 
 Results: stdout and benchmarks/results/tune_<part>.json (+ tune_samplers.png); studies under --out.
 """
@@ -20,6 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -55,27 +62,32 @@ def save(part: str, result: dict) -> None:
     (RESULTS / f"tune_{part}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
-def samplers(out: Path, trials: int) -> dict:
+def small_gpt(out: Path, steps: int = 150) -> tuple[Path, list[str]]:
+    """The samplers' search space (written to OUT/space.yaml) and recipe flags: a 2-layer, 64-wide GPT."""
     corpus = out / "shakespeare-200k.txt"
     out.mkdir(parents=True, exist_ok=True)
     corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
     space = out / "space.yaml"
     space.write_text(SAMPLER_SPACE, encoding="utf-8")
-    base = [
+    return space, [
         "--model.name=gpt",
         '--model.overrides={"n_layer": 2, "n_head": 2, "d_model": 64}',
         f"--data.dataset={corpus}",
         "--data.block_size=64",
         "--train.batch_size=16",
-        "--train.max_steps=150",
+        f"--train.max_steps={steps}",
         "--train.eval_every=50",
         "--train.eval_batches=8",
         "--train.save_every=0",
         "--train.sample_tokens=0",
         "--train.tensorboard=false",
-        "--train.threads=2",
+        "--train.threads=1",
         "--optim.min_lr=1e-5",  # below the lowest searched lr
     ]
+
+
+def samplers(out: Path, trials: int) -> dict:
+    space, base = small_gpt(out)
     curves: dict[str, list[list[float]]] = {"tpe": [], "random": []}
     started = time.monotonic()
     for seed in range(3):
@@ -170,6 +182,37 @@ def minilm(out: Path, timeout: float, trials: int) -> dict:
     }
 
 
+def workers(out: Path, trials: int) -> dict:
+    """Two `lmforge tune` processes on one journal file, started together; which trials each ran."""
+    space, base = small_gpt(out, steps=100)
+    journal, study_out = out / "study.journal", out / "study"
+    argv = [sys.executable, "-m", "lmforge", "tune", "--recipe", "pretrain", "--space", str(space)]
+    argv += ["--metric", "loss", "--direction", "minimize", "--trials", str(trials), "--sampler", "tpe"]
+    argv += ["--pruner", "none", "--study", "two-workers", "--storage", str(journal), "--out", str(study_out)]
+    argv += ["--resume", *base]
+    started = time.monotonic()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    logs = [p.communicate()[1] for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"a worker failed: {[p.returncode for p in procs]}\n{logs}")
+    ran = [sorted(int(line.split()[1]) for line in log.splitlines() if line.startswith("trial ")) for log in logs]
+    study = optuna.load_study(study_name="two-workers", storage=open_storage(str(journal), study_out))
+    states = [t.state.name for t in study.trials]
+    numbers = sorted(ran[0] + ran[1])
+    return {
+        "trials_asked": trials,
+        "seconds": round(time.monotonic() - started, 1),
+        "worker_trials": ran,
+        "study_trials": len(study.trials),
+        "complete": states.count("COMPLETE"),
+        "run_twice": sorted({n for n in numbers if numbers.count(n) > 1}),
+        "every_trial_run_once": numbers == [t.number for t in study.trials],
+        "best_loss": study.best_value,
+        "command": " ".join(["lmforge", *argv[3:]]).replace(str(out), "runs/bench-tune/workers") + "  # twice, at once",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="samplers,minilm")
@@ -178,7 +221,8 @@ def main() -> None:
         "--trials",
         type=int,
         default=40,
-        help="samplers: trials per study (TPE's first 10 are its seeded random start-up, equal to random search's)",
+        help="samplers: trials per study (TPE's first 10 are its seeded random start-up, equal to random search's); "
+        "workers: trials the two workers finish between them (default 12)",
     )
     parser.add_argument("--timeout", type=float, default=3300.0, help="minilm: seconds before no new trial starts")
     args = parser.parse_args()
@@ -191,6 +235,10 @@ def main() -> None:
         result = minilm(Path(args.out) / "minilm", args.timeout, trials=60)
         print(json.dumps(result))
         save("minilm", result)
+    if "workers" in parts:
+        result = workers(Path(args.out) / "workers", args.trials if args.trials != 40 else 12)
+        print(json.dumps(result))
+        save("workers", result)
 
 
 if __name__ == "__main__":

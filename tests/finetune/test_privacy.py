@@ -148,3 +148,117 @@ def test_settings_that_would_break_the_guarantee_are_refused(sentiment_file, tmp
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("lmforge finetune: error:") and message in err
+
+
+def test_poisson_batches_split_between_processes_and_resume_with_the_same_batches_and_budget():
+    """The sampler every private run uses: each process keeps its share of one global Poisson draw, and a
+    resumed sampler continues with the same batches and the accountant's history (Opacus's RDP accountant)."""
+    from functools import partial
+
+    from opacus.accountants import RDPAccountant
+
+    from lmforge.finetune.batches import collate
+    from lmforge.train.batches import Endless
+    from lmforge.train.privacy import PoissonBatches
+
+    features = [{"input_ids": [2, i, 3], "labels": i % 2} for i in range(40)]
+    make = partial(PoissonBatches, features, partial(collate, pad_id=0), 0.2, 7)
+
+    def ids(batch):
+        return batch["input_ids"][:, 1].tolist()
+
+    whole = make(RDPAccountant())
+    batches = [ids(b) for _ in range(3) for b in whole]  # 3 passes of 5 batches
+    assert sum(map(len, batches)) == pytest.approx(0.2 * 40 * 15, rel=0.25)  # 8 examples a batch on average
+    assert len({tuple(b) for b in batches}) == len(batches)  # independent draws, not a reshuffled epoch
+    ranks = [make(RDPAccountant(), rank=r, world_size=2) for r in (0, 1)]
+    shares = [[ids(b) for b in ranks[r]] for r in (0, 1)]
+    for global_batch, first, second in zip(batches[:5], *shares, strict=True):
+        assert sorted(first + second) == global_batch and not set(first) & set(second)
+        assert abs(len(first) - len(second)) <= 1
+
+    accountant = RDPAccountant()
+    interrupted = Endless(make(accountant))  # as the loop reads it: batches by step, across passes
+    for _ in range(7):
+        next(interrupted)
+        accountant.step(noise_multiplier=1.1, sample_rate=0.2)  # what the optimizer's hook records
+    state = json.loads(json.dumps(interrupted.state_dict()))  # the checkpoint keeps it as JSON
+    resumed_accountant = RDPAccountant()
+    resumed = make(resumed_accountant)
+    resumed.load_state_dict(state)
+    assert resumed_accountant.get_epsilon(1e-3) == accountant.get_epsilon(1e-3) > 0
+    rest = [ids(b) for b in resumed]
+    assert rest[:3] == batches[7:10]  # the draws continue where they stopped
+    with pytest.raises(ValueError, match="train.seed is 7, not 8"):
+        PoissonBatches(features, partial(collate, pad_id=0), 0.2, 8, RDPAccountant()).load_state_dict(state)
+    with pytest.raises(ValueError, match="saved by a run without privacy.epsilon"):
+        resumed.load_state_dict({"loader": "FeatureBatches", "position": 3})
+
+
+def test_an_empty_poisson_draw_is_a_batch_of_zero_rows():
+    from functools import partial
+
+    from opacus.accountants import RDPAccountant
+
+    from lmforge.finetune.batches import collate
+    from lmforge.train.privacy import PoissonBatches
+
+    features = [{"input_ids": [2, 5, 3], "labels": 1}]
+    batches = list(PoissonBatches(features, partial(collate, pad_id=0), 1e-9, 0, RDPAccountant()))
+    assert batches and all(b["input_ids"].shape == (0, 3) and b["labels"].shape == (0,) for b in batches[:3])
+
+
+PRIVATE_RUN = [
+    "--task=classification", "--model=bert-tiny", "--epochs=0", "--train.batch_size=8", "--train.log_every=1",
+    "--eval-every=0", "--model.vocab_size=120", '--model.overrides={"n_layer": 1}', "--model.dropout=0",
+    "--train.progress=false", "--train.tensorboard=false", "--optim.schedule=constant", "--optim.lr=1e-3",
+    "--privacy.epsilon=8", "--privacy.delta=1e-3", "--privacy.accountant=rdp",
+]  # fmt: skip
+
+
+def _train_rows(run) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("split") == "train"]
+
+
+@pytest.mark.slow  # two private runs (~30 s): Opacus calibrates the noise in each
+def test_a_private_run_resumes_exactly(sentiment_file, tmp_path):
+    """A run killed after its step-3 checkpoint (its later checkpoint removed) resumes to the same losses and ε
+    as the uninterrupted run: the same Poisson batches, noise and accountant history."""
+    import shutil
+
+    from lmforge.cli import main
+
+    sentiment_file(tmp_path / "train.jsonl", 64, seed=0)
+    run = [*PRIVATE_RUN, f"--data={tmp_path / 'train.jsonl'}", "--train.deterministic=true", "--max-steps=6"]
+    run += [f"--out={tmp_path}", "--train.save_every=3"]
+    assert main(["finetune", *run, "--train.name=whole"]) == 0
+    shutil.copytree(tmp_path / "whole", tmp_path / "killed")
+    shutil.rmtree(tmp_path / "killed" / "checkpoints" / "step_00000006")
+    assert main(["finetune", *run, "--train.name=killed", "--resume"]) == 0
+    whole, resumed = _train_rows(tmp_path / "whole"), _train_rows(tmp_path / "killed")
+    assert [r["step"] for r in resumed] == [r["step"] for r in whole] == [1, 2, 3, 4, 5, 6]
+    assert [(r["loss"], r["epsilon"]) for r in resumed] == [(r["loss"], r["epsilon"]) for r in whole]
+
+
+@pytest.mark.slow  # two processes and one, each calibrating the noise (~60 s)
+def test_two_private_processes_take_the_single_process_steps(sentiment_file, tmp_path):
+    """DP-SGD with DDP (Opacus's DPDDP): one global Poisson batch split between two processes, each clipping
+    its examples, the noise added once; the losses and ε equal a single process's with the same global batch."""
+    import subprocess
+    import sys
+
+    sentiment_file(tmp_path / "train.jsonl", 64, seed=0)
+    common = [*PRIVATE_RUN, f"--data={tmp_path / 'train.jsonl'}", "--max-steps=4", f"--out={tmp_path}"]
+    finetune = [sys.executable, "-m", "lmforge.commands.finetune"]
+    done = subprocess.run([*finetune, *common, "--train.name=one"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tokenizer = f"--model.tokenizer={tmp_path / 'one' / 'tokenizer'}"
+    two = [*common, tokenizer, "--train.name=two", "--train.batch_size=4"]  # 2 x 4: the same expected batch
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run([*torchrun, *finetune[1:], *two], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _train_rows(tmp_path / "one"), _train_rows(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["epsilon"] == pytest.approx(a["epsilon"])

@@ -188,7 +188,7 @@ def build_finetune_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.
 # ------------------------------------------------------------------------------------------ DP-SGD
 
 
-def make_private(config: FinetuneConfig, info: DistInfo, model: nn.Module, optimizer, features, pad_id, latest):
+def make_private(config: FinetuneConfig, info: DistInfo, model: nn.Module, optimizer, features, pad_id):
     """The run made private by Opacus (`lmforge.train.privacy.PrivateTraining`): Poisson-sampled batches of
     train.batch_size expected examples, per-example clipping at privacy.max_grad_norm replacing optim.grad_clip,
     noise calibrated to spend privacy.epsilon over the run's steps. Returns it and the config it runs with."""
@@ -199,8 +199,6 @@ def make_private(config: FinetuneConfig, info: DistInfo, model: nn.Module, optim
 
     tc, p = config.train, config.privacy
     refused = {
-        "train.resume (a private run restarts: its sampling is not checkpointed)": latest is not None,
-        "several processes (DDP with DP-SGD is not supported yet)": info.world_size > 1,
         "train.grad_accum > 1 (Poisson batches are drawn whole; raise train.batch_size)": tc.grad_accum > 1,
         "train.compile (Opacus's per-example hooks)": tc.compile,
         "train.dtype=float16 (the GradScaler does not see per-example gradients)": tc.dtype == "float16",
@@ -214,7 +212,16 @@ def make_private(config: FinetuneConfig, info: DistInfo, model: nn.Module, optim
             raise ValueError(f"privacy.epsilon is set, which does not go with {what}")
     settings = PrivacySettings(p.epsilon, p.delta, p.max_grad_norm, p.accountant)
     private = PrivateTraining(
-        model, optimizer, features, partial(collate, pad_id=pad_id), tc.batch_size, tc.max_steps, settings, tc.seed
+        model,
+        optimizer,
+        features,
+        partial(collate, pad_id=pad_id),
+        tc.batch_size * info.world_size,  # the expected global batch, as without privacy
+        tc.max_steps,
+        settings,
+        tc.seed,
+        rank=info.rank,
+        world_size=info.world_size,
     )
     say(
         info,
@@ -392,10 +399,10 @@ def _finetune(
     train_batches = Endless(loader)
     privacy = None
     if config.privacy.epsilon is not None:
-        privacy, config = make_private(config, info, raw_model, optimizer, train_features, task.pad_id, latest)
+        privacy, config = make_private(config, info, raw_model, optimizer, train_features, task.pad_id)
         optimizer, train_batches, tc = privacy.optimizer, Endless(privacy.loader), config.train
     state = resume_state(latest, raw_model, optimizer, scheduler, train_batches, scaler, info)
-    model = wrap_model(raw_model, info)
+    model = wrap_model(raw_model, info) if privacy is None else privacy.training_model
     if tc.compile:
         model = torch.compile(model)
 

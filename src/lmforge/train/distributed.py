@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -105,9 +106,12 @@ def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare model under DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    """The bare model under DistributedDataParallel or Opacus's DPDDP (`.module`) and torch.compile
+    (`._orig_mod`) wrappers."""
+    dpddp = sys.modules.get("opacus.distributed")  # only a private run, which imported it, can hold one
+    wrappers = (DistributedDataParallel,) + ((dpddp.DifferentiallyPrivateDistributedDataParallel,) if dpddp else ())
     while True:
-        if isinstance(model, DistributedDataParallel):
+        if isinstance(model, wrappers):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod

@@ -76,13 +76,21 @@ def autocast(dtype: str, device: torch.device) -> contextlib.AbstractContextMana
 
 
 def backward_accumulated(
-    model: nn.Module, micro: list[dict], objective: Objective, dtype: str, info: DistInfo, scaler=None
+    model: nn.Module,
+    micro: list[dict],
+    objective: Objective,
+    dtype: str,
+    info: DistInfo,
+    scaler=None,
+    per_process_mean: bool = False,
 ) -> float:
     """Backward of one optimizer step's micro-batches, normalised by the units of all of them (over every
     process); returns the step's mean loss per unit. The gradient equals that of the mean loss over the
-    concatenated batch, whatever the split into micro-batches and processes."""
+    concatenated batch, whatever the split into micro-batches and processes. With `per_process_mean` (DP-SGD,
+    whose per-example gradients undo each process's own mean) each process divides by its own units instead."""
     counts = torch.stack([objective.count(batch) for batch in micro]).double()
     n_units = max(all_reduce_sum(counts.sum(), info).item(), 1.0)
+    scale = 1 / max(counts.sum().item(), 1.0) if per_process_mean else info.world_size / n_units
     step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
     for i, batch in enumerate(micro):
         last = i == len(micro) - 1
@@ -90,14 +98,18 @@ def backward_accumulated(
         with sync:
             with autocast(dtype, info.device):
                 loss_sum = objective.loss_sum(model, batch)
-            scaled = loss_sum * (info.world_size / n_units)  # DDP averages over processes: undo the 1/world
+            scaled = loss_sum * scale  # DDP averages over processes: world / n undoes the 1/world
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         step_loss += loss_sum.detach().double()
     return all_reduce_sum(step_loss, info).item() / n_units
 
 
-def take_rows(batch: dict[str, torch.Tensor], info: DistInfo, device: torch.device) -> dict[str, torch.Tensor]:
-    """This process's rows of a global batch, on `device`."""
+def take_rows(
+    batch: dict[str, torch.Tensor], info: DistInfo, device: torch.device, split: bool = True
+) -> dict[str, torch.Tensor]:
+    """This process's rows of a global batch (all of it with `split=False`: a per-process batch), on `device`."""
+    if info.world_size == 1 or not split:
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     rows = batch["input_ids"].shape[0] // info.world_size
     part = slice(info.rank * rows, (info.rank + 1) * rows)
     return {k: v[part].to(device, non_blocking=True) for k, v in batch.items()}
@@ -188,10 +200,18 @@ def resume_state(
     return state
 
 
+def per_process(batches) -> bool:
+    """Whether a loader (or `Endless` around one) gives each process its own batch rather than a global one."""
+    return bool(getattr(getattr(batches, "loader", batches), "per_process", False))
+
+
 class StepHook:
     """What a recipe may add to every step without the loop knowing what it is (DP-SGD's privacy accounting,
     `lmforge.train.privacy`): `before_step(step)` returns a reason to stop before taking step `step + 1` (the loop
-    saves and ends the run, stopped_by="budget"), and `metrics()` extra numbers for metrics.jsonl and the bar."""
+    saves and ends the run, stopped_by="budget"), and `metrics()` extra numbers for metrics.jsonl and the bar.
+    `per_process_mean = True` makes each process's loss the mean over its own units (see `backward_accumulated`)."""
+
+    per_process_mean = False
 
     def before_step(self, step: int) -> str | None:
         return None
@@ -267,6 +287,8 @@ def train_loop(
     stopped_by, last_eval, skipped = None, None, 0
     window_start, window_tokens = time.perf_counter(), 0
     device = info.device
+    split = not per_process(train_batches)  # DP-SGD's Poisson batches are each process's own already
+    per_process_mean = bool(getattr(hook, "per_process_mean", False))
     with Stop() as stop:
         while step < tc.max_steps:
             if hook is not None and (reason := hook.before_step(step)):
@@ -275,8 +297,8 @@ def train_loop(
                 save(step)
                 break
             # ---- one optimizer step over grad_accum micro-batches
-            micro = [take_rows(next(train_batches), info, device) for _ in range(tc.grad_accum)]
-            loss = backward_accumulated(model, micro, objective, tc.dtype, info, scaler)
+            micro = [take_rows(next(train_batches), info, device, split) for _ in range(tc.grad_accum)]
+            loss = backward_accumulated(model, micro, objective, tc.dtype, info, scaler, per_process_mean)
             step_tokens = tokens_per_step if tokens_per_step is not None else objective.tokens(micro) * info.world_size
 
             if not math.isfinite(loss):

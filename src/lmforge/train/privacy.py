@@ -1,7 +1,7 @@
 """DP-SGD (Abadi et al., 2016) through Opacus: per-example clipping, Gaussian noise, Poisson sampling, accounting.
 
 One private step, for a batch B drawn by Poisson sampling (each example in with probability q = 1 / batches per
-epoch, `UniformWithReplacementSampler`):
+epoch; `PoissonBatches`, over every process):
 
     g_i   = grad of example i's loss                                  (Opacus: per-example gradients)
     g~_i  = g_i / max(1, ||g_i|| / C)                                  (clip each to norm C = max_grad_norm)
@@ -18,6 +18,11 @@ TokenEmbedding (E[t] * scale), LearnedPositionalEmbedding (nn.Embedding's), Laye
 RMSNorm (dL/dw = sum_t x_t / rms(x_t) * dL/dy_t). Everything else is nn.Linear or nn.Embedding, which Opacus has.
 T5's relative position bias is one table shared by every example of the batch (its input is a (T, T) bucket
 grid, not a batch), so it has no per-example gradient: such a layer is refused by name.
+
+Several processes (DDP): one global Poisson batch, split between them; each clips its own examples, the
+clipped sums are added over processes and the noise is added once (Opacus's DPDDP and distributed optimizer),
+so the step equals the single-process one. A private run resumes exactly: the sampler's position and the
+accountant's history are in the checkpoint (`PoissonBatches.state_dict`).
 """
 
 from __future__ import annotations
@@ -141,22 +146,69 @@ def check_settings(settings: PrivacySettings, n_examples: int) -> None:
 
 
 class PoissonBatches:
-    """Opacus's Poisson-sampled loader, with the state the training loop checkpoints (position only: a private
-    run does not resume, since the sampler's randomness is not saved)."""
+    """Poisson sampling, checkpointable: each example joins each batch independently with probability q.
 
-    def __init__(self, loader) -> None:
-        self.loader, self.batches = loader, 0
+    Every process draws the same global batch from one generator seeded by train.seed (a mask of N uniform
+    draws < q) and keeps its share, the selected examples rank, rank + W, rank + 2W, ... So the whole run
+    samples exactly as one process would (each example's inclusion independent of every other's, which the
+    accountant's subsampling analysis assumes), and the sampler's state is the same on every process: the
+    number of batches drawn. Resuming replays that many draws (N random numbers each, microseconds) and reloads
+    the accountant's history, so a resumed private run continues with the same batches, noise (torch's RNG,
+    restored by the checkpoint) and ε as the uninterrupted one. Opacus's own `DPDataLoader` samples the same
+    way but keeps no state to checkpoint.
+
+    An empty draw is a real step (noise only; the accounting counts it), given as a batch of zero rows."""
+
+    per_process = True  # batches are this process's share already: the loop does not split them by rank
+
+    def __init__(
+        self,
+        dataset: Sequence[Any],
+        collate: Callable,
+        sample_rate: float,
+        seed: int,
+        accountant: Any,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.dataset, self.collate, self.sample_rate, self.seed = dataset, collate, sample_rate, seed
+        self.accountant, self.rank, self.world_size = accountant, rank, world_size
+        self.per_epoch = round(1 / sample_rate)  # batches per pass: N q examples each, N in expectation
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batches = 0
+        self.empty = {k: v[:0] for k, v in collate([dataset[0]]).items()}
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+    def draw(self) -> list[int]:
+        """The next global batch (indices of the examples drawn), advancing the generator."""
+        mask = torch.rand(len(self.dataset), generator=self.generator) < self.sample_rate
+        return mask.nonzero().flatten().tolist()
 
     def __iter__(self):
-        for batch in self.loader:
+        for _ in range(self.per_epoch):
+            mine = self.draw()[self.rank :: self.world_size]
             self.batches += 1
-            yield batch
+            yield self.collate([self.dataset[i] for i in mine]) if mine else self.empty
 
     def state_dict(self) -> dict:
-        return {"loader": "PoissonBatches", "batches": self.batches}
+        history = [list(entry) for entry in self.accountant.history]  # [[noise multiplier, q, steps], ...]
+        return {"loader": "PoissonBatches", "batches": self.batches, "seed": self.seed, "accountant": history}
 
     def load_state_dict(self, state: dict) -> None:
-        raise ValueError("a DP-SGD run cannot resume (its Poisson sampling is not checkpointed); start a new run")
+        if state.get("loader") != "PoissonBatches":
+            raise ValueError(
+                "this checkpoint was saved by a run without privacy.epsilon: a private run cannot continue it "
+                "(its earlier steps spent no budget under this accounting); start a new private run"
+            )
+        if state["seed"] != self.seed:
+            raise ValueError(f"the checkpoint's train.seed is {state['seed']}, not {self.seed}: resume with it")
+        self.generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(state["batches"]):
+            self.draw()
+        self.batches = state["batches"]
+        self.accountant.history = [tuple(entry) for entry in state["accountant"]]
 
 
 class PrivateTraining:
@@ -173,17 +225,23 @@ class PrivateTraining:
         steps: int,
         settings: PrivacySettings,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        """`batch_size` is the expected global batch (over all processes); with `world_size` > 1 the model is
+        wrapped in Opacus's DPDDP (parameters broadcast from rank 0; clipped gradients summed over processes by
+        its optimizer, the noise added once, on rank 0) instead of torch's DDP, whose all-reduce in backward
+        would mix examples before they are clipped."""
         from opacus import PrivacyEngine
         from opacus.accountants.utils import get_noise_multiplier
+        from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 
         check_settings(settings, len(dataset))
         check_per_example(model)
         register_grad_samplers()
         self.settings, self.steps = settings, steps
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, collate_fn=collate, generator=torch.Generator().manual_seed(seed)
-        )
+        self.training_model = DifferentiallyPrivateDistributedDataParallel(model) if world_size > 1 else model
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
         self.sample_rate = 1 / len(loader)
         # Opacus's hooks fire on modules whose inputs need no gradient (the embeddings): expected, not a problem
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
@@ -200,15 +258,19 @@ class PrivateTraining:
         with warnings.catch_warnings():  # the note that secure_mode is off: lmforge runs are for experiments
             warnings.simplefilter("ignore", UserWarning)
             self.engine = PrivacyEngine(accountant=settings.accountant, secure_mode=False)
-        self.module, self.optimizer, dp_loader = self.engine.make_private(
-            module=model,
+        # Opacus's loader is replaced by PoissonBatches (the same sampling, with a state to checkpoint); its
+        # sampling rate, 1 / len(loader), is the one the optimizer's expected batch size and the accountant use
+        self.module, self.optimizer, _ = self.engine.make_private(
+            module=self.training_model,
             optimizer=optimizer,
             data_loader=loader,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=settings.max_grad_norm,
             poisson_sampling=True,
         )
-        self.loader = PoissonBatches(dp_loader)
+        self.loader = PoissonBatches(
+            dataset, collate, self.sample_rate, seed, self.engine.accountant, rank=rank, world_size=world_size
+        )
 
     def epsilon(self) -> float:
         """ε spent by the steps taken so far (the accountant's, at the run's δ)."""
@@ -222,6 +284,10 @@ class PrivateTraining:
         return float(accountant.get_epsilon(delta=self.settings.delta))
 
     # ---- the train_loop hook
+    # Opacus's per-example gradients undo a mean over this process's examples (GradSampleModule multiplies by
+    # the local batch size), so each process's loss must be its own mean, not a share of the global one
+    per_process_mean = True
+
     def before_step(self, step: int) -> str | None:
         """A reason to stop before this step: the next step would spend more than the budget."""
         if step < self.steps:
