@@ -61,7 +61,7 @@ def test_student_equal_to_teacher_pays_only_the_task_loss(classifier_run, sentim
     batch = collate(task.encode(records, "train"), task.pad_id)
     settings = DistillSettings(soft=1.0, hard=1.0, hidden=1.0, cosine=1.0, attention=1.0, temperature=3.0)
     with torch.no_grad():
-        distilled = DistillObjective(task, model, settings).loss_sum(model, batch)
+        distilled = DistillObjective(task, model, model, settings).loss_sum(model, batch)
         torch.testing.assert_close(distilled, task.loss_sum(model, batch), atol=1e-4, rtol=1e-5)
 
 
@@ -114,3 +114,44 @@ def test_resume_continues_a_distillation_exactly(tmp_path, capsys, classifier_ru
 
     assert len(losses(tmp_path / "whole")) == 6
     assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
+
+
+def train_losses(root: Path) -> list[float]:
+    (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def test_narrower_student_learns_projections_that_resume_exactly(tmp_path, capsys, classifier_run, sentiment_data):
+    """A student half as wide as the teacher distils its hidden states through learned Linear(64, 128) maps:
+    they train (they differ between checkpoints), checkpoints keep them, so a resumed run repeats the uninterrupted
+    one's losses and weights, and the saved student does not hold them."""
+    from safetensors.torch import load_file
+
+    flags = [
+        "--teacher", str(classifier_run), "--student", "bert-tiny", '--model.overrides={"d_model": 64, "n_layer": 1}',
+        "--task", "classification", f"--data={sentiment_data}", "--optim.schedule=constant", "--optim.lr=1e-2",
+        "--optim.warmup_steps=0", "--train.batch_size=8", "--train.log_every=1", "--eval-every=0",
+        "--train.deterministic=true", "--hidden", "1", "--cosine", "1", *QUIET,
+    ]  # fmt: skip
+    assert run_cli(capsys, "distill", *flags, "--out", tmp_path / "whole", "--max-steps=4").returncode == 0
+    assert run_cli(capsys, "distill", *flags, "--out", tmp_path / "parts", "--max-steps=2").returncode == 0
+    resumed = run_cli(capsys, "distill", *flags, "--out", tmp_path / "parts", "--max-steps=4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(train_losses(tmp_path / "whole")) == 4
+    assert train_losses(tmp_path / "parts") == train_losses(tmp_path / "whole")
+
+    def checkpoint(root: Path, step: int) -> Path:
+        (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
+        return run_dir / "checkpoints" / f"step_{step:08d}"
+
+    first, last = (load_file(checkpoint(tmp_path / "parts", s) / "loss.safetensors") for s in (2, 4))
+    assert first["0.weight"].shape == (128, 64)  # student layer 0 -> the teacher's width
+    assert not torch.equal(first["0.weight"], last["0.weight"])  # trained by the optimizer
+    whole = load_file(checkpoint(tmp_path / "whole", 4) / "loss.safetensors")
+    assert all(torch.equal(whole[name], last[name]) for name in whole)
+    model_dir = checkpoint(tmp_path / "whole", 4).parent.parent / "model"
+    assert not (model_dir / "loss.safetensors").exists()
+    assert json.loads((model_dir / "config.json").read_text())["model"]["d_model"] == 64
+    saved = load_file(model_dir / "model.safetensors")
+    assert set(saved) == set(load_file(checkpoint(tmp_path / "whole", 4) / "model.safetensors"))
