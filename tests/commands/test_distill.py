@@ -155,3 +155,76 @@ def test_narrower_student_learns_projections_that_resume_exactly(tmp_path, capsy
     assert json.loads((model_dir / "config.json").read_text())["model"]["d_model"] == 64
     saved = load_file(model_dir / "model.safetensors")
     assert set(saved) == set(load_file(checkpoint(tmp_path / "whole", 4) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def instructions(tmp_path_factory) -> tuple[Path, Path]:
+    """16 distinct training conversations (two batches of 8) and 4 for validation, alpaca format."""
+    import random
+
+    rng = random.Random(0)
+    words = ["red", "blue", "green", "stone", "river", "light", "night", "ship", "gold", "rain", "wind", "field"]
+    folder = tmp_path_factory.mktemp("instructions")
+    files = []
+    for name, n in (("train", 16), ("validation", 4)):
+        rows = [
+            {"instruction": f"Repeat {i}: " + " ".join(rng.sample(words, 4)), "output": " ".join(rng.sample(words, 3))}
+            for i in range(n)
+        ]
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        files.append(path)
+    return files[0], files[1]
+
+
+@pytest.fixture(scope="module")
+def causal_teacher(tmp_path_factory, instructions) -> Path:
+    """llama-tiny (2 layers, random weights) with a byte-level BPE tokenizer learned on the conversations."""
+    from lmforge import build_model
+    from lmforge.data.tokenizers.tokenizer import load_tokenizer
+    from lmforge.hf.save import save_model
+    from lmforge.train.tokenizer import learn_tokenizer
+
+    folder = tmp_path_factory.mktemp("causal-teacher")
+    learn_tokenizer("bpe", [p.read_text() for p in instructions], 200, folder / "tok")
+    tokenizer = load_tokenizer(folder / "tok")
+    torch.manual_seed(0)
+    model = build_model("llama-tiny", vocab_size=tokenizer.vocab_size, n_layer=2)
+    return save_model(model, folder / "model", tokenizer=tokenizer)
+
+
+def test_cached_teacher_runs_in_the_first_epoch_only(tmp_path, capsys, monkeypatch, causal_teacher, instructions):
+    """--cache-topk: the teacher runs once per first-epoch batch, never in the second epoch nor in a resumed run,
+    which reads the run folder's cache and repeats the uninterrupted run's losses."""
+    import lmforge.hf.load
+
+    load_model, calls = lmforge.hf.load.load_model, []
+
+    def counting(*args, **kwargs):  # the teacher is the only model distill loads (the student is a preset)
+        model = load_model(*args, **kwargs)
+        model.register_forward_hook(lambda *_: calls.append(1))
+        return model
+
+    monkeypatch.setattr(lmforge.hf.load, "load_model", counting)
+    train, validation = instructions
+    flags = [
+        "--teacher", str(causal_teacher), "--student", "llama-tiny", '--model.overrides={"n_layer": 1}', "--task",
+        "sft", f"--data={train}", f"--data.validation={validation}", "--cache-topk", "8", "--train.batch_size=8",
+        "--train.log_every=1", "--eval-every=0", "--train.deterministic=true", "--optim.schedule=constant",
+        "--task.eval_examples=1", "--task.max_new_tokens=2", *QUIET,
+    ]  # fmt: skip
+    result = run_cli(capsys, "distill", *flags, "--out", tmp_path / "whole", "--max-steps=4")  # two epochs
+    assert result.returncode == 0, result.stderr
+    assert len(calls) == 2  # one per batch of the first epoch
+    (run_dir,) = [p for p in (tmp_path / "whole").iterdir() if p.is_dir()]
+    meta = json.loads((run_dir / "teacher_cache" / "meta.json").read_text())
+    assert meta["k"] == 8 and meta["temperature"] == 2.0 and len(list((run_dir / "teacher_cache").glob("*.safe*"))) == 2
+
+    calls.clear()
+    assert run_cli(capsys, "distill", *flags, "--out", tmp_path / "parts", "--max-steps=2").returncode == 0
+    assert len(calls) == 2
+    calls.clear()
+    resumed = run_cli(capsys, "distill", *flags, "--out", tmp_path / "parts", "--max-steps=4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert calls == []
+    assert train_losses(tmp_path / "parts") == train_losses(tmp_path / "whole")

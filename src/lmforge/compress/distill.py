@@ -28,6 +28,11 @@ lets each matched pair find its own map), initialised like any Linear and traine
 same optimizer. The projections are the objective's `loss_module`: every checkpoint keeps them, so a resumed run
 continues exactly, and the saved student never holds them.
 
+For a causal LM the teacher's distributions can be cached to disk as their top K (`--cache-topk K`,
+`lmforge.compress.teacher_cache`): the first epoch fills the cache and later epochs, or a resumed run, read it
+without running the teacher; D then compares the (K+1)-way coarsened distributions (the top-K tokens and one
+tail bucket), a lower bound of the full divergence that is exact when K = V.
+
 Both models read the same token ids, so they must share a vocabulary (checked before the run). The student is
 a preset (random weights), a model folder, or the teacher with every k-th layer kept (`keep_every`, as
 DistilBERT initialises from BERT by taking one layer of two).
@@ -48,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.compress.teacher_cache import TopKCache
 from lmforge.finetune.tasks.base import Task, model_inputs
 from lmforge.nn import Block
 from lmforge.nn.loss import IGNORE_INDEX
@@ -55,6 +61,7 @@ from lmforge.train.distributed import unwrap_model
 from lmforge.train.objective import Objective
 
 TASK_FILE = "task.json"
+CACHE_DIR = "teacher_cache"  # in the run folder (`lmforge.compress.teacher_cache`)
 
 
 class Divergence(ABC):
@@ -114,6 +121,7 @@ class DistillSettings:
     hidden: float = 0.0
     cosine: float = 0.0
     attention: float = 0.0
+    cache_topk: int | None = None  # causal LMs: the teacher's top-K log-probabilities cached on disk (None: off)
 
     def __post_init__(self) -> None:
         if self.divergence not in DIVERGENCES:
@@ -125,6 +133,17 @@ class DistillSettings:
         weights = {k: getattr(self, k) for k in ("soft", "hard", "hidden", "cosine", "attention")}
         if any(w < 0 for w in weights.values()) or not any(weights.values()):
             raise ValueError(f"loss weights {weights} must be >= 0 and not all 0")
+        if self.cache_topk is not None:
+            if isinstance(self.cache_topk, bool) or not isinstance(self.cache_topk, int) or self.cache_topk < 1:
+                raise ValueError(f"--cache-topk {self.cache_topk!r} must be a whole number >= 1 (e.g. 64)")
+            if not self.soft:
+                raise ValueError("--cache-topk caches the soft targets, which --soft 0 does not use; drop one")
+            inner = [k for k in ("hidden", "cosine", "attention") if getattr(self, k)]
+            if inner:
+                raise ValueError(
+                    f"--cache-topk stores the teacher's logits only, but --{inner[0]} needs its hidden states on "
+                    f"every batch; set --{' --'.join(f'{k} 0' for k in inner)} or drop --cache-topk"
+                )
 
 
 def blocks(model: nn.Module) -> list[Block]:
@@ -216,8 +235,9 @@ class LiveTeacher:
 
 class DistillObjective(Objective):
     """The task's loss plus the distillation terms; counts the task's units (examples or target tokens). The
-    soft targets come from the teacher run on each batch; `loss_module` holds the width projections when the
-    student is narrower or wider than the teacher and a hidden-state term is on."""
+    soft targets come from the teacher run on each batch, or from a `TopKCache` in `cache_dir` when
+    `settings.cache_topk` is set; `loss_module` holds the width projections when the student is narrower or
+    wider than the teacher and a hidden-state term is on."""
 
     name = "distill"
 
@@ -227,11 +247,18 @@ class DistillObjective(Objective):
         student: nn.Module,
         teacher: nn.Module,
         settings: DistillSettings,
+        cache_dir: Path | None = None,
     ) -> None:
         self.task, self.teacher, self.settings = task, teacher.eval(), settings
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.source = LiveTeacher(self.teacher, settings.temperature)
+        if settings.cache_topk is not None and cache_dir is None:
+            raise ValueError("--cache-topk needs a folder for the cache (distill puts it in the run folder)")
+        self.source = (
+            LiveTeacher(self.teacher, settings.temperature)
+            if settings.cache_topk is None
+            else TopKCache(cache_dir, self.teacher, settings.temperature, settings.cache_topk)
+        )
         self.projections = width_projections(unwrap_model(student), self.teacher, settings)
         self.loss_module = self.projections if list(self.projections.parameters()) else None
 
@@ -383,6 +410,11 @@ def distill(
             f"for the same task; pass --task {trained_for} or another teacher"
         )
     teacher_model = load_model(source, head=None if trained_for else TASKS[task].head)
+    if settings.cache_topk is not None and teacher_model.config.head != "causal_lm":
+        raise ValueError(
+            f"--cache-topk caches a causal LM's next-token distributions; the teacher {teacher} has a "
+            f"{teacher_model.config.head} head: drop --cache-topk"
+        )
     teacher_tokenizer = load_tokenizer(source)
 
     flags = [*finetune_args, f"--task={task}"]
@@ -407,7 +439,8 @@ def distill(
             )
         config = parse_args([*flags, f"--model={student_path}"], FINETUNE)
 
-    summary = finetune(config, objective=lambda t, m: DistillObjective(t, m, teacher_model, settings))
+    cache = config.run_dir / CACHE_DIR if settings.cache_topk is not None else None  # k-fold: one for every fold
+    summary = finetune(config, objective=lambda t, m: DistillObjective(t, m, teacher_model, settings, cache))
     summary["distill"] = {"teacher": str(teacher), "student": student, **asdict(settings)}
     if Path(summary["run_dir"]).is_dir():
         write_json_atomic(Path(summary["run_dir"]) / "distill.json", summary["distill"])
@@ -424,4 +457,5 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
         hidden=args.hidden,
         cosine=args.cosine,
         attention=args.attention,
+        cache_topk=args.cache_topk,
     )
