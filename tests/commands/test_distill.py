@@ -228,3 +228,22 @@ def test_cached_teacher_runs_in_the_first_epoch_only(tmp_path, capsys, monkeypat
     assert resumed.returncode == 0, resumed.stderr
     assert calls == []
     assert train_losses(tmp_path / "parts") == train_losses(tmp_path / "whole")
+
+
+def test_every_fold_of_a_kfold_distillation_distils(tmp_path, capsys, monkeypatch, classifier_run, sentiment_data):
+    """--kfold K runs K fine-tunings of the student: each trains on DistillObjective, not on the task's loss."""
+    built, loss_sum = [], DistillObjective.loss_sum
+
+    def spy(self, model, batch):
+        built.append(self)  # kept alive, so no two share an id
+        return loss_sum(self, model, batch)
+
+    monkeypatch.setattr(DistillObjective, "loss_sum", spy)
+    result = run_cli(
+        capsys, "distill", "--teacher", classifier_run, "--keep-every", "2", "--task", "classification",
+        f"--data={sentiment_data}", "--out", tmp_path, "--max-steps=2", "--train.batch_size=16", "--kfold=2", *QUIET,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(built) == 4 and len({id(o) for o in built}) == 2  # two steps in each fold, one objective each
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in run_dir.glob("fold_*")) == ["fold_01", "fold_02"]

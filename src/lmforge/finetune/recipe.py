@@ -308,7 +308,7 @@ def finetune(
     called after fold k with step k and the mean of each metric over the k folds done, so a tuner can stop a
     poor configuration between folds; `score_test=False` leaves the test split untouched (a tuner's trials
     select on validation only); `objective(task, model)`, when given, is the training loss instead of the task's
-    own (distillation wraps the task with a teacher), built once the model is; its
+    own (distillation wraps the task with a teacher), built once the model is (every fold builds its own); its
     `loss_module`, if any, trains with the model and lives in the checkpoints; evaluation and the saved model are
     the task's as always."""
     config = config.with_model_name()
@@ -318,7 +318,7 @@ def finetune(
     try:
         with run_lock(config.run_dir, enabled=info.is_main):
             if config.task.kfold:
-                return _kfold(config, info, on_eval)
+                return _kfold(config, info, on_eval, objective)
             return _finetune(config, info, on_eval=on_eval, score_test=score_test, objective=objective)
     except BaseException:
         if created and info.is_main and config.run_dir.is_dir() and not holds_results(config.run_dir):
@@ -592,7 +592,10 @@ def save_final(model: nn.Module, task: Task, config: FinetuneConfig, run_dir: Pa
 
 
 def _kfold(
-    config: FinetuneConfig, info: DistInfo, on_eval: Callable[[int, dict[str, float]], None] | None = None
+    config: FinetuneConfig,
+    info: DistInfo,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
+    objective: Callable[[Task, nn.Module], Objective] | None = None,
 ) -> dict:
     from lmforge.eval import kfold_indices, stratified_kfold_indices, summarize_folds
 
@@ -624,7 +627,7 @@ def _kfold(
             labels=data.labels,
         )
         say(info, f"fold {i + 1}/{k}: {len(train_idx)} train / {len(val_idx)} held-out examples")
-        summary = _finetune(fold_config, info, fold_data, save_model=False)  # a fold's model is a by-product
+        summary = _finetune(fold_config, info, fold_data, save_model=False, objective=objective)  # model: a by-product
         fold_summaries.append(summary)
         fold_metrics.append({**numbers(summary.get("validation", {})), "train_seconds": summary.get("train_seconds")})
         if on_eval is not None:  # the running mean over the folds done (a pruner's intermediate value)
