@@ -61,7 +61,7 @@ def test_student_equal_to_teacher_pays_only_the_task_loss(classifier_run, sentim
     batch = collate(task.encode(records, "train"), task.pad_id)
     settings = DistillSettings(soft=1.0, hard=1.0, hidden=1.0, cosine=1.0, attention=1.0, temperature=3.0)
     with torch.no_grad():
-        distilled = DistillObjective(task, model, settings).loss_sum(model, batch)
+        distilled = DistillObjective(task, model, model, settings).loss_sum(model, batch)
         torch.testing.assert_close(distilled, task.loss_sum(model, batch), atol=1e-4, rtol=1e-5)
 
 
@@ -114,3 +114,136 @@ def test_resume_continues_a_distillation_exactly(tmp_path, capsys, classifier_ru
 
     assert len(losses(tmp_path / "whole")) == 6
     assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
+
+
+def train_losses(root: Path) -> list[float]:
+    (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def test_narrower_student_learns_projections_that_resume_exactly(tmp_path, capsys, classifier_run, sentiment_data):
+    """A student half as wide as the teacher distils its hidden states through learned Linear(64, 128) maps:
+    they train (they differ between checkpoints), checkpoints keep them, so a resumed run repeats the uninterrupted
+    one's losses and weights, and the saved student does not hold them."""
+    from safetensors.torch import load_file
+
+    flags = [
+        "--teacher", str(classifier_run), "--student", "bert-tiny", '--model.overrides={"d_model": 64, "n_layer": 1}',
+        "--task", "classification", f"--data={sentiment_data}", "--optim.schedule=constant", "--optim.lr=1e-2",
+        "--optim.warmup_steps=0", "--train.batch_size=8", "--train.log_every=1", "--eval-every=0",
+        "--train.deterministic=true", "--hidden", "1", "--cosine", "1", *QUIET,
+    ]  # fmt: skip
+    assert run_cli(capsys, "distill", *flags, "--out", tmp_path / "whole", "--max-steps=4").returncode == 0
+    assert run_cli(capsys, "distill", *flags, "--out", tmp_path / "parts", "--max-steps=2").returncode == 0
+    resumed = run_cli(capsys, "distill", *flags, "--out", tmp_path / "parts", "--max-steps=4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(train_losses(tmp_path / "whole")) == 4
+    assert train_losses(tmp_path / "parts") == train_losses(tmp_path / "whole")
+
+    def checkpoint(root: Path, step: int) -> Path:
+        (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
+        return run_dir / "checkpoints" / f"step_{step:08d}"
+
+    first, last = (load_file(checkpoint(tmp_path / "parts", s) / "loss.safetensors") for s in (2, 4))
+    assert first["0.weight"].shape == (128, 64)  # student layer 0 -> the teacher's width
+    assert not torch.equal(first["0.weight"], last["0.weight"])  # trained by the optimizer
+    whole = load_file(checkpoint(tmp_path / "whole", 4) / "loss.safetensors")
+    assert all(torch.equal(whole[name], last[name]) for name in whole)
+    model_dir = checkpoint(tmp_path / "whole", 4).parent.parent / "model"
+    assert not (model_dir / "loss.safetensors").exists()
+    assert json.loads((model_dir / "config.json").read_text())["model"]["d_model"] == 64
+    saved = load_file(model_dir / "model.safetensors")
+    assert set(saved) == set(load_file(checkpoint(tmp_path / "whole", 4) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def instructions(tmp_path_factory) -> tuple[Path, Path]:
+    """16 distinct training conversations (two batches of 8) and 4 for validation, alpaca format."""
+    import random
+
+    rng = random.Random(0)
+    words = ["red", "blue", "green", "stone", "river", "light", "night", "ship", "gold", "rain", "wind", "field"]
+    folder = tmp_path_factory.mktemp("instructions")
+    files = []
+    for name, n in (("train", 16), ("validation", 4)):
+        rows = [
+            {"instruction": f"Repeat {i}: " + " ".join(rng.sample(words, 4)), "output": " ".join(rng.sample(words, 3))}
+            for i in range(n)
+        ]
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        files.append(path)
+    return files[0], files[1]
+
+
+@pytest.fixture(scope="module")
+def causal_teacher(tmp_path_factory, instructions) -> Path:
+    """llama-tiny (2 layers, random weights) with a byte-level BPE tokenizer learned on the conversations."""
+    from lmforge import build_model
+    from lmforge.data.tokenizers.tokenizer import load_tokenizer
+    from lmforge.hf.save import save_model
+    from lmforge.train.tokenizer import learn_tokenizer
+
+    folder = tmp_path_factory.mktemp("causal-teacher")
+    learn_tokenizer("bpe", [p.read_text() for p in instructions], 200, folder / "tok")
+    tokenizer = load_tokenizer(folder / "tok")
+    torch.manual_seed(0)
+    model = build_model("llama-tiny", vocab_size=tokenizer.vocab_size, n_layer=2)
+    return save_model(model, folder / "model", tokenizer=tokenizer)
+
+
+def test_cached_teacher_runs_in_the_first_epoch_only(tmp_path, capsys, monkeypatch, causal_teacher, instructions):
+    """--cache-topk: the teacher runs once per first-epoch batch, never in the second epoch nor in a resumed run,
+    which reads the run folder's cache and repeats the uninterrupted run's losses."""
+    import lmforge.hf.load
+
+    load_model, calls = lmforge.hf.load.load_model, []
+
+    def counting(*args, **kwargs):  # the teacher is the only model distill loads (the student is a preset)
+        model = load_model(*args, **kwargs)
+        model.register_forward_hook(lambda *_: calls.append(1))
+        return model
+
+    monkeypatch.setattr(lmforge.hf.load, "load_model", counting)
+    train, validation = instructions
+    flags = [
+        "--teacher", str(causal_teacher), "--student", "llama-tiny", '--model.overrides={"n_layer": 1}', "--task",
+        "sft", f"--data={train}", f"--data.validation={validation}", "--cache-topk", "8", "--train.batch_size=8",
+        "--train.log_every=1", "--eval-every=0", "--train.deterministic=true", "--optim.schedule=constant",
+        "--task.eval_examples=1", "--task.max_new_tokens=2", *QUIET,
+    ]  # fmt: skip
+    result = run_cli(capsys, "distill", *flags, "--out", tmp_path / "whole", "--max-steps=4")  # two epochs
+    assert result.returncode == 0, result.stderr
+    assert len(calls) == 2  # one per batch of the first epoch
+    (run_dir,) = [p for p in (tmp_path / "whole").iterdir() if p.is_dir()]
+    meta = json.loads((run_dir / "teacher_cache" / "meta.json").read_text())
+    assert meta["k"] == 8 and meta["temperature"] == 2.0 and len(list((run_dir / "teacher_cache").glob("*.safe*"))) == 2
+
+    calls.clear()
+    assert run_cli(capsys, "distill", *flags, "--out", tmp_path / "parts", "--max-steps=2").returncode == 0
+    assert len(calls) == 2
+    calls.clear()
+    resumed = run_cli(capsys, "distill", *flags, "--out", tmp_path / "parts", "--max-steps=4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert calls == []
+    assert train_losses(tmp_path / "parts") == train_losses(tmp_path / "whole")
+
+
+def test_every_fold_of_a_kfold_distillation_distils(tmp_path, capsys, monkeypatch, classifier_run, sentiment_data):
+    """--kfold K runs K fine-tunings of the student: each trains on DistillObjective, not on the task's loss."""
+    built, loss_sum = [], DistillObjective.loss_sum
+
+    def spy(self, model, batch):
+        built.append(self)  # kept alive, so no two share an id
+        return loss_sum(self, model, batch)
+
+    monkeypatch.setattr(DistillObjective, "loss_sum", spy)
+    result = run_cli(
+        capsys, "distill", "--teacher", classifier_run, "--keep-every", "2", "--task", "classification",
+        f"--data={sentiment_data}", "--out", tmp_path, "--max-steps=2", "--train.batch_size=16", "--kfold=2", *QUIET,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(built) == 4 and len({id(o) for o in built}) == 2  # two steps in each fold, one objective each
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in run_dir.glob("fold_*")) == ["fold_01", "fold_02"]

@@ -115,6 +115,7 @@ def test_pruned_classifier_scores_with_lmforge_evaluate(tmp_path, capsys, classi
         (["--structured", "heads", "--amount", "0.9", "--calibration", "CAL"], "would remove every head of a layer"),
         (["--method", "wanda", "--sparsity", "0.5", "--seq-len", "100000", "--calibration", "CAL"],
          "too little calibration data"),
+        (["--sparsity", "0.5", "--importance", "taylor"], "it goes with --structured heads|ffn"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, tiny_lm, calibration_file, flags, message):
@@ -139,6 +140,18 @@ def test_structured_prune_writes_a_smaller_model(tmp_path, capsys, tiny_lm, cali
     assert model.config.n_head == 2 and model.config.n_kv_heads == 2
     assert record["parameters"] == sum(p.numel() for p in model.parameters()) < record["parameters_before"]
     assert all(len(kept) == 2 for kept in record["kept"].values())
+
+
+def test_structured_prune_by_taylor_importance(tmp_path, capsys, tiny_lm, calibration_file):
+    out = tmp_path / "smaller"
+    result = run_cli(
+        capsys, "prune", tiny_lm, "--structured", "ffn", "--amount", "0.25", "--importance", "taylor",
+        "--calibration", calibration_file, "--samples", "4", "--seq-len", "32", "--out", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "sparsity.json").read_text())
+    assert record["importance"] == "taylor" and load_model(out).config.d_ff == 264
+    assert record["perplexity"] > 0
 
 
 def test_one_pass_wanda_with_a_pattern(tmp_path, capsys, tiny_lm, calibration_file):

@@ -90,3 +90,14 @@ def test_recorded_attention_reproduces_the_model_and_sums_to_one():
     torch.testing.assert_close(caught.attention[0].sum(-1), torch.ones(2, 4, 12))
     assert float(caught.attention[0][0, :, 0, 1:].abs().max()) == 0  # causal: the first query sees itself only
     assert model.blocks[0].attn.attend.__name__ == "sdpa_attention"  # restored
+
+
+def test_width_projections_are_learned_only_when_widths_differ_and_a_hidden_term_is_on():
+    from lmforge.compress.distill import width_projections
+
+    teacher = build_model("gpt-tiny", vocab_size=64)  # 4 layers of width 128
+    narrow = build_model("gpt-tiny", vocab_size=64, d_model=64, n_layer=2)
+    projections = width_projections(narrow, teacher, DistillSettings(hidden=1.0))
+    assert [tuple(p.weight.shape) for p in projections] == [(128, 64), (128, 64)]  # one per student layer
+    assert not list(width_projections(narrow, teacher, DistillSettings(cosine=0.0)).parameters())
+    assert not list(width_projections(teacher, teacher, DistillSettings(hidden=1.0)).parameters())

@@ -11,7 +11,7 @@ from torch import nn
 
 from lmforge import build_model
 from lmforge.compress.prune import calibration_batches
-from lmforge.compress.structured import UNIT_KINDS, remove_units
+from lmforge.compress.structured import IMPORTANCES, UNIT_KINDS, blocks, remove_units
 from lmforge.hf.load import load_model
 from lmforge.hf.save import save_model
 
@@ -91,3 +91,59 @@ def test_bad_structured_amounts_are_refused(kind, amount, message):
 def test_heads_of_a_model_without_head_dim_are_refused():
     with pytest.raises(ValueError, match="use --structured ffn"):
         remove_units(tiny("gpt-tiny"), "heads", 0.25, batches())
+
+
+def gate_gradients(model: nn.Module, kind: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """|dL/dg_u| with a gate g_u = 1 multiplying each unit's output activations (Molchanov et al.'s formulation),
+    L the mean next-token cross-entropy, by autograd through the whole model."""
+    unit = UNIT_KINDS[kind]
+    gates, hooks = {}, []
+    for name, block in blocks(model).items():
+        layer, width = unit.output_layer(block), unit.width(block)
+        gate = gates[name] = torch.ones(layer.in_features // width, requires_grad=True)
+
+        def gated(_module, args, g=gate, w=width):
+            return args[0] * g.repeat_interleave(w)  # each unit's width-long slice of the input times its gate
+
+        hooks.append(layer.register_forward_pre_hook(gated))
+    logits = model(input_ids=ids).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    grads = torch.autograd.grad(loss, list(gates.values()))
+    for h in hooks:
+        h.remove()
+    return {name: g.abs() for name, g in zip(gates, grads, strict=True)}
+
+
+@pytest.mark.parametrize(("kind", "overrides"), [("ffn", {}), ("heads", {}), ("heads", {"n_kv_heads": None})])
+def test_taylor_scores_equal_the_gate_gradients_by_autograd(kind, overrides):
+    """On one batch, |sum over a unit's output-projection columns of W dL/dW| equals |dL/dg| for a gate on the
+    unit's output: two computations of the same first-order estimate."""
+    model = tiny("llama-tiny", **overrides)
+    ids = batches()[0]
+    scores = IMPORTANCES["taylor"].scores(model, UNIT_KINDS[kind], [ids])
+    expected = gate_gradients(model, kind, ids)
+    assert scores.keys() == expected.keys() == {"blocks.0", "blocks.1"}
+    for name in scores:
+        torch.testing.assert_close(scores[name], expected[name], rtol=1e-4, atol=1e-7)
+    assert all(p.requires_grad for p in model.parameters())  # the flags are given back
+
+
+def test_taylor_pruning_removes_the_lowest_scored_units_and_the_model_runs(tmp_path):
+    model = tiny("llama-tiny")
+    calibration = batches()
+    scores = IMPORTANCES["taylor"].scores(model, UNIT_KINDS["ffn"], calibration)
+    removal = remove_units(model, "ffn", 0.25, calibration, importance="taylor")
+    for name, kept in removal.kept.items():
+        removed = sorted(set(range(352)) - set(kept))
+        assert len(removed) == 88
+        assert scores[name][removed].max() <= scores[name][kept].min()
+        assert set(removed) == set(scores[name].argsort()[:88].tolist())
+    loaded = load_model(save_model(model, tmp_path / "small"))
+    assert loaded.config.d_ff == 264
+    logits = loaded(torch.randint(0, 256, (1, 12))).logits
+    assert logits.shape == (1, 12, 256) and torch.isfinite(logits).all()
+
+
+def test_taylor_needs_a_causal_lm():
+    with pytest.raises(ValueError, match="needs a causal LM; .* use --importance activation"):
+        remove_units(tiny("bert-tiny"), "ffn", 0.25, batches(), importance="taylor")

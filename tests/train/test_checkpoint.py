@@ -227,3 +227,46 @@ def test_a_full_disk_mid_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_p
         save_checkpoint(tmp_path, 2, model, opt, sched, {})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest.json", "step_00000001"]
     assert latest_checkpoint(tmp_path).name == "step_00000001"
+
+
+def test_the_loss_module_trains_with_the_model_and_resumes_bit_identically(tmp_path):
+    """A loss's own weights (`Objective.loss_module`, e.g. distillation's width projections) join the optimizer
+    (AdamW groups inside Muon), live in loss.safetensors, and a resumed run continues them exactly."""
+    from lmforge.train.optim import add_loss_groups
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model, head = build_model("gpt-tiny", **SMALL), torch.nn.Linear(32, 8)
+        opt = build_optimizer(model, CFG)
+        add_loss_groups(opt, head, CFG)
+        return model, head, opt, build_scheduler(opt, CFG, max_steps=20)
+
+    def steps(model, head, opt, sched, n):
+        for _ in range(n):
+            x = torch.randint(0, 64, (2, 16))
+            hidden = model(x).logits[..., :32]
+            (model(x, labels=x).loss + head(hidden).square().mean()).backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+
+    model, head, opt, sched = build(0)
+    assert [g["role"] for g in opt.param_groups][-2:] == ["loss/decay", "loss/no_decay"]
+    assert not opt.param_groups[-2]["use_muon"] and opt.param_groups[-1]["weight_decay"] == 0.0
+    before = head.weight.detach().clone()
+    steps(model, head, opt, sched, 2)
+    assert not torch.equal(head.weight, before)
+    path = save_checkpoint(tmp_path, 2, model, opt, sched, {}, loss_module=head)
+    steps(model, head, opt, sched, 2)
+
+    model2, head2, opt2, sched2 = build(7)
+    load_checkpoint(path, model2, opt2, sched2, loss_module=head2)
+    steps(model2, head2, opt2, sched2, 2)
+    assert torch.equal(head2.weight, head.weight) and torch.equal(head2.bias, head.bias)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters(), strict=True))
+
+    plain = save_checkpoint(tmp_path, 3, model, opt, sched, {})
+    with pytest.raises(FileNotFoundError, match="loss.safetensors not found"):
+        load_checkpoint(plain, model2, opt2, sched2, loss_module=head2)
+    with pytest.raises(ValueError, match="resume with the loss settings the run used"):
+        load_checkpoint(path, model2, opt2, sched2, loss_module=torch.nn.Linear(32, 4))

@@ -2,7 +2,7 @@
 
     lmforge distill --teacher runs/minilm-pang-lee --keep-every 2 --task classification --data pang-lee-sentences
     lmforge distill --teacher SmolLM2-135M-Instruct --student llama-tiny --task sft --data pang-lee-sentences \
-        --divergence reverse_kl --temperature 1
+        --divergence reverse_kl --temperature 1 --cache-topk 64
 
 The distillation flags are below; every other flag is `lmforge finetune`'s (steps, batch size, LoRA, ...),
 since a distillation run is a fine-tuning run of the student whose loss also listens to the teacher
@@ -41,6 +41,15 @@ def distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=float, default=0.0, help="weight of the hidden-state MSE (default: 0)")
     p.add_argument("--cosine", type=float, default=0.0, help="weight of the hidden-state cosine loss (default: 0)")
     p.add_argument("--attention", type=float, default=0.0, help="weight of the attention-map KL (default: 0)")
+    p.add_argument(
+        "--cache-topk",
+        type=int,
+        default=None,
+        metavar="K",
+        help="causal LMs: cache the teacher's top-K log-probabilities (and tail mass) per training sequence in the "
+        "run folder; later epochs and --resume read them instead of running the teacher, and the divergence "
+        "compares the K+1-way coarsened distributions (exact when K = vocabulary size)",
+    )
     return p
 
 

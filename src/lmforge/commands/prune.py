@@ -3,6 +3,8 @@
     lmforge prune SmolLM2-135M-Instruct --method wanda --sparsity 0.5 --calibration wikipedia-sample --out pruned
     lmforge prune runs/minilm-pang-lee --method magnitude --pattern 2:4 --out minilm-2-4
     lmforge prune SmolLM2-135M-Instruct --structured ffn --amount 0.25 --calibration wikipedia-sample --out smaller
+    lmforge prune SmolLM2-135M-Instruct --structured heads --amount 0.25 --importance taylor \
+        --calibration wikipedia-sample --out fewer-heads
 
 The work is `lmforge.compress.recipe.prune_checkpoint`; the folder appears only when complete.
 """
@@ -26,6 +28,13 @@ def register(commands, groups) -> None:
     p.add_argument("--pattern", default=None, help="N:M semi-structured sparsity: N kept of every M (e.g. 2:4)")
     p.add_argument("--structured", choices=("heads", "ffn"), default=None, help="remove whole heads or FFN channels")
     p.add_argument("--amount", type=float, default=None, help="fraction of every layer's heads/channels removed")
+    p.add_argument(
+        "--importance",
+        choices=("activation", "taylor"),
+        default=None,
+        help="--structured: how units are scored, by the norm of their output (activation, the default) or the "
+        "first-order Taylor estimate |sum W dL/dW| of the loss change without them (taylor; causal LMs)",
+    )
     p.add_argument("--calibration", default=None, help="calibration text: catalog name or file (wanda, sparsegpt)")
     p.add_argument("--samples", type=int, default=64, help="calibration windows (default: 64)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default: 256)")
@@ -53,6 +62,7 @@ def run(args: argparse.Namespace) -> None:
         seed=args.seed,
         overwrite=args.overwrite,
         sequential=not args.one_pass,
+        importance=args.importance,
     )
     summary = {k: v for k, v in record.items() if k not in ("layers", "kept", "config")}
     print(json.dumps(summary, indent=2))

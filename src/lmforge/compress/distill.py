@@ -7,8 +7,8 @@ the task averages over (an example, or a target token), with weights w:
 
     L = w_hard L_task(student)
       + w_soft T^2 D(p_teacher^T, p_student^T)          p^T = softmax(logits / T)   (Hinton et al. 2015)
-      + w_hidden mean_l MSE(h_student^l, h_teacher^m(l))                             (FitNets, TinyBERT)
-      + w_cosine mean_l (1 - cos(h_student^l, h_teacher^m(l)))                       (DistilBERT)
+      + w_hidden mean_l MSE(W_l h_student^l, h_teacher^m(l))                         (FitNets, TinyBERT)
+      + w_cosine mean_l (1 - cos(W_l h_student^l, h_teacher^m(l)))                   (DistilBERT)
       + w_attention mean_l mean_heads KL(A_teacher^m(l) || A_student^l)   per query  (TinyBERT, MiniLM)
 
 The T^2 keeps the soft term's gradients on the scale of the hard term's as T grows (Hinton et al., section 2).
@@ -21,6 +21,17 @@ m(l) = round((l + 1) L_t / L_s) - 1, so the last layers always meet; hidden stat
 (over real tokens; an example's loss is the mean over its tokens). The attention term compares each head's
 distribution over keys, softmax(Q K^T / sqrt(d) + M), recorded while both models run (MiniLM, Wang et al. 2020,
 uses this KL on the last layer; TinyBERT, Jiao et al. 2020, an MSE on every mapped layer).
+
+W_l is the identity when student and teacher are equally wide; otherwise a learned Linear(d_student, d_teacher)
+per student layer (TinyBERT's W_h, FitNets' regressor; TinyBERT's code shares one across layers, one per layer
+lets each matched pair find its own map), initialised like any Linear and trained jointly with the student by the
+same optimizer. The projections are the objective's `loss_module`: every checkpoint keeps them, so a resumed run
+continues exactly, and the saved student never holds them.
+
+For a causal LM the teacher's distributions can be cached to disk as their top K (`--cache-topk K`,
+`lmforge.compress.teacher_cache`): the first epoch fills the cache and later epochs, or a resumed run, read it
+without running the teacher; D then compares the (K+1)-way coarsened distributions (the top-K tokens and one
+tail bucket), a lower bound of the full divergence that is exact when K = V.
 
 Both models read the same token ids, so they must share a vocabulary (checked before the run). The student is
 a preset (random weights), a model folder, or the teacher with every k-th layer kept (`keep_every`, as
@@ -42,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.compress.teacher_cache import TopKCache
 from lmforge.finetune.tasks.base import Task, model_inputs
 from lmforge.nn import Block
 from lmforge.nn.loss import IGNORE_INDEX
@@ -49,16 +61,22 @@ from lmforge.train.distributed import unwrap_model
 from lmforge.train.objective import Objective
 
 TASK_FILE = "task.json"
+CACHE_DIR = "teacher_cache"  # in the run folder (`lmforge.compress.teacher_cache`)
 
 
 class Divergence(ABC):
-    """D(p_teacher, p_student) per unit, from logits (N, K) at temperature T (not yet scaled by T^2)."""
+    """D(p_teacher, p_student) per unit. `between` takes log-probabilities over the same classes (the whole
+    vocabulary, or a coarsened one); calling it takes logits (N, K) at temperature T (not yet scaled by T^2)."""
 
     name: ClassVar[str]
 
     @abstractmethod
+    def between(self, log_s: torch.Tensor, log_t: torch.Tensor, beta: float) -> torch.Tensor:
+        """(N,) divergences from the student's and the teacher's log-probabilities (N, C)."""
+
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float, beta: float) -> torch.Tensor:
-        """(N,) divergences."""
+        """(N,) divergences between softmax(teacher / T) and softmax(student / T)."""
+        return self.between(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1), beta)
 
 
 def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -69,22 +87,21 @@ def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 class ForwardKL(Divergence):
     name = "kl"
 
-    def __call__(self, student, teacher, temperature, beta):
-        return kl(F.log_softmax(teacher / temperature, -1), F.log_softmax(student / temperature, -1))
+    def between(self, log_s, log_t, beta):
+        return kl(log_t, log_s)
 
 
 class ReverseKL(Divergence):
     name = "reverse_kl"
 
-    def __call__(self, student, teacher, temperature, beta):
-        return kl(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1))
+    def between(self, log_s, log_t, beta):
+        return kl(log_s, log_t)
 
 
 class GeneralisedJSD(Divergence):
     name = "jsd"
 
-    def __call__(self, student, teacher, temperature, beta):
-        log_t, log_s = F.log_softmax(teacher / temperature, -1), F.log_softmax(student / temperature, -1)
+    def between(self, log_s, log_t, beta):
         log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log(1 - beta))  # log of the mixture m
         return beta * kl(log_t, log_m) + (1 - beta) * kl(log_s, log_m)
 
@@ -104,6 +121,7 @@ class DistillSettings:
     hidden: float = 0.0
     cosine: float = 0.0
     attention: float = 0.0
+    cache_topk: int | None = None  # causal LMs: the teacher's top-K log-probabilities cached on disk (None: off)
 
     def __post_init__(self) -> None:
         if self.divergence not in DIVERGENCES:
@@ -115,6 +133,17 @@ class DistillSettings:
         weights = {k: getattr(self, k) for k in ("soft", "hard", "hidden", "cosine", "attention")}
         if any(w < 0 for w in weights.values()) or not any(weights.values()):
             raise ValueError(f"loss weights {weights} must be >= 0 and not all 0")
+        if self.cache_topk is not None:
+            if isinstance(self.cache_topk, bool) or not isinstance(self.cache_topk, int) or self.cache_topk < 1:
+                raise ValueError(f"--cache-topk {self.cache_topk!r} must be a whole number >= 1 (e.g. 64)")
+            if not self.soft:
+                raise ValueError("--cache-topk caches the soft targets, which --soft 0 does not use; drop one")
+            inner = [k for k in ("hidden", "cosine", "attention") if getattr(self, k)]
+            if inner:
+                raise ValueError(
+                    f"--cache-topk stores the teacher's logits only, but --{inner[0]} needs its hidden states on "
+                    f"every batch; set --{' --'.join(f'{k} 0' for k in inner)} or drop --cache-topk"
+                )
 
 
 def blocks(model: nn.Module) -> list[Block]:
@@ -176,15 +205,62 @@ class Capture:
             attn.attend = original
 
 
+@dataclass
+class FullTargets:
+    """The teacher's whole distribution at N units, log-probabilities (N, V): nothing to coarsen."""
+
+    log_probs: torch.Tensor
+
+    def coarsen(self, log_q: torch.Tensor) -> torch.Tensor:
+        return log_q
+
+
+class LiveTeacher:
+    """Soft targets from the teacher run on every batch (its hidden states and attention maps are recorded by the
+    caller's `Capture` as it runs)."""
+
+    def __init__(self, teacher: nn.Module, temperature: float) -> None:
+        self.teacher, self.temperature = teacher, temperature
+
+    def targets(self, batch: dict[str, torch.Tensor], units: torch.Tensor, shape: torch.Size) -> FullTargets:
+        logits = self.teacher(**model_inputs(self.teacher, batch)).logits.float()
+        if logits.shape != shape:
+            raise ValueError(
+                f"the teacher's logits have shape {tuple(logits.shape)} and the student's {tuple(shape)}: teacher and "
+                "student are for different tasks or label sets; distil from a teacher fine-tuned for the same task "
+                "and data"
+            )
+        return FullTargets(F.log_softmax(logits[units] / self.temperature, -1))
+
+
 class DistillObjective(Objective):
-    """The task's loss plus the distillation terms; counts the task's units (examples or target tokens)."""
+    """The task's loss plus the distillation terms; counts the task's units (examples or target tokens). The
+    soft targets come from the teacher run on each batch, or from a `TopKCache` in `cache_dir` when
+    `settings.cache_topk` is set; `loss_module` holds the width projections when the student is narrower or
+    wider than the teacher and a hidden-state term is on."""
 
     name = "distill"
 
-    def __init__(self, task: Task, teacher: nn.Module, settings: DistillSettings) -> None:
+    def __init__(
+        self,
+        task: Task,
+        student: nn.Module,
+        teacher: nn.Module,
+        settings: DistillSettings,
+        cache_dir: Path | None = None,
+    ) -> None:
         self.task, self.teacher, self.settings = task, teacher.eval(), settings
         for p in self.teacher.parameters():
             p.requires_grad_(False)
+        if settings.cache_topk is not None and cache_dir is None:
+            raise ValueError("--cache-topk needs a folder for the cache (distill puts it in the run folder)")
+        self.source = (
+            LiveTeacher(self.teacher, settings.temperature)
+            if settings.cache_topk is None
+            else TopKCache(cache_dir, self.teacher, settings.temperature, settings.cache_topk)
+        )
+        self.projections = width_projections(unwrap_model(student), self.teacher, settings)
+        self.loss_module = self.projections if list(self.projections.parameters()) else None
 
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.task.count(batch)
@@ -201,27 +277,22 @@ class DistillObjective(Objective):
             self.teacher.to(device)
         with Capture(student, hidden, attention) as caught:
             loss = self.task.loss_sum(model, batch) * s.hard
-        with torch.no_grad(), Capture(self.teacher, hidden, attention) as taught:
-            self.teacher(**model_inputs(self.teacher, batch))
-        s_logits, t_logits = caught.output.logits.float(), taught.output.logits.float()
-        if s_logits.shape != t_logits.shape:
-            raise ValueError(
-                f"the teacher's logits have shape {tuple(t_logits.shape)} and the student's {tuple(s_logits.shape)}: "
-                "teacher and student are for different tasks or label sets; distil from a teacher fine-tuned for "
-                "the same task and data"
-            )
+        s_logits = caught.output.logits.float()
         units = self.unit_mask(batch, s_logits)
+        with torch.no_grad(), Capture(self.teacher, hidden, attention) as taught:
+            targets = self.source.targets(batch, units, s_logits.shape)
         if s.soft:
-            divergence = DIVERGENCES[s.divergence](s_logits, t_logits, s.temperature, s.beta)  # (B,) or (B, T)
-            loss = loss + s.soft * s.temperature**2 * divergence[units].sum()
+            log_q = F.log_softmax(s_logits[units] / s.temperature, -1)  # (N, V) at the units
+            divergence = DIVERGENCES[s.divergence].between(targets.coarsen(log_q), targets.log_probs, s.beta)
+            loss = loss + s.soft * s.temperature**2 * divergence.sum()
         if hidden:
             mapping = layer_map(len(caught.hidden), len(taught.hidden))
-            pairs = [(caught.hidden[i], taught.hidden[j]) for i, j in enumerate(mapping)]
+            pairs = [(self.projections[i](caught.hidden[i].float()), taught.hidden[j]) for i, j in enumerate(mapping)]
             for h_s, h_t in pairs:
                 if h_s.shape != h_t.shape:
                     raise ValueError(
-                        f"hidden states of width {h_s.shape[-1]} (student) and {h_t.shape[-1]} (teacher): the hidden "
-                        "and cosine losses need equal widths; set their weights to 0"
+                        f"hidden states of shape {tuple(h_s.shape)} (student, projected) and {tuple(h_t.shape)} "
+                        "(teacher): the hidden and cosine losses compare them token by token; set their weights to 0"
                     )
             if s.hidden:
                 per_token = sum(F.mse_loss(a.float(), b.float(), reduction="none").mean(-1) for a, b in pairs)
@@ -259,6 +330,16 @@ class DistillObjective(Objective):
             return per_token[units].sum()
         mask = batch.get("attention_mask", torch.ones_like(per_token)).to(per_token.dtype)
         return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1))[units].sum()
+
+
+def width_projections(student: nn.Module, teacher: nn.Module, settings: DistillSettings) -> nn.ModuleList:
+    """W_l for each student layer (module docstring): Linear(d_student, d_teacher) when the widths differ and a
+    hidden-state term is on, else the identity (no parameters)."""
+    d_student, d_teacher = student.config.d_model, teacher.config.d_model
+    learned = d_student != d_teacher and bool(settings.hidden or settings.cosine)
+    return nn.ModuleList(
+        nn.Linear(d_student, d_teacher) if learned else nn.Identity() for _ in range(len(blocks(student)))
+    )
 
 
 def keep_every(model: nn.Module, k: int) -> nn.Module:
@@ -329,6 +410,11 @@ def distill(
             f"for the same task; pass --task {trained_for} or another teacher"
         )
     teacher_model = load_model(source, head=None if trained_for else TASKS[task].head)
+    if settings.cache_topk is not None and teacher_model.config.head != "causal_lm":
+        raise ValueError(
+            f"--cache-topk caches a causal LM's next-token distributions; the teacher {teacher} has a "
+            f"{teacher_model.config.head} head: drop --cache-topk"
+        )
     teacher_tokenizer = load_tokenizer(source)
 
     flags = [*finetune_args, f"--task={task}"]
@@ -353,7 +439,8 @@ def distill(
             )
         config = parse_args([*flags, f"--model={student_path}"], FINETUNE)
 
-    summary = finetune(config, objective=lambda t: DistillObjective(t, teacher_model, settings))
+    cache = config.run_dir / CACHE_DIR if settings.cache_topk is not None else None  # k-fold: one for every fold
+    summary = finetune(config, objective=lambda t, m: DistillObjective(t, m, teacher_model, settings, cache))
     summary["distill"] = {"teacher": str(teacher), "student": student, **asdict(settings)}
     if Path(summary["run_dir"]).is_dir():
         write_json_atomic(Path(summary["run_dir"]) / "distill.json", summary["distill"])
@@ -370,4 +457,5 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
         hidden=args.hidden,
         cosine=args.cosine,
         attention=args.attention,
+        cache_topk=args.cache_topk,
     )

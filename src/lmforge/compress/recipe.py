@@ -94,10 +94,12 @@ def prune_checkpoint(
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
     sequential: bool = True,
+    importance: str | None = None,
 ) -> dict[str, Any]:
     """Prune `model_name` and write it to `out` (see the module docstring); returns what sparsity.json holds.
     Unstructured or N:M with `method` and `sparsity` or `pattern`; or, with `structured` ("heads" or "ffn"),
-    remove that fraction (`amount`) of every layer's heads or FFN channels, which makes the model smaller.
+    remove that fraction (`amount`) of every layer's heads or FFN channels, the lowest scored by `importance`
+    ("activation", the default, or "taylor": `compress.structured.IMPORTANCES`), which makes the model smaller.
     `sequential=False` calibrates every layer on the dense model in one pass (`compress.prune.prune_model`)."""
     from lmforge.data.tokenizers.tokenizer import load_tokenizer
     from lmforge.hf.load import load_model
@@ -105,6 +107,8 @@ def prune_checkpoint(
     from lmforge.hf.save import save_model
 
     if structured is None:
+        if importance is not None:
+            raise ValueError(f"--importance {importance} scores whole units: it goes with --structured heads|ffn")
         target = Sparsity.parse(sparsity, pattern)
         if method not in METHODS:
             raise ValueError(f"--method {method!r} is unknown; choose one of {', '.join(METHODS)}")
@@ -139,8 +143,10 @@ def prune_checkpoint(
         record["layers"] = prune_model(model, method, target, batches, progress, sequential=sequential)
         record["overall"] = _overall(model, record["layers"])
     else:
-        removal = remove_units(model, structured, amount, batches)
-        record.update(structured=structured, amount=amount, kept=removal.kept, config=model.config.to_dict())
+        importance = importance or "activation"
+        removal = remove_units(model, structured, amount, batches, importance)
+        record.update(structured=structured, amount=amount, importance=importance)
+        record.update(kept=removal.kept, config=model.config.to_dict())
     record["parameters"] = _parameters(model)
     if scored:
         record["perplexity"] = perplexity(model, held_out, seq_len, samples)

@@ -2,15 +2,29 @@
 
 A unit (one attention head, one FFN hidden channel) writes into the residual stream through its slice of the
 output projection: head h adds o_h W_out[:, h]^T (o_h its d_head outputs), channel j adds h_j W_down[:, j]^T.
-Its importance is the norm of that contribution over calibration tokens,
+Its importance is one of two scores (`IMPORTANCES`, `--importance`):
+
+- activation (the default): the norm of that contribution over calibration tokens,
 
     I_u = ( sum_t || x_t[cols_u] W[:, cols_u]^T ||^2 )^(1/2)      (for a channel: ||h_j||_2 * ||W_down[:, j]||_2)
 
-the activation-norm criterion of structured pruning (e.g. Michel et al. 2019 score heads by how much the output
-changes without them; the norm of the contribution is its first-order-free, data-driven proxy, as in the
-activation-based channel pruning of Hu et al. 2016 weighted by the outgoing weights). Every layer loses the
-same number of units, so the pruned model has a uniform config (fewer heads, or a smaller d_ff) that every
-lmforge loader and the Hugging Face exporters read as an ordinary model.
+  the activation-norm criterion of structured pruning (e.g. Michel et al. 2019 score heads by how much the output
+  changes without them; the norm of the contribution is its first-order-free, data-driven proxy, as in the
+  activation-based channel pruning of Hu et al. 2016 weighted by the outgoing weights);
+
+- taylor: the first-order Taylor estimate of the loss change when the unit goes (Molchanov et al. 2019),
+
+    I_u = sum_batches | sum_{o, c in cols_u} W[o, c] dL/dW[o, c] |
+
+  with L the mean next-token cross-entropy of a batch of calibration windows. Removing the unit zeroes its columns
+  of the output projection, a step of -W[:, cols_u], so to first order L changes by -sum W dL/dW over them. The
+  sum is also the gradient of a gate g_u = 1 on the unit's output activations a_u (Molchanov's formulation): with
+  y_t = W a_t, dL/dW[o, c] = sum_t dL/dy_t[o] a_t[c], hence sum_{o, c} W[o, c] dL/dW[o, c] =
+  sum_t sum_c a_t[c] dL/da_t[c] = dL/dg_u (tested). The absolute value is taken per batch and summed over batches,
+  as Molchanov et al. average per-batch scores: gradients of different batches would otherwise partly cancel.
+
+Every layer loses the same number of units, so the pruned model has a uniform config (fewer heads, or a smaller
+d_ff) that every lmforge loader and the Hugging Face exporters read as an ordinary model.
 
 Removing a unit is exact: its rows of the input projections and its columns of the output projection go
 (query rows for a head; q/k/v rows when each head has its own key/value head), so the smaller model computes
@@ -25,6 +39,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmforge.compress.prune import calibration_forward
@@ -196,42 +211,102 @@ def blocks(model: nn.Module) -> dict[str, Block]:
     return {name: module for name, module in model.named_modules() if isinstance(module, Block)}
 
 
-def unit_scores(model: nn.Module, kind: UnitKind, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Block name -> I_u for each unit (module docstring), from one forward pass over the calibration batches."""
-    found = blocks(model)
-    squares = {name: torch.zeros(kind.output_layer(b).in_features // kind.width(b)) for name, b in found.items()}
+class Importance(ABC):
+    """One criterion for scoring units on calibration batches (see the module docstring)."""
 
-    def hook(name: str, block: Block):
-        layer, width = kind.output_layer(block), kind.width(block)
+    name: ClassVar[str]
 
-        def add(_module, args, _output):
-            x = args[0].detach().float().reshape(-1, layer.in_features // width, width)  # (tokens, units, width)
-            w = layer.weight.detach().float().reshape(layer.out_features, -1, width)  # (out, units, width)
-            if width == 1:  # a channel: ||h_j w_j^T||_F^2 = ||h_j||^2 ||w_j||^2
-                squares[name] += (x.square().sum(0) * w.square().sum(0)).squeeze(-1).cpu()
-            else:  # a head: ||o_h W_h^T||_F^2, o_h (tokens, d_head)
-                squares[name] += torch.einsum("tuw,ouw->tuo", x, w).square().sum((0, 2)).cpu()
+    @abstractmethod
+    def scores(self, model: nn.Module, kind: UnitKind, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Block name -> one score per unit (higher: more important)."""
 
-        return layer.register_forward_hook(add)
 
-    hooks = [hook(name, block) for name, block in found.items()]
-    forward = calibration_forward(model)
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
+class ActivationNorm(Importance):
+    name = "activation"
+
+    def scores(self, model: nn.Module, kind: UnitKind, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """I_u = the norm of the unit's contribution, from one forward pass over the calibration batches."""
+        found = blocks(model)
+        squares = {name: torch.zeros(kind.output_layer(b).in_features // kind.width(b)) for name, b in found.items()}
+
+        def hook(name: str, block: Block):
+            layer, width = kind.output_layer(block), kind.width(block)
+
+            def add(_module, args, _output):
+                x = args[0].detach().float().reshape(-1, layer.in_features // width, width)  # (tokens, units, width)
+                w = layer.weight.detach().float().reshape(layer.out_features, -1, width)  # (out, units, width)
+                if width == 1:  # a channel: ||h_j w_j^T||_F^2 = ||h_j||^2 ||w_j||^2
+                    squares[name] += (x.square().sum(0) * w.square().sum(0)).squeeze(-1).cpu()
+                else:  # a head: ||o_h W_h^T||_F^2, o_h (tokens, d_head)
+                    squares[name] += torch.einsum("tuw,ouw->tuo", x, w).square().sum((0, 2)).cpu()
+
+            return layer.register_forward_hook(add)
+
+        hooks = [hook(name, block) for name, block in found.items()]
+        forward = calibration_forward(model)
+        device = next(model.parameters()).device
+        try:
+            with torch.no_grad():
+                for ids in batches:
+                    forward(ids.to(device))
+        finally:
+            for h in hooks:
+                h.remove()
+        return {name: s.sqrt() for name, s in squares.items()}
+
+
+class Taylor(Importance):
+    name = "taylor"
+
+    def scores(self, model: nn.Module, kind: UnitKind, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """I_u = sum over batches of |sum of W * dL/dW over the unit's output-projection columns|, L the batch's mean
+        next-token cross-entropy. Only the output projections' weights take gradients (the others are frozen for
+        the backward pass and given back their requires_grad flags after)."""
+        head = getattr(model.config, "head", "")
+        if head != "causal_lm":
+            raise ValueError(
+                f"--importance taylor scores units by the gradient of the next-token loss on the calibration text, "
+                f"which needs a causal LM; this model has a {head or 'bare'} head: use --importance activation"
+            )
+        found = blocks(model)
+        layers = {name: kind.output_layer(block) for name, block in found.items()}
+        units = {name: layer.in_features // kind.width(found[name]) for name, layer in layers.items()}
+        totals = {name: torch.zeros(n) for name, n in units.items()}
+        flags = {p: p.requires_grad for p in model.parameters()}
+        device = next(model.parameters()).device
+        try:
+            for p in flags:
+                p.requires_grad_(False)
+            weights = [layer.weight.requires_grad_(True) for layer in layers.values()]
             for ids in batches:
-                forward(ids.to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: s.sqrt() for name, s in squares.items()}
+                ids = ids.to(device)
+                logits = model(input_ids=ids).logits[:, :-1].float()  # (B, T - 1, V): position t predicts t + 1
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+                grads = torch.autograd.grad(loss, weights)
+                for (name, layer), grad in zip(layers.items(), grads, strict=True):
+                    products = (layer.weight.detach().float() * grad.float()).reshape(
+                        layer.out_features, units[name], -1
+                    )
+                    totals[name] += products.sum((0, 2)).abs().cpu()
+        finally:
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+        return totals
 
 
-def remove_units(model: nn.Module, kind_name: str, amount: float, batches: list[torch.Tensor]) -> Removal:
-    """Remove `amount` of every layer's heads or FFN channels (`kind_name`) from `model`, in place, by their
-    contribution norms on `batches`; the model's config becomes the smaller one. Returns what was kept."""
+IMPORTANCES: dict[str, Importance] = {i.name: i for i in (ActivationNorm(), Taylor())}
+
+
+def remove_units(
+    model: nn.Module, kind_name: str, amount: float, batches: list[torch.Tensor], importance: str = "activation"
+) -> Removal:
+    """Remove `amount` of every layer's heads or FFN channels (`kind_name`) from `model`, in place, the lowest
+    scored by `importance` (`IMPORTANCES`) on `batches`; the model's config becomes the smaller one. Returns what
+    was kept."""
     if kind_name not in UNIT_KINDS:
         raise ValueError(f"--structured {kind_name!r} is unknown; choose one of {', '.join(UNIT_KINDS)}")
+    if importance not in IMPORTANCES:
+        raise ValueError(f"--importance {importance!r} is unknown; choose one of {', '.join(IMPORTANCES)}")
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 < amount < 1:
         raise ValueError(f"--amount {amount!r} must be a fraction in (0, 1), e.g. 0.25")
     if not batches:
@@ -239,7 +314,7 @@ def remove_units(model: nn.Module, kind_name: str, amount: float, batches: list[
     kind = UNIT_KINDS[kind_name]
     remove = kind.check(model, amount)
     model.eval()
-    scores = unit_scores(model, kind, batches)
+    scores = IMPORTANCES[importance].scores(model, kind, batches)
     kept = {}
     for name, block in blocks(model).items():
         kept[name] = kind.choose(block, scores[name], remove)

@@ -43,7 +43,7 @@ from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, cleanup, init_distributed, seed_everything, wrap_model
 from lmforge.train.loop import open_run, resume_state, say, train_loop
 from lmforge.train.objective import Objective
-from lmforge.train.optim import build_optimizer, build_scheduler
+from lmforge.train.optim import add_loss_groups, build_optimizer, build_scheduler
 from lmforge.train.runlock import run_lock
 
 MIN_FREE_BYTES = 64 << 20
@@ -307,16 +307,17 @@ def finetune(
     config: FinetuneConfig,
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
     score_test: bool = True,
-    objective: Callable[[Task], Objective] | None = None,
+    objective: Callable[[Task, nn.Module], Objective] | None = None,
 ) -> dict:
     """Fine-tune and evaluate; returns the run summary (with K-fold: the fold summary). A failure before the run
     wrote anything of value removes the run folder, if this call created it. `on_eval(step, metrics)` sees every
     validation during training (`train_loop`'s hook); with K-fold, whose folds evaluate once at their end, it is
     called after fold k with step k and the mean of each metric over the k folds done, so a tuner can stop a
     poor configuration between folds; `score_test=False` leaves the test split untouched (a tuner's trials
-    select on validation only); `objective(task)`, when given, is the training loss instead of the task's own
-    (distillation wraps the task with a teacher); evaluation, checkpoints and the saved model are the task's
-    as always."""
+    select on validation only); `objective(task, model)`, when given, is the training loss instead of the task's
+    own (distillation wraps the task with a teacher), built once the model is (every fold builds its own); its
+    `loss_module`, if any, trains with the model and lives in the checkpoints; evaluation and the saved model are
+    the task's as always."""
     config = config.with_model_name()
     check_length(config)
     created = not config.run_dir.exists()
@@ -324,7 +325,7 @@ def finetune(
     try:
         with run_lock(config.run_dir, enabled=info.is_main):
             if config.task.kfold:
-                return _kfold(config, info, on_eval)
+                return _kfold(config, info, on_eval, objective)
             return _finetune(config, info, on_eval=on_eval, score_test=score_test, objective=objective)
     except BaseException:
         if created and info.is_main and config.run_dir.is_dir() and not holds_results(config.run_dir):
@@ -342,7 +343,7 @@ def _finetune(
     save_model: bool = True,
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
     score_test: bool = True,
-    objective: Callable[[Task], Objective] | None = None,
+    objective: Callable[[Task, nn.Module], Objective] | None = None,
 ) -> dict:
     tc, device = config.train, info.device
     run_dir = config.run_dir
@@ -378,7 +379,11 @@ def _finetune(
         say(info, note)
     raw_model = raw_model.to(device)
     counts = adapt(raw_model, config)
+    training_loss = task if objective is None else objective(task, raw_model)
+    if training_loss.loss_module is not None:
+        training_loss.loss_module.to(device)
     optimizer = build_finetune_optimizer(raw_model, config)
+    add_loss_groups(optimizer, training_loss.loss_module, config.optim)
     warmup = config.optim.warmup_steps
     scheduler = build_scheduler(optimizer, config.optim, tc.max_steps) if warmup < tc.max_steps else None
     if scheduler is None:
@@ -399,9 +404,16 @@ def _finetune(
     train_batches = Endless(loader)
     privacy = None
     if config.privacy.epsilon is not None:
+        if training_loss.loss_module is not None:
+            raise ValueError(
+                "privacy.epsilon clips per-example gradients of the model only, and this run's loss trains weights "
+                "of its own (distillation's width projections): drop privacy.epsilon or the hidden/cosine terms"
+            )
         privacy, config = make_private(config, info, raw_model, optimizer, train_features, task.pad_id)
         optimizer, train_batches, tc = privacy.optimizer, Endless(privacy.loader), config.train
-    state = resume_state(latest, raw_model, optimizer, scheduler, train_batches, scaler, info)
+    state = resume_state(
+        latest, raw_model, optimizer, scheduler, train_batches, scaler, info, training_loss.loss_module
+    )
     model = wrap_model(raw_model, info) if privacy is None else privacy.training_model
     if tc.compile:
         model = torch.compile(model)
@@ -433,7 +445,7 @@ def _finetune(
         scheduler=scheduler,
         scaler=scaler,
         train_batches=train_batches,
-        objective=task if objective is None else objective(task),
+        objective=training_loss,
         evaluate=evaluate,
         run_dir=run_dir,
         tokenizer=tokenizer,
@@ -587,7 +599,10 @@ def save_final(model: nn.Module, task: Task, config: FinetuneConfig, run_dir: Pa
 
 
 def _kfold(
-    config: FinetuneConfig, info: DistInfo, on_eval: Callable[[int, dict[str, float]], None] | None = None
+    config: FinetuneConfig,
+    info: DistInfo,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
+    objective: Callable[[Task, nn.Module], Objective] | None = None,
 ) -> dict:
     from lmforge.eval import kfold_indices, stratified_kfold_indices, summarize_folds
 
@@ -619,7 +634,7 @@ def _kfold(
             labels=data.labels,
         )
         say(info, f"fold {i + 1}/{k}: {len(train_idx)} train / {len(val_idx)} held-out examples")
-        summary = _finetune(fold_config, info, fold_data, save_model=False)  # a fold's model is a by-product
+        summary = _finetune(fold_config, info, fold_data, save_model=False, objective=objective)  # model: a by-product
         fold_summaries.append(summary)
         fold_metrics.append({**numbers(summary.get("validation", {})), "train_seconds": summary.get("train_seconds")})
         if on_eval is not None:  # the running mean over the folds done (a pruner's intermediate value)

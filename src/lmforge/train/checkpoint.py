@@ -5,6 +5,7 @@ Layout of `run_dir/checkpoints/`:
         config.json, model.safetensors   the model in lmforge's format (`lmforge.load_model(dir)` reads it)
         optimizer.pt, scheduler.pt       torch.save of their state_dict()s (tensors and plain containers)
         rng.pt                           torch's CPU generator state (+ one per CUDA device)
+        loss.safetensors                 the loss's own weights, when it has any (`Objective.loss_module`)
         tokenizer files                  when a tokenizer is given
         trainer_state.json               {"step", "state": the trainer's dict, "python_rng", "numpy_rng"}
     latest.json                          {"step", "path"}: the newest checkpoint
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from lmforge.hf.files import CONFIG, SAFETENSORS, CheckpointWeights, read_config, write_safetensors
@@ -52,6 +54,7 @@ from lmforge.train.distributed import unwrap_model
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
 RNG = "rng.pt"
+LOSS_WEIGHTS = "loss.safetensors"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -71,10 +74,12 @@ def save_checkpoint(
     tokenizer: Any = None,
     keep_last: int = 3,
     is_best: bool = False,
+    loss_module: nn.Module | None = None,
 ) -> Path:
     """Write run_dir/checkpoints/step_{step:08d}/ atomically, prune to the last `keep_last` checkpoints
     (plus the best), then point latest.json at it; returns its path. `trainer_state` must be
-    JSON-serialisable (loader position, best metric, ...). Re-saving an existing step replaces it."""
+    JSON-serialisable (loader position, best metric, ...). Re-saving an existing step replaces it.
+    `loss_module`'s weights (the loss's own parameters) go to loss.safetensors, beside the model's."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step={step!r} must be an integer >= 0")
     if keep_last < 1:
@@ -101,6 +106,8 @@ def save_checkpoint(
             if scheduler is not None:
                 torch.save(scheduler.state_dict(), tmp / SCHEDULER)
             torch.save(_torch_rng(), tmp / RNG)
+            if loss_module is not None:
+                write_safetensors(loss_module.state_dict(), tmp / LOSS_WEIGHTS)
             (tmp / TRAINER_STATE).write_text(state_text + "\n", encoding="utf-8")  # last: marks it complete
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
         if not _is_disk_error(error):
@@ -175,9 +182,11 @@ def load_checkpoint(
     scheduler: Any = None,
     restore_rng: bool = True,
     allow_config_changes: tuple[str, ...] = (),
+    loss_module: nn.Module | None = None,
 ) -> dict:
-    """Copy a checkpoint's weights into `model` (and the optimizer's and scheduler's states when given),
-    restore the RNGs, and return the trainer state: the dict given to save_checkpoint, plus "step".
+    """Copy a checkpoint's weights into `model` (and the optimizer's and scheduler's states when given, and
+    `loss_module`'s weights from loss.safetensors), restore the RNGs, and return the trainer state: the dict
+    given to save_checkpoint, plus "step".
 
     The checkpoint's model config must equal model.config field by field, except the fields named in
     `allow_config_changes` (e.g. ("dropout", "attention")); a difference is refused, naming each field.
@@ -193,6 +202,8 @@ def load_checkpoint(
     model = unwrap_model(model)
     _check_config(path, model, allow_config_changes)
     _load_weights(path, model)
+    if loss_module is not None:
+        _load_loss_weights(path, loss_module)
     if optimizer is not None:
         _load_state(path / OPTIMIZER, optimizer, "optimizer")
     if scheduler is not None:
@@ -240,6 +251,26 @@ def _load_weights(path: Path, model: nn.Module) -> None:
     with torch.no_grad():
         for name, tensor in expected.items():
             tensor.copy_(state[name])  # in place: the optimizer keeps referring to the same Parameters
+
+
+def _load_loss_weights(path: Path, module: nn.Module) -> None:
+    """The loss's own weights, in place; names and shapes must match exactly."""
+    file = path / LOSS_WEIGHTS
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file} not found: the checkpoint was saved by a run whose loss had no weights of its own; resume with "
+            "the loss settings that run used (e.g. the same distillation weights and student width)"
+        )
+    state = load_file(str(file))
+    expected = module.state_dict()
+    if set(state) != set(expected) or any(state[n].shape != t.shape for n, t in expected.items()):
+        raise ValueError(
+            f"{file} holds {sorted((n, tuple(t.shape)) for n, t in state.items())}, the loss "
+            f"{sorted((n, tuple(t.shape)) for n, t in expected.items())}; resume with the loss settings the run used"
+        )
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            tensor.copy_(state[name])
 
 
 def _torch_load(file: Path, what: str) -> Any:

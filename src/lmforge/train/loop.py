@@ -16,7 +16,9 @@ One optimizer step (every process runs it; process 0 logs and saves):
 Dividing every micro-batch's *summed* loss by the same n makes the gradient exactly that of the mean loss over
 the concatenated batch, however the counted units (tokens, examples) fall across micro-batches; dividing each
 micro-batch's mean by grad_accum instead over-weights units of small micro-batches. DDP averages gradients
-over processes, hence the factor world_size.
+over processes, hence the factor world_size. The loss's own parameters (`Objective.loss_module`) are outside
+DDP's wrapper: the loop averages their gradients over processes itself, clips them with the model's and saves
+them in every checkpoint.
 """
 
 from __future__ import annotations
@@ -115,16 +117,35 @@ def take_rows(
     return {k: v[part].to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def average_loss_gradients(loss_module: nn.Module | None, info: DistInfo) -> None:
+    """Average the gradients of the loss's own parameters over processes, as DDP does for the model's: each
+    process holds its rows' gradient times world_size / n (see `backward_accumulated`)."""
+    if loss_module is None or info.world_size == 1:
+        return
+    for p in loss_module.parameters():
+        if p.grad is not None:
+            all_reduce_sum(p.grad, info).div_(info.world_size)
+
+
 def optimizer_step(
-    raw_model: nn.Module, optimizer, scheduler, scaler, grad_clip: float, l1: float = 0.0
+    raw_model: nn.Module,
+    optimizer,
+    scheduler,
+    scaler,
+    grad_clip: float,
+    l1: float = 0.0,
+    loss_module: nn.Module | None = None,
 ) -> tuple[float, float]:
     """Add the L1 subgradient (`l1` > 0), clip, step and zero the gradients, advance the schedule; returns
-    (gradient norm before clipping, the lr the step used). With fp16 the GradScaler unscales first (so the
-    penalty and the clip see true gradients) and skips the step when they overflowed."""
+    (gradient norm before clipping, the lr the step used). The norm covers the model's trainable parameters and
+    `loss_module`'s. With fp16 the GradScaler unscales first (so the penalty and the clip see true gradients) and
+    skips the step when they overflowed."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     add_l1_subgradient(optimizer, l1)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
+    if loss_module is not None:
+        trainable += [p for p in loss_module.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip).item() if grad_clip > 0 else float("nan")
     lr = optimizer.param_groups[0]["lr"]
     if scaler is not None:
@@ -183,14 +204,21 @@ def open_run(tc: Any, run_dir: Path, info: DistInfo, min_free_bytes: int) -> Pat
 
 
 def resume_state(
-    latest: Path | None, raw_model: nn.Module, optimizer, scheduler, train_batches, scaler, info: DistInfo
+    latest: Path | None,
+    raw_model: nn.Module,
+    optimizer,
+    scheduler,
+    train_batches,
+    scaler,
+    info: DistInfo,
+    loss_module: nn.Module | None = None,
 ) -> LoopState:
-    """The loop state of a fresh run, or the one saved in `latest` with model, optimizer, scheduler, loader
-    and GradScaler restored in place."""
+    """The loop state of a fresh run, or the one saved in `latest` with model, optimizer, scheduler, loader,
+    GradScaler and the loss's own weights (`loss_module`) restored in place."""
     state = LoopState()
     if latest is None:
         return state
-    saved = ckpt.load_checkpoint(latest, raw_model, optimizer, scheduler)
+    saved = ckpt.load_checkpoint(latest, raw_model, optimizer, scheduler, loss_module=loss_module)
     state.step = int(saved["step"])
     train_batches.load_state_dict(saved["loader"])
     state.update(saved)
@@ -280,6 +308,7 @@ def train_loop(
                 tokenizer=tokenizer,
                 keep_last=tc.keep_last,
                 is_best=is_best,
+                loss_module=objective.loss_module,
             )
         barrier(info)
         return path
@@ -299,6 +328,7 @@ def train_loop(
             # ---- one optimizer step over grad_accum micro-batches
             micro = [take_rows(next(train_batches), info, device, split) for _ in range(tc.grad_accum)]
             loss = backward_accumulated(model, micro, objective, tc.dtype, info, scaler, per_process_mean)
+            average_loss_gradients(objective.loss_module, info)
             step_tokens = tokens_per_step if tokens_per_step is not None else objective.tokens(micro) * info.world_size
 
             if not math.isfinite(loss):
@@ -317,7 +347,7 @@ def train_loop(
                 continue
 
             grad_norm, lr = optimizer_step(
-                raw_model, optimizer, scheduler, scaler, config.optim.grad_clip, config.optim.l1
+                raw_model, optimizer, scheduler, scaler, config.optim.grad_clip, config.optim.l1, objective.loss_module
             )
             step += 1
             state.tokens_seen += step_tokens

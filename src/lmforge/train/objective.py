@@ -5,6 +5,12 @@ The loop needs two numbers per micro-batch to normalise gradient accumulation ex
 weights), and `loss_sum(model, batch)`, the loss summed over those units. A pretraining objective
 (`lmforge.pretrain.objectives`) and a fine-tuning task (`lmforge.finetune.tasks`) each implement it.
 
+A loss may own trainable parameters of its own (`Objective.loss_module`: distillation's projections from the
+student's width to the teacher's): the recipe gives them to the optimizer beside the model's
+(`lmforge.train.optim.add_loss_groups`), the loop clips and, under DDP, averages their gradients with the model's,
+and every checkpoint keeps their weights (`loss.safetensors`), so a resumed run continues them exactly. They are
+not part of the model: the saved model never holds them.
+
 `summed_token_loss` is the token-level cross-entropy both recipes share: for an encoder-decoder the decoder
 reads the targets shifted right after its start token (teacher forcing, `models.heads.shift_right`).
 """
@@ -22,9 +28,11 @@ from lmforge.train.distributed import unwrap_model
 class Objective:
     """What a batch's loss is. `count(batch)`: the units the loss averages over (target tokens, examples);
     `loss_sum(model, batch)`: the loss summed over those units; `tokens(micro)`: tokens an optimizer step
-    processed, for tokens/s."""
+    processed, for tokens/s; `loss_module`: the loss's own trainable parameters, or None (see the module
+    docstring)."""
 
     name = "objective"
+    loss_module: nn.Module | None = None
 
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError

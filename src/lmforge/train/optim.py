@@ -177,6 +177,27 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     )
 
 
+def add_loss_groups(optimizer: torch.optim.Optimizer, module: nn.Module | None, cfg: OptimConfig) -> None:
+    """Give the loss's own parameters (`Objective.loss_module`) to `optimizer`: groups "loss/decay" (its matrices,
+    decayed like the model's Linear weights) and "loss/no_decay" (its biases and other 1-D parameters), with the
+    AdamW options of the optimizer's first AdamW group (under Muon too: a small map trained beside the model needs
+    no orthogonalised update) and the base lr. Call it before the scheduler is built, which records each group's
+    base rate. Nothing for None or a module without trainable parameters."""
+    params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+    if not params:
+        return
+    template = next((g for g in optimizer.param_groups if not g.get("use_muon", False)), optimizer.param_groups[0])
+    options = {k: v for k, v in template.items() if k not in ("params", "role", "initial_lr")}
+    if "use_muon" in options:
+        options.update(use_muon=False, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    for role, chosen, decay in (
+        ("loss/decay", [p for p in params if p.ndim >= 2], cfg.weight_decay),
+        ("loss/no_decay", [p for p in params if p.ndim < 2], 0.0),
+    ):
+        if chosen:
+            optimizer.add_param_group({**options, "params": chosen, "role": role, "lr": cfg.lr, "weight_decay": decay})
+
+
 def add_l1_subgradient(optimizer: torch.optim.Optimizer, l1: float) -> None:
     """grad += l1 sign(w) for every parameter of the groups that get weight decay (see the module docstring)."""
     if not l1:
