@@ -5,6 +5,7 @@ and the study goes on, --resume continues a study, two workers share one, bad in
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from lmforge.cli import main as cli_main
 from lmforge.finetune.config import FINETUNE
 from lmforge.finetune.recipe import finetune
 from lmforge.train.config import parse_args
+from lmforge.train.objective import Objective
 from lmforge.tune import study as study_module
 from lmforge.tune.study import TuneSettings, open_storage, tune
 
@@ -287,3 +289,61 @@ def test_bad_input_is_one_line_and_exit_2_before_any_trial(tmp_path, pretrain_fl
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmforge tune: error:") and message in err and "\n" not in err
     assert not (tmp_path / "o" / "trials").exists()
+
+
+class InterruptAtFirstEvaluation(optuna.pruners.BasePruner):
+    """Ctrl-C arriving during a trial: SIGINT to this process at its first evaluation."""
+
+    def prune(self, study, trial) -> bool:
+        os.kill(os.getpid(), signal.SIGINT)
+        return False
+
+
+def test_ctrl_c_in_a_trial_stops_the_study_and_resume_continues_it(tmp_path, pretrain_flags, monkeypatch, capsys):
+    """The training loop catches the signal to save a checkpoint; the study must still stop, not go on to the
+    next trial (it did, and a SIGTERM'd tuning process kept running)."""
+    monkeypatch.setitem(study_module.PRUNERS, "median", InterruptAtFirstEvaluation)
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {type: float, low: 0.001, high: 0.01, log: true}\n", encoding="utf-8")
+    settings = TuneSettings(
+        recipe="pretrain",
+        space=str(space),
+        metric="loss",
+        direction="minimize",
+        out=str(tmp_path / "out"),
+        base_args=pretrain_flags,
+        trials=3,
+        pruner="median",
+    )
+    with pytest.raises(KeyboardInterrupt):
+        tune(settings)
+    (trial,) = load(tmp_path / "out").trials
+    assert trial.state == TrialState.FAIL and trial.user_attrs["error"] == "interrupted by SIGINT"
+    assert "interrupted after 0 complete trials: --resume continues it" in capsys.readouterr().err
+    monkeypatch.setitem(study_module.PRUNERS, "median", optuna.pruners.NopPruner)
+    settings.resume = True
+    assert tune(settings)["states"] == {"FAIL": 1, "COMPLETE": 2}
+
+
+class InterruptingLoss(Objective):
+    """The task's loss, with Ctrl-C arriving during the first step."""
+
+    def __init__(self, task) -> None:
+        self.task = task
+
+    def count(self, batch):
+        return self.task.count(batch)
+
+    def tokens(self, micro):
+        return self.task.tokens(micro)
+
+    def loss_sum(self, model, batch):
+        os.kill(os.getpid(), signal.SIGINT)
+        return self.task.loss_sum(model, batch)
+
+
+def test_ctrl_c_in_a_fold_stops_the_kfold_run(tmp_path, finetune_flags):
+    config = parse_args([*finetune_flags, "--kfold=2", f"--train.out={tmp_path}", "--train.name=cv"], FINETUNE)
+    summary = finetune(config, objective=lambda task, model: InterruptingLoss(task))
+    assert summary["stopped_by"] == "SIGINT" and summary["folds_done"] == 0
+    assert (tmp_path / "cv" / "fold_01").is_dir() and not (tmp_path / "cv" / "fold_02").exists()

@@ -41,7 +41,7 @@ from lmforge.finetune.tasks import TASKS, Task, build_task
 from lmforge.hf.runs import best_checkpoint
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, cleanup, init_distributed, seed_everything, wrap_model
-from lmforge.train.loop import open_run, resume_state, say, train_loop
+from lmforge.train.loop import INTERRUPTS, open_run, resume_state, say, train_loop
 from lmforge.train.objective import Objective
 from lmforge.train.optim import add_loss_groups, build_optimizer, build_scheduler
 from lmforge.train.runlock import run_lock
@@ -635,6 +635,8 @@ def _kfold(
         )
         say(info, f"fold {i + 1}/{k}: {len(train_idx)} train / {len(val_idx)} held-out examples")
         summary = _finetune(fold_config, info, fold_data, save_model=False, objective=objective)  # model: a by-product
+        if summary.get("stopped_by") in INTERRUPTS:  # Ctrl-C stops the K-fold run, not just this fold
+            return {**summary, "run_dir": str(base_dir), "kfold": k, "folds_done": i}
         fold_summaries.append(summary)
         fold_metrics.append({**numbers(summary.get("validation", {})), "train_seconds": summary.get("train_seconds")})
         if on_eval is not None:  # the running mean over the folds done (a pruner's intermediate value)

@@ -44,9 +44,13 @@ from lmforge.train.logging import MetricsLogger, TrainProgress
 from lmforge.train.objective import Objective
 from lmforge.train.optim import add_l1_subgradient
 
+INTERRUPTS = ("SIGINT", "SIGTERM")  # the `stopped_by` of a run a signal stopped (a caller running several should stop)
+
 
 class Stop:
-    """Set by SIGINT/SIGTERM; the loop checks it after each step, saves a checkpoint and returns."""
+    """Set by SIGINT/SIGTERM; the loop checks it after each step, saves a checkpoint and returns. The signal
+    ends only this loop: a caller that runs several (K-fold, a tuning study) checks `stopped_by in INTERRUPTS`
+    and stops too, or Ctrl-C would only skip to the next fold or trial."""
 
     def __init__(self) -> None:
         self.signal: int | None = None

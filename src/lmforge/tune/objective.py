@@ -22,6 +22,7 @@ import optuna
 from lmforge.finetune.config import FINETUNE
 from lmforge.pretrain.config import PRETRAIN
 from lmforge.train.config import Schema, parse_args
+from lmforge.train.loop import INTERRUPTS
 from lmforge.tune.space import Param, suggest
 
 CLASSIFICATION_METRICS = (
@@ -142,6 +143,9 @@ class TrialObjective:
 
         try:
             summary = self.recipe.run(config, on_eval, False)
+            if summary.get("stopped_by") in INTERRUPTS:  # the recipe saved and returned: the user stops the study
+                trial.set_user_attr("error", f"interrupted by {summary['stopped_by']}")
+                raise KeyboardInterrupt
             value = self.recipe.value(summary, self.metric)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"the run reported {self.metric}={value!r}")

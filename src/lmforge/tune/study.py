@@ -219,13 +219,19 @@ def tune(settings: TuneSettings) -> dict:
     objective = TrialObjective(recipe, settings.base_args, params, settings.metric, out)
     started = time.monotonic()
     if len(study.trials) < settings.trials:
-        study.optimize(
-            objective,
-            timeout=settings.timeout,
-            catch=(Exception,),
-            callbacks=[budget, progress_line(settings.metric, settings.trials)],
-            gc_after_trial=True,
-        )
+        try:
+            study.optimize(
+                objective,
+                timeout=settings.timeout,
+                catch=(Exception,),
+                callbacks=[budget, progress_line(settings.metric, settings.trials)],
+                gc_after_trial=True,
+            )
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM in a trial: Optuna recorded it as failed; the study stops
+            done = sum(t.state == TrialState.COMPLETE for t in study.trials)
+            print(f"study {study.study_name} interrupted after {done} complete trials: --resume continues it",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            raise
     final = run_final_test(study, recipe, out) if settings.final_test else None
     plots = write_plots(study, out)
     best = write_best(study, out, recipe.name)
