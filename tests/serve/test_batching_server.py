@@ -134,3 +134,13 @@ def test_metrics_are_prometheus_text_with_load_tokens_and_latency_histograms(ser
         buckets = [v for (name, le), v in samples.items() if name == f"{histogram}_bucket"]
         assert buckets == sorted(buckets) and buckets[-1] == samples[(f"{histogram}_count", None)] >= 1
         assert samples[(f"{histogram}_bucket", "+Inf")] == buckets[-1] and samples[(f"{histogram}_sum", None)] > 0
+
+
+def test_a_request_without_max_tokens_gets_what_its_slot_leaves(server, local, checkpoint):
+    ids = local.encode_prompt("To be, or not to be, that is the question. " * 200)[: PER_SLOT - 8]
+    prompt = local.tokenizer.decode(ids)
+    room = PER_SLOT - len(local.encode_prompt(prompt)) + 1
+    assert room < 16  # below the completion default, and far below what the 4096-token context leaves
+    body = dict(model=checkpoint.name, prompt=prompt, ignore_eos=True)
+    status, reply = server.post("/v1/completions", body)
+    assert status == 200 and reply["usage"]["completion_tokens"] == room, reply

@@ -171,7 +171,7 @@ def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._S
         "--max-tokens-per-slot",
         type=int,
         default=None,
-        help="KV positions per slot, prompt + max_tokens - 1 (default: the model's context)",
+        help="KV positions per slot, prompt + max_tokens - 1 (default: the model's context, at most 4096)",
     )
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per engine step")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included (then 504)")

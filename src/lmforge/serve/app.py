@@ -58,7 +58,7 @@ class ServeSettings:
     api_key: str | None = None  # Bearer key for /v1/*; None: open
     max_body_bytes: int = 4 * 1024 * 1024
     kv_slots: int | None = None  # sequences decoding at once (None: concurrency)
-    max_tokens_per_slot: int | None = None  # KV positions per slot (None: the model's context)
+    max_tokens_per_slot: int | None = None  # KV positions per slot (None: the context, at most 4096)
     prefill_chunk: int = 256  # prompt tokens prefilled per engine step
 
 

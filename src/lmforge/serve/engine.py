@@ -37,6 +37,10 @@ from lmforge.serve.errors import invalid
 from lmforge.serve.worker import Job, ServerBusy
 
 log = logging.getLogger("lmforge.serve")
+DEFAULT_SLOT_TOKENS = 4096
+"""Positions per KV slot unless --max-tokens-per-slot says otherwise (or the context is shorter): the pool is
+allocated whole, slots x positions x layers x 2 x kv-heads x head-dim values, and a model with an 8192-token
+context (SmolLM2) would otherwise hold 1.5 GB of fp32 KV for its 8 default slots before its first long prompt."""
 
 
 @dataclass(eq=False)
@@ -79,9 +83,9 @@ class BatchingEngine:
     """Continuous batching over `served`'s decoder-only model (see the module docstring).
 
     kv_slots: sequences decoding at once; max_tokens_per_slot: positions each slot holds (prompt + new
-    tokens - 1), default the model's context; concurrency: requests running at once; queue_size: requests
-    admitted beyond those; timeout: seconds per request from admission; prefill_chunk: prompt tokens
-    prefilled per step.
+    tokens - 1), default the model's context up to DEFAULT_SLOT_TOKENS; concurrency: requests running at
+    once; queue_size: requests admitted beyond those; timeout: seconds per request from admission;
+    prefill_chunk: prompt tokens prefilled per step.
     """
 
     def __init__(
@@ -101,9 +105,7 @@ class BatchingEngine:
             )
         self.served, self.concurrency, self.queue_size, self.timeout = served, concurrency, queue_size, timeout
         self.prefill_chunk = prefill_chunk
-        capacity = max_tokens_per_slot or served.context
-        if capacity is None:
-            raise ValueError("the model records no context length (max_seq_len); pass --max-tokens-per-slot")
+        capacity = max_tokens_per_slot or min(served.context or DEFAULT_SLOT_TOKENS, DEFAULT_SLOT_TOKENS)
         self.decoder = BatchedDecoder(served.model, kv_slots or concurrency, capacity)
         self.pool = self.decoder.pool
         self._lock = threading.Condition()
@@ -129,6 +131,10 @@ class BatchingEngine:
     @property
     def kv_slots_used(self) -> int:
         return self.pool.used
+
+    def room(self, prompt_tokens: int) -> int:
+        """The most new tokens a slot leaves a prompt of this length: what a request without max_tokens gets."""
+        return self.pool.max_len - prompt_tokens + 1
 
     def submit(self, rows: list[list[int]], options: dict[str, Any]) -> Job:
         """Admit a request (one sequence per row) or raise ServerBusy; a request that cannot fit is a 400."""

@@ -105,7 +105,7 @@ async def completions(body: CompletionRequest, request: Request):
     longest = max(map(len, prompt_ids))
     max_tokens = body.max_tokens
     if max_tokens is None:
-        max_tokens = served.default_max_tokens(longest, DEFAULT_COMPLETION_TOKENS)
+        max_tokens = min(served.default_max_tokens(longest, DEFAULT_COMPLETION_TOKENS), state.worker.room(longest))
         if max_tokens < 1:
             served.check_max_tokens(1, longest, "prompt")
     for ids in prompt_ids:
@@ -155,7 +155,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:
-        max_tokens = served.default_max_tokens(len(ids), None)
+        max_tokens = min(served.default_max_tokens(len(ids), None), state.worker.room(len(ids)))
         if max_tokens < 1:
             served.check_max_tokens(1, len(ids), "messages")
     served.check_max_tokens(max_tokens, len(ids), param)

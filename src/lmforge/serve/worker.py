@@ -177,6 +177,10 @@ class ThreadedEngine:
     def waiting(self) -> int:
         return self.worker.waiting
 
+    def room(self, prompt_tokens: int) -> int:
+        """No slot limits a generation here: only the model's context (`ServedModel.room`)."""
+        return self.served.room(prompt_tokens)
+
     def submit(self, rows: list[list[int]], options: dict[str, Any]) -> Job:
         return self.worker.submit(self.served.work(rows, options))
 
