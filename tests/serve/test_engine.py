@@ -106,6 +106,27 @@ def test_seeded_requests_sample_the_same_text_in_a_batch_as_alone(served):
     assert [(text, reason) for text, reason, _ in asyncio.run(scenario())] == expected
 
 
+def test_each_of_n_seeded_choices_samples_as_a_request_alone_with_seed_plus_its_index(served):
+    ids = served.encode_prompt(PROMPTS[0])
+    expected = [alone(served, PROMPTS[0], options(served, 10, temperature=1.0, seed=40 + j)) for j in range(3)]
+
+    async def scenario():
+        engine = engine_for(served, kv_slots=4, prefill_chunk=3)
+        try:
+            other = engine.submit([served.encode_prompt(PROMPTS[2])], options(served, 10, temperature=1.0))
+            job = engine.submit([ids] * 3, options(served, 10, temperature=1.0, seed=40))
+            texts, reasons = ["", "", ""], None
+            async for step in job.events():
+                texts, reasons = [t + d for t, d in zip(texts, step.deltas, strict=True)], step.finish_reasons
+            await collect(other)
+            return list(zip(texts, reasons, strict=True))
+        finally:
+            engine.close(30)
+
+    assert asyncio.run(scenario()) == expected
+    assert len({text for text, _ in expected}) == 3  # three different samples
+
+
 def test_a_request_whose_client_leaves_is_dropped_and_frees_its_slot(served):
     async def scenario():
         engine = engine_for(served, kv_slots=2)

@@ -79,6 +79,14 @@ class _Request:
         return step
 
 
+def row_seed(options: dict[str, Any], row: int) -> int | None:
+    """Sequence `row` of a seeded request samples with seed + row (mod 2^64): each of n choices is then
+    reproducible whatever else the engine runs beside it (one generator shared by the rows would hand out
+    its draws in an order that depends on the schedule), and choice 0 is what the request alone with n=1 gets."""
+    seed = options.get("seed")
+    return seed if seed is None or row == 0 else (seed + row) % 2**64
+
+
 class BatchingEngine:
     """Continuous batching over `served`'s decoder-only model (see the module docstring).
 
@@ -153,11 +161,11 @@ class BatchingEngine:
                 "max_tokens",
                 "context_length_exceeded",
             )
-        seed = options.get("seed")
         shared = dict(options, tokenizer=self.served.tokenizer, device=self.decoder.device)
-        if seed is not None and len(rows) > 1:  # n choices draw one after another from one seeded stream
-            shared["seed"] = torch.Generator(device=self.decoder.device).manual_seed(int(seed))
-        sequences = [_Sequence(SequenceSampler(row, self.served.model.config, **shared)) for row in rows]
+        sequences = [
+            _Sequence(SequenceSampler(row, self.served.model.config, **{**shared, "seed": row_seed(options, i)}))
+            for i, row in enumerate(rows)
+        ]
         with self._lock:
             admitted = len(self._running) + len(self._waiting)
             if self._closed or admitted >= self.concurrency + self.queue_size:
