@@ -111,3 +111,22 @@ def test_generate_answers_with_the_real_smollm2_by_name(capsys):
             "What is the capital of France?"]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     assert "Paris" in capsys.readouterr().out
+
+
+def test_chat_and_serve_take_a_real_model_name(run_folder, monkeypatch, capsys):
+    """`chat` and `serve` resolve a real model's name as `generate` and `finetune` do (here to a local stand-in);
+    `serve` is stopped where uvicorn would start, holding the app it would serve."""
+    import io
+
+    import uvicorn
+
+    checkpoint = sorted((Path(run_folder) / "checkpoints").glob("step_*"))[-1]
+    monkeypatch.setitem(real_weights.REAL_MODELS, "SmolLM2-135M-Instruct", lambda: checkpoint)
+    monkeypatch.setattr("sys.stdin", io.StringIO("To be\n"))
+    assert main(["chat", "smollm2-135m-instruct", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.strip()
+    served = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets: served.append(server.config.app))
+    assert main(["serve", "SmolLM2-135M-Instruct", "--port", "0"]) == 0, capsys.readouterr().err
+    assert served[0].state.served.name == "SmolLM2-135M-Instruct"
+    assert served[0].state.served.model.config.d_model == 32  # the stand-in's weights, not a preset

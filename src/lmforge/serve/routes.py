@@ -3,6 +3,7 @@
 Routes:
     GET  /                       the playground (static/playground.html)
     GET  /health                 {"status": "ok", "model", "running", "waiting", ...}; never needs a key
+    GET  /metrics                Prometheus text format (`metrics`); never needs a key
     GET  /v1/models, /v1/models/{id}
     POST /v1/completions         prompt -> text; `stream: true` sends server-sent events
     POST /v1/chat/completions    messages -> assistant message; streams likewise
@@ -12,7 +13,7 @@ last chunk per choice carrying `finish_reason`, an optional usage chunk (`stream
 then `data: [DONE]`. An error after the stream began (timeout) is sent as a `data: {"error": ...}` event.
 
 The handlers hold no state of their own: the served model, the settings, the model card, the playground page
-and the worker live on `request.app.state` (set by `create_app` and its lifespan), so one router serves any
+the metrics and the engine live on `request.app.state` (set by `create_app` and its lifespan), so one router serves any
 number of apps.
 """
 
@@ -26,13 +27,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 
 from lmforge.serve import errors
 from lmforge.serve.backend import ServedModel, Step
 from lmforge.serve.errors import APIError, invalid
+from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -70,7 +72,15 @@ async def health(request: Request) -> dict[str, Any]:
         "waiting": state.worker.waiting,
         "concurrency": state.settings.concurrency,
         "queue_size": state.settings.queue_size,
+        "kv_slots": state.worker.kv_slots,
+        "kv_slots_used": state.worker.kv_slots_used,
     }
+
+
+@router.get("/metrics", response_class=PlainTextResponse, include_in_schema=False)
+async def metrics(request: Request) -> PlainTextResponse:
+    text = request.app.state.metrics.render(request.app.state.worker)
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -95,7 +105,7 @@ async def completions(body: CompletionRequest, request: Request):
     longest = max(map(len, prompt_ids))
     max_tokens = body.max_tokens
     if max_tokens is None:
-        max_tokens = served.default_max_tokens(longest, DEFAULT_COMPLETION_TOKENS)
+        max_tokens = min(served.default_max_tokens(longest, DEFAULT_COMPLETION_TOKENS), state.worker.room(longest))
         if max_tokens < 1:
             served.check_max_tokens(1, longest, "prompt")
     for ids in prompt_ids:
@@ -117,7 +127,7 @@ async def completions(body: CompletionRequest, request: Request):
                 if prefix:
                     yield chunk([CompletionChoice(index=i, text=prefix, finish_reason=None)])
             last = None
-            async for step in job_events(job, timeout):
+            async for step in job_events(job, timeout, state.metrics):
                 last = step
                 for i, (delta, reason) in enumerate(zip(step.deltas, step.finish_reasons, strict=True)):
                     if delta or step.just_finished[i]:
@@ -126,7 +136,7 @@ async def completions(body: CompletionRequest, request: Request):
                 yield chunk([], usage_of(n_prompt, last))
 
         return stream_response(events())
-    texts, last = await collect(job, len(rows), timeout)
+    texts, last = await collect(job, len(rows), timeout, state.metrics)
     choices = [
         CompletionChoice(index=i, text=prefixes[i] + text, finish_reason=last.finish_reasons[i])
         for i, text in enumerate(texts)
@@ -145,7 +155,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:
-        max_tokens = served.default_max_tokens(len(ids), None)
+        max_tokens = min(served.default_max_tokens(len(ids), None), state.worker.room(len(ids)))
         if max_tokens < 1:
             served.check_max_tokens(1, len(ids), "messages")
     served.check_max_tokens(max_tokens, len(ids), param)
@@ -163,7 +173,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             for i in range(len(rows)):
                 yield chunk([ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""})])
             last = None
-            async for step in job_events(job, timeout):
+            async for step in job_events(job, timeout, state.metrics):
                 last = step
                 for i, (delta, reason) in enumerate(zip(step.deltas, step.finish_reasons, strict=True)):
                     if delta:
@@ -174,7 +184,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 yield chunk([], usage_of(n_prompt, last))
 
         return stream_response(events())
-    texts, last = await collect(job, len(rows), timeout)
+    texts, last = await collect(job, len(rows), timeout, state.metrics)
     choices = [
         ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=last.finish_reasons[i])
         for i, text in enumerate(texts)
@@ -195,17 +205,27 @@ def check_model(served: ServedModel, name: str, param: str = "model") -> None:
 
 
 def submit(state: State, rows: list[list[int]], options: dict[str, Any]) -> Job:
-    """Admit the generation to the app's worker; a full queue is a 503 now rather than a long wait."""
+    """Admit the generation to the app's engine; a full queue is a 503 now rather than a long wait."""
     try:
-        return state.worker.submit(state.served.work(rows, options))
+        return state.worker.submit(rows, options)
     except ServerBusy as busy:
         raise errors.server_busy(busy.running, busy.waiting) from None
+    except ValueError as error:  # the sampler's checks on the options
+        raise invalid(str(error)) from error
 
 
-async def job_events(job: Job, timeout: float) -> AsyncIterator[Step]:
-    """The job's steps; its errors become APIErrors (`timeout` is only quoted in the 504's message)."""
+async def job_events(job: Job, timeout: float, metrics: ServerMetrics) -> AsyncIterator[Step]:
+    """The job's steps, timed into `metrics`; its errors become APIErrors (`timeout` is only quoted in the
+    504's message)."""
+    last, tokens = time.monotonic(), 0
     try:
         async for step in job.events():
+            now, total = time.monotonic(), sum(step.completion_tokens)
+            if total > tokens:
+                latency = metrics.time_to_first_token if tokens == 0 else metrics.inter_token_latency
+                latency.observe(now - last)
+                metrics.add_tokens(total - tokens)
+                last, tokens = now, total
             yield step
     except JobTimeout:
         raise errors.timed_out(timeout) from None
@@ -218,11 +238,11 @@ async def job_events(job: Job, timeout: float) -> AsyncIterator[Step]:
         raise APIError(500, f"generation failed: {type(error).__name__}: {error}", "server_error") from error
 
 
-async def collect(job: Job, n_rows: int, timeout: float) -> tuple[list[str], Step]:
+async def collect(job: Job, n_rows: int, timeout: float, metrics: ServerMetrics) -> tuple[list[str], Step]:
     """Every choice's whole text and the last step (its finish reasons and token counts), for a reply
     that is not streamed."""
     texts, last = [""] * n_rows, None
-    async for step in job_events(job, timeout):
+    async for step in job_events(job, timeout, metrics):
         texts = [text + delta for text, delta in zip(texts, step.deltas, strict=True)]
         last = step
     if last is None:

@@ -46,30 +46,40 @@ class _Failure:
 
 
 class Job:
-    """One request's work. The worker thread calls `run`; the request's coroutine iterates `events()`."""
+    """One request's channel: the engine pushes events (from its own thread), the request's coroutine iterates
+    `events()`. `cancelled` is set when the request leaves (client gone, deadline passed); the engine checks it
+    at every step."""
 
-    def __init__(self, work: Work, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
-        self.work, self.loop, self.deadline = work, loop, deadline
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        self.loop, self.deadline = loop, deadline
         self.cancelled = threading.Event()
         self._events: asyncio.Queue = asyncio.Queue()
 
-    def run(self) -> None:
+    def run(self, work: Work) -> None:
+        """Run `work` on the calling thread, pushing its events, then end the stream."""
         try:
             if not self.cancelled.is_set():
-                for event in self.work(self.cancelled):
-                    self._push(event)
+                for event in work(self.cancelled):
+                    self.push(event)
                     if self.cancelled.is_set():
                         break
         except Exception as error:  # handed to the request, which turns it into an error response
-            self._push(_Failure(error))
+            self.fail(error)
         finally:
-            self._push(_DONE)
+            self.finish()
 
-    def _push(self, item: Any) -> None:
+    def push(self, item: Any) -> None:
+        """Hand one event to the request; callable from any thread."""
         try:
             self.loop.call_soon_threadsafe(self._events.put_nowait, item)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             self.cancelled.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.push(_Failure(error))
+
+    def finish(self) -> None:
+        self.push(_DONE)
 
     async def events(self) -> AsyncIterator[Any]:
         """The work's events as they come; raises JobTimeout at the deadline and re-raises the work's error.
@@ -99,7 +109,7 @@ class GenerationWorker:
                 f"concurrency={concurrency} must be >= 1, queue_size={queue_size} >= 0 and timeout={timeout} > 0"
             )
         self.concurrency, self.queue_size, self.timeout = concurrency, queue_size, timeout
-        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Job, Work] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._admitted = 0  # running + waiting
         self._running = 0
@@ -124,16 +134,17 @@ class GenerationWorker:
             if self._closed or self._admitted >= self.concurrency + self.queue_size:
                 raise ServerBusy(self._running, self._admitted - self._running)
             self._admitted += 1
-        job = Job(work, asyncio.get_running_loop(), time.monotonic() + self.timeout)
-        self._jobs.put(job)
+        job = Job(asyncio.get_running_loop(), time.monotonic() + self.timeout)
+        self._jobs.put((job, work))
         return job
 
     def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while (item := self._jobs.get()) is not None:
+            job, work = item
             with self._lock:
                 self._running += 1
             try:
-                job.run()
+                job.run(work)
             finally:
                 with self._lock:
                     self._running -= 1
@@ -147,3 +158,31 @@ class GenerationWorker:
             self._jobs.put(None)
         for thread in self._threads:
             thread.join(timeout)
+
+
+class ThreadedEngine:
+    """The engine for models the batching engine cannot drive (encoder-decoders): each request runs on its own
+    `GenerationWorker` thread as one `lmforge.generate.stream` call, its prompts and choices batched."""
+
+    def __init__(self, served: Any, concurrency: int = 1, queue_size: int = 16, timeout: float = 300.0) -> None:
+        self.served = served
+        self.worker = GenerationWorker(concurrency, queue_size, timeout)
+        self.kv_slots_used, self.kv_slots = 0, 0  # no slot pool: each generation allocates its own cache
+
+    @property
+    def running(self) -> int:
+        return self.worker.running
+
+    @property
+    def waiting(self) -> int:
+        return self.worker.waiting
+
+    def room(self, prompt_tokens: int) -> int:
+        """No slot limits a generation here: only the model's context (`ServedModel.room`)."""
+        return self.served.room(prompt_tokens)
+
+    def submit(self, rows: list[list[int]], options: dict[str, Any]) -> Job:
+        return self.worker.submit(self.served.work(rows, options))
+
+    def close(self, timeout: float | None = None) -> None:
+        self.worker.close(timeout)

@@ -1,0 +1,254 @@
+"""Continuous batching: sequences at different lengths, each decoding one token per step in one shared forward.
+
+`stream` decodes a fixed batch from start to end: a row that finishes early keeps its place (fed pad tokens)
+and no new row can join. A server wants the opposite: requests come and go at any step. So each sequence owns
+a *slot* of a `KVSlotPool`, fixed-size K/V buffers (n_slots, H_kv, max_len, d_head) per layer, and keeps its
+own length L_i (the positions its slot holds). A decode step feeds one token per running sequence:
+
+    x (B, 1) at positions L_i  ->  K/V written at [slot_i, :, L_i]  ->  attention over keys 0..max_i L_i,
+    key j of row i masked unless j <= L_i
+
+so rows of different lengths share one forward, with the per-row positions passed as `position_ids` and the
+padding mask hiding the unused tail of shorter rows (exact zeros after the softmax; the models already take
+both). A new sequence is prefilled into its slot on its own (chunk by chunk: `prefill` continues at the
+slot's length, with the causal mask over cached + new keys) and then joins the decode batch; a finished one
+frees its slot at once. Slots are handed out lowest-first, so the running slots are usually a contiguous
+range and the decode step reads them as a view; otherwise it gathers the rows' key windows.
+
+`SequenceSampler` chooses one sequence's tokens as `stream` chooses a row's: the same logits processors
+(`sampling`), its own `torch.Generator` for a seed, its own end-of-sequence ids, stop strings and
+incremental detokenizer. A seeded sequence therefore draws the same tokens in a batch as alone, up to the
+rounding differences between a batched and a single-row forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.generate.engine import _generator, _IncrementalText, _token_ids
+from lmforge.generate.sampling import SamplingParams, choose_next_token, process_logits
+
+
+class KVSlotPool:
+    """`n_slots` KV buffers of `max_len` positions per layer, allocated on first use (their dtype and device
+    are the model's keys'); `allocate` hands out the lowest free slot, `release` takes it back."""
+
+    def __init__(self, n_slots: int, max_len: int) -> None:
+        if n_slots < 1 or max_len < 1:
+            raise ValueError(f"n_slots={n_slots} and max_len={max_len} must be >= 1")
+        self.n_slots, self.max_len = n_slots, max_len
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._free = set(range(n_slots))
+
+    @property
+    def used(self) -> int:
+        return self.n_slots - len(self._free)
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError(f"all {self.n_slots} KV slots are in use")
+        slot = min(self._free)
+        self._free.remove(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._free.add(slot)
+
+    def layer(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (n_slots, H_kv, max_len, d_head) K and V buffers of `layer`, made like `like` (B, H_kv, T, d)."""
+        if layer not in self.buffers:
+            _, H, _, d = like.shape
+            self.buffers[layer] = tuple(like.new_zeros(self.n_slots, H, self.max_len, d) for _ in range(2))
+        return self.buffers[layer]
+
+
+class _PrefillView:
+    """The cache one sequence's prefill chunk sees: its slot, already holding `start` positions."""
+
+    def __init__(self, pool: KVSlotPool, slot: int, start: int) -> None:
+        self.pool, self.slot, self.start = pool, slot, start
+
+    def seq_len(self) -> int:
+        return self.start
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.start + k.shape[-2]
+        buffer_k, buffer_v = self.pool.layer(layer, k)
+        buffer_k[self.slot, :, self.start : end] = k[0]
+        buffer_v[self.slot, :, self.start : end] = v[0]
+        s = self.slot
+        return buffer_k[s : s + 1, :, :end], buffer_v[s : s + 1, :, :end]
+
+
+class _DecodeView:
+    """The cache a decode step sees: row i's new key goes to position lengths[i] of slot slots[i]; attention
+    reads every row's first max(lengths) + 1 positions (the mask hides what a row has not written)."""
+
+    def __init__(self, pool: KVSlotPool, slots: list[int], lengths: torch.Tensor) -> None:
+        self.pool, self.lengths = pool, lengths
+        self.past = int(lengths.max())
+        self.index = torch.tensor(slots, device=lengths.device)
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        self.rows = slice(slots[0], slots[0] + len(slots)) if contiguous else None
+
+    def seq_len(self) -> int:
+        return self.past
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.past + 1
+        buffer_k, buffer_v = self.pool.layer(layer, k)
+        buffer_k[self.index, :, self.lengths] = k[:, :, 0]  # (B, H_kv, d_head) at each row's own position
+        buffer_v[self.index, :, self.lengths] = v[:, :, 0]
+        if self.rows is not None:
+            return buffer_k[self.rows, :, :end], buffer_v[self.rows, :, :end]
+        return buffer_k[:, :, :end].index_select(0, self.index), buffer_v[:, :, :end].index_select(0, self.index)
+
+
+def supports_batching(model: nn.Module) -> bool:
+    """Whether `BatchedDecoder` can drive `model`: a decoder-only causal LM whose forward takes explicit
+    positions and a KV cache (lmforge's GPT and Llama families)."""
+    parameters = inspect.signature(model.forward).parameters
+    return (
+        getattr(model.config, "head", None) == "causal_lm"
+        and "position_ids" in parameters
+        and "past_key_values" in parameters
+    )
+
+
+class BatchedDecoder:
+    """A decoder-only model over a `KVSlotPool`: `prefill` runs a chunk of one sequence's prompt into its slot,
+    `decode` feeds one token to each of several sequences. Both return fp32 next-token logits."""
+
+    def __init__(self, model: nn.Module, n_slots: int, max_len: int) -> None:
+        if not supports_batching(model):
+            raise ValueError(
+                f"{type(model).__name__} cannot be batched step by step; continuous batching needs a decoder-only "
+                "causal_lm whose forward takes position_ids and past_key_values"
+            )
+        limit = getattr(model.config, "max_seq_len", None)
+        if limit is not None and max_len > limit:
+            raise ValueError(f"max_len={max_len} positions per slot exceed the model's max_seq_len={limit}")
+        self.model, self.pool = model, KVSlotPool(n_slots, max_len)
+        self.device = next(model.parameters()).device
+        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: Sequence[int], start: int) -> torch.Tensor:
+        """Run prompt tokens `ids` at positions start, start+1, ... of `slot`; the logits (V,) after the last."""
+        if start + len(ids) > self.pool.max_len:
+            raise ValueError(f"{start + len(ids)} positions needed, but a KV slot holds {self.pool.max_len}")
+        input_ids = torch.tensor([list(ids)], device=self.device)
+        view = _PrefillView(self.pool, slot, start)
+        out = self.model(input_ids, past_key_values=view, use_cache=True, **self.extra)
+        return out.logits[0, -1].float()
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], lengths: list[int], tokens: list[int]) -> torch.Tensor:
+        """Feed tokens[i] at position lengths[i] of slots[i]; the logits (B, V) of the next tokens."""
+        if max(lengths) >= self.pool.max_len:
+            raise ValueError(f"position {max(lengths)} is past the {self.pool.max_len} a KV slot holds")
+        positions = torch.tensor(lengths, device=self.device)
+        view = _DecodeView(self.pool, slots, positions)
+        keys = torch.arange(view.past + 1, device=self.device)
+        attention_mask = (keys[None, :] <= positions[:, None]).long()  # (B, max L + 1): row i keeps keys 0..L_i
+        input_ids = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
+        out = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions[:, None],
+            past_key_values=view,
+            use_cache=True,
+            **self.extra,
+        )
+        return out.logits[:, -1].float()
+
+
+class SequenceSampler:
+    """One sequence's token choice and text, with `stream`'s keywords (`stream` documents them).
+
+    `choose(logits)` processes (V,) logits with this sequence's parameters and draws the next token with its
+    own generator; `advance(token)` records it and returns the text it releases; `finish_reason` is then
+    "stop" (an end-of-sequence id or a stop string) or "length" (max_new_tokens reached), else None. A shared
+    `generator` lets several sequences of one request (n choices) draw from one seeded stream.
+    """
+
+    def __init__(
+        self,
+        prompt: Sequence[int],
+        config,
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        stop_strings: Sequence[str] = (),
+        tokenizer=None,
+        seed: int | torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.params = SamplingParams(
+            do_sample, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty
+        )
+        self.params.validate()
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer to decode the generated text; pass tokenizer=...")
+        self.prompt, self.max_new_tokens = list(prompt), max_new_tokens
+        self.eos = set(_token_ids(eos_token_id, config, "eos_token_id"))
+        self.generator = _generator(seed, torch.device(device))
+        self.text = _IncrementalText(tokenizer, stop_strings) if tokenizer is not None else None
+        self.generated: list[int] = []
+        self.finish_reason: str | None = None
+        self._seen = self._counts = None
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token from this sequence's logits (V,)."""
+        logits = logits[None]  # (1, V): the shape `stream` samples a lone row with, so a seed draws alike
+        if self.params.uses_token_history:
+            V = logits.shape[-1]
+            if self._seen is None:
+                prompt = torch.tensor(self.prompt, device=logits.device)
+                self._seen = torch.zeros(1, V, dtype=torch.bool, device=logits.device)
+                self._seen[0, prompt[prompt < V]] = True
+                self._counts = torch.zeros(1, V, device=logits.device)
+            logits = process_logits(logits, self.params, self._seen, self._counts)
+        else:
+            logits = process_logits(logits, self.params)
+        token = choose_next_token(logits, self.params, self.generator)
+        if self.params.uses_token_history:
+            one_hot = F.one_hot(token, logits.shape[-1])
+            self._seen |= one_hot.bool()
+            self._counts += one_hot.float()
+        return int(token)
+
+    def advance(self, token: int) -> str:
+        """Record `token`; the newly final text (held back while a stop string may be forming)."""
+        self.generated.append(token)
+        delta = ""
+        if token in self.eos:
+            self.finish_reason = "stop"
+        elif self.text is not None:
+            delta = self.text.push(token)
+            if self.text.stopped:
+                self.finish_reason = "stop"
+        if self.finish_reason is None and len(self.generated) == self.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is not None and self.text is not None:
+            delta += self.text.flush()
+        return delta

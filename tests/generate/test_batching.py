@@ -1,0 +1,125 @@
+"""Continuous batching (`generate.batching`) against `generate` run on each sequence alone: sequences of
+different lengths sharing decode steps in a KV slot pool, prefilled in chunks, joining when a slot frees, must
+produce the tokens, texts and finish reasons each gets alone (greedy, and seeded sampling)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+import torch
+
+from lmforge import build_model
+from lmforge.commands.generate import ByteTokenizer
+from lmforge.generate import generate
+from lmforge.generate.batching import BatchedDecoder, KVSlotPool, SequenceSampler, supports_batching
+
+SMALL = {"n_layer": 2, "n_head": 4, "d_model": 64, "vocab_size": 300, "max_seq_len": 96}
+MODELS = {"gpt": dict(SMALL, tie_embeddings=False), "llama": dict(SMALL, n_kv_heads=2, d_ff=128)}
+PROMPTS = [[5, 17, 40, 2, 99, 12, 7], [250, 3], list(range(30, 53)), [64], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+MAX_NEW = [10, 18, 6, 14, 9]
+
+
+def small_model(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(family, **MODELS[family]).eval()
+    with torch.no_grad():  # spread the logits so that greedy paths are varied, not one repeated token
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return model
+
+
+def run_batched(model, samplers: list[SequenceSampler], n_slots: int, chunk: int) -> list[str]:
+    """Each sequence's text (its tokens go to `samplers`) when they are admitted as slots free, prefilled
+    `chunk` tokens per step and decoded together (the serving engine's schedule, without its threads)."""
+    decoder = BatchedDecoder(model, n_slots, SMALL["max_seq_len"])
+    waiting, running = deque(range(len(samplers))), {}  # index -> [slot, length, last token]
+    texts = [""] * len(samplers)
+    while waiting or running:
+        while waiting and decoder.pool.free:
+            running[waiting.popleft()] = [decoder.pool.allocate(), 0, -1]
+        started = [i for i, (_, _, last) in running.items() if last >= 0]
+        if started:
+            logits = decoder.decode(*([running[i][k] for i in started] for k in range(3)))
+            for row, i in enumerate(started):
+                running[i][1] += 1
+                running[i][2] = samplers[i].choose(logits[row])
+                texts[i] += samplers[i].advance(running[i][2])
+        for i in [i for i, (_, _, last) in running.items() if last < 0][:1]:  # one chunk per step
+            slot, length, _ = running[i]
+            prompt = samplers[i].prompt
+            logits = decoder.prefill(slot, prompt[length : length + chunk], length)
+            running[i][1] = min(length + chunk, len(prompt))
+            if running[i][1] == len(prompt):
+                running[i][2] = samplers[i].choose(logits)
+                texts[i] += samplers[i].advance(running[i][2])
+        for i in [i for i in running if samplers[i].finish_reason is not None]:
+            decoder.pool.release(running.pop(i)[0])
+    assert decoder.pool.used == 0
+    return texts
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("n_slots, chunk", [(3, 4), (5, 64)])
+def test_batched_greedy_decoding_matches_each_sequence_alone(family, n_slots, chunk):
+    model = small_model(family)
+    alone = [
+        generate(model, torch.tensor([p]), max_new_tokens=n, eos_token_id=[]).tokens[0].tolist()
+        for p, n in zip(PROMPTS, MAX_NEW, strict=True)
+    ]
+    samplers = [
+        SequenceSampler(p, model.config, max_new_tokens=n, eos_token_id=[])
+        for p, n in zip(PROMPTS, MAX_NEW, strict=True)
+    ]
+    run_batched(model, samplers, n_slots, chunk)
+    assert [s.generated for s in samplers] == alone
+    assert [s.finish_reason for s in samplers] == ["length"] * len(PROMPTS)
+
+
+def test_seeded_sampling_draws_the_same_tokens_in_a_batch_as_alone():
+    model = small_model("llama")
+    options = dict(do_sample=True, temperature=1.3, top_k=40, top_p=0.9, repetition_penalty=1.2, eos_token_id=[])
+    seeds = [0, 1, 2, 3, 4]
+    alone = [
+        generate(model, torch.tensor([p]), max_new_tokens=n, seed=s, **options).tokens[0].tolist()
+        for p, n, s in zip(PROMPTS, MAX_NEW, seeds, strict=True)
+    ]
+    samplers = [
+        SequenceSampler(p, model.config, max_new_tokens=n, seed=s, **options)
+        for p, n, s in zip(PROMPTS, MAX_NEW, seeds, strict=True)
+    ]
+    run_batched(model, samplers, 3, 5)
+    assert [s.generated for s in samplers] == alone
+
+
+def test_end_of_sequence_and_stop_strings_end_a_sequence_with_the_text_generate_gives():
+    model, tokenizer = small_model("gpt"), ByteTokenizer()
+    free = generate(model, torch.tensor([PROMPTS[0]]), max_new_tokens=12, eos_token_id=[]).tokens[0].tolist()
+    eos, stop = free[4], tokenizer.decode(free[6:8])
+    cases = [dict(eos_token_id=[eos]), dict(eos_token_id=[], stop_strings=[stop])]
+    for options in cases:
+        want = generate(model, torch.tensor([PROMPTS[0]]), max_new_tokens=12, tokenizer=tokenizer, **options)
+        sampler = SequenceSampler(PROMPTS[0], model.config, max_new_tokens=12, tokenizer=tokenizer, **options)
+        other = SequenceSampler(PROMPTS[2], model.config, max_new_tokens=12, eos_token_id=[])
+        text = run_batched(model, [other, sampler], 2, 8)[1]
+        assert text == want.texts[0] and sampler.finish_reason == want.finish_reasons[0] == "stop"
+        assert sampler.generated == want.tokens[0].tolist()
+
+
+def test_slot_pool_hands_out_the_lowest_free_slot_and_refuses_when_full():
+    pool = KVSlotPool(3, 8)
+    assert [pool.allocate() for _ in range(3)] == [0, 1, 2] and pool.free == 0
+    with pytest.raises(RuntimeError, match="all 3 KV slots are in use"):
+        pool.allocate()
+    pool.release(1)
+    assert pool.used == 2 and pool.allocate() == 1
+
+
+def test_only_decoder_only_causal_models_are_batched():
+    assert supports_batching(small_model("gpt")) and supports_batching(small_model("llama"))
+    torch.manual_seed(0)
+    t5 = build_model("t5", n_layer=2, n_head=4, d_model=64, vocab_size=300, head_dim=16, d_ff=128)
+    assert not supports_batching(t5)
+    with pytest.raises(ValueError, match="decoder-only causal_lm"):
+        BatchedDecoder(t5, 2, 16)
