@@ -12,6 +12,7 @@ import torch
 from lmforge import build_model
 from lmforge.generate import compiled, generate
 from lmforge.generate.compiled import COMPILE_MIN_PARAMETERS, bucket_length, resolve_compile
+from lmforge.nn.quant import quantize_int8
 
 NEW = 12
 SMALL = {"n_layer": 2, "n_head": 4, "d_model": 64, "vocab_size": 300, "max_seq_len": 64}
@@ -83,11 +84,15 @@ def test_bucket_lengths_are_powers_of_two_capped_at_the_context():
     assert len({bucket_length(n, 2048) for n in range(1, 2049)}) == 6  # recompiles bounded per batch size
 
 
-def test_auto_compiles_only_large_decoder_only_models():
+def test_auto_compiles_only_large_plain_decoder_only_models(monkeypatch):
     tiny = small_model("gpt")
     assert sum(p.numel() for p in tiny.parameters()) < COMPILE_MIN_PARAMETERS
     assert not resolve_compile(tiny, "auto")
     assert resolve_compile(tiny, True)
+    monkeypatch.setattr(compiled, "COMPILE_MIN_PARAMETERS", 1000)  # as if the tiny model were a real one
+    assert resolve_compile(tiny, "auto")
+    assert not resolve_compile(small_model("llama").to(torch.bfloat16), "auto")
+    assert not resolve_compile(quantize_int8(tiny), "auto")  # its own kernels: eager unless asked
     t5 = build_model("t5-tiny").eval()
     assert not resolve_compile(t5, "auto")
     with pytest.raises(ValueError, match="no compiled decode step"):

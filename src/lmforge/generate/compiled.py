@@ -32,8 +32,10 @@ import torch
 from torch import nn
 
 COMPILE_MIN_PARAMETERS = 100_000_000
-"""`compile="auto"` compiles models of at least this many parameters. Below it (the tiny presets) a step takes
-a few milliseconds eager and the first compile ~30-60 s of CPU, which a short generation never earns back."""
+"""`compile="auto"` compiles fp32 models of at least this many parameters. Below it (the tiny presets) a step
+takes a few milliseconds eager and the first compile ~40-60 s of CPU, which a short generation never earns back.
+Quantized (int8/int4) and oneDNN-packed bf16 layers (`lmforge.nn.quant`) call kernels of their own, which
+inductor cannot fuse; "auto" leaves those models eager, compile=True still tries."""
 
 MIN_BUCKET = 64
 COMPILED_MODES = ("auto", True, False)
@@ -96,8 +98,8 @@ def supports_compiled_decoding(model: nn.Module) -> bool:
 
 
 def resolve_compile(model: nn.Module, compile: bool | str) -> bool:
-    """Whether to decode with the compiled step. "auto": models of at least `COMPILE_MIN_PARAMETERS` that
-    support it; True: compile, and say why not when the model cannot be; False: eager."""
+    """Whether to decode with the compiled step. "auto": fp32 models of plain layers, of at least
+    `COMPILE_MIN_PARAMETERS`, that support it; True: compile, and say why not when the model cannot be; False: eager."""
     if compile not in COMPILED_MODES:
         raise ValueError(f"compile={compile!r}; choose 'auto', True or False")
     if compile is False:
@@ -110,7 +112,10 @@ def resolve_compile(model: nn.Module, compile: bool | str) -> bool:
                 "compiled decode step: only decoder-only gpt/llama models do; pass compile=False (--no-compile)"
             )
         return True
-    return supported and sum(p.numel() for p in model.parameters()) >= COMPILE_MIN_PARAMETERS
+    plain = not any(type(m).__module__ == "lmforge.nn.quant" for m in model.modules()) and all(
+        p.dtype == torch.float32 for p in model.parameters()
+    )
+    return supported and plain and sum(p.numel() for p in model.parameters()) >= COMPILE_MIN_PARAMETERS
 
 
 def inductor_cache_dir() -> Path:
