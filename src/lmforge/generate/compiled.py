@@ -146,7 +146,7 @@ def compiled_decode_step():
     if _compiled_step is None:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
         torch._inductor.config.fx_graph_cache = True
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         cpu = torch.compile(_decode_step, dynamic=False)
         cuda = torch.compile(_decode_step, dynamic=False, mode="reduce-overhead")
         _compiled_step = (cpu, cuda)
