@@ -6,6 +6,10 @@ static-shape arithmetic in seconds; the slow ones compile it with inductor (tens
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -84,14 +88,15 @@ def test_bucket_lengths_are_powers_of_two_capped_at_the_context():
     assert len({bucket_length(n, 2048) for n in range(1, 2049)}) == 6  # recompiles bounded per batch size
 
 
-def test_auto_compiles_only_large_plain_decoder_only_models(monkeypatch):
+def test_auto_compiles_only_large_plain_decoder_only_models_on_a_gpu(monkeypatch):
     tiny = small_model("gpt")
     assert sum(p.numel() for p in tiny.parameters()) < COMPILE_MIN_PARAMETERS
     assert not resolve_compile(tiny, "auto")
     assert resolve_compile(tiny, True)
     monkeypatch.setattr(compiled, "COMPILE_MIN_PARAMETERS", 1000)  # as if the tiny model were a real one
+    assert not resolve_compile(tiny, "auto")  # on CPU
+    monkeypatch.setattr(compiled, "AUTO_COMPILE_DEVICES", ("cpu",))  # as if this CPU were a GPU
     assert resolve_compile(tiny, "auto")
-    assert not resolve_compile(small_model("llama").to(torch.bfloat16), "auto")
     assert not resolve_compile(quantize_int8(tiny), "auto")  # its own kernels: eager unless asked
     t5 = build_model("t5-tiny").eval()
     assert not resolve_compile(t5, "auto")
@@ -99,6 +104,23 @@ def test_auto_compiles_only_large_plain_decoder_only_models(monkeypatch):
         resolve_compile(t5, True)
     with pytest.raises(ValueError, match="choose 'auto'"):
         resolve_compile(tiny, "yes")
+
+
+def test_auto_falls_back_to_eager_decoding_when_the_step_does_not_compile(monkeypatch):
+    def no_compiler(*args):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(compiled, "_compiled_step", (no_compiler, no_compiler))
+    monkeypatch.setattr(compiled, "COMPILE_MIN_PARAMETERS", 1000)
+    monkeypatch.setattr(compiled, "AUTO_COMPILE_DEVICES", ("cpu",))
+    model = small_model("gpt")
+    input_ids, attention_mask = left_padded_prompts()
+    eager = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile=False)
+    with pytest.warns(UserWarning, match="did not compile.*no C.. compiler"):
+        auto = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile="auto")
+    assert torch.equal(auto.tokens, eager.tokens)
+    with pytest.raises(RuntimeError, match="no C.. compiler"):  # asked for: the error is the user's to see
+        generate(model, input_ids, attention_mask, max_new_tokens=NEW, compile=True)
 
 
 def test_encoder_decoders_decode_eagerly_under_auto():
@@ -121,3 +143,28 @@ def test_inductor_compiled_step_matches_eager_greedy_tokens_without_recompiling(
     with torch._dynamo.config.patch(error_on_recompile=True):
         fast = generate(model, input_ids, attention_mask, max_new_tokens=NEW - 3, eos_token_id=[], compile=True)
     assert torch.equal(fast.tokens, eager.tokens)
+
+
+SECOND_PROCESS = """
+import torch
+from torch._dynamo.utils import counters
+from lmforge import build_model
+from lmforge.generate import generate
+torch.manual_seed(0)
+model = build_model("gpt-tiny").eval()
+generate(model, torch.randint(1, 200, (1, 5)), max_new_tokens=3, compile=True)
+print("hits", counters["inductor"]["fxgraph_cache_hit"], "misses", counters["inductor"]["fxgraph_cache_miss"])
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_the_compiled_step_from_the_disk_cache(tmp_path):
+    env = {**os.environ, "LMFORGE_INDUCTOR_CACHE": str(tmp_path)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    runs = [
+        subprocess.run([sys.executable, "-c", SECOND_PROCESS], env=env, capture_output=True, text=True, check=True)
+        for _ in range(2)
+    ]
+    first, second = (run.stdout.split()[-4:] for run in runs)
+    assert first[1] == "0" and int(first[3]) >= 1  # compiled, and stored
+    assert int(second[1]) >= 1 and second[3] == "0"  # loaded, nothing compiled again

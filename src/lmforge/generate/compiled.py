@@ -26,16 +26,23 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 COMPILE_MIN_PARAMETERS = 100_000_000
-"""`compile="auto"` compiles fp32 models of at least this many parameters. Below it (the tiny presets) a step
-takes a few milliseconds eager and the first compile ~40-60 s of CPU, which a short generation never earns back.
-Quantized (int8/int4) and oneDNN-packed bf16 layers (`lmforge.nn.quant`) call kernels of their own, which
-inductor cannot fuse; "auto" leaves those models eager, compile=True still tries."""
+"""`compile="auto"` compiles models of at least this many parameters. Below it (the tiny presets) the first
+compile costs more than a short generation can save."""
+
+AUTO_COMPILE_DEVICES = ("cuda",)
+"""Where `compile="auto"` compiles. On a GPU an eager step is mostly kernel launches, which a CUDA graph replays
+as one. On CPU it is not on by default: measured on a 2-core machine (busy with other jobs, so roughly),
+SmolLM2-135M shapes decoded at ~2.5 tok/s eager, compiled, and compiled with inductor's `freezing` alike
+(batch 1, fp32: a step is bound by streaming the weights from memory), and the first compile took 2-5 minutes
+(the disk cache spares later processes most of it); compile=True (--compile) is there to try it anyway.
+`benchmarks/bench_decode.py` measures it on a quiet machine."""
 
 MIN_BUCKET = 64
 COMPILED_MODES = ("auto", True, False)
@@ -98,8 +105,9 @@ def supports_compiled_decoding(model: nn.Module) -> bool:
 
 
 def resolve_compile(model: nn.Module, compile: bool | str) -> bool:
-    """Whether to decode with the compiled step. "auto": fp32 models of plain layers, of at least
-    `COMPILE_MIN_PARAMETERS`, that support it; True: compile, and say why not when the model cannot be; False: eager."""
+    """Whether to decode with the compiled step. "auto": models that support it, on a GPU
+    (`AUTO_COMPILE_DEVICES`), of at least `COMPILE_MIN_PARAMETERS`, without quantized layers; True: compile,
+    and say why not when the model cannot be; False: eager."""
     if compile not in COMPILED_MODES:
         raise ValueError(f"compile={compile!r}; choose 'auto', True or False")
     if compile is False:
@@ -112,10 +120,11 @@ def resolve_compile(model: nn.Module, compile: bool | str) -> bool:
                 "compiled decode step: only decoder-only gpt/llama models do; pass compile=False (--no-compile)"
             )
         return True
-    plain = not any(type(m).__module__ == "lmforge.nn.quant" for m in model.modules()) and all(
-        p.dtype == torch.float32 for p in model.parameters()
-    )
-    return supported and plain and sum(p.numel() for p in model.parameters()) >= COMPILE_MIN_PARAMETERS
+    # int8/int4/packed-bf16 layers (`lmforge.nn.quant`) call kernels of their own, which inductor cannot fuse
+    plain = not any(type(m).__module__ == "lmforge.nn.quant" for m in model.modules())
+    device = next(model.parameters(), torch.empty(0)).device.type
+    large = sum(p.numel() for p in model.parameters()) >= COMPILE_MIN_PARAMETERS
+    return supported and plain and large and device in AUTO_COMPILE_DEVICES
 
 
 def inductor_cache_dir() -> Path:
@@ -155,13 +164,23 @@ def compiled_decode_step():
 
 class CompiledDecoder:
     """The decoding state of one `generate`/`stream` call on the compiled path: the fixed cache, the mask
-    over its slots and the compiled step. `prefill` runs eagerly; `step` feeds one token per row."""
+    over its slots and the compiled step. `prefill` runs eagerly; `step` feeds one token per row.
+
+    With `fall_back` (compile="auto", where nobody asked for compiling), a step that fails to compile warns
+    and the call goes on with the same fixed-shape step run eagerly: a compile error (no C++ compiler, an op
+    inductor cannot lower) is raised before the step has changed the cache, the mask or the position."""
 
     def __init__(
-        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_len: int
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        max_len: int,
+        fall_back: bool = False,
     ) -> None:
         B, T = input_ids.shape
-        self.model, self.input_ids = model, input_ids
+        self.model, self.input_ids, self.fall_back = model, input_ids, fall_back
+        self.run = None
         self.cache = FixedKVCache(max_len, input_ids.device)
         self.mask = torch.zeros(B, max_len, dtype=torch.long, device=input_ids.device)
         self.mask[:, :T] = 1 if attention_mask is None else attention_mask
@@ -180,7 +199,15 @@ class CompiledDecoder:
         return out.logits[:, -1].float()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        cpu, cuda = compiled_decode_step()
-        run = cuda if tokens.device.type == "cuda" else cpu
-        logits = run(self.model, tokens[:, None], self.mask, self.cache)
+        if self.run is None:
+            cpu, cuda = compiled_decode_step()
+            self.run = cuda if tokens.device.type == "cuda" else cpu
+        try:
+            logits = self.run(self.model, tokens[:, None], self.mask, self.cache)
+        except Exception as error:
+            if not self.fall_back or self.run is _decode_step:
+                raise
+            warnings.warn(f"the decode step did not compile ({error}); decoding eagerly", stacklevel=2)
+            self.run = _decode_step
+            logits = self.run(self.model, tokens[:, None], self.mask, self.cache)
         return logits.clone() if tokens.device.type == "cuda" else logits  # a CUDA graph reuses its output

@@ -128,7 +128,7 @@ class _Runner:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         max_new_tokens: int,
-        compiled: bool = False,
+        compile: bool | str = False,
     ) -> None:
         config = model.config
         if config.head not in ("causal_lm", "seq2seq_lm"):
@@ -161,8 +161,9 @@ class _Runner:
         self.length = T
         self.keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.compiled = None
-        if compiled:  # the last new token is never fed back: the cache needs T + max_new_tokens - 1 positions
-            self.compiled = CompiledDecoder(model, input_ids, attention_mask, bucket_length(needed, limit))
+        if resolve_compile(model, compile):  # the last new token is never fed back: T + max_new_tokens - 1 slots
+            length = bucket_length(needed, limit)
+            self.compiled = CompiledDecoder(model, input_ids, attention_mask, length, fall_back=compile == "auto")
 
     def start(self) -> torch.Tensor:
         if self.compiled is not None:
@@ -306,7 +307,7 @@ def stream(
     eos_token_id (one id or several) defaults to the model config's; stop_strings need a tokenizer
     (anything with `decode(ids) -> str`). `seed` (an int or a torch.Generator) makes sampling reproducible.
     compile: True runs each new token through one compiled graph (`lmforge.generate.compiled`; the prompt
-    stays eager), False runs eagerly, "auto" compiles decoder-only models of >= 100M parameters.
+    stays eager), False runs eagerly, "auto" compiles decoder-only models of >= 100M parameters on a GPU.
     """
     params = SamplingParams(
         do_sample, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty
@@ -325,7 +326,7 @@ def stream(
     texts = [_IncrementalText(tokenizer, stop_strings) for _ in range(B)] if tokenizer is not None else None
     reasons: list[str | None] = [None] * B
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    runner = _Runner(model, input_ids, attention_mask, max_new_tokens, resolve_compile(model, compile))
+    runner = _Runner(model, input_ids, attention_mask, max_new_tokens, compile)
 
     logits = runner.start()  # (B, V)
     V = logits.shape[-1]
