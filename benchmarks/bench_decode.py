@@ -42,7 +42,7 @@ def decode_speed(run, n_new: int, repeats: int) -> tuple[float, float]:
     """(time to first token in s, decoding tokens/s) for run(n) generating n tokens; medians of `repeats`."""
     first = statistics.median(timed(lambda: run(1)) for _ in range(repeats))
     full = statistics.median(timed(lambda: run(n_new)) for _ in range(repeats))
-    return first, (n_new - 1) / max(full - first, 1e-9)
+    return first, (n_new - 1) / (full - first) if full > first else float("nan")  # nan: too few tokens to tell
 
 
 def lmforge_runner(model, ids: torch.Tensor, compile: bool):
