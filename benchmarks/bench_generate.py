@@ -59,7 +59,7 @@ def gpt2_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def run_ours(model, ids: torch.Tensor, n: int) -> torch.Tensor:
-    return generate(model, ids, max_new_tokens=n).tokens
+    return generate(model, ids, max_new_tokens=n, compile=False).tokens  # eager: bench_decode.py times compile
 
 
 def run_hf(model, ids: torch.Tensor, n: int) -> torch.Tensor:

@@ -67,3 +67,23 @@ def test_help_shows_every_sampling_default_and_where_defaults_come_from(command,
         )
     assert "generation_config.json" in sub.epilog and "general.sampling" in sub.epilog
     assert ("a request's own fields" in sub.epilog) == (command == "serve")
+
+
+def test_generate_compile_switch_gives_eager_greedy_text(monkeypatch, capsys):
+    """--compile runs the fixed-shape step (here without inductor, to stay fast: tests/generate/test_compiled.py
+    compiles it) and prints eager decoding's greedy text; --no-compile never builds the compiled step."""
+    from lmforge.generate import compiled
+
+    argv = ["generate", "llama-tiny", "--prompt", "Hello", "--max-new-tokens", "10", "--seed", "0", "--greedy"]
+    monkeypatch.setattr(compiled, "_compiled_step", (compiled._decode_step, compiled._decode_step))
+    run([*argv, "--compile"])
+    fixed = capsys.readouterr().out
+
+    def refuse():
+        raise AssertionError("--no-compile must decode eagerly")
+
+    monkeypatch.setattr(compiled, "compiled_decode_step", refuse)
+    run([*argv, "--no-compile"])
+    assert capsys.readouterr().out == fixed and fixed.strip()
+    with pytest.raises(ValueError, match="beam search decodes eagerly"):
+        run([*argv, "--compile", "--num-beams", "2", "--prompt", "Hi"])

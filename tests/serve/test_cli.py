@@ -108,6 +108,21 @@ def test_chat_without_a_template_uses_a_plain_transcript(monkeypatch, capsys):
     assert capsys.readouterr().out == expected + "\n"
 
 
+def test_chat_with_compile_replies_as_eager_decoding(monkeypatch, capsys):
+    """--compile runs the fixed-shape decode step (here without inductor, to stay fast; tests/generate/
+    test_compiled.py compiles it): the reply is eager decoding's greedy reply."""
+    from lmforge.generate import compiled
+
+    monkeypatch.setattr(compiled, "_compiled_step", (compiled._decode_step, compiled._decode_step))
+    torch.manual_seed(0)
+    model = build_model("gpt-tiny").eval()
+    ids = list(b"User: hello\nAssistant:")
+    expected = reply_in_process(model, ByteTokenizer(), ids, 6, stop_strings=["\nUser:"], compile=False)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert main(["chat", "gpt-tiny", "--seed", "0", "--temperature", "0", "--max-new-tokens", "6", "--compile"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
 def test_chat_runs_in_bfloat16_and_int8(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/exit\n"))
     argv = ["chat", "llama-tiny", "--dtype", "bfloat16", "--quantize", "int8", "--max-new-tokens", "4", "--seed", "1"]

@@ -119,6 +119,22 @@ def add_sampling_arguments(p: argparse.ArgumentParser, builtin: SamplingDefaults
         p.add_argument("--max-new-tokens", type=int, help=f"tokens to generate {default('max_new_tokens')}")
 
 
+def add_compile_argument(p: argparse.ArgumentParser) -> None:
+    """--compile/--no-compile; neither means "auto" (`lmforge.generate.compiled.resolve_compile`)."""
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode each new token through one torch.compile'd graph (the first run compiles, minutes on a "
+        "small CPU, then reuses the on-disk cache); --no-compile decodes eagerly (default: compile decoder-only "
+        "models of 100M parameters or more on a GPU, eager on CPU)",
+    )
+
+
+def compile_option(args: argparse.Namespace) -> bool | str:
+    return "auto" if args.compile is None else args.compile
+
+
 def sampling_defaults(args: argparse.Namespace, builtin: SamplingDefaults) -> SamplingDefaults:
     """The flags given, over the model's recorded defaults, over `builtin`; checked now, so that a bad value
     is one error at start rather than one per generation (or per request, for a server)."""
@@ -162,6 +178,7 @@ def run_generate(args: argparse.Namespace) -> None:
         stop_strings=args.stop,
         tokenizer=tokenizer,
         seed=args.seed,
+        compile=compile_option(args),
     )
     start = time.perf_counter()
     if len(args.prompt) == 1 and args.num_beams == 1:
@@ -174,6 +191,8 @@ def run_generate(args: argparse.Namespace) -> None:
     else:
         if args.num_beams > 1:  # beam search is deterministic: no sampling options
             options = {k: options[k] for k in ("max_new_tokens", "repetition_penalty", "eos_token_id", "tokenizer")}
+            if args.compile:
+                raise ValueError("beam search decodes eagerly; drop --compile or use --num-beams 1")
         out = generate(model, input_ids, attention_mask, num_beams=args.num_beams, **options)
         for prompt, text in zip(args.prompt, out.texts, strict=True):
             print(f"{prompt}{text}\n")
@@ -197,6 +216,7 @@ def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._S
     p.add_argument("--stop", action="append", default=[], help="stop string; repeat for several")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (and a preset's random weights)")
     p.add_argument("--num-beams", type=int, default=1, help="beam search width (greedy beams, no sampling)")
+    add_compile_argument(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8 weight-only linears")
     p.set_defaults(func=cmd_generate)

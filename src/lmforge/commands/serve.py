@@ -20,7 +20,9 @@ from lmforge.commands.generate import (
     DTYPES,
     MODEL_HELP,
     SAMPLING_PRECEDENCE,
+    add_compile_argument,
     add_sampling_arguments,
+    compile_option,
     load_for_generation,
     sampling_defaults,
 )
@@ -137,6 +139,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             **defaults.stream_options(),
             eos_token_id=defaults.end_ids(getattr(tokenizer, "eos_token_id", None)),
             seed=args.seed,
+            compile=compile_option(args),
         )
     except BrokenPipeError:  # the reader of our output left (e.g. `| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -184,4 +187,5 @@ def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._S
     add_model_arguments(p)
     p.add_argument("--system", default=None, help="system message that starts the conversation")
     add_sampling_arguments(p, CHAT_DEFAULTS)
+    add_compile_argument(p)
     p.set_defaults(func=cmd_chat)

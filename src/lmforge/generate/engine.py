@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.generate.compiled import CompiledDecoder, bucket_length, resolve_compile
 from lmforge.generate.sampling import SamplingParams, choose_next_token, process_logits
 from lmforge.nn.attention import StaticKVCache
 from lmforge.nn.quant import PackedLinear, has_packed_bf16_kernel
@@ -122,7 +123,12 @@ class _Runner:
     one token per row, `reorder` selects rows (beam search). Both return fp32 next-token logits (B, V)."""
 
     def __init__(
-        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        max_new_tokens: int,
+        compile: bool | str = False,
     ) -> None:
         config = model.config
         if config.head not in ("causal_lm", "seq2seq_lm"):
@@ -154,8 +160,14 @@ class _Runner:
                 self.mask[:, :T] = attention_mask
         self.length = T
         self.keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.compiled = None
+        if resolve_compile(model, compile):  # the last new token is never fed back: T + max_new_tokens - 1 slots
+            length = bucket_length(needed, limit)
+            self.compiled = CompiledDecoder(model, input_ids, attention_mask, length, fall_back=compile == "auto")
 
     def start(self) -> torch.Tensor:
+        if self.compiled is not None:
+            return self.compiled.prefill()
         if self.encoder_decoder:
             config = self.model.config
             self.encoder_outputs = self.model.encode(self.input_ids, self.source_mask)
@@ -166,6 +178,8 @@ class _Runner:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.length += 1
+        if self.compiled is not None:
+            return self.compiled.step(tokens)
         return self._decoder_logits(tokens[:, None])
 
     def _decoder_logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -286,11 +300,14 @@ def stream(
     stop_strings: Sequence[str] = (),
     tokenizer=None,
     seed: int | torch.Generator | None = None,
+    compile: bool | str = "auto",
 ) -> Iterator[StreamChunk]:
     """Yield one `StreamChunk` per decoding step. input_ids (B, T) left-padded, attention_mask (B, T).
 
     eos_token_id (one id or several) defaults to the model config's; stop_strings need a tokenizer
     (anything with `decode(ids) -> str`). `seed` (an int or a torch.Generator) makes sampling reproducible.
+    compile: True runs each new token through one compiled graph (`lmforge.generate.compiled`; the prompt
+    stays eager), False runs eagerly, "auto" compiles decoder-only models of >= 100M parameters on a GPU.
     """
     params = SamplingParams(
         do_sample, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty
@@ -309,7 +326,7 @@ def stream(
     texts = [_IncrementalText(tokenizer, stop_strings) for _ in range(B)] if tokenizer is not None else None
     reasons: list[str | None] = [None] * B
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    runner = _Runner(model, input_ids, attention_mask, max_new_tokens)
+    runner = _Runner(model, input_ids, attention_mask, max_new_tokens, compile)
 
     logits = runner.start()  # (B, V)
     V = logits.shape[-1]
@@ -409,6 +426,7 @@ def beam_search(
     K hypotheses and its best running beam, normalised at the current length, cannot beat the worst of them
     (the usual heuristic); at max_new_tokens the running beams join the hypotheses. The best one is returned.
     """
+    unsupported.pop("compile", None)  # beams reorder the cache rows at every step: always eager
     if unsupported.pop("do_sample", False):
         raise ValueError("beam search is deterministic; use num_beams=1 to sample")
     unsupported.pop("seed", None)

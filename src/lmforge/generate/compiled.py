@@ -1,0 +1,213 @@
+"""A decode step compiled into one graph: fixed shapes through a fixed KV cache, recompiles bounded by buckets.
+
+Eager decoding dispatches every op of every layer from Python, one at a time: at batch 1 a step of a small
+model is mostly that overhead (tens of microseconds per op, ~20 ops per layer), not arithmetic. `torch.compile`
+(TorchInductor: fused C++ loops on CPU, Triton kernels and CUDA graphs on GPU) replaces the whole step with
+one call. It needs the step's shapes to stay the same from one token to the next, and eager decoding's do
+not: the cache view and the mask grow by one position per token. So the compiled step uses `FixedKVCache`:
+
+- every layer's keys/values live in zeroed buffers (B, H_kv, L, d_head) and the step attends to all L slots;
+- the attention mask (B, L), 1 = a real token, hides the slots not yet written (and left pads);
+- the new token's keys/values go to slot `position`, a tensor, so the slot index is data, not a shape.
+
+The model reads its past length as L - 1 (`seq_len`), so the new token is the last query of L keys and sees
+every key the causal mask allows, i.e. all of them, the padding mask doing the rest; its position is the
+count of real tokens before it (the models' `default_position_ids`), as in eager decoding. Masked slots get
+weight exp(-huge) = 0, so the logits match eager decoding's up to rounding (greedy tokens identical, tested).
+
+L is the prompt + new tokens rounded up to a power of two (at least 64, at most the model's context), so one
+process compiles at most log2(context / 64) + 1 graphs per batch size; inductor's FX graph cache keeps them on
+disk (`inductor_cache_dir`), and a second process reuses them instead of compiling again.
+
+The prompt (prefill) stays eager: it runs once per request at a length that changes with every prompt.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+COMPILE_MIN_PARAMETERS = 100_000_000
+"""`compile="auto"` compiles models of at least this many parameters. Below it (the tiny presets) the first
+compile costs more than a short generation can save."""
+
+AUTO_COMPILE_DEVICES = ("cuda",)
+"""Where `compile="auto"` compiles. On a GPU an eager step is mostly kernel launches, which a CUDA graph replays
+as one. On CPU it is not on by default: measured on a 2-core machine (busy with other jobs, so roughly),
+SmolLM2-135M shapes decoded at ~2.5 tok/s eager, compiled, and compiled with inductor's `freezing` alike
+(batch 1, fp32: a step is bound by streaming the weights from memory), and the first compile took 2-5 minutes
+(the disk cache spares later processes most of it); compile=True (--compile) is there to try it anyway.
+`benchmarks/bench_decode.py` measures it on a quiet machine."""
+
+MIN_BUCKET = 64
+COMPILED_MODES = ("auto", True, False)
+
+
+class FixedKVCache:
+    """Keys and values in buffers of fixed shape (B, H_kv, max_len, d_head) per layer, for a compiled step.
+
+    Before `prefilled` is set, `append` stores the prompt's keys/values in slots [0, T) (zeros after) and
+    hands back the prompt's own, as eager prefill needs. After it, `seq_len` is max_len - 1 whatever has been
+    written, and `append` writes one token at slot `position` (a (1,) long tensor) and hands back the whole
+    buffers: shapes never change, and the caller's attention mask says which slots are real.
+    """
+
+    def __init__(self, max_len: int, device: torch.device) -> None:
+        self.max_len = max_len
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.prefilled = False
+
+    def __len__(self) -> int:
+        return self.seq_len()
+
+    def seq_len(self) -> int:
+        return self.max_len - 1 if self.prefilled else 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.prefilled:
+            batch, heads, n_prompt, d_head = k.shape
+            if n_prompt > self.max_len:
+                raise ValueError(f"the KV cache holds {self.max_len} positions, the prompt has {n_prompt}")
+            buffers = tuple(k.new_zeros(batch, heads, self.max_len, d_head) for _ in range(2))
+            buffers[0][:, :, :n_prompt], buffers[1][:, :, :n_prompt] = k, v
+            self.buffers[layer] = buffers
+            return k, v
+        buffer_k, buffer_v = self.buffers[layer]
+        buffer_k.index_copy_(2, self.position, k)
+        buffer_v.index_copy_(2, self.position, v)
+        return buffer_k, buffer_v
+
+
+def bucket_length(n_positions: int, limit: int | None) -> int:
+    """The fixed cache length for n_positions: the next power of two >= n_positions (at least `MIN_BUCKET`),
+    capped at the model's context `limit` (the caller has checked that n_positions fits in it)."""
+    length = max(MIN_BUCKET, 1 << (max(n_positions, 1) - 1).bit_length())
+    return min(length, limit) if limit is not None else length
+
+
+def supports_compiled_decoding(model: nn.Module) -> bool:
+    """Decoder-only lmforge models (gpt, llama families): they take `logits_to_keep` and derive positions from
+    the attention mask, which is what the fixed cache relies on. Encoder-decoders (t5, transformer) compute
+    position biases from the past length itself, so they decode eagerly."""
+    config = getattr(model, "config", None)
+    return (
+        isinstance(model, nn.Module)
+        and getattr(config, "head", None) == "causal_lm"
+        and "logits_to_keep" in inspect.signature(model.forward).parameters
+    )
+
+
+def resolve_compile(model: nn.Module, compile: bool | str) -> bool:
+    """Whether to decode with the compiled step. "auto": models that support it, on a GPU
+    (`AUTO_COMPILE_DEVICES`), of at least `COMPILE_MIN_PARAMETERS`, without quantized layers; True: compile,
+    and say why not when the model cannot be; False: eager."""
+    if compile not in COMPILED_MODES:
+        raise ValueError(f"compile={compile!r}; choose 'auto', True or False")
+    if compile is False:
+        return False
+    supported = supports_compiled_decoding(model)
+    if compile is True:
+        if not supported:
+            raise ValueError(
+                f"{type(model).__name__} (head {getattr(getattr(model, 'config', None), 'head', None)!r}) has no "
+                "compiled decode step: only decoder-only gpt/llama models do; pass compile=False (--no-compile)"
+            )
+        return True
+    # int8/int4/packed-bf16 layers (`lmforge.nn.quant`) call kernels of their own, which inductor cannot fuse
+    plain = not any(type(m).__module__ == "lmforge.nn.quant" for m in model.modules())
+    device = next(model.parameters(), torch.empty(0)).device.type
+    large = sum(p.numel() for p in model.parameters()) >= COMPILE_MIN_PARAMETERS
+    return supported and plain and large and device in AUTO_COMPILE_DEVICES
+
+
+def inductor_cache_dir() -> Path:
+    """Where inductor keeps compiled graphs: $LMFORGE_INDUCTOR_CACHE, else $TORCHINDUCTOR_CACHE_DIR when the
+    user set it, else ~/.cache/lmforge/inductor (under $XDG_CACHE_HOME when set)."""
+    if os.environ.get("LMFORGE_INDUCTOR_CACHE"):
+        return Path(os.environ["LMFORGE_INDUCTOR_CACHE"])
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge" / "inductor"
+
+
+_compiled_step = None
+
+
+def _decode_step(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, cache: FixedKVCache) -> torch.Tensor:
+    mask.index_fill_(1, cache.position, 1)  # the new token's slot becomes real
+    out = model(tokens, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.position.add_(1)
+    return out.logits[:, -1].float()
+
+
+def compiled_decode_step():
+    """The compiled `_decode_step`, built once per process. Shapes are static (`dynamic=False`): each
+    (batch, bucket) pair is one graph, so dynamo's per-function cache is raised to hold them all. On CUDA,
+    mode="reduce-overhead" replays the step as a CUDA graph; on CPU inductor emits C++ loops."""
+    global _compiled_step
+    if _compiled_step is None:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
+        torch._inductor.config.fx_graph_cache = True
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        cpu = torch.compile(_decode_step, dynamic=False)
+        cuda = torch.compile(_decode_step, dynamic=False, mode="reduce-overhead")
+        _compiled_step = (cpu, cuda)
+    return _compiled_step
+
+
+class CompiledDecoder:
+    """The decoding state of one `generate`/`stream` call on the compiled path: the fixed cache, the mask
+    over its slots and the compiled step. `prefill` runs eagerly; `step` feeds one token per row.
+
+    With `fall_back` (compile="auto", where nobody asked for compiling), a step that fails to compile warns
+    and the call goes on with the same fixed-shape step run eagerly: a compile error (no C++ compiler, an op
+    inductor cannot lower) is raised before the step has changed the cache, the mask or the position."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        max_len: int,
+        fall_back: bool = False,
+    ) -> None:
+        B, T = input_ids.shape
+        self.model, self.input_ids, self.fall_back = model, input_ids, fall_back
+        self.run = None
+        self.cache = FixedKVCache(max_len, input_ids.device)
+        self.mask = torch.zeros(B, max_len, dtype=torch.long, device=input_ids.device)
+        self.mask[:, :T] = 1 if attention_mask is None else attention_mask
+        self.prompt_mask = attention_mask
+
+    def prefill(self) -> torch.Tensor:
+        out = self.model(
+            self.input_ids,
+            attention_mask=self.prompt_mask,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.cache.prefilled = True
+        self.cache.position.fill_(self.input_ids.shape[1])
+        return out.logits[:, -1].float()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.run is None:
+            cpu, cuda = compiled_decode_step()
+            self.run = cuda if tokens.device.type == "cuda" else cpu
+        try:
+            logits = self.run(self.model, tokens[:, None], self.mask, self.cache)
+        except Exception as error:
+            if not self.fall_back or self.run is _decode_step:
+                raise
+            warnings.warn(f"the decode step did not compile ({error}); decoding eagerly", stacklevel=2)
+            self.run = _decode_step
+            logits = self.run(self.model, tokens[:, None], self.mask, self.cache)
+        return logits.clone() if tokens.device.type == "cuda" else logits  # a CUDA graph reuses its output

@@ -1,0 +1,170 @@
+"""The compiled decode step against eager decoding: same greedy tokens, bounded recompiles, an off switch.
+
+The fast tests run the fixed-shape step (`FixedKVCache`, full-length mask) without inductor, so they check the
+static-shape arithmetic in seconds; the slow ones compile it with inductor (tens of seconds per model on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmforge import build_model
+from lmforge.generate import compiled, generate
+from lmforge.generate.compiled import COMPILE_MIN_PARAMETERS, bucket_length, resolve_compile
+from lmforge.nn.quant import quantize_int8
+
+NEW = 12
+SMALL = {"n_layer": 2, "n_head": 4, "d_model": 64, "vocab_size": 300, "max_seq_len": 64}
+MODELS = {
+    "gpt": dict(SMALL, tie_embeddings=False),
+    "llama": dict(SMALL, n_kv_heads=2, d_ff=128),  # grouped-query attention
+}
+
+
+def small_model(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(family, **MODELS[family]).eval()
+    with torch.no_grad():  # spread the logits so that greedy paths are varied, not one repeated token
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return model
+
+
+def left_padded_prompts(n_prompt: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    input_ids = torch.randint(1, 300, (3, n_prompt))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :4] = 0  # one short row, left-padded
+    attention_mask[2, :1] = 0
+    return input_ids.masked_fill(attention_mask == 0, 0), attention_mask
+
+
+@pytest.fixture
+def uncompiled_step(monkeypatch):
+    """The fixed-shape step run as plain Python: the same code inductor compiles, minus the compile."""
+    monkeypatch.setattr(compiled, "_compiled_step", (compiled._decode_step, compiled._decode_step))
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_fixed_shape_step_matches_eager_greedy_tokens(family, uncompiled_step):
+    model = small_model(family)
+    input_ids, attention_mask = left_padded_prompts()
+    eager = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile=False)
+    fixed = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile=True)
+    assert len(set(eager.tokens[1].tolist())) > 3  # a varied path, not one repeated token
+    assert torch.equal(fixed.tokens, eager.tokens)
+
+
+def test_fixed_shape_step_fills_the_models_whole_context(uncompiled_step):
+    """Prompt + new tokens - 1 = max_seq_len: the bucket is capped at the context, and the last slot is used."""
+    model = small_model("llama")
+    input_ids, attention_mask = left_padded_prompts(n_prompt=40)
+    new = SMALL["max_seq_len"] - 40 + 1
+    eager = generate(model, input_ids, attention_mask, max_new_tokens=new, eos_token_id=[], compile=False)
+    fixed = generate(model, input_ids, attention_mask, max_new_tokens=new, eos_token_id=[], compile=True)
+    assert torch.equal(fixed.tokens, eager.tokens)
+
+
+def test_compile_false_never_builds_the_compiled_step(monkeypatch):
+    def refuse():
+        raise AssertionError("compile=False must decode eagerly")
+
+    monkeypatch.setattr(compiled, "compiled_decode_step", refuse)
+    model = small_model("gpt")
+    input_ids, attention_mask = left_padded_prompts()
+    out = generate(model, input_ids, attention_mask, max_new_tokens=4, compile=False)
+    assert out.tokens.shape == (3, 4)
+
+
+def test_bucket_lengths_are_powers_of_two_capped_at_the_context():
+    assert [bucket_length(n, 2048) for n in (1, 64, 65, 200, 1025, 2048)] == [64, 64, 128, 256, 2048, 2048]
+    assert bucket_length(50, 48) == 48
+    assert len({bucket_length(n, 2048) for n in range(1, 2049)}) == 6  # recompiles bounded per batch size
+
+
+def test_auto_compiles_only_large_plain_decoder_only_models_on_a_gpu(monkeypatch):
+    tiny = small_model("gpt")
+    assert sum(p.numel() for p in tiny.parameters()) < COMPILE_MIN_PARAMETERS
+    assert not resolve_compile(tiny, "auto")
+    assert resolve_compile(tiny, True)
+    monkeypatch.setattr(compiled, "COMPILE_MIN_PARAMETERS", 1000)  # as if the tiny model were a real one
+    assert not resolve_compile(tiny, "auto")  # on CPU
+    monkeypatch.setattr(compiled, "AUTO_COMPILE_DEVICES", ("cpu",))  # as if this CPU were a GPU
+    assert resolve_compile(tiny, "auto")
+    assert not resolve_compile(quantize_int8(tiny), "auto")  # its own kernels: eager unless asked
+    t5 = build_model("t5-tiny").eval()
+    assert not resolve_compile(t5, "auto")
+    with pytest.raises(ValueError, match="no compiled decode step"):
+        resolve_compile(t5, True)
+    with pytest.raises(ValueError, match="choose 'auto'"):
+        resolve_compile(tiny, "yes")
+
+
+def test_auto_falls_back_to_eager_decoding_when_the_step_does_not_compile(monkeypatch):
+    def no_compiler(*args):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(compiled, "_compiled_step", (no_compiler, no_compiler))
+    monkeypatch.setattr(compiled, "COMPILE_MIN_PARAMETERS", 1000)
+    monkeypatch.setattr(compiled, "AUTO_COMPILE_DEVICES", ("cpu",))
+    model = small_model("gpt")
+    input_ids, attention_mask = left_padded_prompts()
+    eager = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile=False)
+    with pytest.warns(UserWarning, match="did not compile.*no C.. compiler"):
+        auto = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile="auto")
+    assert torch.equal(auto.tokens, eager.tokens)
+    with pytest.raises(RuntimeError, match="no C.. compiler"):  # asked for: the error is the user's to see
+        generate(model, input_ids, attention_mask, max_new_tokens=NEW, compile=True)
+
+
+def test_encoder_decoders_decode_eagerly_under_auto():
+    model = build_model("t5-tiny").eval()
+    input_ids = torch.randint(1, 100, (1, 5))
+    assert generate(model, input_ids, max_new_tokens=3).tokens.shape == (1, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_inductor_compiled_step_matches_eager_greedy_tokens_without_recompiling(family):
+    model = small_model(family)
+    input_ids, attention_mask = left_padded_prompts()
+    eager = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile=False)
+    fast = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile=True)
+    assert torch.equal(fast.tokens, eager.tokens)
+    # another prompt length and token budget in the same bucket (batch 3, 64 slots) reuses the graph
+    input_ids, attention_mask = left_padded_prompts(n_prompt=14)
+    eager = generate(model, input_ids, attention_mask, max_new_tokens=NEW - 3, eos_token_id=[], compile=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        fast = generate(model, input_ids, attention_mask, max_new_tokens=NEW - 3, eos_token_id=[], compile=True)
+    assert torch.equal(fast.tokens, eager.tokens)
+
+
+SECOND_PROCESS = """
+import torch
+from torch._dynamo.utils import counters
+from lmforge import build_model
+from lmforge.generate import generate
+torch.manual_seed(0)
+model = build_model("gpt-tiny").eval()
+generate(model, torch.randint(1, 200, (1, 5)), max_new_tokens=3, compile=True)
+print("hits", counters["inductor"]["fxgraph_cache_hit"], "misses", counters["inductor"]["fxgraph_cache_miss"])
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_the_compiled_step_from_the_disk_cache(tmp_path):
+    env = {**os.environ, "LMFORGE_INDUCTOR_CACHE": str(tmp_path)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    runs = [
+        subprocess.run([sys.executable, "-c", SECOND_PROCESS], env=env, capture_output=True, text=True, check=True)
+        for _ in range(2)
+    ]
+    first, second = (run.stdout.split()[-4:] for run in runs)
+    assert first[1] == "0" and int(first[3]) >= 1  # compiled, and stored
+    assert int(second[1]) >= 1 and second[3] == "0"  # loaded, nothing compiled again
