@@ -127,6 +127,9 @@ def test_chat_and_serve_take_a_real_model_name(run_folder, monkeypatch, capsys):
     assert capsys.readouterr().out.strip()
     served = []
     monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets: served.append(server.config.app))
+    # uvicorn's logging setup closes every existing handler, and absl's (imported by rouge_score in other tests)
+    # closes its stream: pytest's own capture file
+    monkeypatch.setattr(uvicorn.Config, "configure_logging", lambda config: None)
     assert main(["serve", "SmolLM2-135M-Instruct", "--port", "0"]) == 0, capsys.readouterr().err
     assert served[0].state.served.name == "SmolLM2-135M-Instruct"
     assert served[0].state.served.model.config.d_model == 32  # the stand-in's weights, not a preset

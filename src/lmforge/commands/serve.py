@@ -119,7 +119,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config = uvicorn.Config(
         app, log_level=args.log_level, timeout_graceful_shutdown=args.timeout + 5, timeout_keep_alive=5
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:  # the handler writes to this call's stderr: a later serve in the same process adds its own
+        logger.removeHandler(handler)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
