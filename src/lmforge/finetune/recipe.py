@@ -44,6 +44,7 @@ from lmforge.train.distributed import DistInfo, cleanup, init_distributed, seed_
 from lmforge.train.loop import open_run, resume_state, say, train_loop
 from lmforge.train.objective import Objective
 from lmforge.train.optim import add_loss_groups, build_optimizer, build_scheduler
+from lmforge.train.parallel import parallel_mode
 from lmforge.train.runlock import run_lock
 
 MIN_FREE_BYTES = 64 << 20
@@ -347,6 +348,12 @@ def _finetune(
 ) -> dict:
     tc, device = config.train, info.device
     run_dir = config.run_dir
+    if parallel_mode(tc.parallel).sharded:
+        raise ValueError(
+            f"train.parallel={tc.parallel}: fine-tuning shards no model yet (its LoRA, privacy and final-model paths "
+            "expect whole weights); use train.parallel=ddp, or pretrain with fsdp and fine-tune the converted model"
+        )
+    parallel_mode(tc.parallel).check(None, tc, info.world_size)
     baselines = check_baselines(config, info)
     train_baseline = baseline_trainer(config, info)
     from lmforge.finetune.augment import augment_training, check_augment
