@@ -1,6 +1,7 @@
-"""FSDP2 with two CPU processes (gloo) against the single-process run as the oracle: the same losses, half the
-per-rank state, sharded checkpoints that resume exactly at 2 ranks and reshard to 1, and `lmforge convert`.
-The multi-process tests share two runs (about 25 s) and are marked slow; the bad-input tests are in-process."""
+"""FSDP2, tensor parallelism and both on a 2x2 mesh, with CPU processes (gloo), against the single-process run as
+the oracle: the same losses, half the per-rank state under FSDP, sharded checkpoints that resume exactly at 2
+ranks and reshard to 1, and `lmforge convert`. The multi-process tests share their runs (25-40 s each) and are
+marked slow; the bad-input tests are in-process and fast."""
 
 from __future__ import annotations
 
@@ -17,13 +18,18 @@ from lmforge.cli import main
 from lmforge.hf.load import load_model
 from lmforge.models import build_model
 from lmforge.train.config import TrainSection
+from lmforge.train.distributed import DistInfo
 from lmforge.train.parallel import parallel_mode
 from lmforge.train.sharded import read_sharded, write_sharded
 
 PRETRAIN = ["-m", "lmforge.commands.pretrain"]
 ONE = [sys.executable]
 TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+FOUR = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
 TWO_BLOCKS = '{"n_layer": 2, "n_head": 2, "d_model": 32}'  # FSDP shards block by block: have more than one
+
+
+GQA_LLAMA = '{"n_layer": 2, "n_head": 4, "n_kv_heads": 2, "d_model": 32}'  # 2 query heads per K/V head
 
 
 def _flags(run_flags, out: Path, name: str, **changes) -> list[str]:
@@ -70,6 +76,14 @@ def runs(run_flags, tmp_path_factory):
     done = _run([*TWO, *PRETRAIN, *_flags(run_flags, out, "fsdp", train__batch_size=2, train__parallel="fsdp")])
     assert "2 process(es) (fsdp)" in done.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def tp_run(runs, run_flags):
+    """Tensor parallelism over two processes: both read the whole batch of 4 and compute one head each."""
+    flags = _flags(run_flags, runs, "tp", train__batch_size=4, train__parallel="tp", train__tp=2)
+    assert "2 process(es) (tp)" in _run([*TWO, *PRETRAIN, *flags]).stderr
+    return runs / "tp"
 
 
 @pytest.mark.slow
@@ -125,11 +139,34 @@ def test_convert_turns_a_sharded_checkpoint_into_a_model_folder(runs, tmp_path):
         torch.testing.assert_close(converted[name], tensor, atol=1e-5, rtol=0, msg=name)
 
 
+@pytest.mark.slow
+def test_tensor_parallel_follows_the_single_process_trajectory(runs, tp_run):
+    _assert_same_losses(runs / "single", tp_run)
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_checkpoint_keeps_the_layers_own_row_order(runs, tp_run, run_flags):
+    """Each rank holds [q_r | k_r | v_r] of the fused projection; the checkpoint holds [q | k | v], so one
+    process resumes it (same losses as the oracle's)."""
+    _rewind(tp_run, runs / "tp-one", step=3)
+    _run([*ONE, *PRETRAIN, *_flags(run_flags, runs, "tp-one", train__batch_size=4), "--resume"])
+    _assert_same_losses(runs / "single", runs / "tp-one")
+
+
+@pytest.mark.slow
+def test_fsdp_with_tensor_parallel_on_a_2x2_mesh_follows_one_process_with_gqa(run_flags, tmp_path):
+    llama = dict(model__name="llama", model__overrides=GQA_LLAMA)
+    _run([*ONE, *PRETRAIN, *_flags(run_flags, tmp_path, "single", train__batch_size=4, **llama)])
+    flags = _flags(run_flags, tmp_path, "2d", train__batch_size=2, train__parallel="fsdp+tp", train__tp=2, **llama)
+    assert "4 process(es) (fsdp+tp)" in _run([*FOUR, *PRETRAIN, *flags]).stderr
+    _assert_same_losses(tmp_path / "single", tmp_path / "2d")
+
+
 # ---------------------------------------------------------------- bad input, before training
 
 
 def test_unknown_parallel_mode_is_named():
-    with pytest.raises(ValueError, match="train.parallel='zero3' is not one of ddp, fsdp"):
+    with pytest.raises(ValueError, match="train.parallel='zero3' is not one of ddp, fsdp, tp, fsdp\\+tp"):
         parallel_mode("zero3")
 
 
@@ -152,3 +189,31 @@ def test_a_sharded_checkpoint_of_another_model_is_refused(tmp_path):
     read_sharded(tmp_path, same)
     for (name, a), b in zip(saved.state_dict().items(), same.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    ("mode", "world_size", "message"),
+    [
+        ("tp", 3, "needs train.tp >= 2 dividing the world size 3"),
+        ("fsdp+tp", 3, "needs train.tp >= 2 dividing the world size 3"),
+        ("tp", 4, "train.tp equal to the world size 4 .*use train.parallel=fsdp\\+tp"),
+    ],
+)
+def test_a_mesh_the_world_size_does_not_fit_is_refused(mode, world_size, message):
+    info = DistInfo(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"), is_main=True)
+    with pytest.raises(ValueError, match=message):
+        parallel_mode(mode).place(info, TrainSection(tp=2))
+
+
+@pytest.mark.parametrize(
+    ("family", "values", "message"),
+    [
+        ("gpt", {"n_head": 3, "d_model": 48}, "train.tp=2 does not divide n_head=3"),
+        ("llama", {"n_head": 4, "n_kv_heads": 1, "d_model": 32}, "train.tp=2 does not divide n_kv_heads=1"),
+        ("bert", {}, "the bert family has no tensor-parallel plan; use one of gpt, llama"),
+    ],
+)
+def test_heads_the_tp_degree_does_not_divide_and_families_without_a_plan_are_refused(family, values, message):
+    config = build_model(family, vocab_size=67, n_layer=1, **values).config
+    with pytest.raises(ValueError, match=message):
+        parallel_mode("fsdp+tp").check(config, TrainSection(tp=2), world_size=4)

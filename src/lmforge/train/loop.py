@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from lmforge.hf.runs import latest_checkpoint
 from lmforge.train import checkpoint as ckpt
@@ -44,6 +43,7 @@ from lmforge.train.distributed import DistInfo, all_reduce_sum, barrier, gradien
 from lmforge.train.logging import MetricsLogger, TrainProgress
 from lmforge.train.objective import Objective
 from lmforge.train.optim import add_l1_subgradient
+from lmforge.train.parallel import clip_grad_norm
 
 
 class Stop:
@@ -149,10 +149,7 @@ def optimizer_step(
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     if loss_module is not None:
         trainable += [p for p in loss_module.parameters() if p.requires_grad]
-    grad_norm = float("nan")
-    if grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-        grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()  # DTensor: over all shards
+    grad_norm = clip_grad_norm(trainable, grad_clip) if grad_clip > 0 else float("nan")
     lr = optimizer.param_groups[0]["lr"]
     if scaler is not None:
         scaler.step(optimizer)

@@ -21,15 +21,20 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor, Replicate
 
 from lmforge.hf.runs import SHARDED, is_sharded
 from lmforge.train.distributed import DistInfo
+from lmforge.train.parallel import canonical_rows, fused_layouts, rank_major_rows
 
 
 def write_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Write this rank's shards of the model's and optimizer's state into folder/sharded/ (collective: every
     rank calls it with the same folder)."""
-    model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [])
+    model_state, optim_state = _state_dicts(model, optimizer)
+    for name, (sections, tp) in fused_layouts(model).items():  # tensor parallel: back to the layer's row order
+        for values, key in _entries(name, model_state, optim_state):
+            values[key] = canonical_rows(values[key].full_tensor(), sections, tp)
     state = {"model": model_state} | ({"optimizer": optim_state} if optimizer is not None else {})
     with _single_process_quiet():
         dcp.save(state, checkpoint_id=Path(folder) / SHARDED)
@@ -41,7 +46,16 @@ def read_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     folder = Path(folder)
     if not is_sharded(folder):
         raise FileNotFoundError(f"{folder / SHARDED} has no .metadata: the sharded save was cut short")
-    model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [])
+    model_state, optim_state = _state_dicts(model, optimizer)
+    fused = fused_layouts(model)
+    targets = {
+        (name, id(values), key): values[key]
+        for name in fused
+        for values, key in _entries(name, model_state, optim_state)
+    }
+    for name in fused:  # read whole, in the layer's row order; each rank keeps its rows below
+        for values, key in _entries(name, model_state, optim_state):
+            values[key] = torch.empty(values[key].shape, dtype=values[key].dtype, device=values[key].device)
     state = {"model": model_state} | ({"optimizer": optim_state} if optimizer is not None else {})
     _check_shapes(folder, model_state)
     try:
@@ -52,12 +66,35 @@ def read_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
         raise ValueError(
             f"{folder / SHARDED} does not fit this model/optimizer ({reason}); resume with the settings the run used"
         ) from None
+    for name, (sections, tp) in fused.items():
+        for values, key in _entries(name, model_state, optim_state):
+            target = targets[(name, id(values), key)]
+            whole = DTensor.from_local(
+                rank_major_rows(values[key], sections, tp), target.device_mesh, [Replicate()] * target.device_mesh.ndim
+            )
+            values[key] = whole.redistribute(target.device_mesh, target.placements)  # a local slice, no traffic
     set_state_dict(
         model,
         optimizer if optimizer is not None else [],
         model_state_dict=state["model"],
         optim_state_dict=state.get("optimizer", {}),
     )
+
+
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict]:
+    """Model and optimizer state dicts keyed by parameter name, in new containers: the optimizer's may hold
+    its live per-parameter dicts, which the row reordering below must not touch."""
+    model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [])
+    if optim_state:
+        optim_state = {**optim_state, "state": {k: dict(v) for k, v in optim_state.get("state", {}).items()}}
+    return dict(model_state), optim_state
+
+
+def _entries(name: str, model_state: dict, optim_state: dict) -> list[tuple[dict, str]]:
+    """(dict, key) of parameter `name` and of its optimizer moments (not the 0-d step count)."""
+    moments = optim_state.get("state", {}).get(name, {}) if optim_state else {}
+    found = [(moments, key) for key, value in moments.items() if isinstance(value, torch.Tensor) and value.ndim > 0]
+    return [(model_state, name)] + found
 
 
 def _check_shapes(folder: Path, model_state: dict) -> None:
