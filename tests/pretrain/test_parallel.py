@@ -15,11 +15,13 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.hf.load import load_model
+from lmforge.hf.files import read_config
+from lmforge.hf.load import lmforge_config, load_model
 from lmforge.models import build_model
 from lmforge.train.config import TrainSection
 from lmforge.train.distributed import DistInfo
 from lmforge.train.parallel import parallel_mode
+from lmforge.train.plan import plan_memory
 from lmforge.train.sharded import read_sharded, write_sharded
 
 PRETRAIN = ["-m", "lmforge.commands.pretrain"]
@@ -160,6 +162,17 @@ def test_fsdp_with_tensor_parallel_on_a_2x2_mesh_follows_one_process_with_gqa(ru
     flags = _flags(run_flags, tmp_path, "2d", train__batch_size=2, train__parallel="fsdp+tp", train__tp=2, **llama)
     assert "4 process(es) (fsdp+tp)" in _run([*FOUR, *PRETRAIN, *flags]).stderr
     _assert_same_losses(tmp_path / "single", tmp_path / "2d")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "mode", "tp"), [("fsdp", "fsdp", 1), ("tp", "tp", 2)])
+def test_the_planner_counts_the_bytes_a_sharded_rank_holds(runs, tp_run, name, mode, tp):
+    """`lmforge plan`'s parameters, gradients and AdamW state equal rank 0's, measured in the run (summary.json)."""
+    step = runs / name / "checkpoints" / "step_00000006"
+    config = lmforge_config(read_config(step), step)
+    measured = json.loads((runs / name / "summary.json").read_text())["state_bytes_per_rank"]
+    planned = plan_memory(config, parallel_mode(mode), world_size=2, tp=tp, batch=2, seq_len=32)
+    assert measured == {"params": planned.params, "grads": planned.grads, "optimizer": planned.optimizer}
 
 
 # ---------------------------------------------------------------- bad input, before training
