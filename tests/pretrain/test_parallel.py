@@ -94,6 +94,20 @@ def test_fsdp_follows_the_single_process_trajectory(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("changes", "tolerance"),
+    [({"train__cpu_offload": True}, 1e-5), ({"train__dtype": "bfloat16"}, 1e-2)],  # bf16: ~3 significant digits
+    ids=["cpu-offload", "bf16-params-fp32-reduce"],
+)
+def test_fsdp_offload_and_mixed_precision_follow_the_fp32_run(runs, run_flags, changes, tolerance):
+    name = next(iter(changes)).removeprefix("train__")
+    flags = _flags(run_flags, runs, name, train__batch_size=2, train__parallel="fsdp", **changes)
+    _run([*TWO, *PRETRAIN, *flags])
+    for a, b in zip(_records(runs / "single"), _records(runs / name), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=tolerance), (a["step"], a["split"])
+
+
+@pytest.mark.slow
 def test_an_fsdp_rank_holds_about_half_of_what_a_ddp_rank_holds(runs):
     """DDP replicates: each of its ranks holds what the single process holds."""
     ddp = json.loads((runs / "single" / "summary.json").read_text())["state_bytes_per_rank"]

@@ -199,7 +199,9 @@ def _pretrain(config: RunConfig, info: DistInfo, on_eval: Callable[[int, dict[st
         if metrics.exists():
             plot_training_curves(metrics, run_dir / "loss.png")
             summary["plot"] = str(run_dir / "loss.png")
-        if tc.sample_tokens and stopped_by is None and not mode.sharded:  # a sharded model runs on every rank
+        if tc.sample_tokens and stopped_by is None and mode.sharded:  # its forward needs every rank
+            say(info, f"no samples.txt from a {mode.name} run: `lmforge convert` a checkpoint, then `lmforge generate`")
+        elif tc.sample_tokens and stopped_by is None:
             samples = objective.write_samples(raw_model, data, config, run_dir)
             if samples is not None:
                 summary["samples"] = samples

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lmforge.hf.files import CONFIG, SAFETENSORS, CheckpointWeights, read_config, write_safetensors
 from lmforge.hf.load import tied_aliases
@@ -225,6 +226,11 @@ def load_checkpoint(
     _check_config(path, model, allow_config_changes)
     if is_sharded(path):  # written by FSDP/TP ranks: DCP reads it into this layout, whatever it is
         read_sharded(path, model, optimizer)
+    elif any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError(
+            f"checkpoint {path} holds whole weights (a ddp run's) and this model is sharded; resume it with "
+            "train.parallel=ddp, or start a new sharded run from its weights with --model.name=<that folder>"
+        )
     else:
         _load_weights(path, model)
         if optimizer is not None:
