@@ -56,7 +56,9 @@ class TrainSection:
     compile: bool = opt(False, "torch.compile the model")
     activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward pass")
     parallel: str = opt(
-        "ddp", "ddp | fsdp (FSDP2, sharded checkpoints) across torchrun's processes (`lmforge.train.parallel`)"
+        "ddp",
+        "ddp | fsdp (FSDP2) | tp (tensor parallel) | fsdp+tp (2-D mesh) across torchrun's processes; the sharded "
+        "modes save sharded checkpoints (`lmforge.train.parallel`)",
     )
     tp: int = opt(1, "tensor-parallel degree (train.parallel=tp or fsdp+tp)")
     cpu_offload: bool = opt(False, "keep FSDP's parameter shards, gradients and optimizer state in host memory")

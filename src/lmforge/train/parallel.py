@@ -5,15 +5,21 @@
            processes keeps 1/N of every parameter, gradient and optimizer moment (row-sharded DTensors);
            a block's full weights exist only while it runs (all-gather before its forward and backward,
            reduce-scatter of its gradients after)
+    tp     tensor parallelism (`parallelize_module`, one `BlockPlan` per family): every process reads the same
+           batch and computes 1/t of each block's heads and FFN units (Megatron-LM's column/row split)
+    fsdp+tp  a 2-D mesh ("dp", "tp"): tensor parallel inside groups of t processes, FSDP across the groups
 
 Per rank, with P parameters of b bytes and Adam's two moments, DDP holds P b (weights) + P b (gradients)
 + 2 P b (moments) = 4 P b; FSDP over N ranks holds 4 P b / N plus the unsharded weights of the one block
-being computed. `state_bytes` counts what a rank actually holds.
+being computed; TP holds 4 b (P_blocks / t + P_rest). `state_bytes` counts what a rank actually holds,
+`lmforge.train.plan` predicts it.
 
 The data-parallel arithmetic stays the loop's (`lmforge.train.loop`): each process takes its rows of the global
 batch, scales its summed loss by world / units, and the reduction averages over processes. FSDP2's
 reduce-scatter averages just like DDP's all-reduce, so one process with batch N B and N processes with batch B
-take the same steps. Sharded runs save sharded checkpoints (`lmforge.train.checkpoint`, DCP).
+take the same steps. Under TP the processes of a group share their rows (`DistInfo.dp_rank`); counting each
+row once per member scales both the loss sum and the unit count, so the loop's ratio is unchanged. Sharded runs
+save sharded checkpoints (`lmforge.train.checkpoint`, DCP).
 
 A mode checks the run before anything is built (`check`), builds the device mesh (`place`), shards the model
 in place before the optimizer is created (`shard`: the optimizer must see the sharded parameters) and may
