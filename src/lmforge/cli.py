@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "lmforge.commands.prune",  # prune
     "lmforge.commands.distill",  # distill
     "lmforge.commands.explain",  # explain
+    "lmforge.commands.plan",  # plan
 )
 GROUPS = {
     "data": "datasets: catalog, cleaning, tokenised shards",

@@ -1,5 +1,5 @@
-"""Fine-tuning runs the pretraining loop, DDP included: two CPU processes (gloo) follow the trajectory of one
-process with the same global batch."""
+"""Fine-tuning runs the pretraining loop, DDP and FSDP included: two CPU processes (gloo) follow the trajectory
+of one process with the same global batch."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from lmforge.hf.load import load_model
 
 FINETUNE = ["-m", "lmforge.commands.finetune"]
 
@@ -16,7 +19,8 @@ def _records(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def test_two_processes_follow_the_single_process_trajectory(tmp_path, sentiment_file):
+def _single_run(tmp_path, sentiment_file) -> list[str]:
+    """The flags both runs share, after the one-process run (batch 8) that is the oracle."""
     sentiment_file(tmp_path / "train.jsonl", 80, seed=0)
     common = [
         "--task=classification", "--model=bert-tiny", f"--data={tmp_path / 'train.jsonl'}", "--epochs=0",
@@ -26,15 +30,31 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path, sentiment_
     single = [*common, "--train.name=single", "--train.batch_size=8"]
     done = subprocess.run([sys.executable, *FINETUNE, *single], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    tokenizer = f"--model.tokenizer={tmp_path / 'single' / 'tokenizer'}"  # the same ids in both runs
+    return [*common, f"--model.tokenizer={tmp_path / 'single' / 'tokenizer'}"]  # the same ids in both runs
 
-    ddp = [*common, "--train.name=ddp", "--train.batch_size=4", tokenizer]
+
+def _two_processes(tmp_path, flags: list[str], name: str) -> None:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run([*torchrun, *FINETUNE, *ddp], capture_output=True, text=True, timeout=300)
+    run = [*flags, f"--train.name={name}", "--train.batch_size=4"]
+    done = subprocess.run([*torchrun, *FINETUNE, *run], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-
-    one, two = _records(tmp_path / "single"), _records(tmp_path / "ddp")
+    one, two = _records(tmp_path / "single"), _records(tmp_path / name)
     assert [(r["step"], r["split"]) for r in one] == [(r["step"], r["split"]) for r in two]  # rank 0 logs once
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), (a["step"], a["split"])
-    assert (tmp_path / "ddp" / "model" / "task.json").is_file()
+    assert (tmp_path / name / "model" / "task.json").is_file()
+
+
+def test_two_processes_follow_the_single_process_trajectory(tmp_path, sentiment_file):
+    _two_processes(tmp_path, _single_run(tmp_path, sentiment_file), "ddp")
+
+
+@pytest.mark.slow
+def test_fsdp_follows_the_single_process_trajectory_and_saves_the_whole_model(tmp_path, sentiment_file):
+    _two_processes(tmp_path, [*_single_run(tmp_path, sentiment_file), "--train.parallel=fsdp"], "fsdp")
+    single, fsdp = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("single", "fsdp"))
+    assert fsdp["loss"] == pytest.approx(single["loss"], abs=1e-5)  # the final evaluation ran on the gathered model
+    saved = {name: load_model(tmp_path / name / "model").state_dict() for name in ("single", "fsdp")}
+    assert saved["fsdp"].keys() == saved["single"].keys()
+    for name, tensor in saved["single"].items():
+        torch.testing.assert_close(saved["fsdp"][name], tensor, atol=1e-5, rtol=0, msg=name)

@@ -15,10 +15,17 @@ MODEL_HELP = (
 def cmd_convert(args: argparse.Namespace) -> None:
     from lmforge.hf.load import load_model
     from lmforge.hf.resolve import resolve_model
+    from lmforge.hf.runs import is_sharded
     from lmforge.hf.save import save_model, save_pretrained
 
     src = resolve_model(args.src, presets=False).path  # a run folder: its best checkpoint, tokenizer included
-    model = load_model(src, head=args.head, dtype=args.dtype)
+    if is_sharded(src):  # an FSDP/TP run's checkpoint: gather every rank's shards into one model
+        from lmforge.hf.load import resolve_dtype
+        from lmforge.train.sharded import load_sharded_model
+
+        model = load_sharded_model(src, head=args.head, dtype=resolve_dtype(args.dtype))
+    else:
+        model = load_model(src, head=args.head, dtype=args.dtype)
     tokenizer = source_tokenizer(src)
     save = save_pretrained if args.to == "hf" else save_model
     save(model, args.dst, tokenizer=tokenizer, overwrite=args.overwrite)
@@ -66,7 +73,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
     p = commands.add_parser(
-        "convert", help="convert a checkpoint (HF folder, lmforge folder or .gguf) to a HF or lmforge folder"
+        "convert",
+        help="convert a checkpoint (HF folder, lmforge folder, .gguf, a sharded FSDP/TP checkpoint) to a HF or "
+        "lmforge folder",
     )
     p.add_argument("src", help=MODEL_HELP)
     p.add_argument("dst", help="output folder (written atomically)")

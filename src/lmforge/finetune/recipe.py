@@ -40,10 +40,11 @@ from lmforge.finetune.datasets import TaskData, load_task_data
 from lmforge.finetune.tasks import TASKS, Task, build_task
 from lmforge.hf.runs import best_checkpoint
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.distributed import DistInfo, cleanup, init_distributed, seed_everything, wrap_model
+from lmforge.train.distributed import DistInfo, cleanup, init_distributed, seed_everything
 from lmforge.train.loop import INTERRUPTS, open_run, resume_state, say, train_loop
 from lmforge.train.objective import Objective
 from lmforge.train.optim import add_loss_groups, build_optimizer, build_scheduler
+from lmforge.train.parallel import parallel_mode
 from lmforge.train.runlock import run_lock
 
 MIN_FREE_BYTES = 64 << 20
@@ -206,6 +207,7 @@ def make_private(config: FinetuneConfig, info: DistInfo, model: nn.Module, optim
         "data.augment (each record's K variants would be K examples of one person: the guarantee would not hold)": bool(
             config.data.augment
         ),
+        f"train.parallel={tc.parallel} (Opacus's DPDDP keeps whole replicas)": parallel_mode(tc.parallel).sharded,
     }
     for what, present in refused.items():
         if present:
@@ -347,6 +349,10 @@ def _finetune(
 ) -> dict:
     tc, device = config.train, info.device
     run_dir = config.run_dir
+    mode = parallel_mode(tc.parallel)
+    if mode.tensor_parallel and config.task.method == "lora":
+        raise ValueError(f"train.parallel={mode.name} splits the Linear layers LoRA wraps; use fsdp or ddp with LoRA")
+    info = mode.place(info, tc)
     baselines = check_baselines(config, info)
     train_baseline = baseline_trainer(config, info)
     from lmforge.finetune.augment import augment_training, check_augment
@@ -369,7 +375,7 @@ def _finetune(
     test_features = task.encode(data.test, "test") if data.test and score_test else None
     if not train_features:
         raise ValueError("no training features were produced; check the data and data.max_length")
-    config = training_steps(config, len(train_features), info.world_size)
+    config = training_steps(config, len(train_features), info.dp_size)
     task.config, tc = config, config.train
 
     with warnings.catch_warnings(record=True) as caught:
@@ -378,10 +384,12 @@ def _finetune(
     for note in load_notes(caught, raw_model, task):
         say(info, note)
     raw_model = raw_model.to(device)
+    mode.check(raw_model.config, tc, info.world_size)
     counts = adapt(raw_model, config)
     training_loss = task if objective is None else objective(task, raw_model)
     if training_loss.loss_module is not None:
         training_loss.loss_module.to(device)
+    raw_model = mode.shard(raw_model, info, tc)  # LoRA's weights included; before the optimizer sees them
     optimizer = build_finetune_optimizer(raw_model, config)
     add_loss_groups(optimizer, training_loss.loss_module, config.optim)
     warmup = config.optim.warmup_steps
@@ -393,7 +401,7 @@ def _finetune(
     from lmforge.finetune.batches import FeatureBatches
     from lmforge.train.batches import Endless
 
-    global_batch = tc.batch_size * info.world_size
+    global_batch = tc.batch_size * info.dp_size
     if len(train_features) < global_batch:
         raise ValueError(
             f"{len(train_features)} training examples cannot fill one batch of {global_batch}; lower train.batch_size"
@@ -414,7 +422,7 @@ def _finetune(
     state = resume_state(
         latest, raw_model, optimizer, scheduler, train_batches, scaler, info, training_loss.loss_module
     )
-    model = wrap_model(raw_model, info) if privacy is None else privacy.training_model
+    model = mode.wrap(raw_model, info) if privacy is None else privacy.training_model
     if tc.compile:
         model = torch.compile(model)
 
@@ -455,6 +463,7 @@ def _finetune(
         peak_flops=None,
         on_eval=on_eval,
         hook=privacy,
+        sharded=mode.sharded,
     )
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
@@ -486,6 +495,8 @@ def _finetune(
     if best is not None and result.state.best_step != result.step:
         ckpt.load_checkpoint(best, raw_model, None, None)  # the best validation loss, as the final model
         say(info, f"using the best checkpoint {best.name} (validation loss {result.state.best_val_loss:.4f})")
+    if mode.sharded:  # the final evaluation and save run on rank 0 alone: give it the whole model
+        raw_model = whole_model(raw_model, config, task, tokenizer, device)
     if not info.is_main:
         return summary
     with task.reporting_progress("validation"):
@@ -570,6 +581,20 @@ def task_record(task: Task, config: FinetuneConfig) -> dict:
         "config": config.to_dict(),
         **task.saved_fields(),
     }
+
+
+def whole_model(sharded: nn.Module, config: FinetuneConfig, task: Task, tokenizer, device) -> nn.Module:
+    """An unsharded copy of an FSDP/TP model on every rank (collective: each rank gathers the full state), built
+    as the run built it (model, head, LoRA) so that its names match."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the notes were said when the run built its model
+        model = build_finetune_model(config, task, tokenizer).to(device)
+    adapt(model, config)
+    model.load_state_dict(state)
+    return model
 
 
 def save_final(model: nn.Module, task: Task, config: FinetuneConfig, run_dir: Path) -> None:

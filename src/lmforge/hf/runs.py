@@ -2,6 +2,8 @@
 
     run_dir/checkpoints/step_00000100/   one checkpoint (an lmforge model folder plus optimizer, scheduler,
                                          RNG and trainer_state.json; `lmforge.train.checkpoint` writes them)
+                                         or, from an FSDP/TP run, config.json + sharded/ (one shard per rank,
+                                         `torch.distributed.checkpoint`) in place of the weights and optimizer
     run_dir/checkpoints/latest.json      {"step", "path"}: the newest checkpoint
     run_dir/checkpoints/best.json        {"step", "path"}: the one saved as best most recently
 
@@ -20,6 +22,8 @@ from lmforge.hf.files import CONFIG, SAFETENSORS
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
+SHARDED = "sharded"  # the torch.distributed.checkpoint folder of a sharded checkpoint (model + optimizer)
+SHARDED_METADATA = ".metadata"  # DCP writes it last, after every rank's shard
 LATEST = "latest.json"
 BEST = "best.json"
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
@@ -39,7 +43,13 @@ def is_complete(path: Path) -> bool:
     """Whether a checkpoint folder holds what resuming reads first: its trainer state, config and weights
     (a folder half-deleted by an interrupted prune of an older lmforge lacks some of them)."""
     path = Path(path)
-    return all((path / name).is_file() for name in (TRAINER_STATE, CONFIG, SAFETENSORS))
+    weights = (path / SAFETENSORS).is_file() or is_sharded(path)
+    return weights and all((path / name).is_file() for name in (TRAINER_STATE, CONFIG))
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether a checkpoint folder holds its weights as per-rank shards (an FSDP or tensor-parallel run)."""
+    return (Path(path) / SHARDED / SHARDED_METADATA).is_file()
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

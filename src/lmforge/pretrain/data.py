@@ -50,7 +50,7 @@ class TrainData:
     val_tokens_per_byte: float
     objective: PretrainObjective
     config: RunConfig
-    world_size: int = 1
+    world_size: int = 1  # data-parallel replicas: processes that read different rows
     sample_pairs: list[tuple[str, str]] = field(default_factory=list)  # translation: held-out (source, reference)
 
     @property
@@ -179,7 +179,7 @@ def prepare_pairs(
     train, val = (
         encode_pairs(tokenizer, r, dc.source_lang, dc.target_lang, dc.block_size) for r in (records, held_out)
     )
-    batch = config.train.batch_size * info.world_size
+    batch = config.train.batch_size * info.dp_size
     for split, pairs in (("train", train), ("validation", val)):
         if len(pairs) < batch:
             raise ValueError(
@@ -189,7 +189,7 @@ def prepare_pairs(
     val_bytes = sum(len(r[dc.target_lang].encode("utf-8")) for r in held_out)
     tokens_per_byte = sum(len(target) for _, target in val) / max(val_bytes, 1)  # loss is over target tokens
     samples = [(r[dc.source_lang], r[dc.target_lang]) for r in held_out[:SAMPLE_PAIRS]]
-    return TrainData(tokenizer, train, val, tokens_per_byte, objective, config, info.world_size, samples)
+    return TrainData(tokenizer, train, val, tokens_per_byte, objective, config, info.dp_size, samples)
 
 
 def _from_shards(config: RunConfig, folder: Path, info: DistInfo, objective: PretrainObjective) -> TrainData:
@@ -214,4 +214,4 @@ def _streams(config, tokenizer, train, val, tokens_per_byte, objective, info) ->
                 "use more data or a smaller block"
             )
     wrap = lambda t: t if isinstance(t, TokenStream) else TokenStream(t)  # noqa: E731
-    return TrainData(tokenizer, wrap(train), wrap(val), tokens_per_byte, objective, config, info.world_size)
+    return TrainData(tokenizer, wrap(train), wrap(val), tokens_per_byte, objective, config, info.dp_size)

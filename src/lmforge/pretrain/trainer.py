@@ -30,10 +30,11 @@ from lmforge.pretrain.data import TrainData
 from lmforge.pretrain.objectives import PretrainObjective, objective_for
 from lmforge.train.activations import enable_activation_checkpointing
 from lmforge.train.config import config_from_dict, differing_fields
-from lmforge.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed, seed_everything, wrap_model
+from lmforge.train.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed, seed_everything
 from lmforge.train.loop import autocast, open_run, resume_state, say, take_rows, train_loop
 from lmforge.train.memory import check_activation_memory
 from lmforge.train.optim import build_optimizer, build_scheduler
+from lmforge.train.parallel import parallel_mode, state_bytes
 from lmforge.train.runlock import run_lock
 
 MIN_FREE_BYTES = 64 << 20
@@ -102,6 +103,8 @@ def pretrain(config: RunConfig, on_eval: Callable[[int, dict[str, float]], None]
 def _pretrain(config: RunConfig, info: DistInfo, on_eval: Callable[[int, dict[str, float]], None] | None) -> dict:
     tc, device = config.train, info.device
     run_dir = config.run_dir
+    mode = parallel_mode(tc.parallel)
+    info = mode.place(info, tc)
     latest = open_run(tc, run_dir, info, MIN_FREE_BYTES)
     if latest is not None:
         check_resumable(latest, config)
@@ -111,6 +114,7 @@ def _pretrain(config: RunConfig, info: DistInfo, on_eval: Callable[[int, dict[st
     objective = objective_for(family_of(str(weights) if weights is not None else config.model.name))
     data = objective.prepare(config, run_dir, info, reuse_tokenizer=latest is not None)
     raw_model = build_pretrain_model(config, objective, data.tokenizer).to(device)
+    mode.check(raw_model.config, tc, info.world_size)
     check_activation_memory(
         raw_model,
         tc.batch_size,
@@ -122,18 +126,19 @@ def _pretrain(config: RunConfig, info: DistInfo, on_eval: Callable[[int, dict[st
     )
     if tc.activation_checkpointing:
         enable_activation_checkpointing(raw_model)
+    raw_model = mode.shard(raw_model, info, tc)  # before the optimizer: it must hold the sharded parameters
     optimizer = build_optimizer(raw_model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, tc.max_steps)
     scaler = torch.amp.GradScaler("cuda") if tc.dtype == "float16" else None
 
-    train_batches = data.train_loader(tc.batch_size * info.world_size)
+    train_batches = data.train_loader(tc.batch_size * info.dp_size)
     state = resume_state(latest, raw_model, optimizer, scheduler, train_batches, scaler, info)
 
-    model = wrap_model(raw_model, info)
+    model = mode.wrap(raw_model, info)
     if tc.compile:
         model = torch.compile(model)
 
-    tokens_per_step = objective.tokens_per_step(config, info.world_size)
+    tokens_per_step = objective.tokens_per_step(config, info.dp_size)
     peak = None
     if tc.progress and info.is_main:
         from lmforge.train.logging import measure_peak_flops
@@ -145,7 +150,7 @@ def _pretrain(config: RunConfig, info: DistInfo, on_eval: Callable[[int, dict[st
         info,
         f"pretraining {config.model.name} ({count_parameters(raw_model) / 1e6:.2f}M parameters, {objective.name}) on "
         f"{config.data.dataset}: {data.n_train_tokens:,} train tokens, vocab {data.tokenizer.vocab_size}, "
-        f"{per_step} tokens/step, {info.world_size} process(es) on {device}; run folder {run_dir}",
+        f"{per_step} tokens/step, {info.world_size} process(es) ({mode.name}) on {device}; run folder {run_dir}",
     )
     result = train_loop(
         config=config,
@@ -165,6 +170,7 @@ def _pretrain(config: RunConfig, info: DistInfo, on_eval: Callable[[int, dict[st
         flops_per_token=flops_per_token(raw_model, config.data.block_size),
         peak_flops=peak,
         on_eval=on_eval,
+        sharded=mode.sharded,
     )
     step, stopped_by, last_eval, skipped = result.step, result.stopped_by, result.last_eval, result.skipped
     state = result.state.to_dict()
@@ -184,6 +190,8 @@ def _pretrain(config: RunConfig, info: DistInfo, on_eval: Callable[[int, dict[st
         "best_step": state["best_step"],
         "final_val": last_eval,
         "world_size": info.world_size,
+        "parallel": mode.name,
+        "state_bytes_per_rank": state_bytes(raw_model, optimizer),
         "device": str(device),
     }
     if info.is_main:
@@ -191,7 +199,9 @@ def _pretrain(config: RunConfig, info: DistInfo, on_eval: Callable[[int, dict[st
         if metrics.exists():
             plot_training_curves(metrics, run_dir / "loss.png")
             summary["plot"] = str(run_dir / "loss.png")
-        if tc.sample_tokens and stopped_by is None:
+        if tc.sample_tokens and stopped_by is None and mode.sharded:  # its forward needs every rank
+            say(info, f"no samples.txt from a {mode.name} run: `lmforge convert` a checkpoint, then `lmforge generate`")
+        elif tc.sample_tokens and stopped_by is None:
             samples = objective.write_samples(raw_model, data, config, run_dir)
             if samples is not None:
                 summary["samples"] = samples

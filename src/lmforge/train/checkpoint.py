@@ -8,6 +8,8 @@ Layout of `run_dir/checkpoints/`:
         loss.safetensors                 the loss's own weights, when it has any (`Objective.loss_module`)
         tokenizer files                  when a tokenizer is given
         trainer_state.json               {"step", "state": the trainer's dict, "python_rng", "numpy_rng"}
+        sharded/                         FSDP/TP runs only, in place of model.safetensors and optimizer.pt:
+                                         each rank's shards of both (`lmforge.train.sharded`, DCP)
     latest.json                          {"step", "path"}: the newest checkpoint
     best.json                            {"step", "path"}: the one saved with is_best=True most recently
 
@@ -15,8 +17,10 @@ A checkpoint is complete only when its folder exists under its final name and ho
 every file is written into a hidden temporary folder in the same parent, trainer_state.json last, each
 flushed to disk, and the folder is renamed into place (`lmforge.io.atomic_folder`), before
 latest.json is updated. A run killed at any moment leaves either the previous complete checkpoint or the
-new one, never a half-written folder under a step name. Everything is read back without unpickling code:
-safetensors for weights, torch.load(weights_only=True) for the optimizer, scheduler and RNG states.
+new one, never a half-written folder under a step name. A sharded save is the same, every rank writing its shards
+into rank 0's temporary folder before rank 0 writes the rest and renames it. Everything is read back without
+unpickling code: safetensors for weights, torch.load(weights_only=True) for the optimizer, scheduler and RNG
+states (DCP's shards hold tensors and plain containers).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lmforge.hf.files import CONFIG, SAFETENSORS, CheckpointWeights, read_config, write_safetensors
 from lmforge.hf.load import tied_aliases
@@ -43,13 +48,15 @@ from lmforge.hf.runs import (
     LATEST,
     TRAINER_STATE,
     is_complete,
+    is_sharded,
     latest_checkpoint,
     list_checkpoints,
     read_pointer,
 )
 from lmforge.hf.save import save_tokenizer
 from lmforge.io import atomic_folder, write_json_atomic
-from lmforge.train.distributed import unwrap_model
+from lmforge.train.distributed import DistInfo, unwrap_model
+from lmforge.train.sharded import broadcast_path, read_sharded, write_sharded
 
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
@@ -75,11 +82,16 @@ def save_checkpoint(
     keep_last: int = 3,
     is_best: bool = False,
     loss_module: nn.Module | None = None,
+    sharded: bool = False,
+    info: DistInfo | None = None,
 ) -> Path:
     """Write run_dir/checkpoints/step_{step:08d}/ atomically, prune to the last `keep_last` checkpoints
     (plus the best), then point latest.json at it; returns its path. `trainer_state` must be
     JSON-serialisable (loader position, best metric, ...). Re-saving an existing step replaces it.
-    `loss_module`'s weights (the loss's own parameters) go to loss.safetensors, beside the model's."""
+    `loss_module`'s weights (the loss's own parameters) go to loss.safetensors, beside the model's.
+
+    `sharded=True` (FSDP/TP) is collective: every rank of `info` calls it; each writes its shards of model and
+    optimizer into rank 0's temporary folder, and only rank 0 writes the other files, renames and prunes."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step={step!r} must be an integer >= 0")
     if keep_last < 1:
@@ -96,13 +108,20 @@ def save_checkpoint(
 
     model = unwrap_model(model)
     final = checkpoint_dir(run_dir, step)
+    if sharded and info is not None and not info.is_main:
+        write_sharded(broadcast_path(None, info), model, optimizer)
+        return final
     try:
         with atomic_folder(final) as tmp:
-            _write_model(model, tmp)
+            if sharded:
+                write_sharded(broadcast_path(tmp, info) if info is not None else tmp, model, optimizer)
+                _write_config(model, tmp)
+            else:
+                _write_model(model, tmp)
+                if optimizer is not None:
+                    torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
             if tokenizer is not None:
                 save_tokenizer(tokenizer, tmp)
-            if optimizer is not None:
-                torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
             if scheduler is not None:
                 torch.save(scheduler.state_dict(), tmp / SCHEDULER)
             torch.save(_torch_rng(), tmp / RNG)
@@ -136,14 +155,18 @@ def _is_disk_error(error: BaseException) -> bool:
 
 def _write_model(model: nn.Module, folder: Path) -> None:
     """config.json + model.safetensors exactly as `lmforge.save_model` writes them (tied weights once)."""
+    _write_config(model, folder)
+    aliases = tied_aliases(model)
+    write_safetensors({n: t for n, t in model.state_dict().items() if n not in aliases}, folder / SAFETENSORS)
+
+
+def _write_config(model: nn.Module, folder: Path) -> None:
     from lmforge import __version__
 
     if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
         raise ValueError(
             f"cannot checkpoint a {type(model).__name__}: it has no lmforge `config`; build it with build_model()"
         )
-    aliases = tied_aliases(model)
-    write_safetensors({n: t for n, t in model.state_dict().items() if n not in aliases}, folder / SAFETENSORS)
     config = {"format": "lmforge", "lmforge_version": __version__, "model": model.config.to_dict()}
     (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -201,11 +224,19 @@ def load_checkpoint(
         )
     model = unwrap_model(model)
     _check_config(path, model, allow_config_changes)
-    _load_weights(path, model)
+    if is_sharded(path):  # written by FSDP/TP ranks: DCP reads it into this layout, whatever it is
+        read_sharded(path, model, optimizer)
+    elif any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError(
+            f"checkpoint {path} holds whole weights (a ddp run's) and this model is sharded; resume it with "
+            "train.parallel=ddp, or start a new sharded run from its weights with --model.name=<that folder>"
+        )
+    else:
+        _load_weights(path, model)
+        if optimizer is not None:
+            _load_state(path / OPTIMIZER, optimizer, "optimizer")
     if loss_module is not None:
         _load_loss_weights(path, loss_module)
-    if optimizer is not None:
-        _load_state(path / OPTIMIZER, optimizer, "optimizer")
     if scheduler is not None:
         _load_state(path / SCHEDULER, scheduler, "scheduler")
     saved = _read_trainer_state(path)

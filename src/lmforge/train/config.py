@@ -55,6 +55,13 @@ class TrainSection:
     dtype: str = opt("float32", "float32 | bfloat16 (autocast) | float16 (autocast + GradScaler, CUDA only)")
     compile: bool = opt(False, "torch.compile the model")
     activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward pass")
+    parallel: str = opt(
+        "ddp",
+        "ddp | fsdp (FSDP2) | tp (tensor parallel) | fsdp+tp (2-D mesh) across torchrun's processes; the sharded "
+        "modes save sharded checkpoints (`lmforge.train.parallel`)",
+    )
+    tp: int = opt(1, "tensor-parallel degree (train.parallel=tp or fsdp+tp)")
+    cpu_offload: bool = opt(False, "keep FSDP's parameter shards, gradients and optimizer state in host memory")
     early_stopping_patience: int = opt(0, "stop after N evaluations without a better val loss (0: off)")
     nan_policy: str = opt("stop", "stop | skip: what a NaN/inf loss does")
     out: str = opt("runs", "folder holding the run folders")
@@ -86,7 +93,7 @@ class TrainSection:
         self.batch_size, self.grad_accum = self.max_micro_batch, self.grad_accum * factor
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every", "tp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
         self.split_micro_batches()

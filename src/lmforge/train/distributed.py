@@ -16,8 +16,11 @@ from __future__ import annotations
 import os
 import random
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,11 +31,24 @@ from torch.nn.parallel import DistributedDataParallel
 
 @dataclass
 class DistInfo:
+    """Who this process is. `dp_rank` / `dp_size` place it among the data-parallel replicas: every process
+    (DDP, FSDP) unless tensor parallelism makes groups of processes share one batch (`lmforge.train.parallel`
+    sets them, with the device `mesh`)."""
+
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
     is_main: bool
+    dp_rank: int = -1  # -1: the same as rank
+    dp_size: int = 0  # 0: the same as world_size
+    mesh: Any = None  # a torch DeviceMesh when the run shards its model
+
+    def __post_init__(self) -> None:
+        if self.dp_rank < 0:
+            self.dp_rank = self.rank
+        if self.dp_size < 1:
+            self.dp_size = self.world_size
 
 
 def _env_int(name: str, default: int) -> int:
@@ -117,6 +133,24 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+@contextmanager
+def gradient_sync_paused(model: nn.Module) -> Iterator[None]:
+    """Accumulate gradients locally, without the data-parallel reduction, for the micro-batches before the
+    last: DDP's `no_sync`, FSDP2's `set_requires_gradient_sync(False)`; nothing for a model that does not
+    reduce (one process, tensor parallelism alone)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+        return
+    with model.no_sync() if hasattr(model, "no_sync") else nullcontext():
+        yield
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

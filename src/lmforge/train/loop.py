@@ -39,10 +39,11 @@ from torch import nn
 
 from lmforge.hf.runs import latest_checkpoint
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.distributed import DistInfo, all_reduce_sum, barrier
+from lmforge.train.distributed import DistInfo, all_reduce_sum, barrier, gradient_sync_paused
 from lmforge.train.logging import MetricsLogger, TrainProgress
 from lmforge.train.objective import Objective
 from lmforge.train.optim import add_l1_subgradient
+from lmforge.train.parallel import clip_grad_norm
 
 INTERRUPTS = ("SIGINT", "SIGTERM")  # the `stopped_by` of a run a signal stopped (a caller running several should stop)
 
@@ -96,11 +97,12 @@ def backward_accumulated(
     whose per-example gradients undo each process's own mean) each process divides by its own units instead."""
     counts = torch.stack([objective.count(batch) for batch in micro]).double()
     n_units = max(all_reduce_sum(counts.sum(), info).item(), 1.0)
+    # n_units counts a tensor-parallel group's shared rows once per member: world / n_units = dp_size / rows
     scale = 1 / max(counts.sum().item(), 1.0) if per_process_mean else info.world_size / n_units
     step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
     for i, batch in enumerate(micro):
         last = i == len(micro) - 1
-        sync = contextlib.nullcontext() if last or info.world_size == 1 else model.no_sync()
+        sync = contextlib.nullcontext() if last or info.world_size == 1 else gradient_sync_paused(model)
         with sync:
             with autocast(dtype, info.device):
                 loss_sum = objective.loss_sum(model, batch)
@@ -113,11 +115,12 @@ def backward_accumulated(
 def take_rows(
     batch: dict[str, torch.Tensor], info: DistInfo, device: torch.device, split: bool = True
 ) -> dict[str, torch.Tensor]:
-    """This process's rows of a global batch (all of it with `split=False`: a per-process batch), on `device`."""
-    if info.world_size == 1 or not split:
+    """This process's rows of a global batch (all of it with `split=False`: a per-process batch), on `device`.
+    Processes of one tensor-parallel group share a data-parallel rank, hence the same rows."""
+    if info.dp_size == 1 or not split:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    rows = batch["input_ids"].shape[0] // info.world_size
-    part = slice(info.rank * rows, (info.rank + 1) * rows)
+    rows = batch["input_ids"].shape[0] // info.dp_size
+    part = slice(info.dp_rank * rows, (info.dp_rank + 1) * rows)
     return {k: v[part].to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -150,7 +153,7 @@ def optimizer_step(
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     if loss_module is not None:
         trainable += [p for p in loss_module.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip).item() if grad_clip > 0 else float("nan")
+    grad_norm = clip_grad_norm(trainable, grad_clip) if grad_clip > 0 else float("nan")
     lr = optimizer.param_groups[0]["lr"]
     if scaler is not None:
         scaler.step(optimizer)
@@ -281,12 +284,14 @@ def train_loop(
     peak_flops: float | None,
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
     hook: StepHook | None = None,
+    sharded: bool = False,
 ) -> LoopResult:
     """Run optimizer steps from `state.step` to `config.train.max_steps`; see the module docstring.
     `config` has `.train` (TrainSection), `.optim.grad_clip` and `to_dict()`; `evaluate()` returns metrics
     with a "loss" (lower is better: best checkpoint and early stopping follow it). `on_eval(step, metrics)`, if
     given, sees every evaluation as it is logged; an exception it raises (a tuner's pruning) ends the run.
-    `hook` (a `StepHook`) may stop the run before a step and adds its metrics to the logs and the bar."""
+    `hook` (a `StepHook`) may stop the run before a step and adds its metrics to the logs and the bar.
+    `sharded` (FSDP/TP models): every rank writes its shards of each checkpoint (`lmforge.train.sharded`)."""
     tc = config.train
     step = state.step
     logger = MetricsLogger(run_dir, tensorboard=tc.tensorboard, enabled=info.is_main)
@@ -294,7 +299,7 @@ def train_loop(
 
     def save(step: int, is_best: bool = False) -> Path | None:
         path = None
-        if info.is_main:
+        if info.is_main or sharded:  # a sharded save is collective: every rank writes its shards
             trainer_state = {
                 **state.to_dict(),
                 "step": step,
@@ -313,6 +318,8 @@ def train_loop(
                 keep_last=tc.keep_last,
                 is_best=is_best,
                 loss_module=objective.loss_module,
+                sharded=sharded,
+                info=info,
             )
         barrier(info)
         return path
@@ -333,7 +340,7 @@ def train_loop(
             micro = [take_rows(next(train_batches), info, device, split) for _ in range(tc.grad_accum)]
             loss = backward_accumulated(model, micro, objective, tc.dtype, info, scaler, per_process_mean)
             average_loss_gradients(objective.loss_module, info)
-            step_tokens = tokens_per_step if tokens_per_step is not None else objective.tokens(micro) * info.world_size
+            step_tokens = tokens_per_step if tokens_per_step is not None else objective.tokens(micro) * info.dp_size
 
             if not math.isfinite(loss):
                 if tc.nan_policy == "stop":
