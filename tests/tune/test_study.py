@@ -105,6 +105,21 @@ def test_trials_never_see_the_test_split(tmp_path, finetune_flags, sentiment_pat
     assert "scored once" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
 
 
+def lr_study(tmp_path: Path, pretrain_flags: list[str], **settings) -> TuneSettings:
+    """A pretraining study over the learning rate alone, writing to tmp_path/out."""
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {type: float, low: 0.001, high: 0.01, log: true}\n", encoding="utf-8")
+    return TuneSettings(
+        recipe="pretrain",
+        space=str(space),
+        metric="loss",
+        direction="minimize",
+        out=str(tmp_path / "out"),
+        base_args=pretrain_flags,
+        **settings,
+    )
+
+
 class AlwaysPrune(optuna.pruners.BasePruner):
     def prune(self, study, trial) -> bool:
         return True
@@ -112,18 +127,7 @@ class AlwaysPrune(optuna.pruners.BasePruner):
 
 def test_pruning_stops_a_trial_at_the_step_it_reached(tmp_path, pretrain_flags, monkeypatch):
     monkeypatch.setitem(study_module.PRUNERS, "median", AlwaysPrune)
-    space = tmp_path / "space.yaml"
-    space.write_text("optim.lr: {type: float, low: 0.001, high: 0.01, log: true}\n", encoding="utf-8")
-    settings = TuneSettings(
-        recipe="pretrain",
-        space=str(space),
-        metric="loss",
-        direction="minimize",
-        out=str(tmp_path / "out"),
-        base_args=pretrain_flags,
-        trials=2,
-        pruner="median",
-    )
+    settings = lr_study(tmp_path, pretrain_flags, trials=2, pruner="median")
     summary = tune(settings)
     assert summary["states"] == {"PRUNED": 2} and summary["best_yaml"] is None
     for t in load(tmp_path / "out").trials:
@@ -185,15 +189,9 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, finetune_fl
 
 
 def test_resume_continues_a_study(tmp_path, pretrain_flags):
-    space = tmp_path / "space.yaml"
-    space.write_text("optim.lr: {type: float, low: 0.001, high: 0.01, log: true}\n", encoding="utf-8")
-    settings = TuneSettings(
-        recipe="pretrain",
-        space=str(space),
-        metric="loss",
-        direction="minimize",
-        out=str(tmp_path / "out"),
-        base_args=pretrain_flags,
+    settings = lr_study(
+        tmp_path,
+        pretrain_flags,
         trials=2,
         sampler="random",
         pruner="none",
@@ -303,18 +301,7 @@ def test_ctrl_c_in_a_trial_stops_the_study_and_resume_continues_it(tmp_path, pre
     """The training loop catches the signal to save a checkpoint; the study must still stop, not go on to the
     next trial (it did, and a SIGTERM'd tuning process kept running)."""
     monkeypatch.setitem(study_module.PRUNERS, "median", InterruptAtFirstEvaluation)
-    space = tmp_path / "space.yaml"
-    space.write_text("optim.lr: {type: float, low: 0.001, high: 0.01, log: true}\n", encoding="utf-8")
-    settings = TuneSettings(
-        recipe="pretrain",
-        space=str(space),
-        metric="loss",
-        direction="minimize",
-        out=str(tmp_path / "out"),
-        base_args=pretrain_flags,
-        trials=3,
-        pruner="median",
-    )
+    settings = lr_study(tmp_path, pretrain_flags, trials=3, pruner="median")
     with pytest.raises(KeyboardInterrupt):
         tune(settings)
     (trial,) = load(tmp_path / "out").trials
