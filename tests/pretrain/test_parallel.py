@@ -5,10 +5,14 @@ marked slow; the bad-input tests are in-process and fast."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -179,6 +183,56 @@ def test_fsdp_with_tensor_parallel_on_a_2x2_mesh_follows_one_process_with_gqa(ru
 
 
 @pytest.mark.slow
+def test_hybrid_sharding_on_a_2x2_mesh_follows_one_process_and_reshards_to_it(runs, run_flags):
+    """HSDP over 4 processes: 2 replicas of 2 shards, one row of the batch each. Each rank holds what an FSDP
+    rank of a 2-process run holds, and its checkpoint resumes in one process."""
+    flags = _flags(run_flags, runs, "hsdp", train__batch_size=1, train__parallel="hsdp", train__dp_shard=2)
+    assert "4 process(es) (hsdp)" in _run([*FOUR, *PRETRAIN, *flags]).stderr
+    _assert_same_losses(runs / "single", runs / "hsdp")
+    held = {name: json.loads((runs / name / "summary.json").read_text()) for name in ("fsdp", "hsdp")}
+    assert held["hsdp"]["state_bytes_per_rank"] == held["fsdp"]["state_bytes_per_rank"]
+    _rewind(runs / "hsdp", runs / "hsdp-one", step=3)
+    _run([*ONE, *PRETRAIN, *_flags(run_flags, runs, "hsdp-one", train__batch_size=4), "--resume"])
+    _assert_same_losses(runs / "single", runs / "hsdp-one")
+
+
+def _rank_pid(torchrun: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker process with RANK=`rank` (Linux: its children's environments)."""
+    import psutil
+
+    for child in psutil.Process(torchrun.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if child.environ().get("RANK") == str(rank):
+                return child.pid
+    raise AssertionError(f"no worker with RANK={rank} under torchrun")
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_rank_stops_the_job_and_resume_continues_exactly(run_flags, tmp_path):
+    """SIGKILL of rank 1 right after a sharded checkpoint: torchrun stops the whole job with an error, and
+    `--resume` from the last checkpoint logs exactly the losses of an uninterrupted run."""
+    long = dict(train__batch_size=2, train__parallel="fsdp", train__max_steps=60, train__save_every=10)
+    _run([*TWO, *PRETRAIN, *_flags(run_flags, tmp_path, "whole", **long)])
+    job = subprocess.Popen(
+        [*TWO, *PRETRAIN, *_flags(run_flags, tmp_path, "killed", **long)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    latest, deadline = tmp_path / "killed" / "checkpoints" / "latest.json", time.monotonic() + 240
+    while not latest.exists():
+        assert job.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    os.kill(_rank_pid(job, rank=1), signal.SIGKILL)
+    stderr = job.communicate(timeout=240)[1]
+    assert job.returncode != 0, stderr[-2000:]
+    assert "SIGKILL" in stderr, stderr[-2000:]
+    saved = json.loads(latest.read_text())["step"]
+    assert 0 < saved < 60, saved  # killed before the end
+    done = _run([*TWO, *PRETRAIN, *_flags(run_flags, tmp_path, "killed", **long), "--resume"])
+    assert "resumed from" in done.stderr
+    assert _trajectory(tmp_path / "killed") == _trajectory(tmp_path / "whole")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "mode", "tp"), [("fsdp", "fsdp", 1), ("tp", "tp", 2)])
 def test_the_planner_counts_the_bytes_a_sharded_rank_holds(runs, tp_run, name, mode, tp):
     """`lmforge plan`'s parameters, gradients and AdamW state equal rank 0's, measured in the run (summary.json)."""
@@ -193,13 +247,17 @@ def test_the_planner_counts_the_bytes_a_sharded_rank_holds(runs, tp_run, name, m
 
 
 def test_unknown_parallel_mode_is_named():
-    with pytest.raises(ValueError, match="train.parallel='zero3' is not one of ddp, fsdp, tp, fsdp\\+tp"):
+    with pytest.raises(ValueError, match="train.parallel='zero3' is not one of ddp, fsdp, hsdp, tp, fsdp\\+tp"):
         parallel_mode("zero3")
 
 
 @pytest.mark.parametrize(
     ("mode", "changes", "message"),
-    [("fsdp", {"tp": 2}, "train.tp=2 needs train.parallel=tp"), ("ddp", {"cpu_offload": True}, "cpu_offload needs")],
+    [
+        ("fsdp", {"tp": 2}, "train.tp=2 needs train.parallel=tp"),
+        ("ddp", {"cpu_offload": True}, "cpu_offload needs"),
+        ("fsdp", {"dp_shard": 2}, "train.dp_shard=2 needs train.parallel=hsdp"),
+    ],
 )
 def test_settings_a_mode_cannot_use_are_refused(mode, changes, message):
     with pytest.raises(ValueError, match=message):
@@ -224,12 +282,14 @@ def test_a_sharded_checkpoint_of_another_model_is_refused(tmp_path):
         ("tp", 3, "needs train.tp >= 2 dividing the world size 3"),
         ("fsdp+tp", 3, "needs train.tp >= 2 dividing the world size 3"),
         ("tp", 4, "train.tp equal to the world size 4 .*use train.parallel=fsdp\\+tp"),
+        ("hsdp", 3, "needs train.dp_shard dividing the world size 3 \\(train.dp_shard=2\\)"),
     ],
 )
 def test_a_mesh_the_world_size_does_not_fit_is_refused(mode, world_size, message):
     info = DistInfo(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"), is_main=True)
+    tc = TrainSection(tp=1, dp_shard=2) if mode == "hsdp" else TrainSection(tp=2)
     with pytest.raises(ValueError, match=message):
-        parallel_mode(mode).place(info, TrainSection(tp=2))
+        parallel_mode(mode).place(info, tc)
 
 
 @pytest.mark.parametrize(

@@ -19,10 +19,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     config = build_config(args.model, **parse_overrides(args.set))
     mode = parallel_mode(args.parallel)
-    tc = TrainSection(tp=args.tp, dtype=args.dtype, parallel=args.parallel)
+    tc = TrainSection(tp=args.tp, dtype=args.dtype, parallel=args.parallel, dp_shard=args.dp_shard)
     mode.check(config, tc, args.gpus)
-    fsdp, tp = mode.degrees(args.gpus, args.tp)
-    memory = plan_memory(config, mode, args.gpus, args.tp, args.batch, args.seq_len, args.dtype)
+    fsdp, tp = mode.degrees(args.gpus, args.tp, args.dp_shard)
+    memory = plan_memory(config, mode, args.gpus, args.tp, args.batch, args.seq_len, args.dtype, args.dp_shard)
     speed = plan_throughput(config, args.seq_len, args.peak_tflops * 1e12, args.mfu)
     budget = int(args.gpu_mem * GIB)
     fits = {ckpt: memory.total(ckpt) <= budget for ckpt in (False, True)}
@@ -63,7 +63,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
     p = commands.add_parser(
-        "plan", help="memory per rank (params, grads, optimizer, activations) of a run under ddp/fsdp/tp/fsdp+tp"
+        "plan", help="memory per rank (params, grads, optimizer, activations) of a run under ddp/fsdp/hsdp/tp/fsdp+tp"
     )
     p.add_argument("--model", required=True, help="preset (e.g. llama-135m) or family")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
@@ -71,8 +71,11 @@ def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._S
     p.add_argument("--gpu-mem", type=float, required=True, help="memory per accelerator, GiB")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
     p.add_argument("--batch", type=int, required=True, help="sequences per micro-batch per data-parallel rank")
-    p.add_argument("--parallel", default="fsdp", help="ddp | fsdp | tp | fsdp+tp (default: fsdp)")
+    p.add_argument("--parallel", default="fsdp", help="ddp | fsdp | hsdp | tp | fsdp+tp (default: fsdp)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (tp, fsdp+tp)")
+    p.add_argument(
+        "--dp-shard", type=int, default=0, help="hsdp: ranks per shard group, e.g. GPUs per node (0: all of them)"
+    )
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="activation precision")
     p.add_argument("--peak-tflops", type=float, default=312.0, help="peak TFLOP/s per device (A100 bf16: 312)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the speed line")

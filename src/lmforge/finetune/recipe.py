@@ -44,7 +44,7 @@ from lmforge.train.distributed import DistInfo, cleanup, init_distributed, seed_
 from lmforge.train.loop import INTERRUPTS, open_run, resume_state, say, train_loop
 from lmforge.train.objective import Objective
 from lmforge.train.optim import add_loss_groups, build_optimizer, build_scheduler
-from lmforge.train.parallel import parallel_mode
+from lmforge.train.parallel import canonical_rows, fused_layouts, parallel_mode
 from lmforge.train.runlock import run_lock
 
 MIN_FREE_BYTES = 64 << 20
@@ -589,6 +589,8 @@ def whole_model(sharded: nn.Module, config: FinetuneConfig, task: Task, tokenize
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    for name, (sections, tp) in fused_layouts(sharded).items():  # TP's fused q/k/v: back to the layer's rows
+        state[name] = canonical_rows(state[name], sections, tp)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the notes were said when the run built its model
         model = build_finetune_model(config, task, tokenizer).to(device)

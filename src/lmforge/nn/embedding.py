@@ -20,10 +20,11 @@ from torch import nn
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """Fail with a clear message before an out-of-range id reaches an index op (a CPU IndexError or a
-    CUDA device-side assert). Skipped while torch.compile traces, where it would break the graph."""
+    CUDA device-side assert). Skipped while torch.compile traces, where it would break the graph, and on
+    tensors without values (meta, or the fake tensors `lmforge.train.plan` traces with)."""
     if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
-    if torch.compiler.is_compiling() or input_ids.numel() == 0:
+    if torch.compiler.is_compiling() or input_ids.numel() == 0 or _valueless(input_ids):
         return
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= vocab_size:
@@ -32,6 +33,12 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
             f"token id {bad} is outside the vocabulary [0, {vocab_size}); "
             f"check the tokenizer matches the model or raise vocab_size"
         )
+
+
+def _valueless(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.is_meta or is_fake(t)
 
 
 def check_positions(n_positions: int, max_positions: int) -> None:
@@ -62,7 +69,7 @@ class LearnedPositionalEmbedding(nn.Embedding):
         super().__init__(max_positions, dim)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        if position_ids.numel() and not torch.compiler.is_compiling():
+        if position_ids.numel() and not torch.compiler.is_compiling() and not _valueless(position_ids):
             check_positions(int(position_ids.max()) + 1, self.num_embeddings)
         return super().forward(position_ids)
 
@@ -86,7 +93,7 @@ class SinusoidalPositionalEmbedding(nn.Module):
         self.register_buffer("table", sinusoidal_table(max_positions, dim), persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        if position_ids.numel() and not torch.compiler.is_compiling():
+        if position_ids.numel() and not torch.compiler.is_compiling() and not _valueless(position_ids):
             check_positions(int(position_ids.max()) + 1, self.max_positions)
         return self.table[position_ids]
 

@@ -57,10 +57,11 @@ class TrainSection:
     activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward pass")
     parallel: str = opt(
         "ddp",
-        "ddp | fsdp (FSDP2) | tp (tensor parallel) | fsdp+tp (2-D mesh) across torchrun's processes; the sharded "
-        "modes save sharded checkpoints (`lmforge.train.parallel`)",
+        "ddp | fsdp (FSDP2) | hsdp (FSDP within groups, replicas across) | tp (tensor parallel) | fsdp+tp (2-D "
+        "mesh) across torchrun's processes; the sharded modes save sharded checkpoints (`lmforge.train.parallel`)",
     )
     tp: int = opt(1, "tensor-parallel degree (train.parallel=tp or fsdp+tp)")
+    dp_shard: int = opt(0, "train.parallel=hsdp: processes per shard group (0: torchrun's processes per node)")
     cpu_offload: bool = opt(False, "keep FSDP's parameter shards, gradients and optimizer state in host memory")
     early_stopping_patience: int = opt(0, "stop after N evaluations without a better val loss (0: off)")
     nan_policy: str = opt("stop", "stop | skip: what a NaN/inf loss does")

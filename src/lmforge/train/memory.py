@@ -11,6 +11,8 @@ is kept, plus one block's internals while it is recomputed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -44,3 +46,50 @@ def check_activation_memory(
             f"{what} needs about {need / 2**30:.1f} GiB of activations per micro-batch but {free / 2**30:.1f} GiB "
             f"is available on {device.type}; lower them (use train.grad_accum for a larger batch){hint}"
         )
+
+
+def saved_tensor_bytes(
+    model: nn.Module, inputs: dict[str, torch.Tensor], where: Callable[[str, str | None], str] | None = None
+) -> dict[str, int]:
+    """Bytes autograd keeps for backward over one forward pass `model(**inputs)`, measured rather than
+    estimated: every tensor a `saved_tensors_hooks` hook sees, each storage once (where it is first saved),
+    parameters left out, summed by where it was saved: "block" (while a Transformer Block runs) or "outside"
+    (embeddings, head, loss), or whatever `where(innermost module's name, the running block's name or None)`
+    says. Works on fake tensors as on real ones (`lmforge.train.plan` traces with it)."""
+    where = where or (lambda _name, block: "outside" if block is None else "block")
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, tuple[int, str]] = {}
+    running: list[str] = [""]
+    blocks: list[str] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in params:
+            saved.setdefault(storage._cdata, (storage.nbytes(), where(running[-1], blocks[-1] if blocks else None)))
+        return t
+
+    def enter(name: str, is_block: bool) -> None:
+        running.append(name)
+        if is_block:
+            blocks.append(name)
+
+    def leave(is_block: bool) -> None:
+        running.pop()
+        if is_block:
+            blocks.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        is_block = isinstance(module, Block)
+        handles.append(module.register_forward_pre_hook(lambda *_, n=name, b=is_block: enter(n, b)))
+        handles.append(module.register_forward_hook(lambda *_, b=is_block: leave(b)))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    totals: dict[str, int] = {}
+    for nbytes, label in saved.values():
+        totals[label] = totals.get(label, 0) + nbytes
+    return totals

@@ -7,12 +7,16 @@
            reduce-scatter of its gradients after)
     tp     tensor parallelism (`parallelize_module`, one `BlockPlan` per family): every process reads the same
            batch and computes 1/t of each block's heads and FFN units (Megatron-LM's column/row split)
+    hsdp   hybrid sharding (FSDP2 on a 2-D mesh ("replicate", "shard")): FSDP within groups of
+           train.dp_shard processes (a node, say), whole replicas across the groups; the gradients are
+           reduce-scattered inside a group and all-reduced across groups, so the slow network between nodes
+           carries 1/dp_shard of the gradients per rank and never the all-gathers of the weights
     fsdp+tp  a 2-D mesh ("dp", "tp"): tensor parallel inside groups of t processes, FSDP across the groups
 
 Per rank, with P parameters of b bytes and Adam's two moments, DDP holds P b (weights) + P b (gradients)
-+ 2 P b (moments) = 4 P b; FSDP over N ranks holds 4 P b / N plus the unsharded weights of the one block
-being computed; TP holds 4 b (P_blocks / t + P_rest). `state_bytes` counts what a rank actually holds,
-`lmforge.train.plan` predicts it.
++ 2 P b (moments) = 4 P b; FSDP over N ranks holds 4 P b / N (HSDP 4 P b / dp_shard) plus the unsharded
+weights of the one block being computed; TP holds 4 b (P_blocks / t + P_rest). `state_bytes` counts what a
+rank actually holds, `lmforge.train.plan` predicts it.
 
 The data-parallel arithmetic stays the loop's (`lmforge.train.loop`): each process takes its rows of the global
 batch, scales its summed loss by world / units, and the reduction averages over processes. FSDP2's
@@ -28,6 +32,7 @@ wrap it for the forward pass (`wrap`: DDP).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -49,6 +54,7 @@ class ParallelMode:
     sharded: bool = False  # whether checkpoints are written shard by shard (DCP) by every rank
     offloads: bool = False  # whether train.cpu_offload means something here
     tensor_parallel: bool = False  # whether train.tp means something here
+    hybrid: bool = False  # whether train.dp_shard means something here
 
     def check(self, model_config: Any, tc: Any, world_size: int) -> None:
         """Refuse a run this mode cannot do, in one line, before training starts."""
@@ -56,10 +62,12 @@ class ParallelMode:
             raise ValueError(f"train.cpu_offload needs train.parallel=fsdp (it offloads FSDP shards), not {self.name}")
         if tc.tp != 1 and not self.tensor_parallel:
             raise ValueError(f"train.tp={tc.tp} needs train.parallel=tp or fsdp+tp, not {self.name}")
+        if tc.dp_shard and not self.hybrid:
+            raise ValueError(f"train.dp_shard={tc.dp_shard} needs train.parallel=hsdp, not {self.name}")
 
-    def degrees(self, world_size: int, tp: int) -> tuple[int, int]:
-        """(ranks FSDP shards over, tensor-parallel degree) on `world_size` processes with train.tp=`tp`;
-        a layout the world size does not fit is refused."""
+    def degrees(self, world_size: int, tp: int, dp_shard: int = 0) -> tuple[int, int]:
+        """(ranks FSDP shards over, tensor-parallel degree) on `world_size` processes with train.tp=`tp` and
+        train.dp_shard=`dp_shard`; a layout the world size does not fit is refused."""
         return 1, 1
 
     def place(self, info: DistInfo, tc: Any) -> DistInfo:
@@ -83,7 +91,7 @@ class FullyShard(ParallelMode):
     sharded: bool = True
     offloads: bool = True
 
-    def degrees(self, world_size: int, tp: int) -> tuple[int, int]:
+    def degrees(self, world_size: int, tp: int, dp_shard: int = 0) -> tuple[int, int]:
         return world_size, 1
 
     def place(self, info: DistInfo, tc: Any) -> DistInfo:
@@ -102,7 +110,8 @@ class FullyShard(ParallelMode):
             return model  # one process: nothing to shard, the checkpoint format stays sharded
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        options: dict[str, Any] = {"mesh": info.mesh["dp"] if "dp" in (info.mesh.mesh_dim_names or ()) else info.mesh}
+        names = info.mesh.mesh_dim_names or ()
+        options: dict[str, Any] = {"mesh": info.mesh["dp"] if "dp" in names else info.mesh}  # 2-D for hsdp
         if tc.dtype == "bfloat16":
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         options["offload_policy"] = (
@@ -117,6 +126,36 @@ class FullyShard(ParallelMode):
 
     def wrap(self, model: nn.Module, info: DistInfo) -> nn.Module:
         return model
+
+
+@dataclass(frozen=True)
+class HybridShard(FullyShard):
+    """HSDP: FSDP2 within groups of train.dp_shard processes, replicas across them (mesh ("replicate",
+    "shard"), `fully_shard` on the 2-D mesh). Every process reads its own rows of the batch, as under DDP and
+    FSDP; each holds 1/dp_shard of the weights, gradients and optimizer state. train.dp_shard=0 takes torchrun's
+    processes per node (LOCAL_WORLD_SIZE), the usual layout: shard inside a node, replicate across nodes."""
+
+    name: str = "hsdp"
+    hybrid: bool = True
+
+    def degrees(self, world_size: int, tp: int, dp_shard: int = 0) -> tuple[int, int]:
+        shard = dp_shard or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if shard < 1 or world_size % shard:
+            raise ValueError(
+                f"train.parallel=hsdp needs train.dp_shard dividing the world size {world_size} "
+                f"(train.dp_shard={shard}); launch a multiple of it, or set train.dp_shard to a divisor"
+            )
+        return shard, 1
+
+    def place(self, info: DistInfo, tc: Any) -> DistInfo:
+        shard = self.degrees(info.world_size, tc.tp, tc.dp_shard)[0]
+        if info.world_size == 1:
+            return info
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shape = (info.world_size // shard, shard)
+        mesh = init_device_mesh(info.device.type, shape, mesh_dim_names=("replicate", "shard"))
+        return replace(info, mesh=mesh)
 
 
 class FusedColwiseParallel(ColwiseParallel):
@@ -212,7 +251,7 @@ class TensorParallel(ParallelMode):
             if n % tc.tp:
                 raise ValueError(f"train.tp={tc.tp} does not divide {what}={n}; choose train.tp among its divisors")
 
-    def degrees(self, world_size: int, tp: int) -> tuple[int, int]:
+    def degrees(self, world_size: int, tp: int, dp_shard: int = 0) -> tuple[int, int]:
         if tp < 2 or world_size % tp:
             raise ValueError(
                 f"train.parallel={self.name} needs train.tp >= 2 dividing the world size {world_size} "
@@ -259,7 +298,7 @@ class FullyShardTensorParallel(TensorParallel):
     def check_data_parallel(self, world_size: int, tp: int) -> None:
         return None  # FSDP spans the groups
 
-    def degrees(self, world_size: int, tp: int) -> tuple[int, int]:
+    def degrees(self, world_size: int, tp: int, dp_shard: int = 0) -> tuple[int, int]:
         return world_size // super().degrees(world_size, tp)[1], tp
 
     def shard(self, model: nn.Module, info: DistInfo, tc: Any) -> nn.Module:
@@ -267,7 +306,8 @@ class FullyShardTensorParallel(TensorParallel):
 
 
 PARALLEL_MODES: dict[str, ParallelMode] = {
-    mode.name: mode for mode in (ParallelMode(), FullyShard(), TensorParallel(), FullyShardTensorParallel())
+    mode.name: mode
+    for mode in (ParallelMode(), FullyShard(), HybridShard(), TensorParallel(), FullyShardTensorParallel())
 }
 
 
