@@ -18,13 +18,16 @@ range and the decode step reads them as a view; otherwise it gathers the rows' k
 `SequenceSampler` chooses one sequence's tokens as `stream` chooses a row's: the same logits processors
 (`sampling`), its own `torch.Generator` for a seed, its own end-of-sequence ids, stop strings and
 incremental detokenizer. A seeded sequence therefore draws the same tokens in a batch as alone, up to the
-rounding differences between a batched and a single-row forward.
+rounding differences between a batched and a single-row forward. With `logprobs=k` it also records, per token
+it returns, the token's log-probability and the k most likely alternatives (`TokenLogprob`), as OpenAI's
+`logprobs` report them.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +175,16 @@ class BatchedDecoder:
         return out.logits[:, -1].float()
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the `top` most likely tokens at its step, most likely first:
+    (token id, log-probability) pairs. The chosen token is among `top` only if it is that likely."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 class SequenceSampler:
     """One sequence's token choice and text, with `stream`'s keywords (`stream` documents them).
 
@@ -179,6 +192,14 @@ class SequenceSampler:
     own generator; `advance(token)` records it and returns the text it releases; `finish_reason` is then
     "stop" (an end-of-sequence id or a stop string) or "length" (max_new_tokens reached), else None. A shared
     `generator` lets several sequences of one request (n choices) draw from one seeded stream.
+
+    `logprobs=k` (None: off) records a `TokenLogprob` per returned token in `token_logprobs`: the chosen token's
+    log-probability and the k most likely alternatives, from the log-softmax of the *raw* logits, before
+    temperature, top-k/p, min-p and penalties. That is the model's own distribution, the one a client scores
+    text with (perplexity, classification by likelihood), and what OpenAI's API and vLLM (by default) report;
+    the processed distribution would change with every sampling knob, and truncation (top-k/p) would make most
+    alternatives -inf. An end-of-sequence token that finishes the sequence is not returned content, so it gets
+    no entry: entries and returned tokens correspond one to one.
     """
 
     def __init__(
@@ -200,6 +221,7 @@ class SequenceSampler:
         tokenizer=None,
         seed: int | torch.Generator | None = None,
         device: torch.device | str = "cpu",
+        logprobs: int | None = None,
     ) -> None:
         self.params = SamplingParams(
             do_sample, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty
@@ -207,6 +229,8 @@ class SequenceSampler:
         self.params.validate()
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        if logprobs is not None and logprobs < 0:
+            raise ValueError(f"logprobs={logprobs} must be None (off) or >= 0 (alternatives per token)")
         if stop_strings and tokenizer is None:
             raise ValueError("stop_strings need a tokenizer to decode the generated text; pass tokenizer=...")
         self.prompt, self.max_new_tokens = list(prompt), max_new_tokens
@@ -215,10 +239,15 @@ class SequenceSampler:
         self.text = _IncrementalText(tokenizer, stop_strings) if tokenizer is not None else None
         self.generated: list[int] = []
         self.finish_reason: str | None = None
+        self.logprobs = logprobs
+        self.token_logprobs: list[TokenLogprob] = []
+        self._pending: TokenLogprob | None = None  # the last chosen token's entry, kept by `advance` unless EOS
         self._seen = self._counts = None
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this sequence's logits (V,)."""
+        # the raw distribution, taken before any processor sees the logits (see the class docstring)
+        log_probs = torch.log_softmax(logits.float(), dim=-1) if self.logprobs is not None else None
         logits = logits[None]  # (1, V): the shape `stream` samples a lone row with, so a seed draws alike
         if self.params.uses_token_history:
             V = logits.shape[-1]
@@ -235,18 +264,31 @@ class SequenceSampler:
             one_hot = F.one_hot(token, logits.shape[-1])
             self._seen |= one_hot.bool()
             self._counts += one_hot.float()
-        return int(token)
+        chosen = int(token)
+        if log_probs is not None:
+            self._pending = self._logprob_entry(log_probs, chosen)
+        return chosen
+
+    def _logprob_entry(self, log_probs: torch.Tensor, chosen: int) -> TokenLogprob:
+        """`chosen`'s log-probability and the `logprobs` most likely tokens under `log_probs` (V,)."""
+        top = torch.topk(log_probs, min(self.logprobs, log_probs.shape[-1]))
+        pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+        return TokenLogprob(chosen, float(log_probs[chosen]), pairs)
 
     def advance(self, token: int) -> str:
         """Record `token`; the newly final text (held back while a stop string may be forming)."""
         self.generated.append(token)
+        pending, self._pending = self._pending, None
         delta = ""
         if token in self.eos:
             self.finish_reason = "stop"
-        elif self.text is not None:
-            delta = self.text.push(token)
-            if self.text.stopped:
-                self.finish_reason = "stop"
+        else:
+            if pending is not None and pending.token == token:
+                self.token_logprobs.append(pending)
+            if self.text is not None:
+                delta = self.text.push(token)
+                if self.text.stopped:
+                    self.finish_reason = "stop"
         if self.finish_reason is None and len(self.generated) == self.max_new_tokens:
             self.finish_reason = "length"
         if self.finish_reason is not None and self.text is not None:

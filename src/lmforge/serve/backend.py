@@ -3,7 +3,8 @@
 `ServedModel.work(rows, options)` returns the function a `GenerationWorker` thread runs: it left-pads the
 prompt rows into one batch, drives `lmforge.generate.stream` (one batch row per prompt and choice), and
 yields a `Step` per decoding step with each row's new text, finish reason and token count, stopping early
-when the job is cancelled (timeout, client gone).
+when the job is cancelled (timeout, client gone). That path has no log-probabilities (`stream` does not
+record them): a request asking for logprobs there is a 400; the batching engine reports them.
 
 Limits, checked before a job is queued so a bad request never takes a worker:
 - max_tokens <= max_tokens_limit (the server's --max-tokens-limit);
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 
 from lmforge.data.tokenizers.tokenizer import ChatTemplateBudgetError
 from lmforge.generate import stream
+from lmforge.generate.batching import TokenLogprob
 from lmforge.generate.defaults import OPENAI_DEFAULTS, SamplingDefaults
 from lmforge.serve.errors import APIError, invalid
 from lmforge.serve.prompts import encode, render_chat
@@ -38,12 +40,19 @@ log = logging.getLogger("lmforge.serve")
 @dataclass
 class Step:
     """One decoding step for every row: text released this step, finish reason (None while running),
-    whether the row finished at this step, and the row's completion tokens so far."""
+    whether the row finished at this step, the row's completion tokens so far, and the log-probability
+    entries of the tokens it returned this step (empty lists when the request asked for none, and by
+    default, so producers without log-probabilities need not know of them)."""
 
     deltas: list[str]
     finish_reasons: list[str | None]
     just_finished: list[bool]
     completion_tokens: list[int]
+    logprobs: list[list[TokenLogprob]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.logprobs:
+            self.logprobs = [[] for _ in self.deltas]
 
 
 class ServedModel:
@@ -136,9 +145,24 @@ class ServedModel:
                 "context_length_exceeded",
             )
 
+    def token_text(self, token: int) -> str:
+        """The text of one token id, as logprobs report it: the tokenizer's decode of that id alone. A byte-level
+        token holding part of a multi-byte character decodes to U+FFFD. An id past the tokenizer's vocabulary
+        (models pad their embedding tables) has no text: "" rather than a failed request."""
+        try:
+            return self.tokenizer.decode([token])
+        except (ValueError, IndexError, KeyError):
+            return ""
+
     # --- generation --------------------------------------------------------------------------------------
     def work(self, rows: list[list[int]], options: dict[str, Any]):
         """The function a worker thread runs for these prompt rows (see the module docstring)."""
+        if options.get("logprobs") is not None:
+            raise invalid(
+                f"logprobs are not supported for {type(self.model).__name__}: it is served one thread per request, "
+                "without the batching engine that records log-probabilities; leave logprobs and top_logprobs unset",
+                "logprobs",
+            )
 
         def run(cancelled: threading.Event) -> Iterator[Step]:
             width = max(map(len, rows))
@@ -159,7 +183,8 @@ class ServedModel:
 
     def sampling_options(self, request: Any, max_tokens: int, stops: list[str]) -> dict[str, Any]:
         """`stream` options from a request's sampling fields, the server's defaults where it sets none.
-        Temperature 0 means greedy, as in OpenAI's API."""
+        Temperature 0 means greedy, as in OpenAI's API. `logprobs` (alternatives per token) is set only when
+        the request asks for log-probabilities."""
         asked = SamplingDefaults(
             temperature=request.temperature,
             top_p=request.top_p,
@@ -175,6 +200,9 @@ class ServedModel:
             stop_strings=[*request.stop, *stops],
             seed=request.seed,
         )
+        logprobs = request.logprob_alternatives()
+        if logprobs is not None:  # only when asked: `stream` (the threaded path) takes no such option
+            options["logprobs"] = logprobs
         if request.ignore_eos:
             options["eos_token_id"] = []
         elif self.eos_token_id is not None:

@@ -11,8 +11,8 @@ single row. The engine's loop therefore does, at every step (`generate.batching`
 4. prefill: up to `prefill_chunk` prompt tokens of the sequences admitted but not yet started, so a long
    prompt is spread over several steps instead of stalling the running ones; a sequence whose prompt is in
    gets its first token from that forward and decodes from the next step on;
-5. send each request touched a `Step` (its sequences' new text, finish reasons and token counts) and let
-   finished sequences go, freeing their slots.
+5. send each request touched a `Step` (its sequences' new text, finish reasons, token counts and, when asked,
+   the log-probabilities of the tokens chosen this step) and let finished sequences go, freeing their slots.
 
 Admission is bounded as before: at most `concurrency + queue_size` requests are admitted (running or
 waiting for slots); the next one gets `ServerBusy` (503) at once. A request that could never run (more
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from lmforge.generate.batching import BatchedDecoder, SequenceSampler
+from lmforge.generate.batching import BatchedDecoder, SequenceSampler, TokenLogprob
 from lmforge.serve.backend import ServedModel, Step
 from lmforge.serve.errors import invalid
 from lmforge.serve.worker import Job, ServerBusy
@@ -62,10 +62,12 @@ class _Request:
     job: Job
     sequences: list[_Sequence]
     deltas: list[str] = field(default_factory=list)
+    logprobs: list[list[TokenLogprob]] = field(default_factory=list)  # entries chosen since the last Step
     touched: bool = False
 
     def __post_init__(self) -> None:
         self.deltas = [""] * len(self.sequences)
+        self.logprobs = [[] for _ in self.sequences]
 
     @property
     def done(self) -> bool:
@@ -74,8 +76,9 @@ class _Request:
     def step(self, just_finished: list[bool]) -> Step:
         reasons = [s.sampler.finish_reason for s in self.sequences]
         counts = [len(s.sampler.generated) for s in self.sequences]
-        step = Step(self.deltas, reasons, just_finished, counts)
+        step = Step(self.deltas, reasons, just_finished, counts, self.logprobs)
         self.deltas, self.touched = [""] * len(self.sequences), False
+        self.logprobs = [[] for _ in self.sequences]
         return step
 
 
@@ -274,8 +277,11 @@ class BatchingEngine:
 
     def _sample(self, request: _Request, i: int, sequence: _Sequence, logits: torch.Tensor) -> bool:
         """Choose the sequence's next token from `logits`; whether it finished the sequence."""
-        token = sequence.sampler.choose(logits)
-        request.deltas[i] += sequence.sampler.advance(token)
+        sampler = sequence.sampler
+        recorded = len(sampler.token_logprobs)
+        token = sampler.choose(logits)
+        request.deltas[i] += sampler.advance(token)
+        request.logprobs[i] += sampler.token_logprobs[recorded:]  # none for an end-of-sequence token
         request.touched = True
         sequence.last = token
         return sequence.sampler.finish_reason is not None
