@@ -11,6 +11,9 @@ Routes:
 Streams follow OpenAI's format: one `data: <JSON chunk>` event per decoding step that produced text, a
 last chunk per choice carrying `finish_reason`, an optional usage chunk (`stream_options.include_usage`),
 then `data: [DONE]`. An error after the stream began (timeout) is sent as a `data: {"error": ...}` event.
+A request asking for logprobs gets them per choice (`null` otherwise); streamed, each chunk carries the
+log-probabilities of the tokens chosen at its step (a token's text may come a chunk later, held back while a
+stop string could be forming, or never, when the stop string cuts it).
 
 The handlers hold no state of their own: the served model, the settings, the model card, the playground page
 the metrics and the engine live on `request.app.state` (set by `create_app` and its lifespan), so one router serves any
@@ -19,8 +22,10 @@ number of apps.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,6 +36,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 
+from lmforge.generate.batching import TokenLogprob
 from lmforge.serve import errors
 from lmforge.serve.backend import ServedModel, Step
 from lmforge.serve.errors import APIError, invalid
@@ -42,11 +48,15 @@ from lmforge.serve.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     ModelCard,
     ModelList,
+    TokenLogprobs,
+    TopLogprob,
     Usage,
 )
 from lmforge.serve.worker import Job, JobTimeout, ServerBusy
@@ -54,6 +64,7 @@ from lmforge.serve.worker import Job, JobTimeout, ServerBusy
 log = logging.getLogger("lmforge.serve")
 router = APIRouter()
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's max_tokens for a completion that sets none
+LOWEST_LOGPROB = -9999.0  # what -inf (a token the model rules out) is reported as: JSON has no infinity, as vLLM
 
 
 # --- pages and metadata -----------------------------------------------------------------------------------
@@ -116,9 +127,16 @@ async def completions(body: CompletionRequest, request: Request):
     job = submit(state, rows, served.sampling_options(body, max_tokens, []))
     timeout = state.settings.timeout
     reply_id, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    offsets = [len(prefix) for prefix in prefixes]  # where each choice's next token starts in its text
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         return sse(Completion(id=reply_id, created=now, model=served.name, choices=choices, usage=usage))
+
+    def logprobs(i: int, entries: list[TokenLogprob]) -> CompletionLogprobs | None:
+        if body.logprobs is None:
+            return None
+        reported, offsets[i] = completion_logprobs(served, entries, offsets[i])
+        return reported
 
     if body.stream:
 
@@ -130,15 +148,18 @@ async def completions(body: CompletionRequest, request: Request):
             async for step in job_events(job, timeout, state.metrics):
                 last = step
                 for i, (delta, reason) in enumerate(zip(step.deltas, step.finish_reasons, strict=True)):
-                    if delta or step.just_finished[i]:
-                        yield chunk([CompletionChoice(index=i, text=delta, finish_reason=reason)])
+                    if delta or step.just_finished[i] or step.logprobs[i]:
+                        lp = logprobs(i, step.logprobs[i])
+                        yield chunk([CompletionChoice(index=i, text=delta, logprobs=lp, finish_reason=reason)])
             if body.stream_options and body.stream_options.include_usage and last is not None:
                 yield chunk([], usage_of(n_prompt, last))
 
         return stream_response(events())
-    texts, last = await collect(job, len(rows), timeout, state.metrics)
+    texts, entries, last = await collect(job, len(rows), timeout, state.metrics)
     choices = [
-        CompletionChoice(index=i, text=prefixes[i] + text, finish_reason=last.finish_reasons[i])
+        CompletionChoice(
+            index=i, text=prefixes[i] + text, logprobs=logprobs(i, entries[i]), finish_reason=last.finish_reasons[i]
+        )
         for i, text in enumerate(texts)
     ]
     return Completion(id=reply_id, created=now, model=served.name, choices=choices, usage=usage_of(n_prompt, last))
@@ -167,6 +188,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         return sse(ChatCompletionChunk(id=reply_id, created=now, model=served.name, choices=choices, usage=usage))
 
+    def logprobs(entries: list[TokenLogprob]) -> ChatLogprobs | None:
+        return chat_logprobs(served, entries) if body.logprobs else None
+
     if body.stream:
 
         async def events() -> AsyncIterator[str]:
@@ -176,17 +200,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             async for step in job_events(job, timeout, state.metrics):
                 last = step
                 for i, (delta, reason) in enumerate(zip(step.deltas, step.finish_reasons, strict=True)):
-                    if delta:
-                        yield chunk([ChatChunkChoice(index=i, delta={"content": delta})])
+                    if delta or step.logprobs[i]:
+                        lp = logprobs(step.logprobs[i])
+                        yield chunk([ChatChunkChoice(index=i, delta={"content": delta}, logprobs=lp)])
                     if step.just_finished[i]:
                         yield chunk([ChatChunkChoice(index=i, delta={}, finish_reason=reason)])
             if body.stream_options and body.stream_options.include_usage and last is not None:
                 yield chunk([], usage_of(n_prompt, last))
 
         return stream_response(events())
-    texts, last = await collect(job, len(rows), timeout, state.metrics)
+    texts, entries, last = await collect(job, len(rows), timeout, state.metrics)
     choices = [
-        ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=last.finish_reasons[i])
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content=text),
+            logprobs=logprobs(entries[i]),
+            finish_reason=last.finish_reasons[i],
+        )
         for i, text in enumerate(texts)
     ]
     return ChatCompletion(id=reply_id, created=now, model=served.name, choices=choices, usage=usage_of(n_prompt, last))
@@ -238,16 +268,62 @@ async def job_events(job: Job, timeout: float, metrics: ServerMetrics) -> AsyncI
         raise APIError(500, f"generation failed: {type(error).__name__}: {error}", "server_error") from error
 
 
-async def collect(job: Job, n_rows: int, timeout: float, metrics: ServerMetrics) -> tuple[list[str], Step]:
-    """Every choice's whole text and the last step (its finish reasons and token counts), for a reply
-    that is not streamed."""
-    texts, last = [""] * n_rows, None
+async def collect(
+    job: Job, n_rows: int, timeout: float, metrics: ServerMetrics
+) -> tuple[list[str], list[list[TokenLogprob]], Step]:
+    """Every choice's whole text, its log-probability entries (empty unless asked for) and the last step
+    (its finish reasons and token counts), for a reply that is not streamed."""
+    texts, entries, last = [""] * n_rows, [[] for _ in range(n_rows)], None
     async for step in job_events(job, timeout, metrics):
         texts = [text + delta for text, delta in zip(texts, step.deltas, strict=True)]
+        for row, new in zip(entries, step.logprobs, strict=True):
+            row.extend(new)
         last = step
     if last is None:
         raise APIError(500, "generation ended without producing a step", "server_error")
-    return texts, last
+    return texts, entries, last
+
+
+def reported(logprob: float) -> float:
+    """A log-probability JSON can carry: -inf (and NaN, from a broken forward) become LOWEST_LOGPROB."""
+    return logprob if math.isfinite(logprob) else LOWEST_LOGPROB
+
+
+def top_logprob(served: ServedModel, token: int, logprob: float) -> TopLogprob:
+    text = served.token_text(token)
+    return TopLogprob(token=text, logprob=reported(logprob), bytes=list(text.encode("utf-8")))
+
+
+def chat_logprobs(served: ServedModel, entries: list[TokenLogprob]) -> ChatLogprobs:
+    """Chat's shape: per token its text, log-probability, UTF-8 bytes and the most likely alternatives."""
+    content = [
+        TokenLogprobs(
+            **top_logprob(served, entry.token, entry.logprob).model_dump(),
+            top_logprobs=[top_logprob(served, token, logprob) for token, logprob in entry.top],
+        )
+        for entry in entries
+    ]
+    return ChatLogprobs(content=content)
+
+
+def completion_logprobs(
+    served: ServedModel, entries: list[TokenLogprob], offset: int
+) -> tuple[CompletionLogprobs, int]:
+    """Completions' shape for tokens whose text starts at character `offset` of the choice's text, and the
+    offset after them. top_logprobs holds the alternatives and the chosen token, as OpenAI's (up to k + 1)."""
+    tokens = [served.token_text(entry.token) for entry in entries]
+    starts = list(itertools.accumulate(map(len, tokens), initial=offset))
+    top = [
+        {served.token_text(token): reported(logprob) for token, logprob in [*entry.top, (entry.token, entry.logprob)]}
+        for entry in entries
+    ]
+    logprobs = CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[reported(entry.logprob) for entry in entries],
+        top_logprobs=top,
+        text_offset=starts[:-1],
+    )
+    return logprobs, starts[-1]
 
 
 def stream_response(events: AsyncIterator[str]) -> StreamingResponse:

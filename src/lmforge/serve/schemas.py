@@ -13,6 +13,10 @@ tokenizer can encode and no UTF-8 reply can echo.
 Sampling fields a request leaves out (None here) take the server's defaults: its flags, else the model's
 recorded generation defaults, else OpenAI's (`lmforge.generate.defaults`).
 
+Log-probabilities (`logprobs` and `top_logprobs` in chat, the integer `logprobs` in completions) are those of
+the model's own distribution, before temperature, truncation and penalties, as OpenAI and vLLM report them
+(`lmforge.generate.batching.SequenceSampler` says why).
+
 Extensions beyond OpenAI's fields, named as vLLM names them: `top_k`, `min_p`, `repetition_penalty`,
 `ignore_eos` (generate exactly max_tokens tokens, e.g. for benchmarks).
 """
@@ -27,6 +31,8 @@ from pydantic_core import PydanticCustomError
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_PROMPTS = 16  # prompts in one completions request
 MAX_CHOICES = 8  # n
+MAX_COMPLETION_LOGPROBS = 5  # alternatives per token in /v1/completions: OpenAI's limit
+MAX_TOP_LOGPROBS = 20  # alternatives per token in /v1/chat/completions: OpenAI's limit
 
 
 def valid_unicode(text: str) -> str:
@@ -81,8 +87,8 @@ class SamplingFields(BaseModel):
     @field_validator("best_of")
     @classmethod
     def _no_best_of(cls, value: int | None, info) -> None:
-        """best_of = k asks for the n most likely of k samples, which needs log-probabilities we do not
-        compute; best_of = n (every sample returned) is what the server does anyway."""
+        """best_of = k asks for the n most likely of k samples, a ranking of whole samples the server does not
+        do; best_of = n (every sample returned) is what the server does anyway."""
         if value is not None and value != info.data.get("n", 1):
             raise ValueError(
                 f"best_of={value} is not supported by this server (it returns every one of n samples); "
@@ -90,16 +96,22 @@ class SamplingFields(BaseModel):
             )
         return None
 
+    def logprob_alternatives(self) -> int | None:
+        """None when the request asks for no log-probabilities, else how many alternatives to report per
+        token besides the chosen one (each endpoint spells the request differently)."""
+        return None
+
 
 class CompletionRequest(SamplingFields):
     """POST /v1/completions. Without max_tokens: the model's recorded max_new_tokens, else 16 (OpenAI's
-    default). logprobs is an integer here (how many alternatives per token), as in OpenAI's API."""
+    default). logprobs is an integer here (how many alternatives per token, 0 to 5), as in OpenAI's API; echo
+    with logprobs would need the prompt's log-probabilities, which the server does not compute."""
 
     prompt: Text | list[Text]
     max_tokens: StrictInt | None = Field(None, ge=1)
     echo: StrictBool = False
     suffix: Text | None = None
-    logprobs: StrictInt | None = Field(None, ge=0)
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
     @field_validator("prompt")
     @classmethod
@@ -117,10 +129,16 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("logprobs")
     @classmethod
-    def _no_logprobs(cls, value: int | None) -> None:
-        if value:
-            raise ValueError("logprobs are not supported by this server; leave logprobs unset")
-        return None
+    def _no_echoed_logprobs(cls, value: int | None, info) -> int | None:
+        if value is not None and info.data.get("echo"):
+            raise ValueError(
+                "logprobs with echo=true would need the prompt's log-probabilities, which this server does not "
+                "compute; leave echo or logprobs unset"
+            )
+        return value
+
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -142,20 +160,26 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions. Without max_tokens (or max_completion_tokens, its newer name) the reply may
     fill the model's context (or the model's recorded max_new_tokens), up to the server's --max-tokens-limit.
-    logprobs is a boolean here, top_logprobs its integer companion, as in OpenAI's API."""
+    logprobs is a boolean here, top_logprobs (0 to 20 alternatives per token) its integer companion, which needs
+    logprobs=true, as in OpenAI's API."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = Field(None, ge=0)
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
-    @field_validator("logprobs", "top_logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def _no_logprobs(cls, value: bool | int | None) -> None:
-        if value:
-            raise ValueError("logprobs are not supported by this server; leave logprobs and top_logprobs unset")
-        return None
+    def _top_logprobs_need_logprobs(cls, value: int | None, info) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError(
+                f"top_logprobs={value} needs logprobs=true; set logprobs to true or leave top_logprobs unset"
+            )
+        return value
+
+    def logprob_alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # --- responses -------------------------------------------------------------------------------------------
@@ -165,10 +189,20 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """Per returned token (OpenAI's legacy shape): its text, log-probability, {text: log-probability} of the
+    most likely tokens and the chosen one, and the character offset of its text in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -182,6 +216,25 @@ class Completion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class TopLogprob(BaseModel):
+    """A token's text, log-probability and the UTF-8 bytes of its text (which clients join to rebuild text
+    split inside a character)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobs(TopLogprob):
+    """A returned token and the most likely tokens at its step, most likely first."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobs] | None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -190,7 +243,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -209,7 +262,7 @@ class ChatChunkChoice(BaseModel):
 
     index: int
     delta: dict[str, str]
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
