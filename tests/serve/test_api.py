@@ -84,7 +84,27 @@ BAD_REQUESTS = {
         "context_length_exceeded",
     ),
     "missing field": ({"model": "tiny-chat"}, 400, ["messages: Field required"], "messages", None),
-    "logprobs": (chat(logprobs=True), 400, ["logprobs are not supported"], "logprobs", None),
+    "top_logprobs too many": (
+        chat(logprobs=True, top_logprobs=21),
+        400,
+        ["top_logprobs: Input should be less than or equal to 20"],
+        "top_logprobs",
+        None,
+    ),
+    "top_logprobs without logprobs": (
+        chat(top_logprobs=2),
+        400,
+        ["top_logprobs=2 needs logprobs=true"],
+        "top_logprobs",
+        None,
+    ),
+    "top_logprobs with logprobs false": (
+        chat(logprobs=False, top_logprobs=0),
+        400,
+        ["top_logprobs=0 needs logprobs=true"],
+        "top_logprobs",
+        None,
+    ),
     "too many choices": (chat(n=9), 400, ["n: Input should be less than or equal to 8"], "n", None),
     "seed out of range": (chat(seed=2**70), 400, ["seed: Input should be less than"], "seed", None),
     # types are strict: no boolean is a number, no string a number or a boolean
@@ -155,7 +175,9 @@ COMPLETION_BAD_REQUESTS = {
     "echo string": ({"echo": "yes"}, ["echo: Input should be a valid boolean"], "echo"),
     "best_of": ({"best_of": 3}, ["best_of=3 is not supported"], "best_of"),
     "logprobs boolean": ({"logprobs": True}, ["logprobs: Input should be a valid integer"], "logprobs"),
-    "logprobs": ({"logprobs": 2}, ["logprobs are not supported"], "logprobs"),
+    "logprobs negative": ({"logprobs": -1}, ["logprobs: Input should be greater than or equal to 0"], "logprobs"),
+    "logprobs too many": ({"logprobs": 6}, ["logprobs: Input should be less than or equal to 5"], "logprobs"),
+    "logprobs with echo": ({"logprobs": 1, "echo": True}, ["logprobs with echo=true", "leave echo"], "logprobs"),
 }
 
 
@@ -168,15 +190,25 @@ def test_bad_completion_request_gets_a_clear_400(guarded, case):
 
 
 def test_a_raw_utf8_surrogate_and_valid_best_of_and_logprobs(guarded):
-    """Bytes that spell a surrogate in UTF-8 (ED A0 80) decode to one too; best_of equal to n and
-    logprobs 0/false ask for nothing unsupported and are accepted."""
+    """Bytes that spell a surrogate in UTF-8 (ED A0 80) decode to one too; best_of equal to n is accepted;
+    logprobs 0 reports each chosen token alone, logprobs false reports nothing (null), and logprobs true
+    without top_logprobs reports no alternatives."""
     body = b'{"model": "tiny-chat", "prompt": "\xed\xa0\x80", "max_tokens": 2}'
     status, reply = guarded.post("/v1/completions", body, AUTH)
     assert status == 400 and reply["error"]["param"] == "prompt", reply
     payload = {"model": "tiny-chat", "prompt": "hello", "max_tokens": 2, "n": 2, "best_of": 2, "logprobs": 0}
     status, reply = guarded.post("/v1/completions", payload, AUTH)
     assert status == 200 and len(reply["choices"]) == 2, reply
-    assert guarded.post("/v1/chat/completions", chat(logprobs=False, temperature=1), AUTH)[0] == 200
+    for choice in reply["choices"]:
+        logprobs = choice["logprobs"]
+        assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"])
+        assert all(
+            list(top) == [token] for top, token in zip(logprobs["top_logprobs"], logprobs["tokens"], strict=True)
+        )
+    status, reply = guarded.post("/v1/chat/completions", chat(logprobs=False, temperature=1), AUTH)
+    assert status == 200 and reply["choices"][0]["logprobs"] is None, reply
+    status, reply = guarded.post("/v1/chat/completions", chat(logprobs=True, temperature=1), AUTH)
+    assert status == 200 and all(t["top_logprobs"] == [] for t in reply["choices"][0]["logprobs"]["content"]), reply
 
 
 def test_completion_prompt_of_wrong_type_and_too_long_are_rejected(guarded):
