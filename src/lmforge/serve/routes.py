@@ -64,7 +64,7 @@ from lmforge.serve.worker import Job, JobTimeout, ServerBusy
 log = logging.getLogger("lmforge.serve")
 router = APIRouter()
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's max_tokens for a completion that sets none
-LOWEST_LOGPROB = -9999.0  # what -inf (a token the model rules out) is reported as: JSON has no infinity, as vLLM
+LOWEST_LOGPROB = -9999.0  # how -inf (a token the model rules out) is reported: JSON has no infinity (vLLM does so too)
 
 
 # --- pages and metadata -----------------------------------------------------------------------------------
