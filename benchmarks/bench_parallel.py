@@ -68,7 +68,7 @@ def run_layout(out: Path, name: str, steps: int) -> dict:
         "train.sample_tokens": 0,
         "train.out": str(out),
         "train.name": name,
-        "optim.lr": 0.003,
+        "optim.lr": 0.001,
         "optim.warmup_steps": 5,
     } | extra
     launcher = [sys.executable] if procs == 1 else [
