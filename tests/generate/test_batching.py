@@ -12,7 +12,14 @@ import torch
 from lmforge import build_model
 from lmforge.commands.generate import ByteTokenizer
 from lmforge.generate import generate
-from lmforge.generate.batching import BatchedDecoder, KVSlotPool, SequenceSampler, supports_batching
+from lmforge.generate.batching import (
+    BatchedDecoder,
+    KVSlotPool,
+    PrefixCache,
+    SequenceSampler,
+    copy_prefix,
+    supports_batching,
+)
 
 SMALL = {"n_layer": 2, "n_head": 4, "d_model": 64, "vocab_size": 300, "max_seq_len": 96}
 MODELS = {"gpt": dict(SMALL, tie_embeddings=False), "llama": dict(SMALL, n_kv_heads=2, d_ff=128)}
@@ -123,3 +130,23 @@ def test_only_decoder_only_causal_models_are_batched():
     assert not supports_batching(t5)
     with pytest.raises(ValueError, match="decoder-only causal_lm"):
         BatchedDecoder(t5, 2, 16)
+
+
+def test_prefix_cache_finds_the_longest_shared_block_and_forgets_the_least_recently_used():
+    pool = KVSlotPool(n_slots=2, max_len=64)
+    k, v = pool.layer(0, torch.zeros(1, 2, 1, 4))
+    k[0] = torch.arange(64.0)[None, :, None]  # slot 0: position j holds j
+    cache = PrefixCache(max_tokens=24, block=4)
+    first = list(range(100, 118))  # 18 tokens: positions 0..15 cacheable (one token is always prefilled)
+    cache.store(first, pool, slot=0)
+    assert cache.held == 16
+    hit, kv = cache.lookup(first[:9] + [7, 7, 7])  # shares 9 tokens: the 8 of two whole blocks count
+    assert hit == 8
+    copy_prefix(pool, 1, kv, hit)
+    assert torch.equal(k[1, :, :8], k[0, :, :8]) and not k[1, :, 8:].any()
+    assert cache.lookup([1, 2, 3, 4, 5, 6]) == (0, None)
+    assert cache.lookup(first[:4])[0] == 0  # 4 tokens: 3 cacheable, no whole block
+    cache.store(list(range(200, 213)), pool, slot=0)  # 12 more positions: 28 > 24, the older entry goes
+    assert cache.held == 12 and cache.lookup(first)[0] == 0
+    assert cache.lookup(list(range(200, 210)))[0] == 8
+    assert PrefixCache(max_tokens=0).lookup(first) == (0, None)

@@ -123,6 +123,8 @@ def test_metrics_are_prometheus_text_with_load_tokens_and_latency_histograms(ser
         "lmforge_kv_slots_used": "gauge",
         "lmforge_kv_slots_total": "gauge",
         "lmforge_generated_tokens_total": "counter",
+        "lmforge_prompt_tokens_total": "counter",
+        "lmforge_prefix_cache_hit_tokens_total": "counter",
         "lmforge_time_to_first_token_seconds": "histogram",
         "lmforge_inter_token_latency_seconds": "histogram",
     }

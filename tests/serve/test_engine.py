@@ -170,3 +170,28 @@ def test_admission_refuses_a_full_queue_and_requests_that_cannot_fit(served):
             engine.close(30)
 
     assert [(reason, len(text) > 0) for text, reason, _ in asyncio.run(scenario())] == [("length", True)] * 3
+
+
+def test_prompts_that_start_alike_copy_the_cached_prefix_and_get_what_they_get_alone(served):
+    """A long shared start (a system prompt): the first request prefills it and stores it; the next ones copy
+    its whole 32-token blocks into their slots, prefill only the rest, and decode the same greedy text."""
+    shared = " ".join(PROMPTS) + " "
+    prompts = [shared + p for p in PROMPTS[:3]]
+    ids = [served.encode_prompt(p) for p in prompts]
+    common = next(i for i, (a, b, c) in enumerate(zip(*ids, strict=False)) if not a == b == c)  # shared tokens
+    opts = options(served, 10, temperature=0.0)
+    expected = [alone(served, p, opts) for p in prompts]
+
+    async def scenario(cache_tokens: int):
+        engine = engine_for(served, kv_slots=2, prefill_chunk=16, prefix_cache_tokens=cache_tokens)
+        try:
+            first = await collect(engine.submit([ids[0]], opts))
+            rest = await asyncio.gather(*(collect(engine.submit([row], opts)) for row in ids[1:]))
+            return [first, *rest], engine.prefix_hit_tokens, engine.prompt_tokens
+        finally:
+            engine.close(30)
+
+    results, hits, prompt_tokens = asyncio.run(scenario(cache_tokens=1024))
+    assert [(text, reason) for text, reason, _ in results] == expected
+    assert common >= 64 and hits == 2 * (common // 32 * 32) and prompt_tokens == sum(map(len, ids))
+    assert asyncio.run(scenario(cache_tokens=0))[1] == 0

@@ -73,6 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     for name in ("concurrency", "max_tokens_limit", "kv_slots", "max_tokens_per_slot", "prefill_chunk"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    if args.prefix_cache_tokens < 0:
+        raise ValueError(f"--prefix-cache-tokens {args.prefix_cache_tokens} must be >= 0 (0: no prefix caching)")
     if args.queue_size < 0 or args.timeout <= 0:
         raise ValueError(f"--queue-size {args.queue_size} must be >= 0 and --timeout {args.timeout} > 0")
     api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
@@ -103,6 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         kv_slots=args.kv_slots,
         max_tokens_per_slot=args.max_tokens_per_slot,
         prefill_chunk=args.prefill_chunk,
+        prefix_cache_tokens=args.prefix_cache_tokens,
     )
     app = create_app(served, settings)
     host, port = sock.getsockname()[:2]
@@ -180,6 +183,13 @@ def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._S
         help="KV positions per slot, prompt + max_tokens - 1 (default: the model's context, at most 4096)",
     )
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per engine step")
+    p.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=4096,
+        help="prompt positions whose K/V are kept so a prompt with the same start (a system prompt) skips "
+        "recomputing them (0: off)",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included (then 504)")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     p.set_defaults(func=cmd_serve)

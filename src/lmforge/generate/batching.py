@@ -15,6 +15,9 @@ slot's length, with the causal mask over cached + new keys) and then joins the d
 frees its slot at once. Slots are handed out lowest-first, so the running slots are usually a contiguous
 range and the decode step reads them as a view; otherwise it gathers the rows' key windows.
 
+`PrefixCache` keeps the K/V of prompt prefixes already computed, block by block, so a prompt that starts like
+an earlier one (a shared system prompt) copies them into its slot instead of prefilling them again.
+
 `SequenceSampler` chooses one sequence's tokens as `stream` chooses a row's: the same logits processors
 (`sampling`), its own `torch.Generator` for a seed, its own end-of-sequence ids, stop strings and
 incremental detokenizer. A seeded sequence therefore draws the same tokens in a batch as alone, up to the
@@ -294,3 +297,71 @@ class SequenceSampler:
         if self.finish_reason is not None and self.text is not None:
             delta += self.text.flush()
         return delta
+
+
+class PrefixCache:
+    """K/V of prompt prefixes already computed, so a prompt that starts the same way (a shared system prompt, a
+    chat that grows by one turn) copies them into its slot instead of prefilling them again: vLLM's automatic
+    prefix caching, on a slot pool.
+
+    A prompt of n tokens stores its first P = floor((n - 1) / block) x block positions (at least one prompt
+    token is always prefilled: its logits choose the first new token). Every block boundary b <= P becomes a key
+    (the tuple of the first b tokens) that points to the stored copy, so a later prompt sharing only the first
+    b tokens still finds them; `lookup` tries the longest boundary first. K/V at position j depend only on
+    tokens 0..j (causal attention; RoPE rotates by the absolute position, which the copy keeps), so the copied
+    positions are what a prefill would compute, up to float rounding between prefill chunkings.
+
+    Memory: at most `max_tokens` positions are kept (each layers x 2 x kv-heads x head-dim values), least
+    recently used first out."""
+
+    def __init__(self, max_tokens: int, block: int = 32) -> None:
+        if max_tokens < 0 or block < 1:
+            raise ValueError(f"max_tokens={max_tokens} must be >= 0 and block={block} >= 1")
+        self.max_tokens, self.block = max_tokens, block
+        self._entries: dict[int, tuple[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]] = {}  # id -> (P, KV)
+        self._keys: dict[tuple[int, ...], int] = {}  # the first b tokens -> the id of an entry holding them
+        self._next = 0
+        self.held = 0  # positions stored
+
+    def cacheable(self, prompt: Sequence[int]) -> int:
+        """P: how many of this prompt's positions a store keeps and a lookup may return."""
+        return (len(prompt) - 1) // self.block * self.block if self.max_tokens else 0
+
+    def lookup(self, prompt: Sequence[int]) -> tuple[int, dict[int, tuple[torch.Tensor, torch.Tensor]] | None]:
+        """(b, per-layer K/V holding at least b positions) for the longest cached prefix of `prompt`, or (0, None)."""
+        for b in range(self.cacheable(prompt), 0, -self.block):
+            entry = self._keys.get(tuple(prompt[:b]))
+            if entry is not None:
+                self._entries[entry] = self._entries.pop(entry)  # most recently used: last in order
+                return b, self._entries[entry][1]
+        return 0, None
+
+    @torch.inference_mode()
+    def store(self, prompt: Sequence[int], pool: KVSlotPool, slot: int) -> None:
+        """Copy the cacheable prefix of `prompt` out of `slot` (whose first positions hold it)."""
+        P = self.cacheable(prompt)
+        if P == 0 or self.max_tokens < P or self._keys.get(tuple(prompt[:P])) is not None:
+            return
+        kv = {layer: (k[slot, :, :P].clone(), v[slot, :, :P].clone()) for layer, (k, v) in pool.buffers.items()}
+        entry, self._next = self._next, self._next + 1
+        self._entries[entry] = (P, kv)
+        self.held += P
+        for b in range(self.block, P + 1, self.block):
+            self._keys[tuple(prompt[:b])] = entry
+        while self.held > self.max_tokens:
+            self._evict(next(iter(self._entries)))
+
+    def _evict(self, entry: int) -> None:
+        P, _ = self._entries.pop(entry)
+        self.held -= P
+        for key in [key for key, held_by in self._keys.items() if held_by == entry]:
+            del self._keys[key]
+
+
+@torch.inference_mode()
+def copy_prefix(pool: KVSlotPool, slot: int, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
+    """Write the first `length` cached positions of every layer into `slot`."""
+    for layer, (k, v) in kv.items():
+        buffer_k, buffer_v = pool.buffers[layer]
+        buffer_k[slot, :, :length] = k[:, :length]
+        buffer_v[slot, :, :length] = v[:, :length]

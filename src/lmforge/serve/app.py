@@ -60,6 +60,7 @@ class ServeSettings:
     kv_slots: int | None = None  # sequences decoding at once (None: concurrency)
     max_tokens_per_slot: int | None = None  # KV positions per slot (None: the context, at most 4096)
     prefill_chunk: int = 256  # prompt tokens prefilled per engine step
+    prefix_cache_tokens: int = 4096  # prompt positions whose K/V are kept for reuse (0: no prefix caching)
 
 
 def create_app(served: ServedModel, settings: ServeSettings | None = None) -> FastAPI:
@@ -96,7 +97,12 @@ def start_engine(served: ServedModel, settings: ServeSettings) -> BatchingEngine
     admission = (settings.concurrency, settings.queue_size, settings.timeout)
     if supports_batching(served.model):
         return BatchingEngine(
-            served, *admission, settings.kv_slots, settings.max_tokens_per_slot, settings.prefill_chunk
+            served,
+            *admission,
+            settings.kv_slots,
+            settings.max_tokens_per_slot,
+            settings.prefill_chunk,
+            settings.prefix_cache_tokens,
         )
     log.info("%s cannot be batched step by step: one thread per request", type(served.model).__name__)
     return ThreadedEngine(served, *admission)

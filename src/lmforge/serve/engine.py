@@ -10,7 +10,8 @@ single row. The engine's loop therefore does, at every step (`generate.batching`
 3. decode: one batched forward feeds every running sequence its last token and samples its next one;
 4. prefill: up to `prefill_chunk` prompt tokens of the sequences admitted but not yet started, so a long
    prompt is spread over several steps instead of stalling the running ones; a sequence whose prompt is in
-   gets its first token from that forward and decodes from the next step on;
+   gets its first token from that forward and decodes from the next step on. A prompt that starts like one
+   prefilled before (a shared system prompt) first copies those positions' K/V from the `PrefixCache`;
 5. send each request touched a `Step` (its sequences' new text, finish reasons, token counts and, when asked,
    the log-probabilities of the tokens chosen this step) and let finished sequences go, freeing their slots.
 
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from lmforge.generate.batching import BatchedDecoder, SequenceSampler, TokenLogprob
+from lmforge.generate.batching import BatchedDecoder, PrefixCache, SequenceSampler, TokenLogprob, copy_prefix
 from lmforge.serve.backend import ServedModel, Step
 from lmforge.serve.errors import invalid
 from lmforge.serve.worker import Job, ServerBusy
@@ -96,7 +97,8 @@ class BatchingEngine:
     kv_slots: sequences decoding at once; max_tokens_per_slot: positions each slot holds (prompt + new
     tokens - 1), default the model's context up to DEFAULT_SLOT_TOKENS; concurrency: requests running at
     once; queue_size: requests admitted beyond those; timeout: seconds per request from admission;
-    prefill_chunk: prompt tokens prefilled per step.
+    prefill_chunk: prompt tokens prefilled per step; prefix_cache_tokens: prompt positions whose K/V are kept
+    for prompts that start alike (`PrefixCache`; 0: off).
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class BatchingEngine:
         kv_slots: int | None = None,
         max_tokens_per_slot: int | None = None,
         prefill_chunk: int = 256,
+        prefix_cache_tokens: int = 0,
     ) -> None:
         if concurrency < 1 or queue_size < 0 or timeout <= 0 or prefill_chunk < 1:
             raise ValueError(
@@ -119,6 +122,8 @@ class BatchingEngine:
         capacity = max_tokens_per_slot or min(served.context or DEFAULT_SLOT_TOKENS, DEFAULT_SLOT_TOKENS)
         self.decoder = BatchedDecoder(served.model, kv_slots or concurrency, capacity)
         self.pool = self.decoder.pool
+        self.prefix = PrefixCache(prefix_cache_tokens)
+        self.prompt_tokens = self.prefix_hit_tokens = 0  # counters for /metrics
         self._lock = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
@@ -257,11 +262,19 @@ class BatchingEngine:
                     break
                 if sequence.last >= 0:
                     continue
+                if sequence.length == 0:  # starting: take what the prefix cache holds of this prompt
+                    hit, kv = self.prefix.lookup(sequence.prompt)
+                    if kv is not None:
+                        copy_prefix(self.pool, sequence.slot, kv, hit)
+                        sequence.length = hit
+                    self.prompt_tokens += len(sequence.prompt)
+                    self.prefix_hit_tokens += hit
                 chunk = sequence.prompt[sequence.length : sequence.length + budget]
                 logits = self.decoder.prefill(sequence.slot, chunk, sequence.length)
                 sequence.length += len(chunk)
                 budget -= len(chunk)
                 if sequence.length == len(sequence.prompt):
+                    self.prefix.store(sequence.prompt, self.pool, sequence.slot)
                     finished[request][i] = self._sample(request, i, sequence, logits)
         with self._lock:
             for request in running:

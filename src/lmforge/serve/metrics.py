@@ -69,7 +69,16 @@ class ServerMetrics:
         lines = []
         for name, help, value in gauges:
             lines += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {value}"]
-        name = "lmforge_generated_tokens_total"
-        lines += [f"# HELP {name} Tokens generated.", f"# TYPE {name} counter", f"{name} {self.generated_tokens}"]
+        counters = [
+            ("lmforge_generated_tokens_total", "Tokens generated.", self.generated_tokens),
+            ("lmforge_prompt_tokens_total", "Prompt tokens of started sequences.", getattr(engine, "prompt_tokens", 0)),
+            (
+                "lmforge_prefix_cache_hit_tokens_total",
+                "Prompt tokens whose K/V came from the prefix cache instead of a prefill.",
+                getattr(engine, "prefix_hit_tokens", 0),
+            ),
+        ]
+        for name, help, value in counters:
+            lines += [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {value}"]
         lines += self.time_to_first_token.render() + self.inter_token_latency.render()
         return "\n".join(lines) + "\n"
