@@ -156,7 +156,7 @@ def test_tensor_names_types_and_metadata_follow_llama_cpp(tmp_path):
     assert fields["general.architecture"].contents() == "llama"
     assert fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
     assert fields["llama.attention.head_count_kv"].contents() == 2
-    assert fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     assert fields["tokenizer.chat_template"].contents() == CHAT_TEMPLATE
     tokens = fields["tokenizer.ggml.tokens"].contents()
     assert tokens[-4:] == [f"[PAD{i}]" for i in range(300, 304)]  # the model has 4 rows past the tokenizer

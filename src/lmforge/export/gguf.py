@@ -168,15 +168,16 @@ def add_value(writer, key: str, value: Any) -> None:
 
 def pre_tokenizer_name(spec: dict[str, Any]) -> str:
     """llama.cpp's name (`tokenizer.ggml.pre`) of a byte-level BPE's pre-tokenizer, read from its tokenizer.json:
-    ByteLevel with GPT-2's regex is `gpt2`; single digits then ByteLevel is SmolLM2's `smollm`; a Split on a
-    known regex then ByteLevel without one is that regex's name (`llama-bpe`, `qwen2`)."""
+    ByteLevel with GPT-2's regex is `gpt-2` (llama.cpp's spelling: it refuses `gpt2`); single digits then
+    ByteLevel is SmolLM2's `smollm`; a Split on a known regex then ByteLevel without one is that regex's name
+    (`llama-bpe`, `qwen2`)."""
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [step.get("type") for step in steps]
     if kinds and kinds[-1] == "ByteLevel" and not spec.get("normalizer"):
         regex = steps[-1].get("use_regex", True)
         if kinds == ["ByteLevel"] and regex:
-            return "gpt2"
+            return "gpt-2"
         if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and regex:
             return "smollm"
         if kinds == ["Split", "ByteLevel"] and not regex:

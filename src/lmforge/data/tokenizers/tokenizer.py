@@ -40,7 +40,8 @@ GPT2_TIKTOKEN_MEMBER = "openai_whisper-20250625/whisper/assets/gpt2.tiktoken"
 # Llama 3's and Qwen2's patterns are those published with their tokenizers; SmolLM2 splits single digits.
 GGUF_SPLITS = {
     "default": None,
-    "gpt2": None,
+    "gpt-2": None,  # llama.cpp's name for GPT-2's own split
+    "gpt2": None,  # what lmforge wrote before it checked against llama.cpp: still read
     "smollm": None,
     "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
