@@ -115,11 +115,19 @@ def run_gptq(
         finally:
             for handle in handles:
                 handle.remove()
+        quantized = {}
         for name, linear in linears:
             quantizer = make_method(method, group_size)
-            gptq(linear.weight, hessians[name].hessian, quantizer, act_order=act_order)
-            replace(block, name, quantizer.module(linear))
+            dequantized = gptq(linear.weight, hessians[name].hessian, quantizer, act_order=act_order)
+            with torch.no_grad():
+                linear.weight.copy_(dequantized.to(linear.weight.dtype))
+            quantized[name] = quantizer.module(linear)
+        # The next block's inputs come from this block with its rounded weights, as GPTQ prescribes; run as
+        # float Linears holding exactly the grid values: the same outputs as the quantised modules, without
+        # the CPU int4 kernel, which is many times slower than a dense matmul at calibration's shapes.
         inputs = [((block(*args, **kwargs), *args[1:]), kwargs) for args, kwargs in inputs]
+        for name, module in quantized.items():
+            replace(block, name, module)
 
 
 def calibration_sequences(tokenizer, path: str | Path, samples: int, seq_len: int, seed: int = 0) -> list[torch.Tensor]:
