@@ -12,6 +12,7 @@ over the new tokens after the first (median of --repeats), for our f16, q8_0, q4
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -56,11 +57,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results/gguf.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     original = smollm2_instruct_gguf()
     tokenizer = load_tokenizer(original)
     ids = tokenizer.encode(tokenizer.apply_chat_template(PROMPT))
+    result: dict = {"threads": args.threads, "new_tokens": args.new_tokens, "identical": {}, "llama_cpp": {}}
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
         for gguf_type in ("f32", "f16", "q8_0", "q4_0"):
@@ -71,12 +74,20 @@ def main() -> None:
             theirs, _ = llama_cpp_run(files[gguf_type], ids, args.new_tokens, args.threads)
             same = sum(a == b for a, b in zip(ours, theirs, strict=True))
             print(f"{gguf_type}: {same}/{args.new_tokens} greedy tokens identical (llama.cpp vs lmforge)", flush=True)
+            result["identical"][gguf_type] = same
         files["original Q4_1"] = original
         for label in ("f16", "q8_0", "q4_0", "original Q4_1"):
             path = files[label]
             speeds = [llama_cpp_run(path, ids, args.new_tokens, args.threads)[1] for _ in range(args.repeats)]
             size = path.stat().st_size / 2**20
             print(f"llama.cpp {label:<14} {size:6.1f} MiB  {statistics.median(speeds):7.1f} tok/s", flush=True)
+            result["llama_cpp"][label] = {"mib": size, "decode_tok_s": statistics.median(speeds), "runs": speeds}
+    import llama_cpp
+
+    result["llama_cpp_python"] = llama_cpp.__version__
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

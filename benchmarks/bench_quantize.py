@@ -15,6 +15,7 @@ int4 GPTQ within +8% of fp32 and better than RTN.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import tempfile
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results/quantize.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -85,6 +87,7 @@ def main() -> None:
         print(f"SmolLM2-135M-Instruct; held-out: {len(windows)} x {n} tokens; calibration: {args.samples} x {n}")
         print(f"{'model':<22} {'perplexity':>10} {'vs fp32':>8} {'decode tok/s':>13} {'quantise s':>11}")
         reference = None
+        rows = {}
         settings = [
             ("fp32", None, {}),
             ("int8 RTN", "int8", {}),
@@ -107,6 +110,25 @@ def main() -> None:
             speed, _ = decode_speed(model, prompt, args.new_tokens, args.repeats)
             change = f"{100 * (ppl / reference - 1):+.1f}%"
             print(f"{label:<22} {ppl:>10.2f} {change:>8} {speed:>13.1f} {seconds:>11.0f}", flush=True)
+            rows[label] = {
+                "perplexity": ppl,
+                "vs_fp32": ppl / reference - 1,
+                "decode_tok_s": speed,
+                "quantise_s": seconds,
+            }
+    result = {
+        "model": "SmolLM2-135M-Instruct (weights of its Q4_1 GGUF, dequantised to fp32)",
+        "held_out_windows": len(windows),
+        "seq_len": args.seq_len,
+        "calibration_samples": args.samples,
+        "group_size": args.group_size,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
