@@ -21,26 +21,15 @@ from lmforge.generate.batching import (
     supports_batching,
 )
 
-SMALL = {"n_layer": 2, "n_head": 4, "d_model": 64, "vocab_size": 300, "max_seq_len": 96}
-MODELS = {"gpt": dict(SMALL, tie_embeddings=False), "llama": dict(SMALL, n_kv_heads=2, d_ff=128)}
+CONTEXT = 96  # the small models' context (conftest.make_small_model's default)
 PROMPTS = [[5, 17, 40, 2, 99, 12, 7], [250, 3], list(range(30, 53)), [64], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
 MAX_NEW = [10, 18, 6, 14, 9]
-
-
-def small_model(family: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_model(family, **MODELS[family]).eval()
-    with torch.no_grad():  # spread the logits so that greedy paths are varied, not one repeated token
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
-    return model
 
 
 def run_batched(model, samplers: list[SequenceSampler], n_slots: int, chunk: int) -> list[str]:
     """Each sequence's text (its tokens go to `samplers`) when they are admitted as slots free, prefilled
     `chunk` tokens per step and decoded together (the serving engine's schedule, without its threads)."""
-    decoder = BatchedDecoder(model, n_slots, SMALL["max_seq_len"])
+    decoder = BatchedDecoder(model, n_slots, CONTEXT)
     waiting, running = deque(range(len(samplers))), {}  # index -> [slot, length, last token]
     texts = [""] * len(samplers)
     while waiting or running:
@@ -67,9 +56,9 @@ def run_batched(model, samplers: list[SequenceSampler], n_slots: int, chunk: int
     return texts
 
 
-@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("family", ["gpt", "llama"])
 @pytest.mark.parametrize("n_slots, chunk", [(3, 4), (5, 64)])
-def test_batched_greedy_decoding_matches_each_sequence_alone(family, n_slots, chunk):
+def test_batched_greedy_decoding_matches_each_sequence_alone(family, n_slots, chunk, small_model):
     model = small_model(family)
     alone = [
         generate(model, torch.tensor([p]), max_new_tokens=n, eos_token_id=[]).tokens[0].tolist()
@@ -84,7 +73,7 @@ def test_batched_greedy_decoding_matches_each_sequence_alone(family, n_slots, ch
     assert [s.finish_reason for s in samplers] == ["length"] * len(PROMPTS)
 
 
-def test_seeded_sampling_draws_the_same_tokens_in_a_batch_as_alone():
+def test_seeded_sampling_draws_the_same_tokens_in_a_batch_as_alone(small_model):
     model = small_model("llama")
     options = dict(do_sample=True, temperature=1.3, top_k=40, top_p=0.9, repetition_penalty=1.2, eos_token_id=[])
     seeds = [0, 1, 2, 3, 4]
@@ -100,7 +89,7 @@ def test_seeded_sampling_draws_the_same_tokens_in_a_batch_as_alone():
     assert [s.generated for s in samplers] == alone
 
 
-def test_end_of_sequence_and_stop_strings_end_a_sequence_with_the_text_generate_gives():
+def test_end_of_sequence_and_stop_strings_end_a_sequence_with_the_text_generate_gives(small_model):
     model, tokenizer = small_model("gpt"), ByteTokenizer()
     free = generate(model, torch.tensor([PROMPTS[0]]), max_new_tokens=12, eos_token_id=[]).tokens[0].tolist()
     eos, stop = free[4], tokenizer.decode(free[6:8])
@@ -123,7 +112,7 @@ def test_slot_pool_hands_out_the_lowest_free_slot_and_refuses_when_full():
     assert pool.used == 2 and pool.allocate() == 1
 
 
-def test_only_decoder_only_causal_models_are_batched():
+def test_only_decoder_only_causal_models_are_batched(small_model):
     assert supports_batching(small_model("gpt")) and supports_batching(small_model("llama"))
     torch.manual_seed(0)
     t5 = build_model("t5", n_layer=2, n_head=4, d_model=64, vocab_size=300, head_dim=16, d_ff=128)

@@ -19,21 +19,7 @@ from lmforge.generate.compiled import COMPILE_MIN_PARAMETERS, bucket_length, res
 from lmforge.nn.quant import quantize_int8
 
 NEW = 12
-SMALL = {"n_layer": 2, "n_head": 4, "d_model": 64, "vocab_size": 300, "max_seq_len": 64}
-MODELS = {
-    "gpt": dict(SMALL, tie_embeddings=False),
-    "llama": dict(SMALL, n_kv_heads=2, d_ff=128),  # grouped-query attention
-}
-
-
-def small_model(family: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_model(family, **MODELS[family]).eval()
-    with torch.no_grad():  # spread the logits so that greedy paths are varied, not one repeated token
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
-    return model
+CONTEXT = 64
 
 
 def left_padded_prompts(n_prompt: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,8 +38,8 @@ def uncompiled_step(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])
-def test_fixed_shape_step_matches_eager_greedy_tokens(family, uncompiled_step):
-    model = small_model(family)
+def test_fixed_shape_step_matches_eager_greedy_tokens(family, uncompiled_step, small_model):
+    model = small_model(family, CONTEXT)
     input_ids, attention_mask = left_padded_prompts()
     eager = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile=False)
     fixed = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile=True)
@@ -61,22 +47,22 @@ def test_fixed_shape_step_matches_eager_greedy_tokens(family, uncompiled_step):
     assert torch.equal(fixed.tokens, eager.tokens)
 
 
-def test_fixed_shape_step_fills_the_models_whole_context(uncompiled_step):
+def test_fixed_shape_step_fills_the_models_whole_context(uncompiled_step, small_model):
     """Prompt + new tokens - 1 = max_seq_len: the bucket is capped at the context, and the last slot is used."""
-    model = small_model("llama")
+    model = small_model("llama", CONTEXT)
     input_ids, attention_mask = left_padded_prompts(n_prompt=40)
-    new = SMALL["max_seq_len"] - 40 + 1
+    new = CONTEXT - 40 + 1
     eager = generate(model, input_ids, attention_mask, max_new_tokens=new, eos_token_id=[], compile=False)
     fixed = generate(model, input_ids, attention_mask, max_new_tokens=new, eos_token_id=[], compile=True)
     assert torch.equal(fixed.tokens, eager.tokens)
 
 
-def test_compile_false_never_builds_the_compiled_step(monkeypatch):
+def test_compile_false_never_builds_the_compiled_step(monkeypatch, small_model):
     def refuse():
         raise AssertionError("compile=False must decode eagerly")
 
     monkeypatch.setattr(compiled, "compiled_decode_step", refuse)
-    model = small_model("gpt")
+    model = small_model("gpt", CONTEXT)
     input_ids, attention_mask = left_padded_prompts()
     out = generate(model, input_ids, attention_mask, max_new_tokens=4, compile=False)
     assert out.tokens.shape == (3, 4)
@@ -88,8 +74,8 @@ def test_bucket_lengths_are_powers_of_two_capped_at_the_context():
     assert len({bucket_length(n, 2048) for n in range(1, 2049)}) == 6  # recompiles bounded per batch size
 
 
-def test_auto_compiles_only_large_plain_decoder_only_models_on_a_gpu(monkeypatch):
-    tiny = small_model("gpt")
+def test_auto_compiles_only_large_plain_decoder_only_models_on_a_gpu(monkeypatch, small_model):
+    tiny = small_model("gpt", CONTEXT)
     assert sum(p.numel() for p in tiny.parameters()) < COMPILE_MIN_PARAMETERS
     assert not resolve_compile(tiny, "auto")
     assert resolve_compile(tiny, True)
@@ -106,14 +92,14 @@ def test_auto_compiles_only_large_plain_decoder_only_models_on_a_gpu(monkeypatch
         resolve_compile(tiny, "yes")
 
 
-def test_auto_falls_back_to_eager_decoding_when_the_step_does_not_compile(monkeypatch):
+def test_auto_falls_back_to_eager_decoding_when_the_step_does_not_compile(monkeypatch, small_model):
     def no_compiler(*args):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(compiled, "_compiled_step", (no_compiler, no_compiler))
     monkeypatch.setattr(compiled, "COMPILE_MIN_PARAMETERS", 1000)
     monkeypatch.setattr(compiled, "AUTO_COMPILE_DEVICES", ("cpu",))
-    model = small_model("gpt")
+    model = small_model("gpt", CONTEXT)
     input_ids, attention_mask = left_padded_prompts()
     eager = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile=False)
     with pytest.warns(UserWarning, match="did not compile.*no C.. compiler"):
@@ -131,8 +117,8 @@ def test_encoder_decoders_decode_eagerly_under_auto():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt", "llama"])
-def test_inductor_compiled_step_matches_eager_greedy_tokens_without_recompiling(family):
-    model = small_model(family)
+def test_inductor_compiled_step_matches_eager_greedy_tokens_without_recompiling(family, small_model):
+    model = small_model(family, CONTEXT)
     input_ids, attention_mask = left_padded_prompts()
     eager = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile=False)
     fast = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile=True)
