@@ -175,6 +175,7 @@ def minilm(out: Path, timeout: float, trials: int) -> dict:
         "trials": summary["states"],
         "best_validation_accuracy": summary["best_value"],
         "best_params": summary["best_params"],
+        "space": load_yaml(ROOT.parent / "configs" / "tune" / "minilm-pang-lee.yaml"),
         "kfold_accuracy": [folds["accuracy"]["mean"], folds["accuracy"]["std"]],
         "kfold_f1_macro": [folds["f1_macro"]["mean"], folds["f1_macro"]["std"]],
         "final_test": summary["final_test"],
