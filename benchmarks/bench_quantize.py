@@ -7,9 +7,12 @@ windows of its first 90%; perplexity is measured on consecutive windows of its l
 prediction inside a window counts). Decoding: batch 1, greedy, `lmforge.generate` with the KV cache, at
 --threads threads; tokens/s over the new tokens after the first (prefill excluded), median of --repeats.
 The anchors (issue 15): GPTQ on OPT-125M, fp16 27.65, 4-bit RTN 37.28, 4-bit GPTQ 31.12; target here:
-int4 GPTQ within +8% of fp32 and better than RTN.
+int4 GPTQ within +8% of fp32 and better than RTN. Each row uses `lmforge quantize`'s defaults (GPTQ: act-order
+and the "mse" grid; round-to-nearest: the "minmax" grid); `--ablation` adds GPTQ with each of the two switched
+off, which is how those defaults were chosen.
 
     nice -n 10 .venv/bin/python benchmarks/bench_quantize.py [--group-size 64] [--samples 64] [--threads 2]
+                                                             [--ablation]
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ablation", action="store_true", help="also GPTQ without act-order / with each grid")
     parser.add_argument("--out", default="benchmarks/results/quantize.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,15 +89,24 @@ def main() -> None:
         windows = [torch.tensor([held_out[i * n : (i + 1) * n]]) for i in range(count)]
         prompt = torch.tensor([tokenizer.encode(text[cut : cut + 200])[:16]])
         print(f"SmolLM2-135M-Instruct; held-out: {len(windows)} x {n} tokens; calibration: {args.samples} x {n}")
-        print(f"{'model':<22} {'perplexity':>10} {'vs fp32':>8} {'decode tok/s':>13} {'quantise s':>11}")
+        print(f"{'model':<40} {'perplexity':>10} {'vs fp32':>8} {'decode tok/s':>13} {'quantise s':>11}")
         reference = None
         rows = {}
+        g = args.group_size
+        gptq = {"group_size": g, "calibration": calibration}
         settings = [
             ("fp32", None, {}),
             ("int8 RTN", "int8", {}),
-            (f"int4 RTN g{args.group_size}", "int4", {"group_size": args.group_size}),
-            (f"int4 GPTQ g{args.group_size}", "int4", {"group_size": args.group_size, "calibration": calibration}),
+            (f"int4 RTN g{g} (minmax grid)", "int4", {"group_size": g}),
+            (f"int4 GPTQ g{g} (act-order, mse grid)", "int4", gptq),
         ]
+        if args.ablation:
+            settings += [
+                (f"int4 RTN g{g} (mse grid)", "int4", {"group_size": g, "grid": "mse"}),
+                (f"int4 GPTQ g{g} (act-order, minmax grid)", "int4", {**gptq, "grid": "minmax"}),
+                (f"int4 GPTQ g{g} (natural order, mse grid)", "int4", {**gptq, "act_order": False}),
+                (f"int4 GPTQ g{g} (natural order, minmax)", "int4", {**gptq, "act_order": False, "grid": "minmax"}),
+            ]
         for label, method, options in settings:
             model = load_model(source, dtype=torch.float32)
             seconds = 0.0
@@ -109,7 +122,7 @@ def main() -> None:
             reference = reference or ppl
             speed, _ = decode_speed(model, prompt, args.new_tokens, args.repeats)
             change = f"{100 * (ppl / reference - 1):+.1f}%"
-            print(f"{label:<22} {ppl:>10.2f} {change:>8} {speed:>13.1f} {seconds:>11.0f}", flush=True)
+            print(f"{label:<40} {ppl:>10.2f} {change:>8} {speed:>13.1f} {seconds:>11.0f}", flush=True)
             rows[label] = {
                 "perplexity": ppl,
                 "vs_fp32": ppl / reference - 1,

@@ -19,7 +19,14 @@ from lmforge.data.tokenizers.tokenizer import load_tokenizer as load_tokenizer_o
 from lmforge.generate import generate
 from lmforge.hf.load import load_model
 from lmforge.hf.save import save_model
-from lmforge.nn.quant import Int4Linear, QuantizedLinear, has_int4pack_kernel, int4_group_params
+from lmforge.nn.quant import (
+    Int4Linear,
+    QuantizedLinear,
+    has_int4pack_kernel,
+    int4_clipped_group_params,
+    int4_codes,
+    int4_group_params,
+)
 from lmforge.quantize import quantize_model
 from lmforge.quantize.gptq import HessianAccumulator, gptq, round_to_nearest
 from lmforge.quantize.methods import Int4Grouped, Int8PerChannel
@@ -81,6 +88,22 @@ def test_int4_grid_holds_the_extremes_and_zero():
     torch.testing.assert_close((q - 8) * scale[:, None] + zero[:, None], w, atol=scale.item() / 2, rtol=0)
 
 
+def test_mse_grid_never_rounds_worse_than_min_max_and_mostly_better():
+    torch.manual_seed(0)
+    w = torch.randn(256, 64)  # Gaussian groups: their extremes are rare, a narrower grid pays for most
+
+    def squared_error(scale, zero):
+        q = int4_codes(w, scale[:, None], zero[:, None])
+        return ((q - 8) * scale[:, None] + zero[:, None] - w).pow(2).sum(dim=1)
+
+    minmax, mse = int4_group_params(w), int4_clipped_group_params(w)
+    assert (squared_error(*mse) <= squared_error(*minmax) + 1e-5).all()
+    assert squared_error(*mse).sum() < 0.95 * squared_error(*minmax).sum()
+    assert (mse[0] < minmax[0]).float().mean() > 0.5  # most groups chose a finer step than min-max's
+    zero_code = int4_codes(torch.zeros(256, 1), mse[0][:, None], mse[1][:, None])
+    torch.testing.assert_close((zero_code[:, 0] - 8) * mse[0] + mse[1], torch.zeros(256), atol=mse[0].max() / 2, rtol=0)
+
+
 def tiny_tokenizer() -> Tokenizer:
     backend = tokenizers.Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -126,7 +149,9 @@ def test_quantised_checkpoint_loads_back_with_identical_logits(tiny, tmp_path, c
     extra = ["--calibration", calibration, "--samples", "2", "--seq-len", "16"] if "--gptq" in flags else []
     code, out, err = run_cli(capsys, "quantize", folder, *flags, *extra, "--out", tmp_path / "q")
     assert code == 0, err
-    assert "2 x 16 tokens" in out if "--gptq" in flags else "round-to-nearest" in out
+    assert "2 x 16 tokens, act-order" in out if "--gptq" in flags else "round-to-nearest" in out
+    if "int4" in flags:  # GPTQ's default grid is the MSE one, round-to-nearest's min-max: the measured better
+        assert ("mse grid" if "--gptq" in flags else "minmax grid") in out
     back = load_model(tmp_path / "q")
     assert (tmp_path / "q" / "task.json").read_text() == (folder / "task.json").read_text()  # for evaluate
     layer = back.blocks[0].ffn.down
@@ -185,6 +210,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny, tmp_path, capsys
         (["--method", "int4", "--group-size", "48"], "--group-size 48 is not supported; choose one of [32, 64, 128]"),
         (["--method", "int4", "--gptq"], "--gptq needs calibration text"),
         (["--method", "int4", "--gptq", "--calibration", tmp_path / "none.txt"], "none.txt not found"),
+        (["--method", "int8", "--grid", "mse"], "--grid applies to int4 only"),
     ]
     for flags, message in cases:
         code, _, err = run_cli(capsys, "quantize", folder, *flags, "--out", out)

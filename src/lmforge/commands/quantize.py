@@ -22,6 +22,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             samples=args.samples,
             seq_len=args.seq_len,
             act_order=args.act_order,
+            grid=args.grid,
             overwrite=args.overwrite,
         )
     )
@@ -36,7 +37,19 @@ def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._S
     p.add_argument("--calibration", default=None, help="text file GPTQ runs through the model")
     p.add_argument("--samples", type=int, default=128, help="calibration sequences (default: 128)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default: 256)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ visits inputs by decreasing Hessian diagonal")
+    p.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="GPTQ visits inputs by decreasing Hessian diagonal (default: on; --no-act-order for natural order)",
+    )
+    p.add_argument(
+        "--grid",
+        choices=["minmax", "mse"],
+        default=None,
+        help="int4 group grid: the group's [min, max], or that range shrunk to the least squared rounding "
+        "error (default: mse with --gptq, minmax without: the better of each, measured)",
+    )
     p.add_argument("--out", required=True, help="output model folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a model folder")
     p.set_defaults(func=cmd_quantize)

@@ -156,6 +156,30 @@ def int4_group_params(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return scale, lo + 8 * scale
 
 
+CLIP_RATIOS = torch.linspace(1.0, 0.75, 26)
+"""The shrink factors `int4_clipped_group_params` tries: the grid's range scaled by 1.00, 0.99, ..., 0.75."""
+
+
+def int4_clipped_group_params(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min-max grid of `int4_group_params` with its range [lo, hi] shrunk by the factor p in `CLIP_RATIOS`
+    that minimises each row's squared rounding error sum_j (w_j - dq(w_j))^2.
+
+    Why: min-max spends the 16 levels on the group's extremes; a slightly narrower grid clips one or two outliers
+    but rounds the other 62 weights on finer steps, and usually wins. The reference GPTQ code's `mse` option
+    and llama.cpp's quantisers search the range the same way. p = 1 is a candidate, so the error is never
+    larger than min-max's; 0 stays on the grid (lo <= 0 <= hi for every p)."""
+    w = weight.float()
+    lo, hi = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
+    p = CLIP_RATIOS.to(w.device)[:, None]  # (P, 1)
+    scale = ((hi - lo) * p / INT4_MAX).clamp(min=1e-8)  # (P, rows)
+    zero = lo * p + 8 * scale
+    codes = int4_codes(w[None], scale[..., None], zero[..., None])  # (P, rows, g)
+    error = ((codes - 8) * scale[..., None] + zero[..., None] - w[None]).pow(2).sum(dim=-1)  # (P, rows)
+    best = error.argmin(dim=0)  # (rows,)
+    rows = torch.arange(w.shape[0], device=w.device)
+    return scale[best, rows], zero[best, rows]
+
+
 def int4_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """q = round((w - zero) / scale) + 8, clamped to [0, 15]; scale and zero broadcast against `weight`."""
     return (torch.round((weight.float() - zero) / scale) + 8).clamp(0, INT4_MAX)
