@@ -31,6 +31,22 @@ def test_quantized_linear_matches_the_dequantised_weight(kernel, rows, monkeypat
     assert torch.allclose(got, expected, atol=0.02 * expected.abs().max().item())
 
 
+def test_a_loaded_int8_weight_is_64_byte_aligned_for_the_kernel():
+    # safetensors hands out tensors at 8-byte offsets of one buffer and `load_model` assigns them as they are;
+    # the int8 kernel's AVX-512 path crashed the process on such a weight (8 rows, offset 40). Same values.
+    source = QuantizedLinear.from_linear(nn.Linear(96, 40))
+    buffer = torch.zeros(96 * 40 + 64, dtype=torch.int8)
+    offset = next(i for i in range(64) if (buffer.data_ptr() + i) % 64 == 40)
+    misaligned = buffer[offset : offset + 96 * 40].view(40, 96)
+    misaligned.copy_(source.weight)
+    assert misaligned.data_ptr() % 64 == 40
+    layer = QuantizedLinear.empty(40, 96, bias=True)
+    layer.load_state_dict({**source.state_dict(), "weight": misaligned}, assign=True)
+    assert layer.weight.data_ptr() % quant.ALIGNMENT == 0 and torch.equal(layer.weight, source.weight)
+    x = torch.randn(8, 96)
+    assert torch.equal(layer(x), source(x))
+
+
 def test_quantize_int8_swaps_every_linear_and_unties_the_output_projection():
     model = build_model("gpt-tiny").eval()
     embedding = model.tok_emb.weight.detach().clone()

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 QMAX = 127
+ALIGNMENT = 64  # bytes: an AVX-512 register, and what PyTorch's CPU allocator guarantees
 KERNEL_MAX_ROWS = 16  # above this many rows a dense GEMM on the converted weight is faster (measured)
 
 
@@ -70,6 +71,12 @@ class QuantizedLinear(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
+        if self.weight.data_ptr() % ALIGNMENT:
+            # `load_state_dict(assign=True)` keeps the loaded tensor, and safetensors places tensors on 8-byte
+            # offsets of one buffer; `_weight_int8pack_mm`'s AVX-512 path reads the weight with aligned loads
+            # and dies with a general protection fault on such a tensor (seen: 8 rows, offset 40). A fresh
+            # tensor from PyTorch's allocator is 64-byte aligned.
+            self.weight = self.weight.clone()
         self.scale_bf16 = self.scale.to(torch.bfloat16)  # not saved: follows the loaded scale
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
