@@ -8,6 +8,7 @@ import importlib
 import sys
 
 from lmforge import __version__
+from lmforge.interrupts import latched
 
 COMMAND_MODULES = (
     "lmforge.commands.models",  # models, info, demo
@@ -52,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
 
     A bad input is one line on stderr and status 2; Ctrl-C before a command installs its own handling (a
     training run saves a checkpoint first) is one line and status 130, as shells report SIGINT."""
+    with latched():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except KeyboardInterrupt:

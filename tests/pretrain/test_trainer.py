@@ -139,6 +139,33 @@ def test_sigint_at_any_moment_is_one_line_and_status_130(tiny_flags, tmp_path):
         assert "Traceback" not in stderr, stderr
 
 
+def test_a_ctrl_c_that_start_up_swallows_still_stops_the_run(tiny_flags, tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt caught by something during start-up (a library's finaliser, a broad except) used to
+    be lost: the run trained on. The CLI remembers the signal and the loop stops at its first step."""
+    import os
+    import signal
+    import time
+
+    from lmforge.cli import main
+    from lmforge.pretrain import trainer
+
+    build = trainer.build_pretrain_model
+
+    def build_then_swallow_a_ctrl_c(*args, **kwargs):
+        model = build(*args, **kwargs)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode boundary
+        except KeyboardInterrupt:
+            pass  # swallowed
+        return model
+
+    monkeypatch.setattr(trainer, "build_pretrain_model", build_then_swallow_a_ctrl_c)
+    assert main(["pretrain", *tiny_flags(train__max_steps=10**5, train__name="swallowed")]) == 130
+    assert "interrupted by SIGINT at step 1: continue with --resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the CLI put Python's handler back
+
+
 def test_a_block_size_whose_activations_cannot_fit_is_refused_before_training(tiny_flags):
     """--data.block_size=100000 on a small GPT drove a 24 GB machine into swap; now it is one line, naming
     the settings and the memory they would take, before the first step."""

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge import interrupts
 from lmforge.hf.runs import latest_checkpoint
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, all_reduce_sum, barrier, gradient_sync_paused
@@ -60,6 +61,7 @@ class Stop:
     def __enter__(self) -> Stop:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.previous[sig] = signal.signal(sig, self.handle)
+        self.signal = interrupts.pending  # a Ctrl-C during start-up that something swallowed: stop at once
         return self
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
