@@ -2,7 +2,7 @@
 imports another recipe, and no package imports another package's private names.
 
     cli -> commands -> recipes (pretrain, finetune, ...) -> train (the engine) -> models -> nn
-    data, hf, eval, generate, io sit beside: any layer above nn may use them; they never import the engine,
+    data, hf, eval, generate, io, interrupts sit beside: any layer above nn may use them; they never import the engine,
     a recipe, the server or the commands.
 
 Every `import` statement is read (function-level ones too), so a lazy import cannot hide a wrong direction.
@@ -27,6 +27,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "eval": {"train", "serve", "generate", *RECIPES, *TOP},
     "generate": {"train", "serve", *RECIPES, *TOP},
     "io": {"nn", "models", "data", "hf", "eval", "generate", "train", "serve", *RECIPES, *TOP},
+    "interrupts": {"nn", "models", "data", "hf", "eval", "generate", "train", "serve", *RECIPES, *TOP},
     "train": {"serve", "generate", *RECIPES, *TOP},
     "serve": {*RECIPES, *TOP},
     "pretrain": {"serve", *(RECIPES - {"pretrain"}), *TOP},
