@@ -161,9 +161,10 @@ def test_a_ctrl_c_that_start_up_swallows_still_stops_the_run(tiny_flags, tmp_pat
         return model
 
     monkeypatch.setattr(trainer, "build_pretrain_model", build_then_swallow_a_ctrl_c)
+    before = signal.getsignal(signal.SIGINT)  # Python's handler, or SIG_IGN under nohup
     assert main(["pretrain", *tiny_flags(train__max_steps=10**5, train__name="swallowed")]) == 130
     assert "interrupted by SIGINT at step 1: continue with --resume" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the CLI put Python's handler back
+    assert signal.getsignal(signal.SIGINT) == before  # the CLI put the caller's handler back
 
 
 def test_a_block_size_whose_activations_cannot_fit_is_refused_before_training(tiny_flags):
