@@ -10,8 +10,8 @@ with no error feedback. The grids:
          4 + 64/g bits per weight. Two grids (`GRIDS`): "minmax" spans the group's [min, max]
          (`lmforge.nn.quant.int4_group_params`); "mse" shrinks that range by the factor that minimises the
          group's squared rounding error (`lmforge.nn.quant.int4_clipped_group_params`). Measured on
-         SmolLM2-135M (benchmarks/bench_quantize.py, g64): GPTQ with "mse" +7.1% perplexity over fp32, with
-         "minmax" +11.7%; round-to-nearest the other way round, +30.8% "minmax" against +32.3% "mse". A smaller
+         SmolLM2-135M (benchmarks/bench_quantize.py --ablation, g64): GPTQ with "mse" +7.2% perplexity over fp32,
+         with "minmax" +9.9%; round-to-nearest the other way round, +30.8% "minmax" against +32.3% "mse". A smaller
          weight error is not a smaller output error without GPTQ's compensation; hence the defaults of
          `lmforge.quantize.quantize_model`.
 
