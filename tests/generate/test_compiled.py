@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lmforge import build_model
-from lmforge.generate import compiled, generate
+from lmforge.generate import compiled, generate, stream
 from lmforge.generate.compiled import COMPILE_MIN_PARAMETERS, bucket_length, resolve_compile
 from lmforge.nn.quant import quantize_int8
 
@@ -55,6 +55,35 @@ def test_fixed_shape_step_fills_the_models_whole_context(uncompiled_step, small_
     eager = generate(model, input_ids, attention_mask, max_new_tokens=new, eos_token_id=[], compile=False)
     fixed = generate(model, input_ids, attention_mask, max_new_tokens=new, eos_token_id=[], compile=True)
     assert torch.equal(fixed.tokens, eager.tokens)
+
+
+def test_a_later_generation_of_the_same_shape_reuses_the_step_buffers_and_matches_eager(uncompiled_step, small_model):
+    """A CUDA graph replays the addresses it was recorded with, so the next generation of the same shape must
+    write into the same tensors; what the earlier one left there (a longer prompt) must not leak into it."""
+    model = small_model("llama", CONTEXT)
+    long_ids, long_mask = left_padded_prompts(n_prompt=20)
+    short_ids, short_mask = left_padded_prompts(n_prompt=9)
+    for ids, mask in ((long_ids, long_mask), (short_ids, short_mask)):  # both fit the 64-slot bucket
+        eager = generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=[], compile=False)
+        fixed = generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=[], compile=True)
+        assert torch.equal(fixed.tokens, eager.tokens)
+    buffers = compiled.checkout_buffers(model, 3, 64, torch.device("cpu"))
+    assert buffers.layers, "the pool handed out a fresh set: the generations did not give theirs back"
+    assert compiled.checkout_buffers(model, 3, 64, torch.device("cpu")) is not buffers  # one holder at a time
+    compiled.release_buffers(model, buffers)
+
+
+def test_overlapping_generations_each_get_their_own_step_buffers(uncompiled_step, small_model):
+    model = small_model("gpt", CONTEXT)
+    first_ids, first_mask = left_padded_prompts(n_prompt=9)
+    second_ids = torch.randint(1, 300, (3, 11), generator=torch.Generator().manual_seed(7))
+    options = {"max_new_tokens": NEW, "eos_token_id": []}
+    open_stream = stream(model, first_ids, first_mask, compile=True, **options)
+    head = [next(open_stream).token_ids for _ in range(3)]  # paused mid-generation, its buffers checked out
+    second = generate(model, second_ids, compile=True, **options)
+    first = torch.stack(head + [chunk.token_ids for chunk in open_stream], dim=1)
+    assert torch.equal(first, generate(model, first_ids, first_mask, compile=False, **options).tokens)
+    assert torch.equal(second.tokens, generate(model, second_ids, compile=False, **options).tokens)
 
 
 def test_compile_false_never_builds_the_compiled_step(monkeypatch, small_model):

@@ -20,13 +20,26 @@ process compiles at most log2(context / 64) + 1 graphs per batch size; inductor'
 disk (`inductor_cache_dir`), and a second process reuses them instead of compiling again.
 
 The prompt (prefill) stays eager: it runs once per request at a length that changes with every prompt.
+
+On a GPU the step runs as a CUDA graph (mode="reduce-overhead"): the kernels of a whole step are launched as
+one. A graph replays fixed memory addresses, and the step writes the cache, the mask and the position in
+place, so inductor captures it only when those tensors are marked static (`torch._dynamo.mark_static_address`);
+otherwise it skips the CUDA graph ("skipping cudagraphs due to mutated inputs") and launches kernel by kernel
+(measured on an H200, SmolLM2-135M shapes, bf16: 89 tok/s instead of the graph's; `benchmarks/bench_gpu.py`).
+A graph recorded for one set of addresses is re-recorded for another, and after
+`torch._inductor.config.triton.cudagraph_unexpected_rerecord_limit` re-records (128) inductor gives up on
+graphs for the step. So the tensors a step writes (`StepBuffers`) are pooled per model and shape and handed
+to the next generation of the same shape (`checkout_buffers`/`release_buffers`): a server answering one
+request after another replays one graph per bucket; calls that overlap each take their own set.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import threading
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -48,20 +61,82 @@ MIN_BUCKET = 64
 COMPILED_MODES = ("auto", True, False)
 
 
+class StepBuffers:
+    """The tensors a compiled step writes in place, for one (batch, max_len): the position of the new token
+    (a (1,) long tensor), the attention mask over the cache slots (B, max_len) and each layer's K/V buffers
+    (B, H_kv, max_len, d_head), made at the first prefill that needs them. On CUDA each is marked a static
+    address, so the step is captured as a CUDA graph (see the module docstring)."""
+
+    def __init__(self, batch: int, max_len: int, device: torch.device) -> None:
+        self.batch, self.max_len, self.device = batch, max_len, torch.device(device)
+        self.position = self._static(torch.zeros(1, dtype=torch.long, device=device))
+        self.mask = self._static(torch.zeros(batch, max_len, dtype=torch.long, device=device))
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _static(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type == "cuda":
+            torch._dynamo.mark_static_address(tensor)
+        return tensor
+
+    def layer(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s K/V buffers for keys shaped like `like` (B, H_kv, T, d_head), zeroed."""
+        batch, heads, _, d_head = like.shape
+        shape = (batch, heads, self.max_len, d_head)
+        held = self.layers.get(layer)
+        if held is None or held[0].shape != shape or held[0].dtype != like.dtype or held[0].device != like.device:
+            held = tuple(self._static(like.new_zeros(shape)) for _ in range(2))
+            self.layers[layer] = held
+        else:
+            for buffer in held:
+                buffer.zero_()
+        return held
+
+
+POOL_SETS_PER_SHAPE = 4
+"""Free `StepBuffers` kept per model and (batch, max_len): as many graphs per bucket as overlapping calls
+commonly need, without holding the memory of a burst of them for ever."""
+
+_pool: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[StepBuffers]]] = weakref.WeakKeyDictionary()
+_pool_lock = threading.Lock()
+
+
+def checkout_buffers(model: nn.Module, batch: int, max_len: int, device: torch.device) -> StepBuffers:
+    """A free `StepBuffers` of this model and shape (the one the last generation left, whose addresses a CUDA
+    graph was recorded with), or a new one; it is this caller's until `release_buffers`."""
+    key = (batch, max_len, torch.device(device))
+    with _pool_lock:
+        free = _pool.get(model, {}).get(key)
+        if free:
+            return free.pop()
+    return StepBuffers(batch, max_len, device)
+
+
+def release_buffers(model: nn.Module, buffers: StepBuffers) -> None:
+    """Give `buffers` back for the next generation of the same shape (up to `POOL_SETS_PER_SHAPE` kept)."""
+    key = (buffers.batch, buffers.max_len, buffers.device)
+    with _pool_lock:
+        free = _pool.setdefault(model, {}).setdefault(key, [])
+        if len(free) < POOL_SETS_PER_SHAPE and all(held is not buffers for held in free):
+            free.append(buffers)
+
+
 class FixedKVCache:
     """Keys and values in buffers of fixed shape (B, H_kv, max_len, d_head) per layer, for a compiled step.
 
     Before `prefilled` is set, `append` stores the prompt's keys/values in slots [0, T) (zeros after) and
     hands back the prompt's own, as eager prefill needs. After it, `seq_len` is max_len - 1 whatever has been
     written, and `append` writes one token at slot `position` (a (1,) long tensor) and hands back the whole
-    buffers: shapes never change, and the caller's attention mask says which slots are real.
+    buffers: shapes never change, and the caller's attention mask says which slots are real. The tensors
+    live in `buffers` (a `StepBuffers`, new unless one is passed).
     """
 
-    def __init__(self, max_len: int, device: torch.device) -> None:
+    def __init__(self, max_len: int, device: torch.device, buffers: StepBuffers | None = None) -> None:
         self.max_len = max_len
-        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.step_buffers = buffers if buffers is not None else StepBuffers(1, max_len, device)
+        self.buffers = self.step_buffers.layers
         self.cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.position = self.step_buffers.position
+        self.position.zero_()
         self.prefilled = False
 
     def __len__(self) -> int:
@@ -72,12 +147,11 @@ class FixedKVCache:
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.prefilled:
-            batch, heads, n_prompt, d_head = k.shape
+            n_prompt = k.shape[2]
             if n_prompt > self.max_len:
                 raise ValueError(f"the KV cache holds {self.max_len} positions, the prompt has {n_prompt}")
-            buffers = tuple(k.new_zeros(batch, heads, self.max_len, d_head) for _ in range(2))
-            buffers[0][:, :, :n_prompt], buffers[1][:, :, :n_prompt] = k, v
-            self.buffers[layer] = buffers
+            buffer_k, buffer_v = self.step_buffers.layer(layer, k)
+            buffer_k[:, :, :n_prompt], buffer_v[:, :, :n_prompt] = k, v
             return k, v
         buffer_k, buffer_v = self.buffers[layer]
         buffer_k.index_copy_(2, self.position, k)
@@ -181,10 +255,18 @@ class CompiledDecoder:
         B, T = input_ids.shape
         self.model, self.input_ids, self.fall_back = model, input_ids, fall_back
         self.run = None
-        self.cache = FixedKVCache(max_len, input_ids.device)
-        self.mask = torch.zeros(B, max_len, dtype=torch.long, device=input_ids.device)
+        self.buffers: StepBuffers | None = checkout_buffers(model, B, max_len, input_ids.device)
+        self.cache = FixedKVCache(max_len, input_ids.device, self.buffers)
+        self.mask = self.buffers.mask
+        self.mask.zero_()
         self.mask[:, :T] = 1 if attention_mask is None else attention_mask
         self.prompt_mask = attention_mask
+
+    def close(self) -> None:
+        """Hand the step's buffers back to the pool (once; the decoder is not used after)."""
+        if self.buffers is not None:
+            release_buffers(self.model, self.buffers)
+            self.buffers = None
 
     def prefill(self) -> torch.Tensor:
         out = self.model(

@@ -197,6 +197,10 @@ class _Runner:
             out = self.model(ids, attention_mask=mask, past_key_values=self.cache, use_cache=True, **extra)
         return out.logits[:, -1].float()
 
+    def close(self) -> None:
+        if self.compiled is not None:
+            self.compiled.close()
+
     def reorder(self, index: torch.Tensor) -> None:
         self.cache.reorder(index)
         if self.mask is not None:
@@ -327,38 +331,40 @@ def stream(
     reasons: list[str | None] = [None] * B
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     runner = _Runner(model, input_ids, attention_mask, max_new_tokens, compile)
-
-    logits = runner.start()  # (B, V)
-    V = logits.shape[-1]
-    seen = counts = None
-    if params.uses_token_history:
-        prompt = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, V)
-        seen = torch.zeros(B, V + 1, dtype=torch.bool, device=device).scatter_(1, prompt, True)[:, :V]
-        counts = torch.zeros(B, V, device=device)
-    for step in range(max_new_tokens):
-        logits = process_logits(logits, params, seen, counts)
-        tokens = choose_next_token(logits, params, generator).masked_fill(finished, pad)  # (B,)
+    try:  # the compiled step's buffers go back to their pool however the caller stops
+        logits = runner.start()  # (B, V)
+        V = logits.shape[-1]
+        seen = counts = None
         if params.uses_token_history:
-            running = (~finished).float()[:, None]
-            seen = seen | F.one_hot(tokens, V).bool() & running.bool()
-            counts += F.one_hot(tokens, V).float() * running
-        at_eos = (torch.isin(tokens, eos) & ~finished).tolist()
-        deltas = None
-        if texts is not None:
-            ids = tokens.tolist()
-            deltas = ["" if reasons[i] or at_eos[i] else texts[i].push(ids[i]) for i in range(B)]
-        for i in range(B):
-            if reasons[i] is None and (at_eos[i] or (texts is not None and texts[i].stopped)):
-                reasons[i] = "stop"
-        if step == max_new_tokens - 1:
-            reasons = [reason or "length" for reason in reasons]
-        if texts is not None:  # a row that just ended releases the text it held back
-            deltas = [d + texts[i].flush() if reasons[i] else d for i, d in enumerate(deltas)]
-        finished = torch.tensor([r is not None for r in reasons], device=device)
-        yield StreamChunk(tokens, deltas, list(reasons))
-        if bool(finished.all()):
-            return
-        logits = runner.step(tokens)
+            prompt = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, V)
+            seen = torch.zeros(B, V + 1, dtype=torch.bool, device=device).scatter_(1, prompt, True)[:, :V]
+            counts = torch.zeros(B, V, device=device)
+        for step in range(max_new_tokens):
+            logits = process_logits(logits, params, seen, counts)
+            tokens = choose_next_token(logits, params, generator).masked_fill(finished, pad)  # (B,)
+            if params.uses_token_history:
+                running = (~finished).float()[:, None]
+                seen = seen | F.one_hot(tokens, V).bool() & running.bool()
+                counts += F.one_hot(tokens, V).float() * running
+            at_eos = (torch.isin(tokens, eos) & ~finished).tolist()
+            deltas = None
+            if texts is not None:
+                ids = tokens.tolist()
+                deltas = ["" if reasons[i] or at_eos[i] else texts[i].push(ids[i]) for i in range(B)]
+            for i in range(B):
+                if reasons[i] is None and (at_eos[i] or (texts is not None and texts[i].stopped)):
+                    reasons[i] = "stop"
+            if step == max_new_tokens - 1:
+                reasons = [reason or "length" for reason in reasons]
+            if texts is not None:  # a row that just ended releases the text it held back
+                deltas = [d + texts[i].flush() if reasons[i] else d for i, d in enumerate(deltas)]
+            finished = torch.tensor([r is not None for r in reasons], device=device)
+            yield StreamChunk(tokens, deltas, list(reasons))
+            if bool(finished.all()):
+                return
+            logits = runner.step(tokens)
+    finally:
+        runner.close()
 
 
 def generate(
