@@ -62,15 +62,26 @@ def windows(tokens: np.ndarray, batch: int, block: int, rng: np.random.Generator
     return torch.from_numpy(tokens[starts[:, None] + np.arange(block)])
 
 
-def peer_loop(model, train, shape, dtype, steps=None, seconds=None, lr=1e-3, min_lr=1e-4, warmup=100, total=2000):
-    """nanoGPT-style loop: AdamW, warmup + cosine, clip 1.0; returns (tokens/s after the first step, steps)."""
+def peer_loop(
+    model, train, shape, dtype, steps=None, seconds=None, lr=1e-3, min_lr=1e-4, warmup=100, total=2000, device="cpu"
+):
+    """nanoGPT-style loop: AdamW, warmup + cosine, clip 1.0; returns (tokens/s after the first step, steps).
+    On a GPU the clock reads after a synchronise, so queued kernels count."""
+    device = torch.device(device)
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.1)
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     rng = np.random.default_rng(0)
     model.train()
     start, step = None, 0
     while True:
         if step == 1:
-            start = time.perf_counter()
+            start = now()
         if steps is not None and step >= steps:
             break
         if seconds is not None and start is not None and time.perf_counter() - start > seconds:
@@ -82,15 +93,15 @@ def peer_loop(model, train, shape, dtype, steps=None, seconds=None, lr=1e-3, min
             rate = min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
         for group in optimizer.param_groups:
             group["lr"] = rate
-        x = windows(train, shape["batch"], shape["block"], rng)
-        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bfloat16"):
+        x = windows(train, shape["batch"], shape["block"], rng).to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bfloat16"):
             loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-    elapsed = time.perf_counter() - start
+    elapsed = now() - start
     return shape["batch"] * shape["block"] * (step - 1) / elapsed, step
 
 
@@ -114,7 +125,9 @@ def full_split_loss(logits_of, tokens: np.ndarray, block: int) -> float:
     return total / count
 
 
-def lmforge_flags(shape: dict, out: Path, dtype: str, steps: int, name: str, extra: dict | None = None) -> list[str]:
+def lmforge_flags(
+    shape: dict, out: Path, dtype: str, steps: int, name: str, extra: dict | None = None, device: str = "cpu"
+) -> list[str]:
     values = {
         "model.name": "gpt",
         "model.overrides": json.dumps({k: shape[k] for k in ("n_layer", "n_head", "d_model")}),
@@ -133,7 +146,7 @@ def lmforge_flags(shape: dict, out: Path, dtype: str, steps: int, name: str, ext
         "train.progress": False,
         "train.tensorboard": False,
         "train.sample_tokens": 0,
-        "train.device": "cpu",
+        "train.device": device,
         **(extra or {}),
     }
     return [f"--{k}={v}" for k, v in values.items()]
