@@ -156,6 +156,7 @@ def minilm(out: Path, timeout: float, trials: int) -> dict:
         timeout=timeout,
         sampler="tpe",
         pruner="median",
+        prune_warmup=160,  # one epoch at batch 16: no trial is judged on its warm-up
         study="minilm",
         seed=0,
         final_test=True,

@@ -22,5 +22,7 @@ def test_the_readme_tune_line_splits_into_settings_and_recipe_flags():
         "runs/tune",
     )
     assert settings.sampler == "tpe" and settings.pruner == "median" and not settings.resume
+    assert settings.prune_warmup == 0
+    assert settings_from([*shlex.split(line.split("  #", 1)[0])[2:], "--prune-warmup", "160"]).prune_warmup == 160
     config = parse_args(settings.base_args, FINETUNE)
     assert (config.task.task, config.data.dataset) == ("classification", "pang-lee-sentences")

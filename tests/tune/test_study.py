@@ -136,6 +136,17 @@ def test_pruning_stops_a_trial_at_the_step_it_reached(tmp_path, pretrain_flags, 
     assert "pruned at step 2" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
 
 
+def test_prune_warmup_holds_the_pruner_back_until_that_step(tmp_path, pretrain_flags, monkeypatch):
+    monkeypatch.setitem(study_module.PRUNERS, "median", AlwaysPrune)
+    settings = lr_study(tmp_path, pretrain_flags, trials=1, pruner="median", prune_warmup=5)
+    assert tune(settings)["states"] == {"PRUNED": 1}
+    (trial,) = load(tmp_path / "out").trials
+    assert sorted(trial.intermediate_values) == [2, 4, 6]  # every evaluation is still recorded
+    assert trial.user_attrs["pruned_at_step"] == 6  # the first at or after step 5
+    with pytest.raises(ValueError, match="--prune-warmup -1 must be >= 0"):
+        tune(lr_study(tmp_path, pretrain_flags, trials=1, prune_warmup=-1))
+
+
 def test_a_kfold_trial_reports_the_running_mean_after_each_fold(tmp_path, finetune_flags):
     config = parse_args([*finetune_flags, "--kfold=2", f"--train.out={tmp_path}", "--train.name=cv"], FINETUNE)
     calls = []

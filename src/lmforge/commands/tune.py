@@ -58,6 +58,12 @@ def tune_parser() -> TuneParser:
     parser.add_argument("--timeout", type=float, default=None, help="stop starting trials after SECONDS")
     parser.add_argument("--sampler", default="tpe", help="tpe | gp | random | grid | cmaes (default tpe)")
     parser.add_argument("--pruner", default="median", help="none | median | hyperband (default median)")
+    parser.add_argument(
+        "--prune-warmup",
+        type=int,
+        default=0,
+        help="no trial is pruned at an evaluation before this step (K-fold: folds done; default 0)",
+    )
     parser.add_argument("--study", default="lmforge", help="study name in the storage")
     parser.add_argument("--storage", default=None, help="SQLAlchemy URL or journal file (default OUT/study.db)")
     parser.add_argument("--out", default="runs/tune", help="folder for trials/, best.yaml, report.md, plots")
@@ -82,6 +88,7 @@ def settings_from(argv: list[str]):
         timeout=known.timeout,
         sampler=known.sampler,
         pruner=known.pruner,
+        prune_warmup=known.prune_warmup,
         direction=known.direction,
         study=known.study,
         storage=known.storage,

@@ -7,6 +7,9 @@ the held-out folds); a fine-tuning trial never encodes or scores the test split 
 selection sees it. At every evaluation the recipe's `on_eval` hook reports the metric to Optuna
 (`trial.report`) and raises `optuna.TrialPruned` when the pruner rejects the trial. A K-fold trial reports after
 each fold (step k = folds done, value = the mean over them), so a poor configuration stops between folds.
+`prune_warmup` holds the pruner back until a trial reports at that step or later: every report is recorded,
+but the first evaluations of a run (a learning rate still warming up, a schedule four times longer than
+another trial's) say little about where it ends.
 """
 
 from __future__ import annotations
@@ -123,8 +126,17 @@ class TrialObjective:
     """Optuna's objective: sample, run the recipe, return the validation metric. A run that raises is recorded
     with its error (`user_attrs["error"]`) and re-raised, so Optuna marks the trial FAIL and the study goes on."""
 
-    def __init__(self, recipe: Recipe, base_args: list[str], params: dict[str, Param], metric: str, out: Path):
+    def __init__(
+        self,
+        recipe: Recipe,
+        base_args: list[str],
+        params: dict[str, Param],
+        metric: str,
+        out: Path,
+        prune_warmup: int = 0,
+    ) -> None:
         self.recipe, self.base_args, self.params, self.metric, self.out = recipe, base_args, params, metric, out
+        self.prune_warmup = prune_warmup
 
     def __call__(self, trial: optuna.Trial) -> float:
         values = suggest(trial, self.params)
@@ -137,7 +149,7 @@ class TrialObjective:
             if value is None or not math.isfinite(value):
                 return
             trial.report(value, step)
-            if trial.should_prune():
+            if step >= self.prune_warmup and trial.should_prune():
                 trial.set_user_attr("pruned_at_step", step)
                 raise optuna.TrialPruned(f"pruned at step {step} ({self.metric} {value:.4g})")
 

@@ -60,7 +60,10 @@ SAMPLERS = {
 }
 PRUNERS = {
     "none": optuna.pruners.NopPruner,
-    "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+    # Optuna's own default of 5 complete trials before any pruning: with 2, the median of two early runs
+    # pruned 28 of 30 MiniLM trials at their first evaluation (benchmarks/bench_tune.py, 8 parameters), and
+    # TPE learnt from two points. n_min_trials: a step's median needs 3 trials that reported at that step.
+    "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0, n_min_trials=3),
     "hyperband": optuna.pruners.HyperbandPruner,
 }
 
@@ -152,6 +155,7 @@ class TuneSettings:
     timeout: float | None = None
     sampler: str = "tpe"
     pruner: str = "median"
+    prune_warmup: int = 0
     direction: str = "maximize"
     study: str = "lmforge"
     storage: str | None = None
@@ -174,6 +178,8 @@ def check_settings(s: TuneSettings) -> None:
         raise ValueError(f"--trials {s.trials} must be >= 1")
     if s.timeout is not None and s.timeout <= 0:
         raise ValueError(f"--timeout {s.timeout} must be > 0 seconds")
+    if s.prune_warmup < 0:
+        raise ValueError(f"--prune-warmup {s.prune_warmup} must be >= 0 (the step from which trials may be pruned)")
     if s.final_test and s.recipe != "finetune":
         raise ValueError("--final-test scores a fine-tuning test split; pretraining has none")
 
@@ -216,7 +222,7 @@ def tune(settings: TuneSettings) -> dict:
     budget = optuna.study.MaxTrialsCallback(
         settings.trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
     )
-    objective = TrialObjective(recipe, settings.base_args, params, settings.metric, out)
+    objective = TrialObjective(recipe, settings.base_args, params, settings.metric, out, settings.prune_warmup)
     started = time.monotonic()
     if len(study.trials) < settings.trials:
         try:
