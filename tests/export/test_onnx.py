@@ -128,6 +128,15 @@ def test_generate_command_runs_the_export(exported, capsys):
     assert text == bytes(i for i in expected if i < 256).decode("utf-8", errors="replace")  # the byte tokenizer
 
 
+def test_attention_is_one_onnx_attention_node_per_layer(exported):
+    """Opset 23's Attention operator, which onnxruntime runs as one kernel (not MatMul, Softmax, MatMul)."""
+    _, out, eager = exported
+    graph = onnx.load(str(out / "model.onnx"))
+    ops = [node.op_type for node in graph.graph.node]
+    assert ops.count("Attention") == eager.config.n_layer and "Softmax" not in ops
+    assert {o.domain: o.version for o in graph.opset_import}[""] == 23
+
+
 def test_int8_graph_quantises_the_weights_and_stays_close(exported, tmp_path):
     _, out, eager = exported
     quantized = tmp_path / "q"

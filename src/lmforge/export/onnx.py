@@ -54,7 +54,13 @@ from lmforge.hf.resolve import ONNX_MANIFEST
 from lmforge.io import atomic_folder, write_json_atomic
 from lmforge.nn.attention import Attention, KVCache, reference_attention
 
-OPSET = 18
+OPSET = 23
+"""ONNX opset 23 has an `Attention` operator: the exporter translates `F.scaled_dot_product_attention` to it,
+and onnxruntime (>= 1.23) runs it as one kernel, where opset 18 spells attention out as MatMul, Mul, Add,
+Softmax and MatMul nodes. On the MiniLM classifier of `benchmarks/bench_export.py` that is what lets
+onnxruntime's graph optimiser fuse the rest of the block (SkipLayerNormalization with its bias, BiasGelu)."""
+WRITTEN_OUT_FAMILIES = ("t5",)
+"""Families whose attention is traced as the formula written out (`written_out_attention`), not as SDPA."""
 QUANTIZATIONS = ("int8",)
 EXAMPLE_SIZES = {"batch": 2, "sequence": 3, "source_sequence": 4, "past_sequence": 5}
 TOKENIZER_FILES = (
@@ -315,15 +321,20 @@ def graph_set_for(family: str, head: str) -> GraphSet:
 
 @contextlib.contextmanager
 def written_out_attention(model: nn.Module) -> Iterator[None]:
-    """Trace attention as the formula written out (`reference_attention`: softmax(Q K^T s + M) V) rather than
-    through `F.scaled_dot_product_attention`, and restore it after.
+    """For the families in `WRITTEN_OUT_FAMILIES`, trace attention as the formula written out
+    (`reference_attention`: softmax(Q K^T s + M) V) rather than through `F.scaled_dot_product_attention`, and
+    restore it after; other families are left as they are.
 
-    Why: the exporter decomposes SDPA into the math of the formula after tracing it with the fused CPU kernel,
-    whose output is laid out (B, T, H, d) in memory; the decomposed op returns (B, H, T, d), so the reshape the
-    trace recorded as a view of the transposed output fails ("Cannot view a tensor with shape ... and strides",
-    pytorch/pytorch#136543, #141107; T5's attention hits it). onnxscript translates SDPA to the same MatMul,
-    Softmax, MatMul ops the formula gives, so the graph loses nothing, and the eager model is left as it is.
+    Why: T5's attention (scale 1, its position bias as the additive mask) does not export through SDPA: the
+    exporter decomposes the traced op, whose fused CPU kernel lays its output out (B, T, H, d) in memory while
+    the decomposed op returns (B, H, T, d), so the reshape the trace recorded as a view of the transposed
+    output fails ("Failed to decompose the FX graph"; pytorch/pytorch#136543, #141107). Written out, it
+    exports as MatMul, Softmax, MatMul: the same arithmetic, without the fused `Attention` node that every
+    other family gets (`OPSET`). The eager model is left as it is.
     """
+    if model.config.family not in WRITTEN_OUT_FAMILIES:
+        yield
+        return
     modules = [m for m in model.modules() if isinstance(m, Attention)]
     saved = [m.attend for m in modules]
     try:
@@ -379,10 +390,17 @@ def export_graph(graph: Graph, path: Path) -> float:
 
 
 def quantize_graph(source: Path, target: Path) -> None:
-    """onnxruntime's dynamic int8 quantisation: weights to int8 once, activations per batch at run time."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """onnxruntime's dynamic int8 quantisation: weights to int8 once, activations per batch at run time.
 
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    Every op type its registry quantises but "Attention": the quantiser takes ONNX's own Attention (opset 23,
+    no weights) for onnxruntime's com.microsoft Attention (which holds the QKV projection) and rewrites it into
+    a QAttention that fails to load ("Unrecognized attribute: is_causal"). Attention's inputs are activations,
+    so leaving it in float loses no int8 weight."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+    ops = [op for op in IntegerOpsRegistry if op != "Attention"]
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=ops)
 
 
 def manifest(model: nn.Module, graph_set: GraphSet, graphs: list[Graph], errors: dict[str, float], quantize) -> dict:
