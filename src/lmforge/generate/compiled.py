@@ -25,7 +25,7 @@ On a GPU the step runs as a CUDA graph (mode="reduce-overhead"): the kernels of 
 one. A graph replays fixed memory addresses, and the step writes the cache, the mask and the position in
 place, so inductor captures it only when those tensors are marked static (`torch._dynamo.mark_static_address`);
 otherwise it skips the CUDA graph ("skipping cudagraphs due to mutated inputs") and launches kernel by kernel
-(measured on an H200, SmolLM2-135M shapes, bf16: 89 tok/s instead of the graph's; `benchmarks/bench_gpu.py`).
+(measured on an H200, SmolLM2-135M shapes, bf16: 89 tok/s instead of the graph's 513; `benchmarks/bench_gpu.py`).
 A graph recorded for one set of addresses is re-recorded for another, and after
 `torch._inductor.config.triton.cudagraph_unexpected_rerecord_limit` re-records (128) inductor gives up on
 graphs for the step. So the tensors a step writes (`StepBuffers`) are pooled per model and shape and handed
