@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from bench_decode import decode_speed, timed
 from lmforge.generate import generate
 from lmforge.generate.batching import BatchedDecoder
 from lmforge.models import build_model, flops_per_token
@@ -48,19 +49,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn) -> float:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
-
-
 def decode_rate(run, n_new: int, repeats: int) -> dict:
-    """Median time to first token (a 1-token run) and decoding tokens/s = (N - 1) / (t(N) - t(1))."""
-    first = statistics.median(timed(lambda: run(1)) for _ in range(repeats))
-    full = statistics.median(timed(lambda: run(n_new)) for _ in range(repeats))
-    return {"ttft_ms": round(first * 1000, 2), "tok_per_s": round((n_new - 1) / (full - first), 1)}
+    """bench_decode's figures: median time to first token and decoding tokens/s = (N - 1) / (t(N) - t(1))."""
+    first, rate = decode_speed(run, n_new, repeats)
+    return {"ttft_ms": round(first * 1000, 2), "tok_per_s": round(rate, 1)}
 
 
 def seeded_model(args, device: str, dtype: torch.dtype):
