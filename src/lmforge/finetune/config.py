@@ -22,7 +22,7 @@ from pathlib import Path
 from lmforge.finetune.augment import AUGMENTERS
 from lmforge.finetune.baselines import baseline_names
 from lmforge.finetune.tasks import TASKS
-from lmforge.train.config import Schema, TrainSection, opt
+from lmforge.train.config import PrivacySection, Schema, TrainSection, opt
 from lmforge.train.optim import OptimConfig
 
 METHODS = ("full", "lora")
@@ -140,26 +140,6 @@ class TaskSection:
         for name in ("freeze_layers", "eval_examples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"task.{name}={getattr(self, name)} must be >= 0")
-
-
-@dataclass
-class PrivacySection:
-    """DP-SGD through Opacus (`lmforge.train.privacy`): off unless privacy.epsilon is set."""
-
-    epsilon: float | None = opt(None, "DP-SGD privacy budget ε (e.g. 8; smaller is more private); unset: no DP")
-    delta: float = opt(1e-5, "DP-SGD δ, below 1/N for N training examples")
-    max_grad_norm: float = opt(1.0, "DP-SGD per-example gradient clipping norm C")
-    accountant: str = opt("prv", "privacy accountant: prv (Gopi et al., 2021) | rdp (Mironov, 2017)")
-
-    def __post_init__(self) -> None:
-        if self.epsilon is not None and self.epsilon <= 0:
-            raise ValueError(f"privacy.epsilon={self.epsilon} must be > 0 (e.g. 8; smaller is more private)")
-        if self.max_grad_norm <= 0:
-            raise ValueError(f"privacy.max_grad_norm={self.max_grad_norm} must be > 0 (e.g. 1.0)")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"privacy.delta={self.delta} must be in (0, 1/N) for N training examples, e.g. 1e-5")
-        if self.accountant not in ("prv", "rdp"):
-            raise ValueError(f"privacy.accountant={self.accountant!r} is not one of prv, rdp")
 
 
 @dataclass

@@ -190,48 +190,22 @@ def build_finetune_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.
 
 
 def make_private(config: FinetuneConfig, info: DistInfo, model: nn.Module, optimizer, features, pad_id):
-    """The run made private by Opacus (`lmforge.train.privacy.PrivateTraining`): Poisson-sampled batches of
-    train.batch_size expected examples, per-example clipping at privacy.max_grad_norm replacing optim.grad_clip,
-    noise calibrated to spend privacy.epsilon over the run's steps. Returns it and the config it runs with."""
+    """The run made private by Opacus (`lmforge.train.privacy.make_private`) over the training features, one
+    example each. Returns it and the config it runs with."""
     from functools import partial
 
     from lmforge.finetune.batches import collate
-    from lmforge.train.privacy import PrivacySettings, PrivateTraining
+    from lmforge.train import privacy
 
-    tc, p = config.train, config.privacy
     refused = {
-        "train.grad_accum > 1 (Poisson batches are drawn whole; raise train.batch_size)": tc.grad_accum > 1,
-        "train.compile (Opacus's per-example hooks)": tc.compile,
-        "train.dtype=float16 (the GradScaler does not see per-example gradients)": tc.dtype == "float16",
-        "optim.l1 > 0 (Opacus rebuilds the gradients from clipped per-example ones)": config.optim.l1 > 0,
         "data.augment (each record's K variants would be K examples of one person: the guarantee would not hold)": bool(
             config.data.augment
-        ),
-        f"train.parallel={tc.parallel} (Opacus's DPDDP keeps whole replicas)": parallel_mode(tc.parallel).sharded,
+        )
     }
-    for what, present in refused.items():
-        if present:
-            raise ValueError(f"privacy.epsilon is set, which does not go with {what}")
-    settings = PrivacySettings(p.epsilon, p.delta, p.max_grad_norm, p.accountant)
-    private = PrivateTraining(
-        model,
-        optimizer,
-        features,
-        partial(collate, pad_id=pad_id),
-        tc.batch_size * info.world_size,  # the expected global batch, as without privacy
-        tc.max_steps,
-        settings,
-        tc.seed,
-        rank=info.rank,
-        world_size=info.world_size,
+    private, config, message = privacy.make_private(
+        config, info, model, optimizer, features, partial(collate, pad_id=pad_id), refused
     )
-    say(
-        info,
-        f"DP-SGD (Opacus): ε={p.epsilon:g}, δ={p.delta:g}, C={p.max_grad_norm:g}, noise multiplier "
-        f"{private.noise_multiplier:.3f}, sampling rate {private.sample_rate:.4f}; per-example clipping replaces "
-        "optim.grad_clip",
-    )
-    config = dataclasses.replace(config, optim=dataclasses.replace(config.optim, grad_clip=0.0))
+    say(info, message)
     return private, config
 
 

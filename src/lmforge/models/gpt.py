@@ -121,8 +121,8 @@ class GPT(nn.Module):
         B, T = input_ids.shape
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         past = cache.seq_len() if cache is not None else 0
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, past, T, input_ids.device)
+        if position_ids is None:  # one row per example, not broadcast: DP-SGD needs per-example gradients
+            position_ids = default_position_ids(attention_mask, past, T, input_ids.device).expand(B, -1)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(position_ids))  # (B, T, d_model)
         mask, is_causal = build_attention_bias(attention_mask, T, past + T, causal=True, dtype=x.dtype)
         for block in self.blocks:

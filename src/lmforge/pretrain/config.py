@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.train import config
-from lmforge.train.config import Schema, TrainSection, opt
+from lmforge.train.config import PrivacySection, Schema, TrainSection, opt
 from lmforge.train.optim import OptimConfig
 
 
@@ -56,6 +56,7 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, min_lr=2e-4, warmup_steps=50))
     train: TrainSection = field(default_factory=TrainSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)  # causal LM only: examples are fixed windows
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -71,7 +72,13 @@ class RunConfig:
 
 PRETRAIN = Schema(
     RunConfig,
-    {"model": ModelSection, "data": DataSection, "optim": OptimConfig, "train": TrainSection},
+    {
+        "model": ModelSection,
+        "data": DataSection,
+        "optim": OptimConfig,
+        "train": TrainSection,
+        "privacy": PrivacySection,
+    },
     {
         "model": "model.name",
         "data": "data.dataset",

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from lmforge.data.pipeline.loaders import TokenStream
 from lmforge.data.tokenizers.tokenizer import Tokenizer, gpt2_tokenizer, load_tokenizer
@@ -68,6 +69,30 @@ class TrainData:
         global_batch = self.config.train.batch_size * self.world_size
         loader = self.objective.loader(self, self.val, global_batch, seed=12345)
         return [next(loader) for _ in range(n_batches)]
+
+
+class Windows:
+    """The training stream cut into consecutive, non-overlapping windows of `block` tokens (the tail shorter
+    than one dropped): the fixed examples of a private causal-LM run. DP-SGD's guarantee is per example, so
+    here per window: a text spread over several windows is protected per window, not as a whole."""
+
+    def __init__(self, stream: TokenStream, block: int) -> None:
+        self.stream, self.block = stream, block
+
+    def __len__(self) -> int:
+        return len(self.stream) // self.block
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        ids = torch.from_numpy(self.stream.read(i * self.block, self.block))
+        return {"input_ids": ids, "labels": ids}
+
+
+def stack_windows(windows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Equal-length windows as one (B, T) batch, the shape `RandomWindows` gives."""
+    ids = torch.stack([w["input_ids"] for w in windows])
+    return {"input_ids": ids, "labels": ids}
 
 
 def split_validation(text: str, fraction: float) -> tuple[str, str]:

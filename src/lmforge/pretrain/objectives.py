@@ -14,6 +14,7 @@ targets shifted right (teacher forcing, `lmforge.train.objective.summed_token_lo
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,7 +33,7 @@ from lmforge.data.pipeline.loaders import (
 from lmforge.io import write_text_atomic
 from lmforge.nn.loss import IGNORE_INDEX
 from lmforge.pretrain.config import RunConfig
-from lmforge.pretrain.data import TrainData, prepare_pairs, prepare_text
+from lmforge.pretrain.data import TrainData, Windows, prepare_pairs, prepare_text, stack_windows
 from lmforge.train.batches import Endless
 from lmforge.train.distributed import DistInfo
 from lmforge.train.objective import Objective, summed_token_loss
@@ -61,6 +62,13 @@ class PretrainObjective(Objective):
     def loader(self, data: TrainData, stream: Any, batch_size: int, seed: int):
         """An infinite, resumable iterator of training (or validation) batches of `batch_size` rows."""
         raise NotImplementedError
+
+    def private_examples(self, data: TrainData) -> tuple[Sequence[Any], Callable]:
+        """The fixed examples DP-SGD samples, clips and accounts for (privacy.epsilon), and their collate."""
+        raise ValueError(
+            f"privacy.epsilon: DP-SGD pretraining takes a causal LM (gpt, llama), whose examples are fixed "
+            f"windows of the text; the {self.name} objective has none: drop privacy.epsilon, or fine-tune privately"
+        )
 
     # ---- model
     def model_values(self, config: RunConfig, tokenizer) -> dict[str, Any]:
@@ -98,6 +106,18 @@ class CausalLM(PretrainObjective):
 
     def loader(self, data: TrainData, stream: Any, batch_size: int, seed: int):
         return RandomWindows(stream, batch_size, data.config.data.block_size, seed=seed)
+
+    def private_examples(self, data: TrainData) -> tuple[Sequence[Any], Callable]:
+        """Consecutive block_size windows of the training stream: every window holds the same number of targets,
+        so the loop's token mean is the mean of the windows' own losses, which Opacus's per-example gradients
+        expect."""
+        windows = Windows(data.train, data.config.data.block_size)
+        if len(windows) < 2:
+            raise ValueError(
+                f"privacy.epsilon: the training text holds {len(windows)} window(s) of data.block_size="
+                f"{data.config.data.block_size} tokens; DP-SGD needs many examples: use more text or a smaller block"
+            )
+        return windows, stack_windows
 
     def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # position t predicts labels[t + 1]

@@ -132,13 +132,23 @@ def _pretrain(config: RunConfig, info: DistInfo, on_eval: Callable[[int, dict[st
     scaler = torch.amp.GradScaler("cuda") if tc.dtype == "float16" else None
 
     train_batches = data.train_loader(tc.batch_size * info.dp_size)
+    private = None
+    if config.privacy.epsilon is not None:  # DP-SGD: Poisson batches of fixed windows, clipped and noised
+        from lmforge.train.batches import Endless
+        from lmforge.train.privacy import make_private
+
+        examples, collate = objective.private_examples(data)
+        private, config, message = make_private(config, info, raw_model, optimizer, examples, collate)
+        optimizer, train_batches, tc = private.optimizer, Endless(private.loader), config.train
+        say(info, message)
     state = resume_state(latest, raw_model, optimizer, scheduler, train_batches, scaler, info)
 
-    model = mode.wrap(raw_model, info)
+    model = mode.wrap(raw_model, info) if private is None else private.training_model
     if tc.compile:
         model = torch.compile(model)
 
-    tokens_per_step = objective.tokens_per_step(config, info.dp_size)
+    # a Poisson batch's size varies: its tokens are counted per step
+    tokens_per_step = objective.tokens_per_step(config, info.dp_size) if private is None else None
     peak = None
     if tc.progress and info.is_main:
         from lmforge.train.logging import measure_peak_flops
@@ -146,6 +156,8 @@ def _pretrain(config: RunConfig, info: DistInfo, on_eval: Callable[[int, dict[st
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # keep the run's RNG
             peak = measure_peak_flops(torch.bfloat16 if tc.dtype == "bfloat16" else torch.float32, device=device)
     per_step = f"{tokens_per_step:,}" if tokens_per_step else "padded"
+    if private is not None:
+        per_step = f"~{tc.batch_size * info.dp_size * config.data.block_size:,} (Poisson-sampled windows)"
     say(
         info,
         f"pretraining {config.model.name} ({count_parameters(raw_model) / 1e6:.2f}M parameters, {objective.name}) on "
@@ -170,6 +182,7 @@ def _pretrain(config: RunConfig, info: DistInfo, on_eval: Callable[[int, dict[st
         flops_per_token=flops_per_token(raw_model, config.data.block_size),
         peak_flops=peak,
         on_eval=on_eval,
+        hook=private,
         sharded=mode.sharded,
     )
     step, stopped_by, last_eval, skipped = result.step, result.stopped_by, result.last_eval, result.skipped
@@ -194,6 +207,13 @@ def _pretrain(config: RunConfig, info: DistInfo, on_eval: Callable[[int, dict[st
         "state_bytes_per_rank": state_bytes(raw_model, optimizer),
         "device": str(device),
     }
+    if private is not None:
+        summary["privacy"] = private.summary()
+        say(
+            info,
+            f"DP-SGD: ε={summary['privacy']['epsilon_spent']:.3f} spent of {config.privacy.epsilon:g} "
+            f"(δ={config.privacy.delta:g}) over {len(examples):,} windows of {config.data.block_size} tokens",
+        )
     if info.is_main:
         metrics = run_dir / "metrics.jsonl"
         if metrics.exists():

@@ -28,6 +28,7 @@ accountant's history are in the checkpoint (`PoissonBatches.state_dict`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -312,3 +313,53 @@ class PrivateTraining:
             "sample_rate": self.sample_rate,
             "accountant": self.settings.accountant,
         }
+
+
+def make_private(
+    config: Any,
+    info: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataset: Sequence[Any],
+    collate: Callable,
+    refused: dict[str, bool] | None = None,
+) -> tuple[PrivateTraining, Any, str]:
+    """A recipe's run made private (`config` has .train, .optim and .privacy sections; `info` is the run's
+    DistInfo): Poisson-sampled batches of train.batch_size expected examples per process, per-example clipping at
+    privacy.max_grad_norm replacing optim.grad_clip, noise calibrated to spend privacy.epsilon over
+    train.max_steps. Settings that would break the guarantee or Opacus's hooks are refused first, one line each,
+    with the recipe's own `refused` ({what: present}). Returns the private run, the config it runs with (no
+    optim.grad_clip) and the line to print."""
+    from lmforge.train.parallel import parallel_mode
+
+    tc, p = config.train, config.privacy
+    refused = {
+        "train.grad_accum > 1 (Poisson batches are drawn whole; raise train.batch_size)": tc.grad_accum > 1,
+        "train.compile (Opacus's per-example hooks)": tc.compile,
+        "train.dtype=float16 (the GradScaler does not see per-example gradients)": tc.dtype == "float16",
+        "optim.l1 > 0 (Opacus rebuilds the gradients from clipped per-example ones)": config.optim.l1 > 0,
+        f"train.parallel={tc.parallel} (Opacus's DPDDP keeps whole replicas)": parallel_mode(tc.parallel).sharded,
+        **(refused or {}),
+    }
+    for what, present in refused.items():
+        if present:
+            raise ValueError(f"privacy.epsilon is set, which does not go with {what}")
+    private = PrivateTraining(
+        model,
+        optimizer,
+        dataset,
+        collate,
+        tc.batch_size * info.world_size,  # the expected global batch, as without privacy
+        tc.max_steps,
+        PrivacySettings(p.epsilon, p.delta, p.max_grad_norm, p.accountant),
+        tc.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+    )
+    message = (
+        f"DP-SGD (Opacus): ε={p.epsilon:g}, δ={p.delta:g}, C={p.max_grad_norm:g}, noise multiplier "
+        f"{private.noise_multiplier:.3f}, sampling rate {private.sample_rate:.4f}; per-example clipping replaces "
+        "optim.grad_clip"
+    )
+    config = dataclasses.replace(config, optim=dataclasses.replace(config.optim, grad_clip=0.0))
+    return private, config, message
