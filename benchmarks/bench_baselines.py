@@ -6,8 +6,9 @@
    `lmforge finetune`, with the tfidf and frozen-lr baselines (`--baseline`) fitted on the very same folds.
    The TF-IDF row must equal that file's `tfidf_logreg` row, fold for fold: the check that the folds agree,
    so its fine-tuned MiniLM figure sits in the same table.
-2. lowdata: lstm-seed on the first 100 / 200 / 500 / all shuffled training sentences, with and without EDA
-   (the training set x4: each sentence plus 3 variants), scored on the catalog's 800 test sentences.
+2. lowdata: lstm-seed and all-MiniLM-L6-v2 fine-tuned on the first 100 / 200 / 500 / all shuffled training
+   sentences, with and without EDA (the training set x4: each sentence plus 3 variants), 3 seeds each (one for
+   all), scored on the catalog's 800 test sentences.
 3. pos: a BiLSTM tagger (`bilstm`) on `wsj-pos` with the most-frequent-tag baseline, against the MiniLM tagger
    of benchmarks/results/finetune_pos.json (same splits: the catalog's).
 
@@ -22,6 +23,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+import numpy as np
 
 from lmforge.finetune.config import FINETUNE
 from lmforge.finetune.recipe import finetune
@@ -48,6 +51,14 @@ def mean_std(summary: dict, name: str) -> list[float]:
     return [summary[name]["mean"], summary[name]["std"]]
 
 
+def recurrent_row(folds: dict) -> dict:
+    return {
+        "accuracy": mean_std(folds, "accuracy"),
+        "f1_macro": mean_std(folds, "f1_macro"),
+        "train_seconds_per_fold": mean_std(folds, "train_seconds"),
+    }
+
+
 def kfold(args) -> dict:
     flags = [
         "--task=classification", "--model=lstm-seed", "--data=pang-lee-sentences", "--kfold=10", *LSTM,
@@ -57,13 +68,14 @@ def kfold(args) -> dict:
     summary, seconds = run(flags)
     folds, baselines = summary["folds"], summary["baselines"]
     recorded = json.loads((RESULTS / "finetune_classification.json").read_text())
-    rows = {
-        "lstm-seed": {
-            "accuracy": mean_std(folds, "accuracy"),
-            "f1_macro": mean_std(folds, "f1_macro"),
-            "train_seconds_per_fold": mean_std(folds, "train_seconds"),
-        }
-    }
+    rows = {"lstm-seed": recurrent_row(folds)}
+    commands = [command(flags)]
+    for preset in args.kfold_recurrent:  # the same recipe and folds with other cells (gru-seed: GRU, same widths)
+        other = [f for f in flags if not f.startswith("--baseline")]
+        other = [f"--model={preset}" if f == "--model=lstm-seed" else f for f in other]
+        other = [f"--train.name={preset}-pang-lee-kfold" if f.startswith("--train.name") else f for f in other]
+        rows[preset] = recurrent_row(run(other)[0]["folds"])
+        commands.append(command(other))
     for name, scores in baselines.items():
         rows[name] = {
             "accuracy": mean_std(scores, "accuracy"),
@@ -85,36 +97,64 @@ def kfold(args) -> dict:
         "rows": rows,
         "tfidf_equals_recorded_tfidf": same_folds,
         "seconds": round(seconds, 1),
-        "command": command(flags),
+        "command": commands[0],
+        "commands": commands,
     }
 
 
+# all-MiniLM-L6-v2 fine-tuned: the recorded k-fold recipe (batch 32, lr 1e-4) for 1 epoch on all the sentences,
+# 3 epochs on the small sets (a few steps per epoch there)
+MINILM = ["--train.batch_size=32", "--optim.lr=1e-4", "--optim.warmup_steps=10"]
+LOWDATA_MODELS = {"lstm-seed": LSTM, "all-MiniLM-L6-v2": MINILM}
+
+
 def lowdata(args) -> dict:
-    out = {"test_sentences": None, "runs": [], "commands": []}
-    for n in args.sizes:
-        for augment in ("", "eda"):
-            name = f"lstm-seed-n{n or 'all'}{'-eda' if augment else ''}"
-            flags = [
-                "--task=classification", "--model=lstm-seed", "--data=pang-lee-sentences", *LSTM,
-                "--data.max_length=64", f"--data.max_examples={n}", "--eval-every=0",
-                f"--train.threads={args.threads}", f"--out={args.out}", f"--train.name={name}",
-            ]  # fmt: skip
-            if augment:
-                flags += ["--data.augment=eda", "--data.augment_factor=4"]
-            summary, seconds = run(flags)
-            out["test_sentences"] = summary["examples"]["test"]
-            out["runs"].append(
-                {
-                    "train_sentences": summary.get("augmented", {}).get("original", summary["examples"]["train"]),
-                    "augment": augment or "none",
-                    "trained_on": summary["examples"]["train"],
-                    "test_accuracy": summary["test"]["accuracy"],
-                    "test_f1_macro": summary["test"]["f1_macro"],
-                    "seconds": round(seconds, 1),
-                }
-            )
-            out["commands"].append(command(flags))
-            print(json.dumps(out["runs"][-1]), flush=True)
+    """Each (model, size, augmentation) at every seed: train.seed draws the subset (the first N of the training
+    sentences shuffled by it), the initialisation, the batch order and EDA's edits, so the spread is the spread a
+    user drawing N labelled sentences would see."""
+    out = {"test_sentences": None, "seeds": args.seeds, "runs": [], "table": [], "commands": []}
+    for model, recipe in LOWDATA_MODELS.items():
+        for n in args.sizes:
+            for augment in ("", "eda"):
+                accuracies = []
+                for seed in args.seeds if n else args.seeds[:1]:
+                    name = f"{model}-n{n or 'all'}{'-eda' if augment else ''}-s{seed}"
+                    epochs = [] if model == "lstm-seed" else [f"--epochs={3 if n else 1}"]
+                    flags = [
+                        "--task=classification", f"--model={model}", "--data=pang-lee-sentences", *recipe, *epochs,
+                        "--data.max_length=64", f"--data.max_examples={n}", "--eval-every=0", f"--train.seed={seed}",
+                        f"--train.threads={args.threads}", f"--out={args.out}", f"--train.name={name}",
+                    ]  # fmt: skip
+                    if augment:
+                        flags += ["--data.augment=eda", "--data.augment_factor=4"]
+                    summary, seconds = run(flags)
+                    out["test_sentences"] = summary["examples"]["test"]
+                    original = summary.get("augmented", {}).get("original", summary["examples"]["train"])
+                    out["runs"].append(
+                        {
+                            "model": model,
+                            "seed": seed,
+                            "train_sentences": original,
+                            "augment": augment or "none",
+                            "trained_on": summary["examples"]["train"],
+                            "test_accuracy": summary["test"]["accuracy"],
+                            "test_f1_macro": summary["test"]["f1_macro"],
+                            "seconds": round(seconds, 1),
+                        }
+                    )
+                    out["commands"].append(command(flags))
+                    accuracies.append(summary["test"]["accuracy"])
+                    print(json.dumps(out["runs"][-1]), flush=True)
+                out["table"].append(
+                    {
+                        "model": model,
+                        "train_sentences": original,
+                        "augment": augment or "none",
+                        "test_accuracy_mean": float(np.mean(accuracies)),
+                        "test_accuracy_std": float(np.std(accuracies)),
+                        "seeds": len(accuracies),
+                    }
+                )
     return out
 
 
@@ -149,8 +189,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(PARTS), help="comma-separated parts")
     parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[100, 200, 500, 0])
+    parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
     parser.add_argument("--pos-epochs", type=int, default=10)
     parser.add_argument("--kfold-baselines", default="tfidf,frozen-lr")
+    parser.add_argument("--kfold-recurrent", type=lambda s: [v for v in s.split(",") if v], default=["gru-seed"])
     parser.add_argument("--out", default="runs/bench-baselines")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

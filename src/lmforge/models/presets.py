@@ -49,6 +49,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
     # layers, a dense sigmoid output), with the widths of the usual Keras example, Embedding(128) ->
     # LSTM(64, return_sequences=True) -> LSTM(64), and a 2-way softmax head in place of the sigmoid unit.
     "lstm-seed": ("lstm", {"d_model": 128, "hidden_size": 64, "n_layer": 2, "pooling": "last"}),
+    # The same shapes with GRU cells (Cho et al., 2014): two gates instead of three, 3/4 of the LSTM's weights.
+    "gru-seed": ("gru", {"d_model": 128, "hidden_size": 64, "n_layer": 2, "pooling": "last"}),
     # A BiLSTM tagger (and sentence encoder) in the manner of Huang et al. (2015), without the CRF.
     "bilstm": ("lstm", {"d_model": 128, "hidden_size": 128, "n_layer": 2, "bidirectional": True, "pooling": "max"}),
     "lstm-tiny": ("lstm", {"vocab_size": 1024, "d_model": 32, "hidden_size": 32, "n_layer": 2}),
