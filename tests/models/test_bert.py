@@ -305,3 +305,31 @@ def test_mlm_loss_trains_tied_embedding():
     out = model(ids, labels=ids)
     out.loss.backward()
     assert model.tok_emb.weight.grad is not None and model.tok_emb.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_mean_pooled_classifier_reads_the_mean_of_real_tokens(family):
+    """pooling="mean": the sequence classifier's input is sentence-transformers' sentence vector, the mean of
+    the real tokens' last hidden states; padding leaves it unchanged; no pooler is built, and transformers has
+    no such head, so a Hugging Face save is refused in one line."""
+    from lmforge.hf.save import save_pretrained
+
+    config_cls = {"bert": BertConfig, "roberta": RobertaConfig}[family]
+    shape = dict(vocab_size=97, max_seq_len=40, n_layer=2, n_head=4, d_model=32, d_ff=48, dropout=0.0)
+    torch.manual_seed(0)
+    model = Bert(config_cls(**shape, head="sequence_classification", num_labels=3, pooling="mean")).eval()
+    perturb(model)
+    assert model.pooler is None
+    input_ids, mask, types = batch(family, 97, model.config.pad_token_id)
+    with torch.no_grad():
+        out = model(input_ids, attention_mask=mask, token_type_ids=types)
+        hidden = out.last_hidden_state
+        for b, n in enumerate(LENGTHS):
+            mean = hidden[b, :n].mean(dim=0)
+            torch.testing.assert_close(out.logits[b], model.classifier(mean[None])[0], atol=1e-5, rtol=1e-5)
+            alone = model(input_ids[b : b + 1, :n], token_type_ids=types[b : b + 1, :n]).logits[0]
+            torch.testing.assert_close(out.logits[b], alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="mean-pooled sequence classifier .* has no transformers class"):
+        save_pretrained(model, "unused-folder")
+    with pytest.raises(ValueError, match="pooling='max' is not allowed"):
+        config_cls(**shape, pooling="max")

@@ -189,6 +189,11 @@ def build_finetune_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.
 # ------------------------------------------------------------------------------------------ DP-SGD
 
 
+def millions(n: int) -> str:
+    """A parameter count for a log line: 22.57M, or the exact count below 10,000 (a linear head's 770)."""
+    return f"{n:,}" if n < 10_000 else f"{n / 1e6:.2f}M"
+
+
 def make_private(config: FinetuneConfig, info: DistInfo, model: nn.Module, optimizer, features, pad_id):
     """The run made private by Opacus (`lmforge.train.privacy.make_private`) over the training features, one
     example each. Returns it and the config it runs with."""
@@ -402,8 +407,8 @@ def _finetune(
 
     say(
         info,
-        f"fine-tuning {config.model.name} for {task.name} ({counts['trainable_parameters'] / 1e6:.2f}M of "
-        f"{counts['parameters'] / 1e6:.2f}M parameters trained, {config.task.method}) on {data.source}: "
+        f"fine-tuning {config.model.name} for {task.name} ({millions(counts['trainable_parameters'])} of "
+        f"{millions(counts['parameters'])} parameters trained, {config.task.method}) on {data.source}: "
         f"{len(data.train)} train / {len(data.validation)} validation / {len(data.test or [])} test examples, "
         f"{tc.max_steps} steps; run folder {run_dir}",
     )

@@ -51,7 +51,9 @@ CLASSIFIERS = {  # our classifier -> HF head module, where it is a single Linear
 
 
 def has_pooler(config: BertConfig) -> bool:
-    return config.head == "none" or (config.head == "sequence_classification" and config.family == "bert")
+    return config.head == "none" or (
+        config.head == "sequence_classification" and config.family == "bert" and config.pooling == "first"
+    )
 
 
 def decoder_module(config: BertConfig) -> str:
@@ -151,6 +153,12 @@ class BertAdapter:
 
     def config_to_hf(self, config: BertConfig) -> dict[str, Any]:
         """BertConfig / RobertaConfig -> a `config.json` dict for the matching Hugging Face class."""
+        if config.head == "sequence_classification" and config.pooling == "mean":
+            raise ValueError(
+                "a mean-pooled sequence classifier (pooling='mean') has no transformers class: its "
+                "ForSequenceClassification reads the first token; save it in lmforge's format (save_model, or "
+                "lmforge convert SRC DST --to lmforge), which every lmforge command and ONNX export read"
+            )
         n_labels = 2 if config.head == "question_answering" else config.num_labels  # HF's QA head: start, end
         hf = {
             "model_type": config.family,

@@ -8,7 +8,10 @@ Attention sees every real token in both directions; pad keys are hidden by the a
 d -> 4d -> d with the exact GELU. Heads:
 - masked_lm: logits = LN(GELU(W h + b)) E^T + b_vocab, the decoder tied to the token embedding E.
 - sequence_classification: BERT puts a linear layer on the pooled vector; RoBERTa has no pooler and
-  classifies the first token with its own dense + tanh + linear head.
+  classifies the first token with its own dense + tanh + linear head. With pooling="mean" the head reads
+  the mean of the real tokens' last hidden states instead, sum_t m_t x_L[t] / sum_t m_t (m the attention
+  mask), which is how sentence-transformers models (all-MiniLM-L6-v2) make their sentence vectors: the
+  vector such a model was trained to produce, and one a linear head separates without moving the encoder.
 - token_classification, question_answering: a linear layer on every token.
 Only the bare model (head "none") and BERT's sequence classifier carry the pooler, as in the released
 checkpoints.
@@ -53,16 +56,26 @@ class BertConfig(ModelConfig):
     attention_dropout: float = 0.1  # attention weights
     norm_eps: float = 1e-12
     pad_token_id: int = 0
+    pooling: str = "first"  # sequence classifier's input: "first" token (as released) or "mean" of real tokens
 
     def validate(self) -> None:
         check_positive(self, "vocab_size", "max_seq_len", "type_vocab_size", "n_layer", "n_head", "d_model", "d_ff")
         check_heads(self.n_head, None, self.d_model, None)
         check_fraction(self, "dropout", "attention_dropout")
         check_choice(self, "activation", ("gelu", "gelu_tanh", "relu", "silu"))
+        check_choice(self, "pooling", ("first", "mean"))
         if not isinstance(self.norm_eps, (int, float)) or self.norm_eps <= 0:
             raise ValueError(f"norm_eps={self.norm_eps!r} must be a positive number")
         if not isinstance(self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id={self.pad_token_id!r} must be a token id in [0, {self.vocab_size})")
+
+
+def masked_mean(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, d) -> (B, d): the mean over each row's real tokens (all of them without a mask)."""
+    if attention_mask is None:
+        return x.mean(dim=1)
+    m = attention_mask.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
 
 @dataclass
@@ -101,7 +114,9 @@ class Bert(nn.Module):
             )
             for i in range(c.n_layer)
         )
-        has_pooler = c.head == "none" or (c.head == "sequence_classification" and not self.roberta)
+        has_pooler = c.head == "none" or (
+            c.head == "sequence_classification" and not self.roberta and c.pooling == "first"
+        )
         self.pooler = nn.Linear(c.d_model, c.d_model) if has_pooler else None
         self.lm_head = self.classifier = None
         if c.head == "masked_lm":
@@ -157,6 +172,8 @@ class Bert(nn.Module):
         logits = None
         if self.lm_head is not None:
             logits = self.lm_head(x)  # (B, T, vocab)
+        elif self.config.head == "sequence_classification" and self.config.pooling == "mean":
+            logits = self.classifier(masked_mean(x, attention_mask))  # (B, num_labels)
         elif self.config.head == "sequence_classification":
             logits = self.classifier(x[:, 0] if self.roberta else pooled)  # (B, num_labels)
         elif self.classifier is not None:
