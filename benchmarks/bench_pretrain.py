@@ -1,17 +1,26 @@
-"""Pretraining speed and quality against a plain PyTorch loop around `transformers.GPT2LMHeadModel`.
+"""Pretraining speed and quality against two plain PyTorch peers trained by the same bare loop.
+
+Peers: (1) "nanogpt": a GPT written here to nanoGPT's published design (karpathy/nanoGPT model.py): pre-norm
+blocks, LayerNorms and Linears without biases, exact GELU, `F.scaled_dot_product_attention(is_causal=True)`, the
+output projection tied to the token embedding, N(0, 0.02) init with the residual projections at
+0.02 / sqrt(2 L), `torch.optim.AdamW` with decay on the matrices only and its CPU default implementation;
+(2) "hf": `transformers.GPT2LMHeadModel` of the same shapes ("gelu_pytorch_tanh", its fast configuration).
+The loop is nanoGPT's: AdamW, warmup + cosine, clip 1.0, no host sync but the loss.
 
 1. Throughput: training tokens/s and MFU of lmforge's recipe (`lmforge.pretrain.trainer.pretrain`, the real loop:
-   data, gradient accumulation bookkeeping, clipping, AdamW with decay groups, schedule, logging) against
-   GPT2LMHeadModel of the same shapes (activation "gelu_pytorch_tanh", its fast configuration) trained by
-   `torch.optim.AdamW` in a bare loop, on the same tiny-Shakespeare characters, same threads, fp32 and bf16
-   autocast. Shape sets: (a) 4 layers, 4 heads, 128 wide, block 64, batch 12; (b) 6 layers, 6 heads,
-   384 wide, block 256, batch 64. MFU = tokens/s x FLOPs/token / matmul peak measured here.
+   data, gradient accumulation bookkeeping, clipping, AdamW with decay groups, schedule, logging) configured to
+   the nanoGPT design (no biases, exact GELU), interleaved round by round with the peers on the same
+   tiny-Shakespeare characters, same threads, fp32 and bf16 autocast; the ratio is the median of the rounds'
+   ratios. Shape sets: (a) 4 layers, 4 heads, 128 wide, block 64, batch 12; (b) 6 layers, 6 heads, 384 wide,
+   block 256, batch 64. MFU = tokens/s x FLOPs/token / matmul peak measured here. `--lmforge-flag` adds flags
+   to lmforge's runs (e.g. train.compile=true). Results: benchmarks/results/pretrain_throughput.json.
 2. The 180-second race: validation loss (nats/char on the whole validation split, nanoGPT's split: first 90%
    train, last 10% validation) reached in a fixed wall-clock budget: nanoGPT's documented CPU recipe
    (4 layers, 4 heads, 128 wide, block 64, batch 12, lr 1e-3 cosine to 1e-4 over 2000 iters, 100 warmup,
    AdamW betas (0.9, 0.99), dropout 0) as a plain loop around GPT2LMHeadModel, against lmforge's CPU recipe.
 
-    .venv/bin/python benchmarks/bench_pretrain.py [--steps-a 40] [--steps-b 4] [--race-seconds 180] [--skip-race]
+    .venv/bin/python benchmarks/bench_pretrain.py [--steps-a 40] [--steps-b 4] [--rounds 3] [--shapes a,b]
+        [--dtypes float32,bfloat16] [--peers nanogpt,hf] [--lmforge-flag train.compile=true] [--skip-race]
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from lmforge.pretrain.trainer import pretrain
 from lmforge.train.logging import measure_peak_flops
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {
     "a": {"n_layer": 4, "n_head": 4, "d_model": 128, "block": 64, "batch": 12},
     "b": {"n_layer": 6, "n_head": 6, "d_model": 384, "block": 256, "batch": 64},
@@ -57,6 +67,67 @@ def hf_model(shape: dict, vocab_size: int):
     return GPT2LMHeadModel(config)
 
 
+class PeerBlock(torch.nn.Module):
+    """x + attn(LN(x)), then x + MLP(LN(x)): nanoGPT's pre-norm block, without biases."""
+
+    def __init__(self, d: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.ln_1 = torch.nn.LayerNorm(d, bias=False)
+        self.qkv = torch.nn.Linear(d, 3 * d, bias=False)
+        self.attn_proj = torch.nn.Linear(d, d, bias=False)
+        self.ln_2 = torch.nn.LayerNorm(d, bias=False)
+        self.fc = torch.nn.Linear(d, 4 * d, bias=False)
+        self.mlp_proj = torch.nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).split(d, dim=-1)
+        q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_proj(y.transpose(1, 2).reshape(B, T, d))
+        return x + self.mlp_proj(torch.nn.functional.gelu(self.fc(self.ln_2(x))))
+
+
+class PeerGPT(torch.nn.Module):
+    """The nanoGPT-style peer (see the module docstring); `model(input_ids=x, labels=x).loss` as the loop calls
+    it: position t predicts token t + 1."""
+
+    def __init__(self, vocab_size: int, block: int, n_layer: int, n_head: int, d_model: int) -> None:
+        super().__init__()
+        self.wte = torch.nn.Embedding(vocab_size, d_model)
+        self.wpe = torch.nn.Embedding(block, d_model)
+        self.blocks = torch.nn.ModuleList(PeerBlock(d_model, n_head) for _ in range(n_layer))
+        self.ln_f = torch.nn.LayerNorm(d_model, bias=False)
+        self.lm_head = torch.nn.Linear(d_model, vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
+                torch.nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        from types import SimpleNamespace
+
+        T = input_ids.shape[1]
+        x = self.wte(input_ids) + self.wpe(torch.arange(T, device=input_ids.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+            )
+        return SimpleNamespace(logits=logits, loss=loss)
+
+
+def peer_model(name: str, shape: dict, vocab_size: int) -> torch.nn.Module:
+    if name == "hf":
+        return hf_model(shape, vocab_size)
+    return PeerGPT(vocab_size, shape["block"], shape["n_layer"], shape["n_head"], shape["d_model"])
+
+
 def windows(tokens: np.ndarray, batch: int, block: int, rng: np.random.Generator) -> torch.Tensor:
     starts = rng.integers(0, len(tokens) - block, size=batch)
     return torch.from_numpy(tokens[starts[:, None] + np.arange(block)])
@@ -69,7 +140,12 @@ def peer_loop(
     On a GPU the clock reads after a synchronise, so queued kernels count."""
     device = torch.device(device)
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [  # nanoGPT: weight decay on the matrices (2-D), none on norms and biases
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.99))
 
     def now() -> float:
         if device.type == "cuda":
@@ -158,30 +234,50 @@ def lmforge_tokens_per_s(run: Path) -> float:
     return float(np.median(rates))
 
 
-def throughput(args, train_ids: np.ndarray, vocab_size: int, out: Path, peaks: dict) -> None:
-    print(
-        f"{'shape':5} {'dtype':9} {'lmforge tok/s':>14} {'MFU':>6} {'HF GPT-2 tok/s':>15} {'MFU':>6} {'ratio':>6} "
-        f"{'vs HF fp32':>10}"
-    )
-    for key, shape in SHAPES.items():
+def throughput(args, train_ids: np.ndarray, vocab_size: int, out: Path, peaks: dict) -> dict:
+    """Interleaved rounds: each peer, then lmforge, the same steps each; per-round ratios and their median."""
+    design = {"bias": False, "activation": "gelu"}  # lmforge configured to the nanoGPT peer's design
+    extra = dict(flag.split("=", 1) for flag in args.lmforge_flag)
+    results = {"threads": torch.get_num_threads(), "rounds": args.rounds, "lmforge_flags": extra, "rows": []}
+    print(f"{'shape':5} {'dtype':9} {'contestant':10} {'tok/s (median)':>15} {'MFU':>6} {'lmforge / it':>13}  rounds")
+    for key in args.shapes:
+        shape = SHAPES[key]
         steps = args.steps_a if key == "a" else args.steps_b
         flops = flops_per_token(
             build_model("gpt", n_layer=shape["n_layer"], n_head=shape["n_head"], d_model=shape["d_model"],
-                        vocab_size=vocab_size, max_seq_len=shape["block"]),
+                        vocab_size=vocab_size, max_seq_len=shape["block"], **design),
             shape["block"],
         )  # fmt: skip
-        peer_fp32 = None
-        for dtype in ("float32", "bfloat16"):
-            torch.manual_seed(0)
-            peer_rate, _ = peer_loop(hf_model(shape, vocab_size), train_ids, shape, dtype, steps=steps + 1)
-            run_name = f"tp-{key}-{dtype}"
-            pretrain(parse_args(lmforge_flags(shape, out, dtype, steps + 5, run_name)))
-            ours = lmforge_tokens_per_s(out / run_name)
-            peak, peer_fp32 = peaks[dtype], peer_fp32 or peer_rate
-            print(
-                f"({key})   {dtype:9} {ours:14,.0f} {ours * flops / peak:6.1%} {peer_rate:15,.0f} "
-                f"{peer_rate * flops / peak:6.1%} {ours / peer_rate:5.2f}x {ours / peer_fp32:9.2f}x"
-            )
+        for dtype in args.dtypes:
+            rates: dict[str, list[float]] = {name: [] for name in [*args.peers, "lmforge"]}
+            for r in range(args.rounds):
+                for name in args.peers:
+                    torch.manual_seed(r)
+                    rate, _ = peer_loop(peer_model(name, shape, vocab_size), train_ids, shape, dtype, steps=steps + 1)
+                    rates[name].append(rate)
+                run_name = f"tp-{key}-{dtype}-{r}"
+                overrides = {"model.overrides": json.dumps({**{k: shape[k] for k in ("n_layer", "n_head", "d_model")},
+                                                            **design}), **extra}  # fmt: skip
+                pretrain(parse_args(lmforge_flags(shape, out, dtype, steps + 5, run_name, overrides)))
+                rates["lmforge"].append(lmforge_tokens_per_s(out / run_name))
+            row = {"shape": key, **shape, "dtype": dtype, "flops_per_token": flops, "contestants": {}}
+            for name, values in rates.items():
+                ratios = [ours / theirs for ours, theirs in zip(rates["lmforge"], values, strict=True)]
+                median = float(np.median(values))
+                row["contestants"][name] = {
+                    "tokens_per_s": values,
+                    "median": median,
+                    "mfu": median * flops / peaks[dtype],
+                    "lmforge_ratio_median": float(np.median(ratios)),
+                    "lmforge_ratio_range": [min(ratios), max(ratios)],
+                }
+                print(
+                    f"({key})   {dtype:9} {name:10} {median:15,.0f} {median * flops / peaks[dtype]:6.1%} "
+                    f"{np.median(ratios):12.2f}x  {' '.join(f'{x:.2f}' for x in ratios)}",
+                    flush=True,
+                )
+            results["rows"].append(row)
+    return results
 
 
 def race(args, text: str, out: Path) -> None:
@@ -239,6 +335,12 @@ def main() -> None:
     parser.add_argument("--race-lr", type=float, default=3e-3, help="lmforge's race recipe: peak learning rate")
     parser.add_argument("--race-dtype", default="float32", help="lmforge's race recipe: float32 or bfloat16")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per shape and dtype")
+    parser.add_argument("--shapes", type=lambda v: v.split(","), default=["a", "b"])
+    parser.add_argument("--dtypes", type=lambda v: v.split(","), default=["float32", "bfloat16"])
+    parser.add_argument("--peers", type=lambda v: v.split(","), default=["nanogpt", "hf"])
+    parser.add_argument("--lmforge-flag", action="append", default=[], help="section.key=value for lmforge's runs")
+    parser.add_argument("--out", default=str(RESULTS / "pretrain_throughput.json"), help="throughput results JSON")
     args = parser.parse_args()
     text = DATA.read_text(encoding="utf-8")
     train_ids, _, vocab = nanogpt_split(text)
@@ -251,7 +353,9 @@ def main() -> None:
         out = Path(folder)
         (out / "train.txt").write_text(text[: int(len(text) * 0.9)], encoding="utf-8")
         if not args.skip_throughput:
-            throughput(args, train_ids, len(vocab), out, peaks)
+            result = throughput(args, train_ids, len(vocab), out, peaks)
+            result["peak_flops"] = peaks
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         if not args.skip_race:
             race(args, text, out)
 

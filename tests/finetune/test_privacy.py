@@ -263,3 +263,26 @@ def test_two_private_processes_take_the_single_process_steps(sentiment_file, tmp
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["epsilon"] == pytest.approx(a["epsilon"])
+
+
+def test_a_private_linear_probe_trains_only_the_head_of_a_mean_pooled_encoder(sentiment_file, tmp_path, capsys):
+    """The recipe that works with little data (README, Trust): the encoder frozen, its mean-pooled sentence vector
+    read by a linear head, the head trained by DP-SGD. Only the head's weights change, ε stays in budget, and
+    the saved model keeps its pooling."""
+    from lmforge.cli import main
+    from lmforge.hf.load import load_model
+    from safetensors.torch import load_file
+
+    sentiment_file(tmp_path / "train.jsonl", 64, seed=0)
+    run = [*PRIVATE_RUN, f"--data={tmp_path / 'train.jsonl'}", "--max-steps=3", f"--out={tmp_path}"]
+    run += ['--model.overrides={"n_layer": 1, "pooling": "mean"}', "--task.freeze_embeddings", "--task.freeze_layers=1"]
+    assert main(["finetune", *run, "--train.name=probe", "--train.save_every=1", "--train.keep_last=3"]) == 0
+    assert "(258 of " in capsys.readouterr().err  # a 128-wide head with 2 labels: 128 x 2 + 2
+    first = load_file(tmp_path / "probe" / "checkpoints" / "step_00000001" / "model.safetensors")
+    final = load_model(tmp_path / "probe" / "model")
+    assert final.config.pooling == "mean" and final.pooler is None
+    for name, tensor in final.state_dict().items():
+        moved = not torch.equal(tensor, first[name])
+        assert moved == name.startswith("classifier."), name
+    rows = _train_rows(tmp_path / "probe")
+    assert 0 < rows[-1]["epsilon"] <= 8 * 1.01

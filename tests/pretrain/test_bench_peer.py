@@ -1,0 +1,34 @@
+"""benchmarks/bench_pretrain.py's nanoGPT-style peer computes lmforge's gpt with bias=False and exact GELU: the
+same function from the same weights, so the benchmark's speed ratio compares implementations, not models."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from lmforge import build_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import bench_pretrain  # noqa: E402
+
+NAMES = {"ln_1": "attn_norm", "qkv": "attn.qkv", "attn_proj": "attn.out", "ln_2": "ffn_norm", "fc": "ffn.fc"}
+NAMES["mlp_proj"] = "ffn.proj"
+
+
+def test_the_nanogpt_style_peer_is_lmforges_gpt_without_biases():
+    torch.manual_seed(0)
+    peer = bench_pretrain.PeerGPT(vocab_size=67, block=32, n_layer=2, n_head=4, d_model=64)
+    ours = build_model(
+        "gpt", n_layer=2, n_head=4, d_model=64, vocab_size=67, max_seq_len=32, bias=False, activation="gelu", dropout=0
+    )
+    renamed = {"tok_emb.weight": "wte.weight", "pos_emb.weight": "wpe.weight", "norm.weight": "ln_f.weight"}
+    for i in range(2):
+        renamed.update({f"blocks.{i}.{b}.weight": f"blocks.{i}.{a}.weight" for a, b in NAMES.items()})
+    peer_state = peer.state_dict()
+    ours.load_state_dict({k: peer_state[v] for k, v in renamed.items()}, strict=False)  # lm_head: tied
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in peer.parameters())
+    x = torch.randint(0, 67, (3, 32), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours(input_ids=x).logits, peer(x).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours(input_ids=x, labels=x).loss, peer(x, labels=x).loss, atol=1e-6, rtol=1e-6)
