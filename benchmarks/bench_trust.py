@@ -6,6 +6,9 @@
 2. membership: loss-threshold membership inference (Yeom et al., 2018) against fine-tuned classifiers: the ROC AUC
    of -loss separating the run's training sentences (members) from its test sentences (non-members); 0.5 = no
    signal. Given several runs (e.g. without and with DP-SGD), each is scored on the same members and non-members.
+4. privacy: all-MiniLM-L6-v2 on pang-lee-sentences (3,200 sentences: 2,880 train, the 800 test), a linear head on
+   the frozen mean-pooled encoder trained without privacy and by DP-SGD at ε = 8 and ε = 3 (δ = 1e-5): test
+   accuracy, ε spent, seconds per epoch.
 3. canary: "The Secret Sharer" (Carlini et al., 2019): a random 4-digit secret inserted `--repeats` times into a
    small corpus; gpt-tiny (char tokenizer) trained on it without and with DP-SGD (Opacus, ε = --epsilon); exposure
    = log2(10^4) - log2(rank of the canary among all 10^4 candidate secrets by the model's log-perplexity).
@@ -13,6 +16,7 @@
     python benchmarks/bench_trust.py faithfulness --model runs/nodp/model --n 200
     python benchmarks/bench_trust.py membership --model runs/nodp/model --model runs/dp8/model --max-examples 3200
     python benchmarks/bench_trust.py canary --epsilon 8 --steps 300
+    python benchmarks/bench_trust.py privacy [--reuse] [--out runs/dp]
 
 Results go to stdout and benchmarks/results/trust_<part>.json.
 """
@@ -178,9 +182,59 @@ def canary(args: argparse.Namespace) -> None:
     save("canary", result)
 
 
+# DP-SGD where little data is: the encoder frozen, its mean-pooled sentence vector (pooling="mean", how
+# all-MiniLM-L6-v2 was trained to pool) read by a linear head of 770 weights, which DP-SGD trains (Tramer & Boneh,
+# 2021: private learning on good features beats private fine-tuning end to end at this scale)
+PROBE = [
+    "--task=classification", "--model=all-MiniLM-L6-v2", "--data=pang-lee-sentences", "--data.max_examples=3200",
+    "--data.max_length=64", "--model.dropout=0", "--task.freeze_embeddings", "--task.freeze_layers=6",
+    "--epochs=10", "--train.batch_size=256", "--optim.lr=0.05", "--eval-every=0",
+    '--model.overrides={"pooling": "mean"}',
+]  # fmt: skip
+ARMS = {
+    "nodp-head": [],
+    "dp8-head": ["--privacy.epsilon=8", "--privacy.delta=1e-5", "--privacy.max_grad_norm=0.1"],
+    "dp3-head": ["--privacy.epsilon=3", "--privacy.delta=1e-5", "--privacy.max_grad_norm=0.1"],
+}
+
+
+def recorded_run(run: Path) -> dict:
+    """What a finished fine-tuning run folder records: test metrics, training time, ε spent."""
+    test = json.loads((run / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    epsilons = [r["epsilon"] for r in rows if "epsilon" in r]
+    report = (run / "report.md").read_text()
+    seconds = float(report.split("| train_seconds | ", 1)[1].split(" ", 1)[0])
+    return {
+        "test_accuracy": test["accuracy"],
+        "test_roc_auc": test["roc_auc"],
+        "epsilon_spent": epsilons[-1] if epsilons else None,
+        "train_seconds": seconds,
+    }
+
+
+def privacy(args: argparse.Namespace) -> None:
+    """Each arm of the private linear probe (`--reuse`: read an arm's finished run folder instead of training)."""
+    from lmforge.finetune.config import FINETUNE
+    from lmforge.finetune.recipe import finetune
+    from lmforge.train.config import parse_args
+
+    out = Path(args.out)
+    result = {"recipe": " ".join(PROBE), "epochs": 10, "threads": args.threads, "arms": {}}
+    for name, flags in ARMS.items():
+        argv = [*PROBE, *flags, f"--out={out}", f"--train.name={name}", f"--train.threads={args.threads}"]
+        if not (args.reuse and (out / name / "metrics.json").is_file()):
+            finetune(parse_args(["--train.progress=false", *argv], FINETUNE))
+        arm = recorded_run(out / name)
+        arm["seconds_per_epoch"] = arm["train_seconds"] / 10
+        arm["command"] = "lmforge finetune " + " ".join(f"'{f}'" if "{" in f else f for f in argv)
+        result["arms"][name] = arm
+    save("privacy", result)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["faithfulness", "membership", "canary"])
+    parser.add_argument("part", choices=["faithfulness", "membership", "canary", "privacy"])
     parser.add_argument("--model", action="append", default=[], help="fine-tuned classifier folder (repeatable)")
     parser.add_argument("--n", type=int, default=200, help="faithfulness: test sentences")
     parser.add_argument("--max-examples", type=int, default=3200, help="membership: data.max_examples of the runs")
@@ -191,9 +245,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="runs/dp", help="privacy: run folders")
+    parser.add_argument("--reuse", action="store_true", help="privacy: read finished run folders instead of training")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    {"faithfulness": faithfulness, "membership": membership, "canary": canary}[args.part](args)
+    torch.set_num_threads(args.threads)
+    parts = {"faithfulness": faithfulness, "membership": membership, "canary": canary, "privacy": privacy}
+    parts[args.part](args)
 
 
 if __name__ == "__main__":

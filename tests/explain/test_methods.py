@@ -120,3 +120,31 @@ def test_deletion_curve_removes_the_top_ranked_content_tokens_first(tiny_models)
     curve = deletion_curve(subject, scores, fractions=(0.01,))
     assert curve[0] == pytest.approx(p(ids) - p(torch.cat([ids[:2], ids[3:]])), abs=1e-6)
     assert aopc(subject, scores, fractions=(0.01, 0.01)) == pytest.approx(curve[0], abs=1e-6)
+
+
+def test_integrated_gradients_equal_a_hand_written_gauss_legendre_sum(tiny_models):
+    """Captum is the engine; this holds it to the definition, written out independently: the embedding layer's
+    output is moved along e' + alpha (e - e') and a_i = sum_d (e - e')_{i,d} sum_k w_k dF/de_{i,d}(alpha_k), with
+    Gauss-Legendre nodes and weights mapped from [-1, 1] to [0, 1] (Captum's default rule)."""
+    import numpy as np
+
+    model, tokenizer, _ = tiny_models("bert-tiny", "sequence_classification")
+    subject = build_subject(model, tokenizer, TEXT)
+    steps = 32
+    ours = torch.tensor(METHODS["ig"].run(subject, steps=steps).token_scores, dtype=torch.float64)
+
+    nodes, weights = np.polynomial.legendre.leggauss(steps)
+    alphas = torch.tensor(0.5 * (nodes + 1.0), dtype=torch.float32)[:, None, None]
+    w = torch.tensor(0.5 * weights, dtype=torch.float32)
+    embedding = subject.model.tok_emb
+    with torch.no_grad():
+        e, e0 = embedding(subject.input_ids), embedding(subject.baseline_ids())
+    path = (e0 + alphas * (e - e0)).requires_grad_(True)  # (steps, T, d)
+    hook = embedding.register_forward_hook(lambda module, args, out: path)
+    try:
+        scores = subject.score(subject.input_ids.expand(steps, -1))
+    finally:
+        hook.remove()
+    (grads,) = torch.autograd.grad(scores.sum(), path)
+    reference = ((e - e0)[0] * (w[:, None, None] * grads).sum(0)).sum(-1).double()
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
