@@ -19,6 +19,7 @@ PLANS = {  # family -> (tokenizer kind, special tokens)
     "roberta": ("wordpiece", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]),
     "gpt": ("bpe", ["<pad>", "<s>", "</s>", "<unk>"]),
     "llama": ("bpe", ["<pad>", "<s>", "</s>", "<unk>"]),
+    "lstm": ("bpe", ["<pad>", "<s>", "</s>", "<unk>"]),
 }
 
 
@@ -44,6 +45,8 @@ def save_tiny(folder, preset: str, head: str, labels: list[str] | None = None, m
     values = {"vocab_size": tokenizer.vocab_size, "max_seq_len": max_seq_len, "pad_token_id": tokenizer.pad_token_id}
     if family == "roberta":
         values["max_seq_len"] = max_seq_len + tokenizer.pad_token_id + 1
+    if family == "lstm":  # a recurrent model reads any length
+        del values["max_seq_len"]
     if labels:
         values["num_labels"] = len(labels)
     model = build_model(preset, head=head, n_layer=2, dropout=0.0, **values).eval()

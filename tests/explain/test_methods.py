@@ -148,3 +148,18 @@ def test_integrated_gradients_equal_a_hand_written_gauss_legendre_sum(tiny_model
     (grads,) = torch.autograd.grad(scores.sum(), path)
     reference = ((e - e0)[0] * (w[:, None, None] * grads).sum(0)).sum(-1).double()
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("preset", "head"), [("lstm-tiny", "sequence_classification"), ("bilstm", "token_classification")]
+)
+def test_a_recurrent_model_is_explained_by_gradients_and_occlusion_and_refuses_attention(tiny_models, preset, head):
+    model, tokenizer, _ = tiny_models(preset, head)
+    subject = build_subject(model, tokenizer, TEXT + " " + TEXT * 20)  # no context limit: nothing truncated
+    assert subject.notes == []
+    ig = METHODS["ig"].run(subject, steps=32)
+    assert ig.values["completeness_error"] <= 0.01
+    assert len(METHODS["occlusion"].run(subject, steps=1).token_scores) == subject.input_ids.shape[1]
+    for name in ("attention", "rollout"):
+        with pytest.raises(ValueError, match=f"--method {name} needs self-attention and the lstm model has none"):
+            METHODS[name].check(subject)

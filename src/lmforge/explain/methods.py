@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from lmforge.explain.subject import KINDS, Subject
-from lmforge.nn.attention import recorded_attention
+from lmforge.nn.attention import Attention, recorded_attention
 
 METHODS: dict[str, Method] = {}
 
@@ -49,7 +49,8 @@ class Method:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        METHODS[cls.name] = cls()
+        if "name" in cls.__dict__:  # a named method registers; an abstract refinement (AttentionMethod) does not
+            METHODS[cls.name] = cls()
 
     def check(self, subject: Subject) -> None:
         if subject.kind not in self.kinds:
@@ -94,6 +95,18 @@ class IntegratedGradients(Method):
         )
 
 
+class AttentionMethod(Method):
+    """A method that reads attention weights: refused for a model without self-attention (a recurrent one)."""
+
+    def check(self, subject: Subject) -> None:
+        super().check(subject)
+        if not any(isinstance(m, Attention) and not m.cross for m in subject.model.modules()):
+            raise ValueError(
+                f"--method {self.name} needs self-attention and the {subject.config.family} model has none "
+                "(choose ig or occlusion)"
+            )
+
+
 def attention_maps(subject: Subject) -> torch.Tensor:
     """(layers, heads, T, T): every self-attention layer's weights for the subject's input."""
     with torch.no_grad(), recorded_attention(subject.model) as layers:
@@ -101,7 +114,7 @@ def attention_maps(subject: Subject) -> torch.Tensor:
         return torch.stack([layer.weights[0].float() for layer in layers])
 
 
-class AttentionMaps(Method):
+class AttentionMaps(AttentionMethod):
     name = "attention"
     summary = "attention weights of every layer and head"
 
@@ -123,7 +136,7 @@ def rollout(maps: torch.Tensor) -> torch.Tensor:
     return result
 
 
-class Rollout(Method):
+class Rollout(AttentionMethod):
     name = "rollout"
     summary = "attention rollout with the residual 0.5 (A + I) (Abnar & Zuidema, 2020)"
 

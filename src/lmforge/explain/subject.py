@@ -129,21 +129,25 @@ def label_names(folder: Path | None, num_labels: int) -> list[str]:
     return [str(i) for i in range(num_labels)]
 
 
-def context_limit(model: nn.Module) -> int:
-    """Tokens the model can read: max_seq_len, less RoBERTa's reserved positions (pad + 1 before the first)."""
+def context_limit(model: nn.Module) -> int | None:
+    """Tokens the model can read: max_seq_len, less RoBERTa's reserved positions (pad + 1 before the first);
+    None for a recurrent model, which reads any length."""
     config = model.config
-    limit = config.max_seq_len
+    limit = getattr(config, "max_seq_len", None)
+    if limit is None:
+        return None
     if config.family == "roberta":
         limit -= config.pad_token_id + 1
     return limit
 
 
-def encode(tokenizer, text: str, limit: int) -> tuple[list[int], str | None]:
-    """Token ids of `text` (with the tokenizer's special tokens), truncated to `limit`; the note says so."""
+def encode(tokenizer, text: str, limit: int | None) -> tuple[list[int], str | None]:
+    """Token ids of `text` (with the tokenizer's special tokens), truncated to `limit` (None: no limit); the note
+    says so."""
     full = tokenizer.encode_batch([text])["input_ids"][0]
     if not full:
         raise ValueError("the input is empty after tokenisation; give some text")
-    if len(full) <= limit:
+    if limit is None or len(full) <= limit:
         return full, None
     ids = tokenizer.encode_batch([text], truncation=True, max_length=limit)["input_ids"][0]
     return ids, f"the input has {len(full)} tokens, more than the model's context of {limit}: truncated to {len(ids)}"
