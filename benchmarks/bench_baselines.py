@@ -6,10 +6,11 @@
    `lmforge finetune`, with the tfidf and frozen-lr baselines (`--baseline`) fitted on the very same folds.
    The TF-IDF row must equal that file's `tfidf_logreg` row, fold for fold: the check that the folds agree,
    so its fine-tuned MiniLM figure sits in the same table.
-2. lowdata: lstm-seed and all-MiniLM-L6-v2 fine-tuned on the first 100 / 200 / 500 / all shuffled training
-   sentences, with and without EDA (the training set x4: each sentence plus 3 variants), 3 seeds each (one for
-   all), scored on the catalog's 800 test sentences.
-3. pos: a BiLSTM tagger (`bilstm`) on `wsj-pos` with the most-frequent-tag baseline, against the MiniLM tagger
+2. lowdata: lstm-seed (from scratch, and over MiniLM's embedding table) and all-MiniLM-L6-v2 fine-tuned on
+   the first 100 / 200 / 500 / all shuffled training sentences, with and without EDA (the training set x4:
+   each sentence plus 3 variants), 3 seeds each (one for all), scored on the catalog's 800 test sentences.
+3. pos: a BiLSTM tagger (`bilstm`) on `wsj-pos`, from scratch and over MiniLM's embedding table
+   (`--model.embeddings`), with the most-frequent-tag baseline, against the MiniLM tagger
    of benchmarks/results/finetune_pos.json (same splits: the catalog's).
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_baselines.py [--only kfold,lowdata,pos] [--out DIR]
@@ -102,28 +103,59 @@ def kfold(args) -> dict:
     }
 
 
-# all-MiniLM-L6-v2 fine-tuned: the recorded k-fold recipe (batch 32, lr 1e-4) for 1 epoch on all the sentences,
-# 3 epochs on the small sets (a few steps per epoch there)
-MINILM = ["--train.batch_size=32", "--optim.lr=1e-4", "--optim.warmup_steps=10"]
-LOWDATA_MODELS = {"lstm-seed": LSTM, "all-MiniLM-L6-v2": MINILM}
+# all-MiniLM-L6-v2 fine-tuned as in the recorded k-fold recipe (lr 1e-4, warmup 10), in batches of 16 and for
+# about 1,500 sentences' worth of steps on the small sets (10 epochs of 90, 8 of 180, 3 of 450; 1 of all): a
+# few-shot run needs more passes than one epoch's handful of steps
+MINILM = ["--train.batch_size=16", "--optim.lr=1e-4", "--optim.warmup_steps=10"]
+# lstm-seed: the k-fold recipe without its fixed 4 epochs; on the small sets it gets about 3,000 sentences' worth
+# of steps (33 epochs of 90, 17 of 180, 7 of 450; 4 of all), else 90 sentences would be 8 steps of 64
+RECURRENT = [f for f in LSTM if not f.startswith("--epochs")]
+EMBEDDED = [f for f in RECURRENT if not f.startswith("--model.vocab_size")] + ["--model.embeddings=all-MiniLM-L6-v2"]
+
+
+def minilm_epochs(n: int) -> int:
+    return max(1, min(10, round(1500 / n))) if n else 1
+
+
+def recurrent_epochs(n: int) -> int:
+    return max(4, round(3000 / n)) if n else 4
+
+
+# row label -> (preset, recipe, epochs for n sentences); the embedded row is the seed's LSTM over MiniLM's
+# (frozen-at-start, then trained) embedding table and tokenizer: the pretrained word vectors Wei & Zou used
+LOWDATA_MODELS = {
+    "lstm-seed": ("lstm-seed", RECURRENT, recurrent_epochs),
+    "lstm-seed+minilm-embeddings": ("lstm-seed", EMBEDDED, recurrent_epochs),
+    "all-MiniLM-L6-v2": ("all-MiniLM-L6-v2", MINILM, minilm_epochs),
+}
 
 
 def lowdata(args) -> dict:
     """Each (model, size, augmentation) at every seed: train.seed draws the subset (the first N of the training
     sentences shuffled by it), the initialisation, the batch order and EDA's edits, so the spread is the spread a
-    user drawing N labelled sentences would see."""
-    out = {"test_sentences": None, "seeds": args.seeds, "runs": [], "table": [], "commands": []}
-    for model, recipe in LOWDATA_MODELS.items():
+    user drawing N labelled sentences would see. `--lowdata-models` reruns some rows and keeps the others from
+    the results file."""
+    path = RESULTS / "baselines_lowdata.json"
+    keep = set(LOWDATA_MODELS) - set(args.lowdata_models)
+    old = json.loads(path.read_text()) if path.exists() and keep else {"runs": [], "table": [], "commands": []}
+    out = {"test_sentences": old.get("test_sentences"), "seeds": args.seeds, "runs": [], "table": [], "commands": []}
+    for label in LOWDATA_MODELS:
+        if label in keep:
+            out["runs"] += [r for r in old["runs"] if r["model"] == label]
+            out["table"] += [r for r in old["table"] if r["model"] == label]
+            out["commands"] += [c for c in old["commands"] if f"--train.name={label}-" in c]
+            continue
+        model, recipe, epochs_for = LOWDATA_MODELS[label]
         for n in args.sizes:
             for augment in ("", "eda"):
                 accuracies = []
                 for seed in args.seeds if n else args.seeds[:1]:
-                    name = f"{model}-n{n or 'all'}{'-eda' if augment else ''}-s{seed}"
-                    epochs = [] if model == "lstm-seed" else [f"--epochs={3 if n else 1}"]
+                    name = f"{label}-n{n or 'all'}{'-eda' if augment else ''}-s{seed}"
                     flags = [
-                        "--task=classification", f"--model={model}", "--data=pang-lee-sentences", *recipe, *epochs,
-                        "--data.max_length=64", f"--data.max_examples={n}", "--eval-every=0", f"--train.seed={seed}",
-                        f"--train.threads={args.threads}", f"--out={args.out}", f"--train.name={name}",
+                        "--task=classification", f"--model={model}", "--data=pang-lee-sentences", *recipe,
+                        f"--epochs={epochs_for(n)}", "--data.max_length=64", f"--data.max_examples={n}",
+                        "--eval-every=0", f"--train.seed={seed}", f"--train.threads={args.threads}",
+                        f"--out={args.out}", f"--train.name={name}",
                     ]  # fmt: skip
                     if augment:
                         flags += ["--data.augment=eda", "--data.augment_factor=4"]
@@ -132,7 +164,7 @@ def lowdata(args) -> dict:
                     original = summary.get("augmented", {}).get("original", summary["examples"]["train"])
                     out["runs"].append(
                         {
-                            "model": model,
+                            "model": label,
                             "seed": seed,
                             "train_sentences": original,
                             "augment": augment or "none",
@@ -147,7 +179,7 @@ def lowdata(args) -> dict:
                     print(json.dumps(out["runs"][-1]), flush=True)
                 out["table"].append(
                     {
-                        "model": model,
+                        "model": label,
                         "train_sentences": original,
                         "augment": augment or "none",
                         "test_accuracy_mean": float(np.mean(accuracies)),
@@ -166,6 +198,10 @@ def pos(args) -> dict:
         f"--out={args.out}", "--train.name=bilstm-wsj-pos",
     ]  # fmt: skip
     summary, seconds = run(flags)
+    # the same tagger over MiniLM's embedding table and tokenizer: pretrained word vectors, no Transformer
+    embedded = [f for f in flags if not f.startswith(("--baseline", "--model.vocab_size", "--train.name"))]
+    embedded += ["--model.embeddings=all-MiniLM-L6-v2", "--train.name=bilstm-minilm-emb-wsj-pos"]
+    with_embeddings = run(embedded)[0]
     recorded = json.loads((RESULTS / "finetune_pos.json").read_text())
     return {
         "train_sentences": summary["examples"]["train"],
@@ -173,12 +209,16 @@ def pos(args) -> dict:
         "bilstm_token_accuracy": summary["test"]["token_accuracy"],
         "bilstm_f1_macro": summary["test"]["f1_macro"],
         "bilstm_train_seconds": round(summary["train_seconds"], 1),
+        "bilstm_minilm_embeddings_token_accuracy": with_embeddings["test"]["token_accuracy"],
+        "bilstm_minilm_embeddings_f1_macro": with_embeddings["test"]["f1_macro"],
+        "bilstm_minilm_embeddings_train_seconds": round(with_embeddings["train_seconds"], 1),
         "most_frequent_tag_token_accuracy": summary["baselines"]["most-frequent-tag"]["test"]["token_accuracy"],
         "minilm_token_accuracy (recorded)": recorded["minilm_token_accuracy"],
         "minilm_f1_macro (recorded)": recorded["minilm_f1_macro"],
         "minilm_command": recorded["command"],
         "seconds": round(seconds, 1),
         "command": command(flags),
+        "command_embeddings": command(embedded),
     }
 
 
@@ -191,6 +231,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[100, 200, 500, 0])
     parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
     parser.add_argument("--pos-epochs", type=int, default=10)
+    parser.add_argument(
+        "--lowdata-models", type=lambda s: s.split(","), default=list(LOWDATA_MODELS), help="lowdata rows to (re)run"
+    )
     parser.add_argument("--kfold-baselines", default="tfidf,frozen-lr")
     parser.add_argument("--kfold-recurrent", type=lambda s: [v for v in s.split(",") if v], default=["gru-seed"])
     parser.add_argument("--out", default="runs/bench-baselines")
