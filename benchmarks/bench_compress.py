@@ -12,13 +12,18 @@ Wanda or SparseGPT at 50% <= 1.35x dense perplexity and <= 0.5x magnitude's.
     python benchmarks/bench_compress.py [--samples 8] [--seq-len 256] [--eval-windows 16] [--threads 2]
         [--only 0.5,2:4] [--methods magnitude,wanda,sparsegpt] [--out benchmarks/results/compress_pruning.json]
 
-distill: all-MiniLM-L6-v2 fine-tuned on `pang-lee-sentences` (the teacher); a 3-layer student initialised from
-its layers 0, 2, 4 (`--keep-every 2`) distilled from it (soft targets at T plus hard labels), and the same
-student initialisation fine-tuned on hard labels alone for the same steps; test accuracy of all three and the
-CPU throughput (sentences/s, batch 32) of teacher and student. Targets: student >= 97% of the teacher's
-accuracy, >= 1.8x its throughput, above the hard-label student.
+distill: all-MiniLM-L6-v2 fine-tuned on `pang-lee-sentences` (the teacher, trained once); a 3-layer student
+initialised from layers 0, 2, 4 of the fine-tuned teacher (`--student-init teacher`, `--keep-every 2`) or of the
+pretrained all-MiniLM-L6-v2 with a new head (`--student-init pretrained`, DistilBERT's initialisation), distilled
+from the teacher (soft targets at T plus hard labels, optionally the hidden-state cosine or MSE), and the same
+initialisation fine-tuned on hard labels alone for the same steps, per seed (paired: both runs of a seed see
+the same batches); test accuracy of each, and the CPU throughput (sentences/s, batch 32) of teacher and student.
+Targets: student >= 97% of the teacher's accuracy, >= 1.8x its throughput, above the hard-label student.
+Results: `--distill-out` (benchmarks/results/compress_distill_<init>.json as recorded).
 
     python benchmarks/bench_compress.py --part distill [--steps 300] [--temperature 2] [--threads 2]
+        [--seeds 0,1,2] [--soft 1] [--hard 1] [--cosine 0] [--hidden 0] [--student-init teacher|pretrained]
+        [--reuse-teacher] [--distill-out FILE]
 
 The causal-LM distillation figure of the issue is not measured by this script.
 """
@@ -47,7 +52,20 @@ def main() -> None:
     parser.add_argument("--part", choices=("pruning", "distill"), default="pruning")
     parser.add_argument("--steps", type=int, default=300, help="distill: optimizer steps of each run")
     parser.add_argument("--temperature", type=float, default=2.0, help="distill: softmax temperature")
-    parser.add_argument("--runs", default="runs/bench-compress", help="distill: folder of the three runs")
+    parser.add_argument("--runs", default="runs/bench-compress", help="distill: folder of the runs")
+    parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0], help="distill")
+    parser.add_argument("--soft", type=float, default=1.0, help="distill: weight of the soft targets")
+    parser.add_argument("--hard", type=float, default=1.0, help="distill: weight of the hard labels")
+    parser.add_argument("--cosine", type=float, default=0.0, help="distill: weight of the hidden-state cosine loss")
+    parser.add_argument("--hidden", type=float, default=0.0, help="distill: weight of the hidden-state MSE")
+    parser.add_argument(
+        "--student-init",
+        choices=("teacher", "pretrained"),
+        default="teacher",
+        help="distill: the 3-layer student from the fine-tuned teacher's layers or the pretrained model's",
+    )
+    parser.add_argument("--reuse-teacher", action="store_true", help="distill: keep an existing teacher run")
+    parser.add_argument("--distill-out", default="benchmarks/results/compress_distill_teacher_init.json")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--data", default="wikipedia-sample")
     parser.add_argument("--samples", type=int, default=8, help="calibration windows")
@@ -127,6 +145,10 @@ def sentences_per_second(model_dir: Path, batch_size: int = 32, rounds: int = 3)
 
 
 def distill_classification(args: argparse.Namespace) -> None:
+    """Teacher once; then per seed (data order, dropout, new-head draws) the distilled student and the same
+    initialisation on hard labels alone, so the comparison is paired: both runs of a seed see the same batches."""
+    import numpy as np
+
     from lmforge.compress.distill import DistillSettings, distill
     from lmforge.finetune.config import FINETUNE
     from lmforge.finetune.recipe import finetune
@@ -134,36 +156,70 @@ def distill_classification(args: argparse.Namespace) -> None:
 
     common = ["--train.progress=false", "--train.tensorboard=false", "--epochs", "0", f"--max-steps={args.steps}"]
     common += ["--train.batch_size=32", "--eval-every=0", "--data=pang-lee-sentences", "--out", args.runs]
-    teacher = finetune(
-        parse_args([*common, "--task=classification", "--model=all-MiniLM-L6-v2", "--train.name=teacher"], FINETUNE)
+    common += [f"--train.threads={args.threads}"]
+    teacher_dir = Path(args.runs) / "teacher"
+    if args.reuse_teacher and (teacher_dir / "model").is_dir():
+        teacher_accuracy = json.loads((teacher_dir / "metrics.json").read_text())["accuracy"]
+    else:
+        flags = [*common, "--task=classification", "--model=all-MiniLM-L6-v2", "--train.name=teacher"]
+        teacher_accuracy = finetune(parse_args(flags, FINETUNE))["test"]["accuracy"]
+    settings = DistillSettings(
+        temperature=args.temperature, soft=args.soft, hard=args.hard, cosine=args.cosine, hidden=args.hidden
     )
-    settings = DistillSettings(temperature=args.temperature, soft=1.0, hard=1.0)
-    student = distill(
-        teacher["run_dir"], "classification", [*common, "--train.name=distilled"], every=2, settings=settings
-    )
-    init = Path(student["run_dir"]) / "student-init"
-    hard = finetune(
-        parse_args([*common, "--task=classification", f"--model={init}", "--train.name=hard-labels"], FINETUNE)
-    )
-    speeds = {}
+    init = None  # --student-init teacher: distill() keeps the teacher's layers 0, 2, 4 in each run folder
+    if args.student_init == "pretrained":  # DistilBERT's way: every other layer of the general-purpose model
+        from lmforge.compress.distill import keep_every
+        from lmforge.data.tokenizers.tokenizer import load_tokenizer
+        from lmforge.hf.save import save_model
+
+        source = resolve_model("all-MiniLM-L6-v2", presets=False).path
+        init = Path(args.runs) / "student-init-pretrained"
+        if not (init / "config.json").is_file():
+            general = load_model(source, head="sequence_classification", num_labels=2)
+            save_model(keep_every(general, 2), init, tokenizer=load_tokenizer(source), overwrite=True)
+    runs: dict[str, list[float]] = {"distilled": [], "hard_labels": []}
+    student_dir = None
+    for seed in args.seeds:
+        seeded = [*common, f"--train.seed={seed}"]
+        placement = {"every": 2} if init is None else {"student": str(init)}
+        student = distill(
+            str(teacher_dir), "classification", [*seeded, f"--train.name=distilled-s{seed}"], settings=settings,
+            **placement,
+        )  # fmt: skip
+        student_dir = Path(student["run_dir"])
+        start = init if init is not None else student_dir / "student-init"
+        hard = finetune(
+            parse_args(
+                [*seeded, "--task=classification", f"--model={start}", f"--train.name=hard-labels-s{seed}"],
+                FINETUNE,
+            )
+        )
+        runs["distilled"].append(student["test"]["accuracy"])
+        runs["hard_labels"].append(hard["test"]["accuracy"])
+        print(f"seed {seed}: distilled {runs['distilled'][-1]:.4f}, hard labels {runs['hard_labels'][-1]:.4f}")
+    speeds: dict[str, float] = {}
     for _ in range(2):  # alternate, so machine noise hits both alike
-        for name, run in (("teacher", teacher), ("student", student)):
-            speeds[name] = max(speeds.get(name, 0.0), sentences_per_second(Path(run["run_dir"]) / "model"))
-    accuracy = {
-        name: run["test"]["accuracy"]
-        for name, run in (("teacher", teacher), ("distilled", student), ("hard_labels", hard))
-    }
+        for name, folder in (("teacher", teacher_dir), ("student", student_dir)):
+            speeds[name] = max(speeds.get(name, 0.0), sentences_per_second(folder / "model"))
+    gaps = np.array(runs["distilled"]) - np.array(runs["hard_labels"])
+    mean = {name: float(np.mean(v)) for name, v in runs.items()}
     results = {
         "steps": args.steps,
-        "temperature": args.temperature,
-        "test_accuracy": accuracy,
-        "student_over_teacher_accuracy": accuracy["distilled"] / accuracy["teacher"],
+        "settings": {k: getattr(settings, k) for k in ("temperature", "soft", "hard", "cosine", "hidden")},
+        "seeds": args.seeds,
+        "student_init": args.student_init,
+        "test_accuracy": {"teacher": teacher_accuracy, **runs},
+        "test_accuracy_mean": mean,
+        "test_accuracy_std": {name: float(np.std(v)) for name, v in runs.items()},
+        "distilled_minus_hard_mean": float(gaps.mean()),
+        "distilled_minus_hard_sem": float(gaps.std(ddof=1) / np.sqrt(len(gaps))) if len(gaps) > 1 else None,
+        "student_over_teacher_accuracy": mean["distilled"] / teacher_accuracy,
         "sentences_per_s_batch_32": speeds,
         "student_speedup": speeds["student"] / speeds["teacher"],
         "command": "python " + " ".join(sys.argv),
     }
     print(json.dumps(results, indent=2))
-    write_json_atomic("benchmarks/results/compress_distill.json", results)
+    write_json_atomic(args.distill_out, results)
 
 
 if __name__ == "__main__":
