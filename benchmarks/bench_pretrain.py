@@ -21,6 +21,8 @@ The loop is nanoGPT's: AdamW, warmup + cosine, clip 1.0, no host sync but the lo
 
     .venv/bin/python benchmarks/bench_pretrain.py [--steps-a 40] [--steps-b 4] [--rounds 3] [--shapes a,b]
         [--dtypes float32,bfloat16] [--peers nanogpt,hf] [--lmforge-flag train.compile=true] [--skip-race]
+        [--race-shape 4,4,128] [--race-batch 32] [--race-lr 3e-3] [--race-dtype float32] [--race-compile]
+        [--race-baseline 1.7555 (skip the nanoGPT run)] [--race-out FILE]
 """
 
 from __future__ import annotations
@@ -283,28 +285,40 @@ def throughput(args, train_ids: np.ndarray, vocab_size: int, out: Path, peaks: d
 def race(args, text: str, out: Path) -> None:
     train_ids, val_ids, vocab = nanogpt_split(text)
     shape = SHAPES["a"]
-    torch.manual_seed(1337)
-    model = hf_model(shape, len(vocab))
-    _, steps = peer_loop(model, train_ids, shape, "float32", seconds=args.race_seconds)
-    model.eval()
-    baseline = full_split_loss(lambda x: model(input_ids=x).logits, val_ids, shape["block"])
-    print(
-        f"nanoGPT CPU recipe (HF GPT-2 loop): {steps} steps in {args.race_seconds:.0f} s, val {baseline:.4f} nats/char"
-    )
+    result: dict = {"seconds": args.race_seconds}
+    if args.race_baseline is None:
+        torch.manual_seed(1337)
+        model = hf_model(shape, len(vocab))
+        _, steps = peer_loop(model, train_ids, shape, "float32", seconds=args.race_seconds)
+        model.eval()
+        baseline = full_split_loss(lambda x: model(input_ids=x).logits, val_ids, shape["block"])
+        result["nanogpt_recipe"] = {"steps": steps, "val_nats_per_char": baseline}
+        print(
+            f"nanoGPT CPU recipe (HF GPT-2 loop): {steps} steps in {args.race_seconds:.0f} s, "
+            f"val {baseline:.4f} nats/char"
+        )
+    else:
+        baseline = args.race_baseline
+        result["nanogpt_recipe"] = {"val_nats_per_char": baseline, "recorded": True}
 
-    # Same model shapes as the baseline; the cosine schedule is sized to the time budget (nanoGPT's decays over
-    # 2000 iterations and then idles at min_lr), with a higher peak learning rate and (--race-batch) a larger
-    # batch, which keeps the 2 cores busier per optimizer step.
-    ours_shape = {"n_layer": 4, "n_head": 4, "d_model": 128, "block": 64, "batch": args.race_batch}
+    # lmforge's recipe: its own shape (--race-shape L,H,D), batch, peak lr, dtype and compile; the cosine schedule
+    # is sized to the time budget (nanoGPT's decays over 2000 iterations and then idles at min_lr)
+    n_layer, n_head, d_model = args.race_shape
+    ours_shape = {"n_layer": n_layer, "n_head": n_head, "d_model": d_model, "block": 64, "batch": args.race_batch}
     extra = {
-        "optim.lr": args.race_lr, "optim.min_lr": args.race_lr / 10, "optim.warmup_steps": 100, "optim.beta2": 0.99
+        "optim.lr": args.race_lr, "optim.min_lr": args.race_lr / 10, "optim.warmup_steps": 100, "optim.beta2": 0.99,
+        "train.compile": args.race_compile,
     }  # fmt: skip
     probe = "race-probe"  # calibrate steps per second, then size the schedule to the budget
-    pretrain(parse_args(lmforge_flags(ours_shape, out, args.race_dtype, 25, probe, extra)))
+    probe_steps = 40
+    start = time.perf_counter()
+    pretrain(parse_args(lmforge_flags(ours_shape, out, args.race_dtype, probe_steps, probe, extra)))
+    probe_seconds = time.perf_counter() - start
     tokens_per_step = ours_shape["batch"] * ours_shape["block"]
-    # 85%: the budget also pays for setup (data, tokenizer, model) and the final checkpoint, which the
-    # baseline's clock does not include
-    steps = int(lmforge_tokens_per_s(out / probe) / tokens_per_step * args.race_seconds * 0.85)
+    rate = lmforge_tokens_per_s(out / probe) / tokens_per_step  # steady steps per second
+    fixed = max(0.0, probe_seconds - probe_steps / rate)  # setup, compilation, the final checkpoint
+    # 95% of what the budget leaves after the fixed costs: the clock below includes them
+    steps = int(rate * (args.race_seconds - fixed) * 0.95)
     start = time.perf_counter()
     pretrain(parse_args(lmforge_flags(ours_shape, out, args.race_dtype, steps, "race", extra)))
     elapsed = time.perf_counter() - start
@@ -318,11 +332,22 @@ def race(args, text: str, out: Path) -> None:
     val_text = text[int(len(text) * 0.9) :]
     ids = np.asarray(tokenizer.encode(val_text, add_special_tokens=False), dtype=np.int64)
     ours = full_split_loss(lambda x: model(input_ids=x).logits, ids, ours_shape["block"])
-    print(
-        f"lmforge CPU recipe (4 x 128, block 64, batch {args.race_batch}, lr {args.race_lr:g}, {args.race_dtype}): "
-        f"{steps} steps in {elapsed:.0f} s (setup "
-        f"included), val {ours:.4f} nats/char; margin {baseline - ours:+.4f} nats/char"
+    recipe = (
+        f"{n_layer} x {d_model} ({n_head} heads), block 64, batch {args.race_batch}, lr {args.race_lr:g}, "
+        f"{args.race_dtype}{', compiled' if args.race_compile else ''}"
     )
+    result["lmforge"] = {
+        "recipe": recipe,
+        "steps": steps,
+        "seconds_setup_included": elapsed,
+        "fixed_seconds_from_probe": fixed,
+        "val_nats_per_char": ours,
+        "margin": baseline - ours,
+    }
+    print(f"lmforge CPU recipe ({recipe}): {steps} steps in {elapsed:.0f} s (setup included), val {ours:.4f} "
+          f"nats/char; margin {baseline - ours:+.4f} nats/char", flush=True)  # fmt: skip
+    if args.race_out:
+        Path(args.race_out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 def main() -> None:
@@ -334,6 +359,14 @@ def main() -> None:
     parser.add_argument("--race-batch", type=int, default=32, help="lmforge's race recipe: sequences per step")
     parser.add_argument("--race-lr", type=float, default=3e-3, help="lmforge's race recipe: peak learning rate")
     parser.add_argument("--race-dtype", default="float32", help="lmforge's race recipe: float32 or bfloat16")
+    parser.add_argument(
+        "--race-shape", type=lambda v: [int(x) for x in v.split(",")], default=[4, 4, 128], help="layers,heads,width"
+    )
+    parser.add_argument("--race-compile", action="store_true", help="lmforge's race recipe: train.compile")
+    parser.add_argument(
+        "--race-baseline", type=float, default=None, help="skip the nanoGPT run and use this recorded loss"
+    )
+    parser.add_argument("--race-out", default=None, help="race results JSON")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per shape and dtype")
     parser.add_argument("--shapes", type=lambda v: v.split(","), default=["a", "b"])
