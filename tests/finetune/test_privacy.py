@@ -269,9 +269,10 @@ def test_a_private_linear_probe_trains_only_the_head_of_a_mean_pooled_encoder(se
     """The recipe that works with little data (README, Trust): the encoder frozen, its mean-pooled sentence vector
     read by a linear head, the head trained by DP-SGD. Only the head's weights change, ε stays in budget, and
     the saved model keeps its pooling."""
+    from safetensors.torch import load_file
+
     from lmforge.cli import main
     from lmforge.hf.load import load_model
-    from safetensors.torch import load_file
 
     sentiment_file(tmp_path / "train.jsonl", 64, seed=0)
     run = [*PRIVATE_RUN, f"--data={tmp_path / 'train.jsonl'}", "--max-steps=3", f"--out={tmp_path}"]
