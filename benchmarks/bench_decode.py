@@ -12,7 +12,7 @@ A torch.profiler summary of --profile-steps decode steps, top ops by self CPU ti
 goes to benchmarks/results/decode_profile.txt (where the time went before and after).
 
     python benchmarks/bench_decode.py [--model SmolLM2-135M-Instruct] [--new-tokens 64] [--prompt-len 32]
-                                      [--repeats 3] [--threads 2] [--profile-steps 16]
+                                      [--repeats 3] [--threads 2] [--profile-steps 16] [--weights int8|fp32]
     python benchmarks/bench_decode.py --model llama-tiny --new-tokens 4 --repeats 1   # smoke run
 """
 
@@ -28,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lmforge.commands.generate import load_model_and_tokenizer
 from lmforge.generate import generate, prepare_for_decoding
+from lmforge.nn.quant import quantize_int8
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -101,17 +102,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile-steps", type=int, default=16)
+    parser.add_argument(
+        "--weights", choices=["fp32", "int8"], default="int8", help="int8: weight-only (what auto compiles on CPU)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, _ = load_model_and_tokenizer(args.model, None)
-    model = prepare_for_decoding(model.float().eval())
+    model = model.float().eval()
+    model = prepare_for_decoding(quantize_int8(model) if args.weights == "int8" else model)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(4))
 
     eager, compiled = lmforge_runner(model, ids, False), lmforge_runner(model, ids, True)
     compile_time = timed(lambda: compiled(args.new_tokens))
     same = torch.equal(eager(args.new_tokens), compiled(args.new_tokens))
-    print(f"{args.model}: batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} threads")
+    print(
+        f"{args.model} ({args.weights} weights): batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+        f"{args.threads} threads"
+    )
     print(f"first compiled run (compiles, or loads inductor's disk cache): {compile_time:.1f} s")
     print(f"greedy tokens identical, compiled vs eager: {same}")
     results = {"lmforge eager": decode_speed(eager, args.new_tokens, args.repeats)}
@@ -128,7 +136,10 @@ def main() -> None:
     else:
         print(f"compiled / llama.cpp decode: {results['lmforge compiled'][1] / results['llama.cpp'][1]:.2f}")
 
-    report = [f"{args.model}, batch 1, {args.profile_steps} decode steps, {args.threads} threads, top ops by self CPU"]
+    report = [
+        f"{args.model} ({args.weights} weights), batch 1, prompt {args.prompt_len}, {args.profile_steps} decode steps, "
+        f"{args.threads} threads, top ops by self CPU"
+    ]
     for name, flag in (("before: eager", False), ("after: compiled", True)):
         report += ["", f"== {name} ==", profile_steps(model, ids, args.profile_steps, flag)]
     RESULTS.mkdir(exist_ok=True)

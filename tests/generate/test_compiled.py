@@ -6,6 +6,7 @@ static-shape arithmetic in seconds; the slow ones compile it with inductor (tens
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -14,9 +15,10 @@ import pytest
 import torch
 
 from lmforge import build_model
-from lmforge.generate import compiled, generate, stream
-from lmforge.generate.compiled import COMPILE_MIN_PARAMETERS, bucket_length, resolve_compile
-from lmforge.nn.quant import quantize_int8
+from lmforge.generate import compiled, generate, prepare_for_decoding, stream
+from lmforge.generate.compiled import COMPILE_MIN_PARAMETERS, bucket_length, resolve_compile, weight_count
+from lmforge.nn.quant import has_packed_bf16_kernel, quantize_int8
+from lmforge.quantize.recipe import quantize_model
 
 NEW = 12
 CONTEXT = 64
@@ -103,16 +105,22 @@ def test_bucket_lengths_are_powers_of_two_capped_at_the_context():
     assert len({bucket_length(n, 2048) for n in range(1, 2049)}) == 6  # recompiles bounded per batch size
 
 
-def test_auto_compiles_only_large_plain_decoder_only_models_on_a_gpu(monkeypatch, small_model):
+def test_auto_compiles_large_decoder_only_models_float_on_a_gpu_and_int8_on_a_cpu(monkeypatch, small_model):
     tiny = small_model("gpt", CONTEXT)
-    assert sum(p.numel() for p in tiny.parameters()) < COMPILE_MIN_PARAMETERS
+    assert weight_count(tiny) < COMPILE_MIN_PARAMETERS
     assert not resolve_compile(tiny, "auto")
     assert resolve_compile(tiny, True)
     monkeypatch.setattr(compiled, "COMPILE_MIN_PARAMETERS", 1000)  # as if the tiny model were a real one
-    assert not resolve_compile(tiny, "auto")  # on CPU
-    monkeypatch.setattr(compiled, "AUTO_COMPILE_DEVICES", ("cpu",))  # as if this CPU were a GPU
+    assert not resolve_compile(tiny, "auto")  # float weights on CPU: nothing to gain
+    int8 = quantize_int8(copy.deepcopy(tiny))
+    assert weight_count(int8) == weight_count(tiny)  # int8 weights are buffers, counted as the float ones were
+    assert resolve_compile(int8, "auto")  # int8 on CPU: measured 1.4x
+    int4 = copy.deepcopy(tiny)
+    quantize_model(int4, "int4", 32)
+    assert not resolve_compile(int4, "auto")
+    monkeypatch.setattr(compiled, "AUTO_COMPILE", {"cpu": frozenset()})  # as if this CPU were a GPU
     assert resolve_compile(tiny, "auto")
-    assert not resolve_compile(quantize_int8(tiny), "auto")  # its own kernels: eager unless asked
+    assert not resolve_compile(int8, "auto")
     t5 = build_model("t5-tiny").eval()
     assert not resolve_compile(t5, "auto")
     with pytest.raises(ValueError, match="no compiled decode step"):
@@ -121,13 +129,28 @@ def test_auto_compiles_only_large_plain_decoder_only_models_on_a_gpu(monkeypatch
         resolve_compile(tiny, "yes")
 
 
+@pytest.mark.skipif(not has_packed_bf16_kernel(), reason="this PyTorch build has no oneDNN bf16 weight packing")
+def test_packed_bf16_weights_asked_to_compile_decode_eagerly_with_a_warning(monkeypatch, small_model):
+    def refuse(*args):
+        raise AssertionError("packed bf16 layers must not reach inductor (it fails to lower their op)")
+
+    monkeypatch.setattr(compiled, "_compiled_step", (refuse, refuse))
+    model = prepare_for_decoding(small_model("llama", CONTEXT).to(torch.bfloat16))
+    assert "PackedLinear" in compiled.quant_layer_kinds(model)
+    input_ids, attention_mask = left_padded_prompts()
+    eager = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile=False)
+    with pytest.warns(UserWarning, match="packed for oneDNN.*decoding eagerly"):
+        asked = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile=True)
+    assert torch.equal(asked.tokens, eager.tokens)
+
+
 def test_auto_falls_back_to_eager_decoding_when_the_step_does_not_compile(monkeypatch, small_model):
     def no_compiler(*args):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(compiled, "_compiled_step", (no_compiler, no_compiler))
     monkeypatch.setattr(compiled, "COMPILE_MIN_PARAMETERS", 1000)
-    monkeypatch.setattr(compiled, "AUTO_COMPILE_DEVICES", ("cpu",))
+    monkeypatch.setattr(compiled, "AUTO_COMPILE", {"cpu": frozenset()})
     model = small_model("gpt", CONTEXT)
     input_ids, attention_mask = left_padded_prompts()
     eager = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile=False)
@@ -145,9 +168,10 @@ def test_encoder_decoders_decode_eagerly_under_auto():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["gpt", "llama"])
+@pytest.mark.parametrize("family", ["gpt", "llama", "llama-int8"])
 def test_inductor_compiled_step_matches_eager_greedy_tokens_without_recompiling(family, small_model):
-    model = small_model(family, CONTEXT)
+    model = small_model(family.removesuffix("-int8"), CONTEXT)
+    model = quantize_int8(model) if family.endswith("-int8") else model
     input_ids, attention_mask = left_padded_prompts()
     eager = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile=False)
     fast = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile=True)

@@ -21,6 +21,12 @@ disk (`inductor_cache_dir`), and a second process reuses them instead of compili
 
 The prompt (prefill) stays eager: it runs once per request at a length that changes with every prompt.
 
+On a CPU, what compiling saves is the Python dispatch between the matrix products: it pays where those
+products are cheap, i.e. int8 weights (`_weight_int8pack_mm`; SmolLM2-135M 88 -> 116-133 tok/s), and not for
+fp32 weights, whose step is bound by streaming 4 bytes per weight (`AUTO_COMPILE`). Per step, dynamo still
+checks its guards over the model's tensors before calling the graph (~1 ms at SmolLM2's 272 tensors, measured
+by torch.profiler as "TorchDynamo Cache Lookup"; `benchmarks/results/decode_profile.txt`).
+
 On a GPU the step runs as a CUDA graph (mode="reduce-overhead"): the kernels of a whole step are launched as
 one. A graph replays fixed memory addresses, and the step writes the cache, the mask and the position in
 place, so inductor captures it only when those tensors are marked static (`torch._dynamo.mark_static_address`);
@@ -49,13 +55,17 @@ COMPILE_MIN_PARAMETERS = 100_000_000
 """`compile="auto"` compiles models of at least this many parameters. Below it (the tiny presets) the first
 compile costs more than a short generation can save."""
 
-AUTO_COMPILE_DEVICES = ("cuda",)
-"""Where `compile="auto"` compiles. On a GPU an eager step is mostly kernel launches, which a CUDA graph replays
-as one. On CPU it is not on by default: measured on a 2-core machine (busy with other jobs, so roughly),
-SmolLM2-135M shapes decoded at ~2.5 tok/s eager, compiled, and compiled with inductor's `freezing` alike
-(batch 1, fp32: a step is bound by streaming the weights from memory), and the first compile took 2-5 minutes
-(the disk cache spares later processes most of it); compile=True (--compile) is there to try it anyway.
-`benchmarks/bench_decode.py` measures it on a quiet machine."""
+AUTO_COMPILE: dict[str, frozenset[str]] = {"cuda": frozenset(), "cpu": frozenset({"QuantizedLinear"})}
+"""Where `compile="auto"` compiles, and for which weights: device type -> the `lmforge.nn.quant` layer kinds
+the model's Linears must be (an empty set: plain float layers). Measured on SmolLM2-135M, batch 1, 128-token
+prompt, 64 new tokens (`benchmarks/bench_decode.py`, `bench_generate.py --smollm`):
+- GPU (one H200, bf16): a CUDA graph of the step decodes at 513 tok/s against 34.7 eager; an eager step is
+  mostly kernel launches.
+- CPU (2 quiet AVX-512 cores): int8 weight-only 128-133 tok/s compiled against 81-93 eager (inductor fuses
+  the norms, RoPE, residuals and cache writes around `_weight_int8pack_mm` into C++ loops; the first compile
+  takes ~7 s cold). Float weights gain nothing on CPU, where a step streams the weights from memory: fp32 35
+  vs 34 tok/s, and bf16 compiled (55) loses to eager bf16 with oneDNN-packed weights (67-71), which inductor
+  cannot lower; int4 (bf16 activations) 95 compiled vs 78 eager, behind int8."""
 
 MIN_BUCKET = 64
 COMPILED_MODES = ("auto", True, False)
@@ -178,27 +188,52 @@ def supports_compiled_decoding(model: nn.Module) -> bool:
     )
 
 
+def quant_layer_kinds(model: nn.Module) -> frozenset[str]:
+    """The `lmforge.nn.quant` layer classes in `model` (QuantizedLinear, Int4Linear, PackedLinear)."""
+    return frozenset(type(m).__name__ for m in model.modules() if type(m).__module__ == "lmforge.nn.quant")
+
+
+def weight_count(model: nn.Module) -> int:
+    """Parameters plus the weights and biases of quantised or packed layers, which are buffers or opaque
+    tensors: the parameter count of the float model they came from."""
+    quant = sum(
+        (m.in_features + (m.bias is not None)) * m.out_features
+        for m in model.modules()
+        if type(m).__module__ == "lmforge.nn.quant"
+    )
+    return sum(p.numel() for p in model.parameters()) + quant
+
+
 def resolve_compile(model: nn.Module, compile: bool | str) -> bool:
-    """Whether to decode with the compiled step. "auto": models that support it, on a GPU
-    (`AUTO_COMPILE_DEVICES`), of at least `COMPILE_MIN_PARAMETERS`, without quantized layers; True: compile,
-    and say why not when the model cannot be; False: eager."""
+    """Whether to decode with the compiled step. "auto": decoder-only models of at least
+    `COMPILE_MIN_PARAMETERS` whose device and layer kinds `AUTO_COMPILE` lists (float on a GPU, int8 on a CPU);
+    True: compile, and say why not when the model cannot be; False: eager.
+
+    oneDNN-packed bf16 layers (`prepare_for_decoding` on CPU) have no compiled form (inductor cannot lower
+    their op); with True they decode eagerly with a warning, which is also the faster of the two there."""
     if compile not in COMPILED_MODES:
         raise ValueError(f"compile={compile!r}; choose 'auto', True or False")
     if compile is False:
         return False
     supported = supports_compiled_decoding(model)
+    kinds = quant_layer_kinds(model)
     if compile is True:
         if not supported:
             raise ValueError(
                 f"{type(model).__name__} (head {getattr(getattr(model, 'config', None), 'head', None)!r}) has no "
                 "compiled decode step: only decoder-only gpt/llama models do; pass compile=False (--no-compile)"
             )
+        if "PackedLinear" in kinds:
+            warnings.warn(
+                "bf16 weights packed for oneDNN have no compiled decode step; decoding eagerly (on CPU that is "
+                "the faster bf16 path: 67-71 vs 55 tok/s compiled unpacked on SmolLM2-135M)",
+                stacklevel=3,
+            )
+            return False
         return True
-    # int8/int4/packed-bf16 layers (`lmforge.nn.quant`) call kernels of their own, which inductor cannot fuse
-    plain = not any(type(m).__module__ == "lmforge.nn.quant" for m in model.modules())
     device = next(model.parameters(), torch.empty(0)).device.type
-    large = sum(p.numel() for p in model.parameters()) >= COMPILE_MIN_PARAMETERS
-    return supported and plain and large and device in AUTO_COMPILE_DEVICES
+    large = weight_count(model) >= COMPILE_MIN_PARAMETERS
+    return supported and large and AUTO_COMPILE.get(device) == kinds
 
 
 def inductor_cache_dir() -> Path:

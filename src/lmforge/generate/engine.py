@@ -311,7 +311,8 @@ def stream(
     eos_token_id (one id or several) defaults to the model config's; stop_strings need a tokenizer
     (anything with `decode(ids) -> str`). `seed` (an int or a torch.Generator) makes sampling reproducible.
     compile: True runs each new token through one compiled graph (`lmforge.generate.compiled`; the prompt
-    stays eager), False runs eagerly, "auto" compiles decoder-only models of >= 100M parameters on a GPU.
+    stays eager), False runs eagerly, "auto" compiles decoder-only models of >= 100M parameters where it was
+    measured to pay: float weights on a GPU, int8 weights on a CPU (`lmforge.generate.compiled.AUTO_COMPILE`).
     """
     params = SamplingParams(
         do_sample, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty
