@@ -53,6 +53,7 @@ def test_each_task_defaults_to_its_pretrained_model():
         "token-classification": "all-MiniLM-L6-v2",
         "qa": "all-MiniLM-L6-v2",
         "sft": "SmolLM2-135M-Instruct",
+        "lm": "SmolLM2-135M-Instruct",
         "seq2seq": "transformer-tiny",  # no pretrained encoder-decoder offline: a preset, with a warning
     }
     assert {name: TASKS[name].default_model for name in TASKS} == expected

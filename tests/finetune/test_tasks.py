@@ -25,7 +25,7 @@ SURFACE = (
 
 
 def test_every_registered_task_implements_the_whole_surface():
-    assert list(TASKS) == ["classification", "token-classification", "qa", "seq2seq", "sft"]
+    assert list(TASKS) == ["classification", "token-classification", "qa", "seq2seq", "sft", "lm"]
     for name, cls in TASKS.items():
         assert cls.name == name and cls.head in HEADS, name
         assert not cls.__abstractmethods__, (name, sorted(cls.__abstractmethods__))
@@ -50,7 +50,7 @@ def test_a_task_missing_a_part_is_refused_when_defined():
         type("Headless", (qa,), {"name": "headless", "head": ""})
     with pytest.raises(TypeError, match="two tasks are named 'qa'"):
         type("Again", (qa,), {"name": "qa"})
-    assert list(TASKS) == ["classification", "token-classification", "qa", "seq2seq", "sft"]  # none registered
+    assert list(TASKS) == ["classification", "token-classification", "qa", "seq2seq", "sft", "lm"]  # none registered
 
 
 def test_config_offers_exactly_the_registered_tasks():

@@ -257,7 +257,7 @@ def random_weights_warning(config: FinetuneConfig, n_train: int) -> str | None:
         else f"no pretrained {task.name} model ships with lmforge, so expect low scores on little data"
     )
     return (
-        f"warning: {name} is a preset with random weights and the training set has {n_train:,} examples "
+        f"warning: {name} is a preset with random weights and the training set has {n_train:,} {task.record_unit} "
         f"(< {SMALL_DATASET:,}): it will learn little; {advice}"
     )
 
@@ -383,7 +383,8 @@ def _finetune(
     global_batch = tc.batch_size * info.dp_size
     if len(train_features) < global_batch:
         raise ValueError(
-            f"{len(train_features)} training examples cannot fill one batch of {global_batch}; lower train.batch_size"
+            f"{len(train_features)} training {task.feature_unit} cannot fill one batch of {global_batch}; "
+            "lower train.batch_size"
         )
     loader = FeatureBatches(
         train_features, global_batch, pad_id=task.pad_id, seed=tc.seed, shuffle=True, drop_last=True
@@ -409,7 +410,8 @@ def _finetune(
         info,
         f"fine-tuning {config.model.name} for {task.name} ({millions(counts['trainable_parameters'])} of "
         f"{millions(counts['parameters'])} parameters trained, {config.task.method}) on {data.source}: "
-        f"{len(data.train)} train / {len(data.validation)} validation / {len(data.test or [])} test examples, "
+        f"{len(data.train)} train / {len(data.validation)} validation / {len(data.test or [])} test "
+        f"{task.record_unit}, "
         f"{tc.max_steps} steps; run folder {run_dir}",
     )
     for key, value in task.stats.items():

@@ -90,6 +90,7 @@ class Task(Objective, ABC):
     head: ClassVar[str] = ""  # the model head the task trains (`lmforge.models.config.HEADS`)
     default_model: ClassVar[str] = ""  # model.name when none is given: pretrained where available, else a preset
     feature_unit: ClassVar[str] = "examples"  # what one feature is, as the progress bars count them
+    record_unit: ClassVar[str] = "examples"  # what one record is, as the start line counts them
     predicts_from_features: ClassVar[bool] = True  # False: predict() reads the records, features are not built
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
