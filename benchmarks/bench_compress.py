@@ -235,6 +235,24 @@ def distill_classification(args: argparse.Namespace) -> None:
     write_json_atomic(args.distill_out, results)
 
 
+def lm_perplexities(args: argparse.Namespace, models: dict[str, Path]) -> dict[str, float]:
+    """Validation perplexity of each model on the blocks the runs are scored on (the lm task's evaluation)."""
+    from lmforge.finetune.config import FINETUNE
+    from lmforge.finetune.datasets import catalog_dataset, catalog_splits
+    from lmforge.finetune.tasks import TASKS
+    from lmforge.train.config import parse_args
+
+    flags = ["--task=lm", f"--data={args.data}", f"--data.max_length={args.block}", "--train.progress=false"]
+    config = parse_args(flags, FINETUNE)
+    records = catalog_splits(args.data, catalog_dataset(args.data), config)["validation"]
+    task = TASKS["lm"](config, load_tokenizer(resolve_model(args.model, presets=False).path))
+    features = task.encode(records, "validation")
+    return {
+        name: task.evaluate(load_model(path, dtype="float32").eval(), records, features)[0]["perplexity"]
+        for name, path in models.items()
+    }
+
+
 def distill_causal_lm(args: argparse.Namespace) -> None:
     """Per seed: the distilled half-depth student and the same initialisation on the tokens alone (paired)."""
     from lmforge.compress.distill import DistillSettings, distill
@@ -265,6 +283,7 @@ def distill_causal_lm(args: argparse.Namespace) -> None:
             f"seed {seed}: perplexity distilled {runs['distilled'][-1]:.3f}, tokens only {runs['tokens_only'][-1]:.3f}"
         )
     ratios = [d / t for d, t in zip(runs["distilled"], runs["tokens_only"], strict=True)]
+    context = lm_perplexities(args, {"teacher": resolve_model(args.model, presets=False).path, "student_init": init})
     results = {
         "teacher": args.model,
         "student": "the teacher's layers 0, 2, ..., (--keep-every 2)",
@@ -277,6 +296,7 @@ def distill_causal_lm(args: argparse.Namespace) -> None:
         "seeds": args.seeds,
         "validation_perplexity": runs,
         "distilled_over_tokens_only": ratios,
+        "validation_perplexity_untrained": context,
         "seconds_last_seed": seconds,
         "command": "python " + " ".join(sys.argv),
     }
