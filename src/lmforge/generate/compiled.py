@@ -188,19 +188,20 @@ def supports_compiled_decoding(model: nn.Module) -> bool:
     )
 
 
+def quant_layers(model: nn.Module) -> list[nn.Module]:
+    """The `lmforge.nn.quant` layers in `model` (QuantizedLinear, Int4Linear, PackedLinear)."""
+    return [m for m in model.modules() if type(m).__module__ == "lmforge.nn.quant"]
+
+
 def quant_layer_kinds(model: nn.Module) -> frozenset[str]:
-    """The `lmforge.nn.quant` layer classes in `model` (QuantizedLinear, Int4Linear, PackedLinear)."""
-    return frozenset(type(m).__name__ for m in model.modules() if type(m).__module__ == "lmforge.nn.quant")
+    """The class names of `model`'s `quant_layers`."""
+    return frozenset(type(m).__name__ for m in quant_layers(model))
 
 
 def weight_count(model: nn.Module) -> int:
     """Parameters plus the weights and biases of quantised or packed layers, which are buffers or opaque
     tensors: the parameter count of the float model they came from."""
-    quant = sum(
-        (m.in_features + (m.bias is not None)) * m.out_features
-        for m in model.modules()
-        if type(m).__module__ == "lmforge.nn.quant"
-    )
+    quant = sum((m.in_features + (m.bias is not None)) * m.out_features for m in quant_layers(model))
     return sum(p.numel() for p in model.parameters()) + quant
 
 
