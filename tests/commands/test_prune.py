@@ -165,3 +165,60 @@ def test_one_pass_wanda_with_a_pattern(tmp_path, capsys, tiny_lm, calibration_fi
     for name in json.loads((out / "sparsity.json").read_text())["layers"]:
         weight = model.get_submodule(name).weight
         assert int((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1).max()) <= 2, name
+
+
+@pytest.fixture(scope="module")
+def sparse_lm(tmp_path_factory, tiny_lm, calibration_file) -> Path:
+    """tiny_lm pruned to 50% by SparseGPT, through the CLI."""
+    out = tmp_path_factory.mktemp("sparse") / "pruned"
+    code = main([
+        "prune", str(tiny_lm), "--method", "sparsegpt", "--sparsity", "0.5", "--calibration", str(calibration_file),
+        "--samples", "4", "--seq-len", "32", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def recover(capsys, sparse_lm: Path, calibration_file: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    """A short, deliberately large-lr fine-tune of the pruned model on plain text (`--task lm`), its documents
+    ten lines of the calibration text each."""
+    lines = calibration_file.read_text().splitlines()
+    documents = out.parent / f"{out.name}-documents.jsonl"
+    documents.write_text("".join(json.dumps({"text": " ".join(lines[i : i + 10])}) + "\n" for i in range(0, 500, 10)))
+    return run_cli(
+        capsys, "finetune", "--task", "lm", "--model", sparse_lm, "--data", documents, "--out", out,
+        "--max-steps", "4", "--epochs", "0", "--train.batch_size", "4", "--data.max_length", "32", "--optim.lr", "1e-2",
+        "--optim.warmup_steps", "0", "--train.progress=false", "--train.tensorboard=false", "--train.threads=1",
+        "--train.name", "recovered", *flags,
+    )  # fmt: skip
+
+
+def test_recovery_fine_tuning_keeps_the_pruned_zeros(tmp_path, capsys, sparse_lm, calibration_file):
+    """The zeros after fine-tuning are exactly the pruned folder's, the other weights did train, and the saved
+    model carries a sparsity.json measured again; with task.keep_sparsity=false the same run refills them."""
+    result = recover(capsys, sparse_lm, calibration_file, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "keeping the model's zeros: 50.0% of its pruned layers' weights" in result.stderr + result.stdout
+    pruned, tuned = load_model(sparse_lm), load_model(tmp_path / "recovered" / "model")
+    record = json.loads((sparse_lm / "sparsity.json").read_text())
+    for name in record["layers"]:
+        before, after = pruned.get_submodule(name).weight, tuned.get_submodule(name).weight
+        assert torch.equal(before == 0, after == 0), name
+        assert not torch.allclose(before[before != 0], after[after != 0]), name  # the live weights trained
+    saved = json.loads((tmp_path / "recovered" / "model" / "sparsity.json").read_text())
+    assert saved["method"] == "sparsegpt" and saved["fine_tuned"] == str(tmp_path / "recovered")
+    assert saved["layers"] == pytest.approx(record["layers"]) and saved["overall"] == pytest.approx(0.5, abs=0.01)
+
+    result = recover(capsys, sparse_lm, calibration_file, tmp_path / "free", "--task.keep_sparsity=false")
+    assert result.returncode == 0, result.stderr
+    free = load_model(tmp_path / "free" / "recovered" / "model")
+    zeros = [float((free.get_submodule(name).weight == 0).float().mean()) for name in record["layers"]]
+    assert max(zeros) < 0.01  # without the masks the first step refills them
+    assert not (tmp_path / "free" / "recovered" / "model" / "sparsity.json").exists()
+
+
+def test_lora_on_a_pruned_model_is_one_line(tmp_path, capsys, sparse_lm, calibration_file):
+    result = recover(capsys, sparse_lm, calibration_file, tmp_path, "--task.method=lora")
+    assert result.returncode == 2
+    assert "LoRA's merged update B A is dense" in result.stderr and "task.method=full" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -28,8 +28,8 @@ from lmforge.compress.prune import METHODS, Sparsity, calibration_batches, prune
 from lmforge.compress.structured import remove_units
 from lmforge.hf.files import check_destination
 from lmforge.io import atomic_folder, write_json_atomic
+from lmforge.train.sparsity import SPARSITY_FILE
 
-SPARSITY_FILE = "sparsity.json"
 TASK_FILE = "task.json"  # a fine-tuned model's task record (lmforge.finetune.recipe), copied as it is
 HELD_OUT = 0.1  # the last tenth of the calibration tokens scores perplexity, never calibrates
 

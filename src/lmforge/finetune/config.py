@@ -104,6 +104,9 @@ class TaskSection:
     merge: bool = opt(True, "LoRA: also save the model with the adapter merged into the weights")
     freeze_embeddings: bool = opt(False, "keep the embeddings fixed")
     freeze_layers: int = opt(0, "keep the first N Transformer layers fixed")
+    keep_sparsity: bool = opt(
+        True, "a model pruned by lmforge prune (its sparsity.json) keeps its zeros while training; false: they refill"
+    )
     layer_lr_decay: float = opt(1.0, "layer-wise lr decay: layer i of L trains at lr x decay^(L - i) (1: off)")
     label_smoothing: float = opt(
         0.0, "train against (1 - e) one-hot + e uniform targets (Szegedy et al. 2016); evaluation losses stay plain"

@@ -46,6 +46,7 @@ from lmforge.train.objective import Objective
 from lmforge.train.optim import add_loss_groups, build_optimizer, build_scheduler
 from lmforge.train.parallel import canonical_rows, fused_layouts, parallel_mode
 from lmforge.train.runlock import run_lock
+from lmforge.train.sparsity import SPARSITY_FILE, SparsityMasks, sparsity_record
 
 MIN_FREE_BYTES = 64 << 20
 TASK_FILE = "task.json"
@@ -364,6 +365,7 @@ def _finetune(
         say(info, note)
     raw_model = raw_model.to(device)
     mode.check(raw_model.config, tc, info.world_size)
+    sparsity = pruned_masks(config, raw_model, mode)
     counts = adapt(raw_model, config)
     training_loss = task if objective is None else objective(task, raw_model)
     if training_loss.loss_module is not None:
@@ -371,6 +373,9 @@ def _finetune(
     raw_model = mode.shard(raw_model, info, tc)  # LoRA's weights included; before the optimizer sees them
     optimizer = build_finetune_optimizer(raw_model, config)
     add_loss_groups(optimizer, training_loss.loss_module, config.optim)
+    if sparsity is not None:
+        sparsity[0].attach(optimizer)
+        say(info, f"keeping the model's zeros: {sparsity[0].overall():.1%} of its pruned layers' weights")
     warmup = config.optim.warmup_steps
     scheduler = build_scheduler(optimizer, config.optim, tc.max_steps) if warmup < tc.max_steps else None
     if scheduler is None:
@@ -500,8 +505,10 @@ def _finetune(
             splits,
             lambda preset, settings: train_baseline(preset, settings, data, "test" in splits),
         )
+    if sparsity is not None:
+        summary["sparsity"] = sparsity[0].overall()
     if save_model:
-        save_final(raw_model, task, config, run_dir)
+        save_final(raw_model, task, config, run_dir, sparsity)
         summary["model_dir"] = str(run_dir / "model")
     if report:
         from lmforge.finetune.reporting import write_run_report
@@ -580,9 +587,16 @@ def whole_model(sharded: nn.Module, config: FinetuneConfig, task: Task, tokenize
     return model
 
 
-def save_final(model: nn.Module, task: Task, config: FinetuneConfig, run_dir: Path) -> None:
+def save_final(
+    model: nn.Module,
+    task: Task,
+    config: FinetuneConfig,
+    run_dir: Path,
+    sparsity: tuple[SparsityMasks, dict[str, Any]] | None = None,
+) -> None:
     """run_dir/model: the fine-tuned model (LoRA merged) in lmforge's format with tokenizer and task.json;
-    run_dir/adapter: the LoRA adapter alone, loadable by peft."""
+    run_dir/adapter: the LoRA adapter alone, loadable by peft. A pruned model trained with its zeros kept also
+    gets a sparsity.json: the pruning record, each layer's fraction of zeros measured again, and this run."""
     import copy
 
     from lmforge.hf.save import save_model
@@ -601,6 +615,31 @@ def save_final(model: nn.Module, task: Task, config: FinetuneConfig, run_dir: Pa
         p.requires_grad_(True)
     save_model(final, run_dir / "model", tokenizer=task.saved_tokenizer(), overwrite=True)
     write_json_atomic(run_dir / "model" / TASK_FILE, task_record(task, config))
+    if sparsity is not None:
+        masks, record = sparsity
+        record = {**record, "layers": masks.fractions(), "overall": masks.overall(), "fine_tuned": str(run_dir)}
+        write_json_atomic(run_dir / "model" / SPARSITY_FILE, record)
+
+
+def pruned_masks(config: FinetuneConfig, model: nn.Module, mode: Any) -> tuple[SparsityMasks, dict[str, Any]] | None:
+    """The zeros to keep while training a model that `lmforge prune` sparsified (`task.keep_sparsity`), with its
+    sparsity.json record; None for any other model. LoRA and sharded training are refused on such a model: the
+    merged update B A is dense, and a sharded weight is not the matrix the mask was read from."""
+    path = Path(resolve_model(config.model.name))
+    record = sparsity_record(path) if path.is_dir() else None
+    if record is None or not config.task.keep_sparsity:
+        return None
+    if config.task.method == "lora":
+        raise ValueError(
+            f"{config.model.name} is pruned (its sparsity.json) and LoRA's merged update B A is dense, so it would "
+            "refill the zeros: use task.method=full, which keeps them, or task.keep_sparsity=false"
+        )
+    if mode.sharded or mode.tensor_parallel:
+        raise ValueError(
+            f"{config.model.name} is pruned (its sparsity.json) and train.parallel={mode.name} shards the weights "
+            "whose zeros are kept: use train.parallel=ddp (or none), or task.keep_sparsity=false"
+        )
+    return SparsityMasks(model, list(record["layers"])), record
 
 
 # ------------------------------------------------------------------------------------------ K-fold
