@@ -63,6 +63,16 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def long_checkpoint(tmp_path_factory) -> Path:
+    """The same model with a 16,384-token context, for tests that need a request which cannot finish before a
+    short deadline: 16,000 tokens take ~20 s to decode on one core, 10x any timeout those tests set, where
+    4,000 tokens of the 4096-context model take ~1.3 s, too close to a 2 s deadline on a fast machine."""
+    torch.manual_seed(0)
+    model = build_model("gpt-tiny", vocab_size=512, n_layer=2, max_seq_len=16384)
+    return save_model(model, tmp_path_factory.mktemp("serve-long") / "tiny-chat", tokenizer=train_chat_tokenizer())
+
+
+@pytest.fixture(scope="session")
 def variant(checkpoint, tmp_path_factory):
     """variant(chat_template=..., generation_config=...) -> a copy of `checkpoint` (same folder name, so the
     same served name) with that chat_template in its tokenizer_config.json and/or a generation_config.json."""

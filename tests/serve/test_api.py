@@ -20,6 +20,7 @@ openai = pytest.importorskip("openai")
 KEY = "test-key-123"
 LOOPING_TEMPLATE = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"  # 10^10 steps
 AUTH = {"Authorization": f"Bearer {KEY}"}
+LONG = 16000  # tokens of a request that the `tight` server (16,384-token context) cannot finish in its 2 s
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +33,10 @@ def guarded(start_server, checkpoint):
 
 
 @pytest.fixture(scope="module")
-def tight(start_server, checkpoint):
-    """One worker, one queue slot, 2 s per request: a 4000-token request can never finish in time."""
-    args = [str(checkpoint), "--concurrency", "1", "--queue-size", "1", "--timeout", "2", "--max-tokens-limit", "4000"]
+def tight(start_server, long_checkpoint):
+    """One worker, one queue slot, 2 s per request: a 16,000-token request can never finish in time."""
+    args = [str(long_checkpoint), "--concurrency", "1", "--queue-size", "1", "--timeout", "2"]
+    args += ["--max-tokens-limit", str(LONG), "--max-tokens-per-slot", str(LONG + 64)]
     server = start_server(args)
     yield server
     server.stop()
@@ -277,14 +279,14 @@ def test_a_chat_template_that_loops_for_hours_is_a_prompt_500_and_the_server_sta
     assert_still_serving(looping)
 
 
-def long_request(server, max_tokens: int = 4000, stream: bool = False):
+def long_request(server, max_tokens: int = LONG, stream: bool = False):
     payload = {"model": "tiny-chat", "prompt": "go", "max_tokens": max_tokens, "ignore_eos": True, "stream": stream}
     return server.post("/v1/completions", payload)
 
 
 def long_request_with_headers(server) -> tuple[int, dict, dict[str, str]]:
     """(status, parsed JSON, headers) of one long completion: `Server.request` drops the headers."""
-    payload = {"model": "tiny-chat", "prompt": "go", "max_tokens": 4000, "ignore_eos": True}
+    payload = {"model": "tiny-chat", "prompt": "go", "max_tokens": LONG, "ignore_eos": True}
     body = json.dumps(payload).encode()
     request = urllib.request.Request(
         server.url + "/v1/completions", body, {"Content-Type": "application/json"}, method="POST"
@@ -315,7 +317,7 @@ def test_a_full_queue_answers_503_at_once_with_retry_after_and_the_server_stays_
     for status, body, headers in busy:
         assert_error(status, body, 503, "server is busy", "--concurrency + --queue-size", code="server_busy")
         assert headers.get("retry-after") == "1", headers
-    assert all(status == 504 for status, _, _ in admitted)  # 4000 tokens cannot finish in 2 s
+    assert all(status == 504 for status, _, _ in admitted)  # LONG tokens cannot finish in 2 s
     assert answered[:4] == [503] * 4  # refused at once: while the admitted requests still held the worker
     wait_until_idle(tight)
     assert_still_serving(tight)
@@ -344,7 +346,7 @@ def test_streamed_timeout_ends_the_stream_with_an_error_event(tight):
     received = []
     with pytest.raises(openai.APIError, match="did not finish within 2 s"):
         for chunk in client.completions.create(
-            model="tiny-chat", prompt="go", max_tokens=4000, stream=True, extra_body={"ignore_eos": True}
+            model="tiny-chat", prompt="go", max_tokens=LONG, stream=True, extra_body={"ignore_eos": True}
         ):
             received.append(chunk)
     assert received  # text streamed before the deadline
