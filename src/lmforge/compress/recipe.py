@@ -28,7 +28,7 @@ from lmforge.compress.prune import METHODS, Sparsity, calibration_batches, prune
 from lmforge.compress.structured import remove_units
 from lmforge.hf.files import check_destination
 from lmforge.io import atomic_folder, write_json_atomic
-from lmforge.train.sparsity import SPARSITY_FILE
+from lmforge.train.sparsity import SPARSITY_FILE, SparsityMasks
 
 TASK_FILE = "task.json"  # a fine-tuned model's task record (lmforge.finetune.recipe), copied as it is
 HELD_OUT = 0.1  # the last tenth of the calibration tokens scores perplexity, never calibrates
@@ -141,7 +141,7 @@ def prune_checkpoint(
     if structured is None:
         record.update(method=method, target=target.describe())
         record["layers"] = prune_model(model, method, target, batches, progress, sequential=sequential)
-        record["overall"] = _overall(model, record["layers"])
+        record["overall"] = SparsityMasks(model, list(record["layers"])).overall()
     else:
         importance = importance or "activation"
         removal = remove_units(model, structured, amount, batches, importance)
@@ -165,16 +165,6 @@ def _parameters(model: nn.Module) -> int:
 
 def _has_tokenizer(folder: Path) -> bool:
     return folder.is_dir() and any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt"))
-
-
-def _overall(model: nn.Module, layers: dict[str, float]) -> float:
-    """Fraction of zeros over all pruned layers' weights together."""
-    zeros = total = 0
-    for name in layers:
-        weight = model.get_submodule(name).weight
-        zeros += int((weight == 0).sum())
-        total += weight.numel()
-    return zeros / max(total, 1)
 
 
 def read_sparsity(folder: str | Path) -> dict[str, Any]:
