@@ -129,3 +129,21 @@ def test_unknown_attention_implementation_is_rejected():
 def test_attention_mask_must_cover_cached_and_new_keys():
     with pytest.raises(ValueError, match="attention_mask covers 3 positions but the keys span 5"):
         build_attention_bias(torch.ones(1, 3), 1, 5, True, torch.float32)
+
+
+@pytest.mark.parametrize("T, attends_in_fp32", [(64, True), (160, False)])
+def test_short_bf16_training_attention_on_cpu_runs_in_fp32(T, attends_in_fp32):
+    """bf16 training on CPU: short sequences attend in fp32 (the bf16 kernel's backward is ~4x slower there),
+    long ones keep the bf16 kernel; both stay within bf16 rounding of the fp32 formula, gradients included."""
+    q, k, v = (t.bfloat16().requires_grad_() for t in qkv(B=2, H=2, Tq=T, Tk=T, D=16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sdpa_attention(q, k, v, is_causal=True)
+    assert y.dtype == torch.bfloat16
+    fp32 = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    bf16 = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.equal(y, fp32.bfloat16() if attends_in_fp32 else bf16)
+    ref = reference_attention(q.float(), k.float(), v.float(), is_causal=True)
+    torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=2e-2)
+    y.float().square().sum().backward()
+    (q_ref,) = torch.autograd.grad(ref.square().sum(), q)
+    torch.testing.assert_close(q.grad.float(), q_ref.float(), atol=5e-2, rtol=5e-2)

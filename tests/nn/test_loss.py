@@ -64,3 +64,22 @@ def test_label_smoothing_matches_torch_value_and_gradient(smoothing, monkeypatch
 def test_label_smoothing_outside_zero_one_is_refused():
     with pytest.raises(ValueError, match=r"label_smoothing=1.0 must be in \[0, 1\)"):
         cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), label_smoothing=1.0)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_the_compiled_path_traces_whole_and_matches_the_chunked_loss(smoothing):
+    """Under torch.compile the loss is the plain one inductor fuses (the chunk loop would break the graph):
+    fullgraph=True fails on any break, and value and gradient equal the eager chunked loss."""
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(30, 11)).requires_grad_()
+    targets = torch.randint(0, 11, (30,))
+    targets[::4] = IGNORE_INDEX
+    compiled = torch.compile(cross_entropy, fullgraph=True, backend="aot_eager")
+    ours = compiled(logits, targets, label_smoothing=smoothing)
+    (grad,) = torch.autograd.grad(ours, logits)
+    eager = cross_entropy(logits, targets, label_smoothing=smoothing)
+    (eager_grad,) = torch.autograd.grad(eager, logits)
+    torch.testing.assert_close(ours, eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-7)
+    nothing = compiled(logits, torch.full((30,), IGNORE_INDEX))  # no target at all: 0, not 0/0
+    assert nothing.item() == 0.0

@@ -83,4 +83,15 @@ def cross_entropy(
         )
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+    if torch.compiler.is_compiling():  # inductor fuses the plain loss itself; the chunk loop would break the graph
+        return _compiled_cross_entropy(logits, targets, ignore_index, float(label_smoothing))
     return _ChunkedCrossEntropy.apply(logits, targets, ignore_index, float(label_smoothing))
+
+
+def _compiled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, smoothing: float):
+    """The same loss as `_ChunkedCrossEntropy`, 0 for a batch without targets, written for torch.compile."""
+    valid = targets != ignore_index
+    per_row = torch.nn.functional.cross_entropy(
+        logits.float(), targets, ignore_index=ignore_index, reduction="none", label_smoothing=smoothing
+    )
+    return per_row.sum() / valid.sum().clamp(min=1)
