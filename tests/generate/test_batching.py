@@ -11,7 +11,7 @@ import torch
 
 from lmforge import build_model
 from lmforge.commands.generate import ByteTokenizer
-from lmforge.generate import generate
+from lmforge.generate import batching, generate
 from lmforge.generate.batching import (
     BatchedDecoder,
     KVSlotPool,
@@ -26,10 +26,12 @@ PROMPTS = [[5, 17, 40, 2, 99, 12, 7], [250, 3], list(range(30, 53)), [64], [1, 2
 MAX_NEW = [10, 18, 6, 14, 9]
 
 
-def run_batched(model, samplers: list[SequenceSampler], n_slots: int, chunk: int) -> list[str]:
+def run_batched(
+    model, samplers: list[SequenceSampler], n_slots: int, chunk: int, compile: bool | str = False
+) -> list[str]:
     """Each sequence's text (its tokens go to `samplers`) when they are admitted as slots free, prefilled
     `chunk` tokens per step and decoded together (the serving engine's schedule, without its threads)."""
-    decoder = BatchedDecoder(model, n_slots, CONTEXT)
+    decoder = BatchedDecoder(model, n_slots, CONTEXT, compile=compile)
     waiting, running = deque(range(len(samplers))), {}  # index -> [slot, length, last token]
     texts = [""] * len(samplers)
     while waiting or running:
@@ -139,3 +141,105 @@ def test_prefix_cache_finds_the_longest_shared_block_and_forgets_the_least_recen
     assert cache.held == 12 and cache.lookup(first)[0] == 0
     assert cache.lookup(list(range(200, 210)))[0] == 8
     assert PrefixCache(max_tokens=0).lookup(first) == (0, None)
+
+
+# --- the compiled fixed-shape step ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def uncompiled_fixed_step(monkeypatch):
+    """The fixed-shape batched step run as plain Python: the code inductor compiles, minus the compile."""
+    step = batching._fixed_decode_step
+    calls = []
+
+    def recorded(model, pool, tokens, positions, keys, extra):
+        calls.append((tokens.shape[0], keys))
+        return step(model, pool, tokens, positions, keys, extra)
+
+    monkeypatch.setattr(batching, "_compiled_fixed_step", (recorded, recorded))
+    return calls
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+@pytest.mark.parametrize("n_slots, chunk", [(3, 4), (5, 64)])
+def test_fixed_shape_batched_step_matches_each_sequence_alone(family, n_slots, chunk, uncompiled_fixed_step,
+                                                               small_model):  # fmt: skip
+    """Rows padded to a power of two, idle and still-prefilling slots fed a dummy token at the last position,
+    keys padded to a bucket: the same greedy tokens as each sequence decoded alone."""
+    model = small_model(family)
+    alone = [
+        generate(model, torch.tensor([p]), max_new_tokens=n, eos_token_id=[]).tokens[0].tolist()
+        for p, n in zip(PROMPTS, MAX_NEW, strict=True)
+    ]
+    samplers = [
+        SequenceSampler(p, model.config, max_new_tokens=n, eos_token_id=[])
+        for p, n in zip(PROMPTS, MAX_NEW, strict=True)
+    ]
+    run_batched(model, samplers, n_slots, chunk, compile=True)
+    assert [s.generated for s in samplers] == alone
+    rows = {r for r, _ in uncompiled_fixed_step}
+    assert rows <= {1, 2, 4, n_slots} and max(rows) > 1  # bucketed batch sizes, several sequences at once
+    assert {k for _, k in uncompiled_fixed_step} == {64}  # every sequence ends before position 64
+
+
+def test_fixed_shape_step_writes_a_slots_last_position_while_others_idle(uncompiled_fixed_step, small_model):
+    """Slot 2 frees early and takes a prompt that fills the whole slot (prompt + new - 1 = max_len) while slot 3
+    still decodes: during its prefill the step feeds slot 2 dummy tokens at the last position, which it later
+    writes itself before reading. Every sequence gets the tokens it gets alone."""
+    model = small_model("llama")
+    prompts = [[9, 8, 7], [1, 2], [5, 6], [4, 4, 4], list(range(3, 83))]
+    new = [30, 30, 2, 40, CONTEXT - 80 + 1]
+    alone = [
+        generate(model, torch.tensor([p]), max_new_tokens=n, eos_token_id=[]).tokens[0].tolist()
+        for p, n in zip(prompts, new, strict=True)
+    ]
+    samplers = [
+        SequenceSampler(p, model.config, max_new_tokens=n, eos_token_id=[]) for p, n in zip(prompts, new, strict=True)
+    ]
+    run_batched(model, samplers, 4, 8, compile=True)
+    assert [s.generated for s in samplers] == alone
+    assert (4, 64) in uncompiled_fixed_step and (4, CONTEXT) in uncompiled_fixed_step  # keys past 64: the slot
+
+
+def test_batched_decoder_compile_auto_falls_back_to_eager_and_true_raises(monkeypatch, small_model):
+    from lmforge.generate import compiled
+
+    def no_compiler(*args):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(batching, "_compiled_fixed_step", (no_compiler, no_compiler))
+    monkeypatch.setattr(compiled, "COMPILE_MIN_PARAMETERS", 1000)
+    monkeypatch.setattr(compiled, "AUTO_COMPILE", {"cpu": frozenset()})
+    model = small_model("gpt")
+    assert not BatchedDecoder(model, 2, CONTEXT).compiled  # the default: eager
+    expected = [generate(model, torch.tensor([p]), max_new_tokens=4, eos_token_id=[]).tokens[0].tolist()
+                for p in PROMPTS[:2]]  # fmt: skip
+    samplers = [SequenceSampler(p, model.config, max_new_tokens=4, eos_token_id=[]) for p in PROMPTS[:2]]
+    with pytest.warns(UserWarning, match="batched decode step did not compile.*no C.. compiler"):
+        run_batched(model, samplers, 2, 64, compile="auto")
+    assert [s.generated for s in samplers] == expected
+    samplers = [SequenceSampler(p, model.config, max_new_tokens=4, eos_token_id=[]) for p in PROMPTS[:2]]
+    with pytest.raises(RuntimeError, match="no C.. compiler"):  # asked for: the error is the user's to see
+        run_batched(model, samplers, 2, 64, compile=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt", "llama-int8"])
+def test_inductor_compiled_batched_step_matches_eager_without_recompiling(family, small_model):
+    from lmforge.nn.quant import quantize_int8
+
+    model = small_model(family.removesuffix("-int8"))
+    model = quantize_int8(model) if family.endswith("-int8") else model
+
+    def texts(compile):
+        samplers = [
+            SequenceSampler(p, model.config, max_new_tokens=n, eos_token_id=[])
+            for p, n in zip(PROMPTS, MAX_NEW, strict=True)
+        ]
+        run_batched(model, samplers, 4, 64, compile=compile)
+        return [s.generated for s in samplers]
+
+    eager = texts(False)
+    assert texts(True) == eager
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the same schedule again: every graph is reused
+        assert texts(True) == eager

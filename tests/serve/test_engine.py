@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmforge.commands.generate import load_model_and_tokenizer
-from lmforge.generate import generate
+from lmforge.generate import batching, generate
 from lmforge.serve.backend import ServedModel
 from lmforge.serve.engine import BatchingEngine
 from lmforge.serve.errors import APIError
@@ -65,7 +65,16 @@ async def until_idle(engine: BatchingEngine, guard: float = 60.0) -> None:
         await asyncio.sleep(0.02)
 
 
-def test_concurrent_greedy_requests_each_get_what_they_get_alone(served):
+@pytest.mark.parametrize("compile", [False, True])
+def test_concurrent_greedy_requests_each_get_what_they_get_alone(compile, served, monkeypatch):
+    """Eager, and through the fixed-shape step `--compile` runs (here without inductor: the same Python code)."""
+    steps = []
+
+    def fixed_step(model, pool, tokens, positions, keys, extra):
+        steps.append(tokens.shape[0])
+        return batching._fixed_decode_step(model, pool, tokens, positions, keys, extra)
+
+    monkeypatch.setattr(batching, "_compiled_fixed_step", (fixed_step, fixed_step))
     fields = [dict(temperature=0.0)] * len(PROMPTS)
     fields[1] = dict(temperature=0.0, ignore_eos=True)
     max_tokens = [12, 30, 7, 20, 16]
@@ -76,7 +85,7 @@ def test_concurrent_greedy_requests_each_get_what_they_get_alone(served):
     assert expected[3][1] == "stop" and stop not in expected[3][0]
 
     async def scenario():
-        engine = engine_for(served, kv_slots=3, prefill_chunk=4)  # two requests wait for a slot
+        engine = engine_for(served, kv_slots=3, prefill_chunk=4, compile=compile)  # two requests wait for a slot
         try:
             jobs = [engine.submit([served.encode_prompt(p)], o) for p, o in zip(PROMPTS, requests, strict=True)]
             results = await asyncio.gather(*map(collect, jobs))
@@ -87,6 +96,7 @@ def test_concurrent_greedy_requests_each_get_what_they_get_alone(served):
 
     results, used = asyncio.run(scenario())
     assert [(text, reason) for text, reason, _ in results] == expected
+    assert bool(steps) == compile and set(steps) <= {1, 2, 3}
     assert results[1][2] == 30  # streamed: one step per token (ignore_eos: all 30 of them)
     assert used == 0
 

@@ -106,6 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_tokens_per_slot=args.max_tokens_per_slot,
         prefill_chunk=args.prefill_chunk,
         prefix_cache_tokens=args.prefix_cache_tokens,
+        compile=compile_option(args),
     )
     app = create_app(served, settings)
     host, port = sock.getsockname()[:2]
@@ -192,6 +193,7 @@ def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._S
     )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included (then 504)")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    add_compile_argument(p)
     p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser(

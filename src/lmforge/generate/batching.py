@@ -15,6 +15,17 @@ slot's length, with the causal mask over cached + new keys) and then joins the d
 frees its slot at once. Slots are handed out lowest-first, so the running slots are usually a contiguous
 range and the decode step reads them as a view; otherwise it gathers the rows' key windows.
 
+The compiled step (`BatchedDecoder(compile=...)`, vLLM's padded batch sizes on a slot pool). A compiled graph
+needs fixed shapes, and the step above changes shape with every token (keys 0..max L_i) and every arrival
+(B). So the fixed step runs rows 0..R-1 of the pool, R = the next power of two above the highest running
+slot (at most n_slots), and attends over the first K positions, K = the next power of two >= max L_i + 1
+(at least 64, at most the slot length): row r is slot r, so the step never gathers. A slot that is not
+decoding this step (free, or still prefilling) is fed a dummy token at the slot's last position max_len - 1,
+which no sequence can read before writing it itself (a prefill chunk or a decode step writes a position
+before attending to it), and its logits are dropped. So one process compiles at most
+(log2 n_slots + 1) x (log2(max_len / 64) + 1) graphs per model, kept on disk by inductor's FX graph cache;
+on a GPU each is replayed as a CUDA graph over the pool's fixed buffers.
+
 `PrefixCache` keeps the K/V of prompt prefixes already computed, block by block, so a prompt that starts like
 an earlier one (a shared system prompt) copies them into its slot instead of prefilling them again.
 
@@ -29,6 +40,8 @@ it returns, the token's log-probability and the k most likely alternatives (`Tok
 from __future__ import annotations
 
 import inspect
+import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.generate.compiled import bucket_length, inductor_cache_dir, resolve_compile
 from lmforge.generate.engine import _generator, _IncrementalText, _token_ids
 from lmforge.generate.sampling import SamplingParams, choose_next_token, process_logits
 
@@ -74,6 +88,9 @@ class KVSlotPool:
         if layer not in self.buffers:
             _, H, _, d = like.shape
             self.buffers[layer] = tuple(like.new_zeros(self.n_slots, H, self.max_len, d) for _ in range(2))
+            if like.device.type == "cuda":  # the compiled step's CUDA graph replays these very addresses
+                for buffer in self.buffers[layer]:
+                    torch._dynamo.mark_static_address(buffer)
         return self.buffers[layer]
 
 
@@ -119,6 +136,57 @@ class _DecodeView:
         return buffer_k[:, :, :end].index_select(0, self.index), buffer_v[:, :, :end].index_select(0, self.index)
 
 
+class _FixedDecodeView:
+    """The cache the compiled step sees: rows 0..R-1 of the pool (R = len(positions)), row r's new key written
+    at positions[r], attention over the first `keys` positions of each row; `seq_len` is keys - 1, so the new
+    token is the last of `keys` and the padding mask alone says which keys a row has."""
+
+    def __init__(self, pool: KVSlotPool, positions: torch.Tensor, keys: int) -> None:
+        self.pool, self.positions, self.keys = pool, positions, keys
+        self.rows = torch.arange(positions.shape[0], device=positions.device)
+
+    def seq_len(self) -> int:
+        return self.keys - 1
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        buffer_k, buffer_v = self.pool.buffers[layer]
+        buffer_k[self.rows, :, self.positions] = k[:, :, 0]
+        buffer_v[self.rows, :, self.positions] = v[:, :, 0]
+        R = self.positions.shape[0]
+        return buffer_k[:R, :, : self.keys], buffer_v[:R, :, : self.keys]
+
+
+def _fixed_decode_step(
+    model: nn.Module, pool: KVSlotPool, tokens: torch.Tensor, positions: torch.Tensor, keys: int, extra: dict
+) -> torch.Tensor:
+    """One token for each of rows 0..R-1 (tokens, positions: (R,)); their next-token logits (R, V), fp32."""
+    view = _FixedDecodeView(pool, positions, keys)
+    mask = (torch.arange(keys, device=positions.device)[None, :] <= positions[:, None]).long()  # (R, keys)
+    out = model(
+        tokens[:, None], attention_mask=mask, position_ids=positions[:, None], past_key_values=view, use_cache=True,
+        **extra,
+    )  # fmt: skip
+    return out.logits[:, -1].float()
+
+
+_compiled_fixed_step = None
+
+
+def compiled_fixed_decode_step():
+    """`_fixed_decode_step` compiled once per process with static shapes (one graph per model, R and K); on CUDA
+    mode="reduce-overhead" replays it as a CUDA graph. Returns (cpu, cuda)."""
+    global _compiled_fixed_step
+    if _compiled_fixed_step is None:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
+        torch._inductor.config.fx_graph_cache = True
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _compiled_fixed_step = (
+            torch.compile(_fixed_decode_step, dynamic=False),
+            torch.compile(_fixed_decode_step, dynamic=False, mode="reduce-overhead"),
+        )
+    return _compiled_fixed_step
+
+
 def supports_batching(model: nn.Module) -> bool:
     """Whether `BatchedDecoder` can drive `model`: a decoder-only causal LM whose forward takes explicit
     positions and a KV cache (lmforge's GPT and Llama families)."""
@@ -132,9 +200,14 @@ def supports_batching(model: nn.Module) -> bool:
 
 class BatchedDecoder:
     """A decoder-only model over a `KVSlotPool`: `prefill` runs a chunk of one sequence's prompt into its slot,
-    `decode` feeds one token to each of several sequences. Both return fp32 next-token logits."""
+    `decode` feeds one token to each of several sequences. Both return fp32 next-token logits.
 
-    def __init__(self, model: nn.Module, n_slots: int, max_len: int) -> None:
+    compile: decode through the fixed-shape compiled step (see the module docstring); "auto" decides as
+    `generate` does (`lmforge.generate.compiled.resolve_compile`: int8 weights on a CPU, float on a GPU, models
+    of 100M parameters or more) and falls back to the eager step, with a warning, if compiling fails; True
+    raises instead. Prefill stays eager: its length changes with every prompt chunk."""
+
+    def __init__(self, model: nn.Module, n_slots: int, max_len: int, compile: bool | str = False) -> None:
         if not supports_batching(model):
             raise ValueError(
                 f"{type(model).__name__} cannot be batched step by step; continuous batching needs a decoder-only "
@@ -146,6 +219,8 @@ class BatchedDecoder:
         self.model, self.pool = model, KVSlotPool(n_slots, max_len)
         self.device = next(model.parameters()).device
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        self.compiled = resolve_compile(model, compile)
+        self.fall_back = compile == "auto"
 
     @torch.inference_mode()
     def prefill(self, slot: int, ids: Sequence[int], start: int) -> torch.Tensor:
@@ -162,6 +237,8 @@ class BatchedDecoder:
         """Feed tokens[i] at position lengths[i] of slots[i]; the logits (B, V) of the next tokens."""
         if max(lengths) >= self.pool.max_len:
             raise ValueError(f"position {max(lengths)} is past the {self.pool.max_len} a KV slot holds")
+        if self.compiled:
+            return self._decode_fixed(slots, lengths, tokens)
         positions = torch.tensor(lengths, device=self.device)
         view = _DecodeView(self.pool, slots, positions)
         keys = torch.arange(view.past + 1, device=self.device)
@@ -176,6 +253,27 @@ class BatchedDecoder:
             **self.extra,
         )
         return out.logits[:, -1].float()
+
+    def _decode_fixed(self, slots: list[int], lengths: list[int], tokens: list[int]) -> torch.Tensor:
+        """`decode` through the compiled fixed-shape step over rows 0..R-1 and keys 0..K-1."""
+        R = min(self.pool.n_slots, 1 << max(slots).bit_length())  # the next power of two > the highest slot
+        K = bucket_length(max(lengths) + 1, self.pool.max_len)
+        index = torch.tensor(slots, device=self.device)
+        all_tokens = torch.zeros(R, dtype=torch.long, device=self.device)
+        positions = torch.full((R,), self.pool.max_len - 1, dtype=torch.long, device=self.device)  # idle rows
+        all_tokens[index] = torch.tensor(tokens, device=self.device)
+        positions[index] = torch.tensor(lengths, device=self.device)
+        cpu, cuda = compiled_fixed_decode_step()
+        step = cuda if self.device.type == "cuda" else cpu
+        try:
+            logits = step(self.model, self.pool, all_tokens, positions, K, self.extra)
+        except Exception as error:  # a compile error comes before the graph runs: the pool is untouched
+            if not self.fall_back:
+                raise
+            warnings.warn(f"the batched decode step did not compile ({error}); decoding eagerly", stacklevel=3)
+            self.compiled = False
+            return self.decode(slots, lengths, tokens)
+        return logits.index_select(0, index)  # a copy: a CUDA graph reuses its output buffer
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ class ServeSettings:
     max_tokens_per_slot: int | None = None  # KV positions per slot (None: the context, at most 4096)
     prefill_chunk: int = 256  # prompt tokens prefilled per engine step
     prefix_cache_tokens: int = 4096  # prompt positions whose K/V are kept for reuse (0: no prefix caching)
+    compile: bool | str = "auto"  # the batched decode step through torch.compile (see `BatchedDecoder`)
 
 
 def create_app(served: ServedModel, settings: ServeSettings | None = None) -> FastAPI:
@@ -103,6 +104,7 @@ def start_engine(served: ServedModel, settings: ServeSettings) -> BatchingEngine
             settings.max_tokens_per_slot,
             settings.prefill_chunk,
             settings.prefix_cache_tokens,
+            settings.compile,
         )
     log.info("%s cannot be batched step by step: one thread per request", type(served.model).__name__)
     return ThreadedEngine(served, *admission)

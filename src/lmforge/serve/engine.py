@@ -98,7 +98,8 @@ class BatchingEngine:
     tokens - 1), default the model's context up to DEFAULT_SLOT_TOKENS; concurrency: requests running at
     once; queue_size: requests admitted beyond those; timeout: seconds per request from admission;
     prefill_chunk: prompt tokens prefilled per step; prefix_cache_tokens: prompt positions whose K/V are kept
-    for prompts that start alike (`PrefixCache`; 0: off).
+    for prompts that start alike (`PrefixCache`; 0: off); compile: the decode step through torch.compile
+    (`BatchedDecoder`: True, False or "auto").
     """
 
     def __init__(
@@ -111,6 +112,7 @@ class BatchingEngine:
         max_tokens_per_slot: int | None = None,
         prefill_chunk: int = 256,
         prefix_cache_tokens: int = 0,
+        compile: bool | str = False,
     ) -> None:
         if concurrency < 1 or queue_size < 0 or timeout <= 0 or prefill_chunk < 1:
             raise ValueError(
@@ -120,7 +122,7 @@ class BatchingEngine:
         self.served, self.concurrency, self.queue_size, self.timeout = served, concurrency, queue_size, timeout
         self.prefill_chunk = prefill_chunk
         capacity = max_tokens_per_slot or min(served.context or DEFAULT_SLOT_TOKENS, DEFAULT_SLOT_TOKENS)
-        self.decoder = BatchedDecoder(served.model, kv_slots or concurrency, capacity)
+        self.decoder = BatchedDecoder(served.model, kv_slots or concurrency, capacity, compile=compile)
         self.pool = self.decoder.pool
         self.prefix = PrefixCache(prefix_cache_tokens)
         self.prompt_tokens = self.prefix_hit_tokens = 0  # counters for /metrics
