@@ -107,11 +107,14 @@ def test_adamw_matches_torch_adamw_with_hand_built_groups():
 # ---------------------------------------------------------------- Muon
 
 
-def test_newton_schulz_approximates_the_orthogonal_polar_factor():
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16])
+def test_newton_schulz_approximates_the_orthogonal_polar_factor(dtype):
+    """In fp32 and in bf16 (the default on GPUs and on CPUs with native bf16 products) alike."""
     torch.manual_seed(0)
-    for shape in ((32, 64), (64, 32), (48, 48)):
+    for shape in ((32, 64), (64, 32), (48, 48), (256, 1024)):
         g = torch.randn(*shape)
-        o = newton_schulz_orthogonalize(g)
+        o = newton_schulz_orthogonalize(g, dtype=dtype)
+        assert o.dtype == g.dtype
         u, _, vh = torch.linalg.svd(g, full_matrices=False)
         polar = u @ vh  # the exact U V^T
         singular = torch.linalg.svdvals(o)
@@ -120,6 +123,15 @@ def test_newton_schulz_approximates_the_orthogonal_polar_factor():
         cosine = (o * polar).sum() / (o.norm() * polar.norm())
         assert cosine > 0.98
         assert o.shape == g.shape
+
+
+@pytest.mark.parametrize("shape", [(5, 24, 40), (3, 40, 24)])
+def test_newton_schulz_of_a_stack_orthogonalises_each_matrix_on_its_own(shape):
+    torch.manual_seed(0)
+    g = torch.randn(*shape) * torch.tensor([0.01, 1.0, 100.0, 1.0, 1.0])[: shape[0], None, None]  # unlike norms
+    stacked = newton_schulz_orthogonalize(g, dtype=torch.float32)
+    for i in range(shape[0]):
+        torch.testing.assert_close(stacked[i], newton_schulz_orthogonalize(g[i], dtype=torch.float32))
 
 
 def test_muon_step_follows_the_published_update():

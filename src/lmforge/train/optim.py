@@ -38,6 +38,7 @@ proportion to its size) it pulls every weight towards 0 by the same amount, so s
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -219,28 +220,44 @@ def add_l1_subgradient(optimizer: torch.optim.Optimizer, l1: float) -> None:
 # ---------------------------------------------------------------- Muon
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (x86 AVX512-BF16 or AMX-BF16, read from the Linux
+    /proc/cpuinfo flags): there oneDNN's bf16 GEMM runs at 2-4x the fp32 rate (measured 943 vs 214 GFLOP/s on
+    2 AVX512-BF16 cores); elsewhere PyTorch emulates bf16 through fp32 and is slower than fp32 itself."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def newton_schulz_orthogonalize(
     g: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """An approximation of U V^T for g = U S V^T (2-D), by the quintic Newton-Schulz iteration.
+    """An approximation of U V^T for g = U S V^T (2-D, or a stack (n, rows, cols) of matrices, each on its own),
+    by the quintic Newton-Schulz iteration.
 
     Works on the wide orientation (rows <= cols) so X X^T is the smaller Gram matrix. `dtype`: the
-    working precision; default bfloat16 on CUDA (the iteration tolerates it, as in the reference) and
-    float32 elsewhere (CPU bfloat16 matmuls are slow).
-    """
+    working precision; default bfloat16 on CUDA (the iteration tolerates it, as in the reference) and on CPUs
+    with native bf16 matrix products (`cpu_has_native_bf16`: on 2 such cores the iteration over a 4 x 256
+    Llama's 20 matrices takes 40-53 ms in bf16 against 120 ms in fp32), float32 elsewhere (emulated bf16 is
+    slower than fp32)."""
     a, b, c = NS_COEFFICIENTS
     if dtype is None:
-        dtype = torch.bfloat16 if g.is_cuda else torch.float32
+        dtype = torch.bfloat16 if g.is_cuda or (g.device.type == "cpu" and cpu_has_native_bf16()) else torch.float32
     x = g.to(dtype)
-    tall = x.shape[0] > x.shape[1]
+    tall = x.shape[-2] > x.shape[-1]
     if tall:
-        x = x.T
-    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm = 1, inside the iteration's basin
+        x = x.mT
+    # spectral norm <= Frobenius norm = 1, inside the iteration's basin (per matrix of a stack)
+    x = x / ((x.norm() if x.ndim == 2 else x.norm(dim=(-2, -1), keepdim=True)) + 1e-7)
     for _ in range(steps):
-        gram = x @ x.T  # (rows, rows)
+        gram = x @ x.mT  # (..., rows, rows)
         x = a * x + (b * gram + c * gram @ gram) @ x
     if tall:
-        x = x.T
+        x = x.mT
     return x.to(g.dtype)
 
 
