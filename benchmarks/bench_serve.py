@@ -13,6 +13,7 @@ over all requests. Ratios are 16 clients over 1 client. Results go to benchmarks
 
     python benchmarks/bench_serve.py [--model SmolLM2-135M-Instruct] [--max-tokens 64] [--clients 16]
                                      [--dtype bfloat16|float32] [--quantize none|int8] [--threads 2]
+                                     [--compile auto|on|off] [--out benchmarks/results/serve.json]
     python benchmarks/bench_serve.py --model llama-tiny --max-tokens 8 --clients 4   # smoke run
 """
 
@@ -93,20 +94,29 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="serve's --dtype")
     parser.add_argument("--quantize", choices=["none", "int8"], default="none", help="serve's --quantize")
     parser.add_argument("--threads", type=int, default=2, help="the server's torch threads (OMP_NUM_THREADS)")
+    parser.add_argument(
+        "--compile", choices=["auto", "on", "off"], default="auto", help="serve's --compile / --no-compile"
+    )
+    parser.add_argument("--out", default=str(RESULTS / "serve.json"), help="results JSON")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     extra = ["--dtype", args.dtype, "--quantize", args.quantize]
+    extra += {"auto": [], "on": ["--compile"], "off": ["--no-compile"]}[args.compile]
     process, url = start_server(args.model, args.clients, args.max_tokens, extra)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
         name = client.models.list().data[0].id
-        measure(client, name, 1, 4, streaming=False)  # warm-up: first-call costs out of the figures
+        # warm-up: first-call costs out of the figures, and with a compiled step every graph (batch x keys
+        # bucket) the measured runs will need compiled before they start
+        measure(client, name, 1, args.max_tokens, streaming=False)
+        measure(client, name, args.clients, args.max_tokens, streaming=False)
         results = {
             "model": args.model,
             "max_tokens": args.max_tokens,
             "dtype": args.dtype,
             "quantize": args.quantize,
             "threads": args.threads,
+            "compile": args.compile,
         }
         for streaming in (False, True):
             alone = measure(client, name, 1, args.max_tokens, streaming)
@@ -126,9 +136,9 @@ def main() -> None:
     finally:
         process.terminate()
         process.wait(timeout=30)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"results: {RESULTS / 'serve.json'}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {args.out}")
 
 
 if __name__ == "__main__":
