@@ -217,6 +217,52 @@ def test_recovery_fine_tuning_keeps_the_pruned_zeros(tmp_path, capsys, sparse_lm
     assert not (tmp_path / "free" / "recovered" / "model" / "sparsity.json").exists()
 
 
+def test_masked_recovery_resumes_exactly(tmp_path, capsys, sparse_lm, calibration_file):
+    """Recovery fine-tuning stopped at step 4 and resumed to step 8 logs the losses and reaches the weights of
+    the uninterrupted 8 steps, zeros included: the masks are rebuilt from the pruned model and the optimizer's
+    post-step hook is back on the resumed optimizer."""
+    flags = ("--train.deterministic=true", "--train.log_every=1", "--train.save_every=4", "--optim.schedule=constant")
+    whole = recover(capsys, sparse_lm, calibration_file, tmp_path / "whole", *flags, "--max-steps", "8")
+    assert whole.returncode == 0, whole.stderr
+    first = recover(capsys, sparse_lm, calibration_file, tmp_path / "parts", *flags, "--max-steps", "4")
+    assert first.returncode == 0, first.stderr
+    resumed = recover(capsys, sparse_lm, calibration_file, tmp_path / "parts", *flags, "--max-steps", "8", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+
+    def losses(root: Path) -> list[float]:
+        lines = (root / "recovered" / "metrics.jsonl").read_text().splitlines()
+        return [r["loss"] for r in map(json.loads, lines) if r["split"] == "train"]
+
+    assert len(losses(tmp_path / "whole")) == 8
+    assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
+    # the step-8 checkpoints (model/ is the best evaluated one, and the first part also evaluated at its end)
+    a = load_model(tmp_path / "whole" / "recovered" / "checkpoints" / "step_00000008")
+    b = load_model(tmp_path / "parts" / "recovered" / "checkpoints" / "step_00000008")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    record = json.loads((sparse_lm / "sparsity.json").read_text())
+    pruned = load_model(sparse_lm)
+    for name in record["layers"]:
+        assert torch.equal(pruned.get_submodule(name).weight == 0, b.get_submodule(name).weight == 0), name
+
+
+def test_private_recovery_keeps_the_pruned_zeros_and_spends_its_budget(tmp_path, capsys, sparse_lm, calibration_file):
+    """DP-SGD (Opacus) on a pruned model: Opacus writes the noisy clipped gradient itself, so the zeros must be kept
+    by the post-step mask, whatever the noise put on them; epsilon is logged within the budget."""
+    privacy = ("--privacy.epsilon=8", "--privacy.delta=1e-3", "--privacy.accountant=rdp", "--train.log_every=2")
+    result = recover(capsys, sparse_lm, calibration_file, tmp_path, *privacy)
+    assert result.returncode == 0, result.stderr
+    pruned, tuned = load_model(sparse_lm), load_model(tmp_path / "recovered" / "model")
+    record = json.loads((sparse_lm / "sparsity.json").read_text())
+    for name in record["layers"]:
+        before, after = pruned.get_submodule(name).weight, tuned.get_submodule(name).weight
+        assert torch.equal(before == 0, after == 0), name
+        assert not torch.allclose(before[before != 0], after[after != 0]), name
+    rows = [json.loads(line) for line in (tmp_path / "recovered" / "metrics.jsonl").read_text().splitlines()]
+    epsilons = [r["epsilon"] for r in rows if r.get("split") == "train"]
+    assert epsilons and 0 < epsilons[-1] <= 8 * 1.01
+
+
 def test_lora_on_a_pruned_model_is_one_line(tmp_path, capsys, sparse_lm, calibration_file):
     result = recover(capsys, sparse_lm, calibration_file, tmp_path, "--task.method=lora")
     assert result.returncode == 2
