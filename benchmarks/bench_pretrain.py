@@ -18,10 +18,14 @@ The loop is nanoGPT's: AdamW, warmup + cosine, clip 1.0, no host sync but the lo
    train, last 10% validation) reached in a fixed wall-clock budget: nanoGPT's documented CPU recipe
    (4 layers, 4 heads, 128 wide, block 64, batch 12, lr 1e-3 cosine to 1e-4 over 2000 iters, 100 warmup,
    AdamW betas (0.9, 0.99), dropout 0) as a plain loop around GPT2LMHeadModel, against lmforge's CPU recipe.
+   lmforge's run is sized to the budget by a probe (10 warm-up steps, then 60 timed ones, in the same process);
+   its clock covers the whole `pretrain` call: data, model, compilation (from inductor's cache, warmed by
+   the probe), training and the final checkpoint.
 
     .venv/bin/python benchmarks/bench_pretrain.py [--steps-a 40] [--steps-b 4] [--rounds 3] [--shapes a,b]
         [--dtypes float32,bfloat16] [--peers nanogpt,hf] [--lmforge-flag train.compile=true] [--skip-race]
         [--race-shape 4,4,128] [--race-batch 32] [--race-lr 3e-3] [--race-dtype float32] [--race-compile]
+        [--race-block 64] [--race-model gpt] [--race-overrides '{"activation": "gelu"}'] [--race-flag optim.name=muon]
         [--race-baseline 1.7555 (skip the nanoGPT run)] [--race-out FILE]
 """
 
@@ -304,21 +308,30 @@ def race(args, text: str, out: Path) -> None:
     # lmforge's recipe: its own shape (--race-shape L,H,D), batch, peak lr, dtype and compile; the cosine schedule
     # is sized to the time budget (nanoGPT's decays over 2000 iterations and then idles at min_lr)
     n_layer, n_head, d_model = args.race_shape
-    ours_shape = {"n_layer": n_layer, "n_head": n_head, "d_model": d_model, "block": 64, "batch": args.race_batch}
+    block = args.race_block
+    ours_shape = {"n_layer": n_layer, "n_head": n_head, "d_model": d_model, "block": block, "batch": args.race_batch}
+    model_overrides = {"n_layer": n_layer, "n_head": n_head, "d_model": d_model, **json.loads(args.race_overrides)}
     extra = {
+        "model.name": args.race_model, "model.overrides": json.dumps(model_overrides),
         "optim.lr": args.race_lr, "optim.min_lr": args.race_lr / 10, "optim.warmup_steps": 100, "optim.beta2": 0.99,
         "train.compile": args.race_compile,
+        **dict(flag.split("=", 1) for flag in args.race_flag),
     }  # fmt: skip
+    # a few warm-up steps first: the process's one-time costs (oneDNN's kernel generation for each bf16 shape,
+    # lazy imports) are not the race run's, and counted in the probe they sized runs that ended at 150-165 s
+    start = time.perf_counter()
+    pretrain(parse_args(lmforge_flags(ours_shape, out, args.race_dtype, 10, "race-warmup", extra)))
+    warmup_seconds = time.perf_counter() - start
     probe = "race-probe"  # calibrate steps per second, then size the schedule to the budget
-    probe_steps = 40
+    probe_steps = 60
     start = time.perf_counter()
     pretrain(parse_args(lmforge_flags(ours_shape, out, args.race_dtype, probe_steps, probe, extra)))
     probe_seconds = time.perf_counter() - start
     tokens_per_step = ours_shape["batch"] * ours_shape["block"]
     rate = lmforge_tokens_per_s(out / probe) / tokens_per_step  # steady steps per second
     fixed = max(0.0, probe_seconds - probe_steps / rate)  # setup, compilation, the final checkpoint
-    # 95% of what the budget leaves after the fixed costs: the clock below includes them
-    steps = int(rate * (args.race_seconds - fixed) * 0.95)
+    # --race-margin of what the budget leaves after the fixed costs: the clock below includes them
+    steps = int(rate * (args.race_seconds - fixed) * args.race_margin)
     start = time.perf_counter()
     pretrain(parse_args(lmforge_flags(ours_shape, out, args.race_dtype, steps, "race", extra)))
     elapsed = time.perf_counter() - start
@@ -333,12 +346,17 @@ def race(args, text: str, out: Path) -> None:
     ids = np.asarray(tokenizer.encode(val_text, add_special_tokens=False), dtype=np.int64)
     ours = full_split_loss(lambda x: model(input_ids=x).logits, ids, ours_shape["block"])
     recipe = (
-        f"{n_layer} x {d_model} ({n_head} heads), block 64, batch {args.race_batch}, lr {args.race_lr:g}, "
-        f"{args.race_dtype}{', compiled' if args.race_compile else ''}"
+        f"{args.race_model} {n_layer} x {d_model} ({n_head} heads), block {block}, batch {args.race_batch}, "
+        f"lr {args.race_lr:g}, {args.race_dtype}{', compiled' if args.race_compile else ''}"
+        + "".join(f", {flag}" for flag in args.race_flag)
+        + (f", {args.race_overrides}" if args.race_overrides != "{}" else "")
     )
     result["lmforge"] = {
         "recipe": recipe,
         "steps": steps,
+        "warmup_seconds_10_steps": warmup_seconds,
+        "probe_steps_per_s": rate,
+        "run_steps_per_s": lmforge_tokens_per_s(run) / tokens_per_step,
         "seconds_setup_included": elapsed,
         "fixed_seconds_from_probe": fixed,
         "val_nats_per_char": ours,
@@ -363,6 +381,13 @@ def main() -> None:
         "--race-shape", type=lambda v: [int(x) for x in v.split(",")], default=[4, 4, 128], help="layers,heads,width"
     )
     parser.add_argument("--race-compile", action="store_true", help="lmforge's race recipe: train.compile")
+    parser.add_argument("--race-block", type=int, default=64, help="lmforge's race recipe: context length")
+    parser.add_argument("--race-model", default="gpt", help="lmforge's race recipe: model family")
+    parser.add_argument("--race-overrides", default="{}", help="lmforge's race recipe: model overrides (JSON)")
+    parser.add_argument("--race-flag", action="append", default=[], help="lmforge's race recipe: section.key=value")
+    parser.add_argument(
+        "--race-margin", type=float, default=0.98, help="fraction of the probed budget the schedule is sized to"
+    )
     parser.add_argument(
         "--race-baseline", type=float, default=None, help="skip the nanoGPT run and use this recorded loss"
     )
