@@ -161,3 +161,22 @@ def test_serve_rejects_models_that_cannot_generate(capsys):
     assert "neither a preset" in capsys.readouterr().err
     assert main(["serve", "bert-tiny", "--port", "0"]) == 2
     assert "cannot generate text" in capsys.readouterr().err
+
+
+def test_serve_loads_the_model_on_a_thread_of_its_own_and_reports_its_errors(monkeypatch, capsys):
+    """The main thread must not build an OpenMP team the engine thread would compete with
+    (`load_off_the_main_thread`); an error while loading is still the command's one-line error."""
+    import threading
+
+    from lmforge.commands import serve
+
+    seen = []
+
+    def failing_load(args):
+        seen.append(threading.current_thread())
+        raise ValueError("model.safetensors is truncated; download it again")
+
+    monkeypatch.setattr(serve, "load_for_generation", failing_load)
+    assert main(["serve", "gpt-tiny", "--port", "0"]) == 2
+    assert "model.safetensors is truncated" in capsys.readouterr().err
+    assert len(seen) == 1 and seen[0] is not threading.main_thread()
