@@ -58,18 +58,23 @@ def run_batched(
     return texts
 
 
+def alone_and_samplers(model, prompts, new) -> tuple[list[list[int]], list[SequenceSampler]]:
+    """The oracle (each prompt's greedy tokens from `generate` alone) and a fresh greedy sampler per prompt."""
+    alone = [
+        generate(model, torch.tensor([p]), max_new_tokens=n, eos_token_id=[]).tokens[0].tolist()
+        for p, n in zip(prompts, new, strict=True)
+    ]
+    samplers = [
+        SequenceSampler(p, model.config, max_new_tokens=n, eos_token_id=[]) for p, n in zip(prompts, new, strict=True)
+    ]
+    return alone, samplers
+
+
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 @pytest.mark.parametrize("n_slots, chunk", [(3, 4), (5, 64)])
 def test_batched_greedy_decoding_matches_each_sequence_alone(family, n_slots, chunk, small_model):
     model = small_model(family)
-    alone = [
-        generate(model, torch.tensor([p]), max_new_tokens=n, eos_token_id=[]).tokens[0].tolist()
-        for p, n in zip(PROMPTS, MAX_NEW, strict=True)
-    ]
-    samplers = [
-        SequenceSampler(p, model.config, max_new_tokens=n, eos_token_id=[])
-        for p, n in zip(PROMPTS, MAX_NEW, strict=True)
-    ]
+    alone, samplers = alone_and_samplers(model, PROMPTS, MAX_NEW)
     run_batched(model, samplers, n_slots, chunk)
     assert [s.generated for s in samplers] == alone
     assert [s.finish_reason for s in samplers] == ["length"] * len(PROMPTS)
@@ -167,14 +172,7 @@ def test_fixed_shape_batched_step_matches_each_sequence_alone(family, n_slots, c
     """Rows padded to a power of two, idle and still-prefilling slots fed a dummy token at the last position,
     keys padded to a bucket: the same greedy tokens as each sequence decoded alone."""
     model = small_model(family)
-    alone = [
-        generate(model, torch.tensor([p]), max_new_tokens=n, eos_token_id=[]).tokens[0].tolist()
-        for p, n in zip(PROMPTS, MAX_NEW, strict=True)
-    ]
-    samplers = [
-        SequenceSampler(p, model.config, max_new_tokens=n, eos_token_id=[])
-        for p, n in zip(PROMPTS, MAX_NEW, strict=True)
-    ]
+    alone, samplers = alone_and_samplers(model, PROMPTS, MAX_NEW)
     run_batched(model, samplers, n_slots, chunk, compile=True)
     assert [s.generated for s in samplers] == alone
     rows = {r for r, _ in uncompiled_fixed_step}
@@ -189,13 +187,7 @@ def test_fixed_shape_step_writes_a_slots_last_position_while_others_idle(uncompi
     model = small_model("llama")
     prompts = [[9, 8, 7], [1, 2], [5, 6], [4, 4, 4], list(range(3, 83))]
     new = [30, 30, 2, 40, CONTEXT - 80 + 1]
-    alone = [
-        generate(model, torch.tensor([p]), max_new_tokens=n, eos_token_id=[]).tokens[0].tolist()
-        for p, n in zip(prompts, new, strict=True)
-    ]
-    samplers = [
-        SequenceSampler(p, model.config, max_new_tokens=n, eos_token_id=[]) for p, n in zip(prompts, new, strict=True)
-    ]
+    alone, samplers = alone_and_samplers(model, prompts, new)
     run_batched(model, samplers, 4, 8, compile=True)
     assert [s.generated for s in samplers] == alone
     assert (4, 64) in uncompiled_fixed_step and (4, CONTEXT) in uncompiled_fixed_step  # keys past 64: the slot
