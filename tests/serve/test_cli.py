@@ -161,6 +161,8 @@ def test_serve_rejects_models_that_cannot_generate(capsys):
     assert "neither a preset" in capsys.readouterr().err
     assert main(["serve", "bert-tiny", "--port", "0"]) == 2
     assert "cannot generate text" in capsys.readouterr().err
+    assert main(["serve", "t5-tiny", "--port", "0", "--compile"]) == 2  # an encoder-decoder decodes eagerly
+    assert "has no compiled decode step" in capsys.readouterr().err
 
 
 def test_serve_loads_the_model_on_a_thread_of_its_own_and_reports_its_errors(monkeypatch, capsys):

@@ -110,6 +110,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         defaults = sampling_defaults(args, OPENAI_DEFAULTS)
         model, tokenizer = load_off_the_main_thread(args)
+        if args.compile:  # asked for: a model without a compiled step is an error now, not a silent eager server
+            from lmforge.generate.compiled import resolve_compile
+
+            resolve_compile(model, True)
         name = args.served_model_name or served_name(args.model)
         served = ServedModel(model, tokenizer, name, args.max_tokens_limit, args.max_prompt_tokens, defaults)
         if args.max_tokens_per_slot and served.context and args.max_tokens_per_slot > served.context:

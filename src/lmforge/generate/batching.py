@@ -40,7 +40,6 @@ it returns, the token's log-probability and the k most likely alternatives (`Tok
 from __future__ import annotations
 
 import inspect
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.generate.compiled import bucket_length, inductor_cache_dir, resolve_compile
+from lmforge.generate.compiled import bucket_length, compile_static_step, resolve_compile
 from lmforge.generate.engine import _generator, _IncrementalText, _token_ids
 from lmforge.generate.sampling import SamplingParams, choose_next_token, process_logits
 
@@ -173,17 +172,10 @@ _compiled_fixed_step = None
 
 
 def compiled_fixed_decode_step():
-    """`_fixed_decode_step` compiled once per process with static shapes (one graph per model, R and K); on CUDA
-    mode="reduce-overhead" replays it as a CUDA graph. Returns (cpu, cuda)."""
+    """`_fixed_decode_step` compiled once per process (`compile_static_step`): one graph per model, R and K."""
     global _compiled_fixed_step
     if _compiled_fixed_step is None:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
-        torch._inductor.config.fx_graph_cache = True
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _compiled_fixed_step = (
-            torch.compile(_fixed_decode_step, dynamic=False),
-            torch.compile(_fixed_decode_step, dynamic=False, mode="reduce-overhead"),
-        )
+        _compiled_fixed_step = compile_static_step(_fixed_decode_step)
     return _compiled_fixed_step
 
 

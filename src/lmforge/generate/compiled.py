@@ -257,18 +257,21 @@ def _decode_step(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, cac
     return out.logits[:, -1].float()
 
 
+def compile_static_step(step):
+    """(cpu, cuda) compiled forms of a decode step with static shapes (`dynamic=False`: each shape is one graph,
+    so dynamo's per-function cache is raised to hold them all), kept in inductor's on-disk FX graph cache. On
+    CUDA, mode="reduce-overhead" replays the step as a CUDA graph; on CPU inductor emits C++ loops."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
+    torch._inductor.config.fx_graph_cache = True
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(step, dynamic=False), torch.compile(step, dynamic=False, mode="reduce-overhead")
+
+
 def compiled_decode_step():
-    """The compiled `_decode_step`, built once per process. Shapes are static (`dynamic=False`): each
-    (batch, bucket) pair is one graph, so dynamo's per-function cache is raised to hold them all. On CUDA,
-    mode="reduce-overhead" replays the step as a CUDA graph; on CPU inductor emits C++ loops."""
+    """The compiled `_decode_step` (`compile_static_step`), built once per process: one graph per (batch, bucket)."""
     global _compiled_step
     if _compiled_step is None:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
-        torch._inductor.config.fx_graph_cache = True
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        cpu = torch.compile(_decode_step, dynamic=False)
-        cuda = torch.compile(_decode_step, dynamic=False, mode="reduce-overhead")
-        _compiled_step = (cpu, cuda)
+        _compiled_step = compile_static_step(_decode_step)
     return _compiled_step
 
 
