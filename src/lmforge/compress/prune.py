@@ -21,10 +21,13 @@ The methods differ in the score that decides which weights go, and in what happe
                 visited through the Cholesky factor of H^-1 (lazy batched updates)
 
 Wanda and SparseGPT read the inputs each layer sees on calibration text. The blocks are pruned in order, and
-each block's statistics come from a forward pass through the blocks already pruned (the "sequential"
-variant of both papers), so a later layer is fitted to what the pruned earlier layers give it; the pass stops
-at the block being measured, so pruning L blocks costs about L/2 full forwards (`sequential=False` measures
-every layer on the dense model in one pass instead).
+each block's statistics come from the outputs of the blocks already pruned (the "sequential" variant of both
+papers), so a later layer is fitted to what the pruned earlier layers give it. As in both papers' reference
+code, a block's inputs are kept in memory: the first block of a stack (`nn.ModuleList`) gets them from a
+forward pass stopped at it, and block i + 1 of a stack gets block i's output after block i is pruned, with
+the same mask, positions and encoder memory. Pruning L blocks thus runs each block twice over the
+calibration set, where a forward pass per block would run L^2 / 2 blocks (`sequential=False` measures every
+layer on the dense model in one pass instead).
 """
 
 from __future__ import annotations
@@ -304,20 +307,80 @@ def prune_model(
     if pruner.needs_calibration and not sequential:
         dense_stats = block_statistics(model, None, every_layer, calibration, pruner.needs_hessian)
     achieved = {}
+    inputs, inputs_of = None, None  # the calibration batches' arguments of block `inputs_of`
     for block_name, layers in blocks.items():
+        block = model.get_submodule(block_name)
         if not pruner.needs_calibration:
             stats = dict.fromkeys(layers)
         elif dense_stats is not None:
             stats = dense_stats
         else:
-            stats = block_statistics(model, model.get_submodule(block_name), layers, calibration, pruner.needs_hessian)
+            if inputs_of != block_name:  # the first block of a stack
+                inputs = block_inputs(model, block, calibration)
+            stats = chained_statistics(block, layers, inputs, pruner.needs_hessian)
         for name, layer in layers.items():
             with torch.no_grad():
                 layer.weight.copy_(pruner.prune(layer.weight.data, stats[name], sparsity))
             achieved[name] = float((layer.weight == 0).float().mean())
+        following = next_in_stack(block_name)
+        if pruner.needs_calibration and dense_stats is None and following in blocks:
+            with torch.no_grad():
+                inputs = [((block(*args, **kwargs), *args[1:]), kwargs) for args, kwargs in inputs]
+            inputs_of = following
         if progress is not None:
             progress(block_name)
     return achieved
+
+
+def next_in_stack(block_name: str) -> str:
+    """'decoder.blocks.3' -> 'decoder.blocks.4': the block of the same `nn.ModuleList` that reads this one's
+    output in every family's forward pass (`x = block(x, ...)` in order)."""
+    stack, _, index = block_name.rpartition(".")
+    return f"{stack}.{int(index) + 1}" if index.isdigit() else ""
+
+
+def block_inputs(model: nn.Module, block: nn.Module, batches: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) `block` is called with on each calibration batch, by a forward pass of the model as
+    it is now that stops there."""
+    device = next(model.parameters()).device
+    caught: list[tuple[tuple, dict]] = []
+
+    def keep(_module, args, kwargs):
+        if not args:
+            raise TypeError(f"{type(block).__name__} was called without a positional input: cannot chain blocks")
+        caught.append((args, kwargs))
+        raise _BlockDone
+
+    hook = block.register_forward_pre_hook(keep, with_kwargs=True)
+    forward = calibration_forward(model)
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                with contextlib.suppress(_BlockDone):
+                    forward(ids.to(device))
+    finally:
+        hook.remove()
+    return caught
+
+
+def chained_statistics(
+    block: nn.Module, layers: dict[str, nn.Linear], inputs: list[tuple[tuple, dict]], hessian: bool
+) -> dict[str, InputStatistics]:
+    """The inputs each of `layers` (inside `block`) sees when `block` runs on `inputs`."""
+    device = next(block.parameters()).device
+    stats = {name: InputStatistics(layer.in_features, hessian, device) for name, layer in layers.items()}
+    hooks = [
+        layer.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
+        for name, layer in layers.items()
+    ]
+    try:
+        with torch.no_grad():
+            for args, kwargs in inputs:
+                block(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return stats
 
 
 def iter_windows(tokens: torch.Tensor, samples: int, seq_len: int, seed: int = 0) -> Iterator[torch.Tensor]:
