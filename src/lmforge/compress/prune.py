@@ -289,8 +289,8 @@ def prune_model(
 ) -> dict[str, float]:
     """Prune `model`'s block Linears in place with `method` (a name in METHODS) to `sparsity`; `calibration`
     is a list of token-id batches (B, T), needed by wanda and sparsegpt. `sequential` calibrates each block on
-    the output of the blocks already pruned (about L/2 forward passes for L blocks); False measures every layer
-    on the dense model in one pass (faster, and the less accurate variant). Returns {layer name: fraction of
+    the output of the blocks already pruned (kept in memory: each block runs twice); False measures every layer
+    on the dense model in one pass (the less accurate variant). Returns {layer name: fraction of
     zero weights}."""
     if method not in METHODS:
         raise ValueError(f"--method {method!r} is unknown; choose one of {', '.join(METHODS)}")
