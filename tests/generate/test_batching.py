@@ -235,3 +235,33 @@ def test_inductor_compiled_batched_step_matches_eager_without_recompiling(family
     assert texts(True) == eager
     with torch._dynamo.config.patch(error_on_recompile=True):  # the same schedule again: every graph is reused
         assert texts(True) == eager
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_prefill_rows_pads_chunks_of_different_lengths_without_changing_any_row(family, small_model):
+    """Rows prefilled together (slots out of order, chunks of 3, 7 and 1 tokens after a common start) get the
+    logits and K/V each gets prefilled alone; then decoding over the padded positions gives the same tokens."""
+    model = small_model(family)
+    prompts = [[5, 17, 40, 2, 9, 12, 7, 8], [250, 3, 11, 4, 6, 30, 31, 32, 33, 34, 35, 36], [64, 2, 3, 4, 5]]
+    start = 4
+    together, apart = BatchedDecoder(model, 4, CONTEXT), BatchedDecoder(model, 4, CONTEXT)
+    slots = [3, 0, 2]
+    for decoder in (together, apart):
+        for slot, p in zip(slots, prompts, strict=True):
+            decoder.prefill(slot, p[:start], 0)
+    rows = together.prefill_rows(slots, [p[start:] for p in prompts], start)
+    alone_rows = [apart.prefill(slot, p[start:], start) for slot, p in zip(slots, prompts, strict=True)]
+    torch.testing.assert_close(rows, torch.stack(alone_rows), rtol=1e-4, atol=1e-5)
+    for layer, (k, v) in together.pool.buffers.items():
+        for slot, p in zip(slots, prompts, strict=True):
+            torch.testing.assert_close(k[slot, :, : len(p)], apart.pool.buffers[layer][0][slot, :, : len(p)])
+            torch.testing.assert_close(v[slot, :, : len(p)], apart.pool.buffers[layer][1][slot, :, : len(p)])
+    tokens = {d: [[int(r.argmax())] for r in out] for d, out in ((together, rows), (apart, torch.stack(alone_rows)))}
+    for decoder, chosen in tokens.items():
+        lengths = [len(p) for p in prompts]
+        for _ in range(6):
+            logits = decoder.decode(slots, lengths, [c[-1] for c in chosen])
+            for row, c in enumerate(chosen):
+                c.append(int(logits[row].argmax()))
+            lengths = [n + 1 for n in lengths]
+    assert tokens[together] == tokens[apart]

@@ -205,3 +205,31 @@ def test_prompts_that_start_alike_copy_the_cached_prefix_and_get_what_they_get_a
     assert [(text, reason) for text, reason, _ in results] == expected
     assert common >= 64 and hits == 2 * (common // 32 * 32) and prompt_tokens == sum(map(len, ids))
     assert asyncio.run(scenario(cache_tokens=0))[1] == 0
+
+
+def test_a_burst_of_requests_is_prefilled_in_one_forward_and_each_gets_what_it_gets_alone(served):
+    """Prompts of different lengths admitted together start at position 0: one padded forward prefills them
+    all, and the padding changes nobody's tokens."""
+    requests = [options(served, n, temperature=0.0, ignore_eos=True) for n in (9, 14, 5, 11, 7)]
+    expected = [alone(served, p, o) for p, o in zip(PROMPTS, requests, strict=True)]
+    lengths = {len(served.encode_prompt(p)) for p in PROMPTS}
+    assert len(lengths) > 1
+    widths = []
+    hook = served.model.register_forward_pre_hook(lambda _m, args: widths.append(tuple(args[0].shape)))
+
+    async def scenario():
+        engine = engine_for(served, kv_slots=5, prefill_chunk=1024)
+        try:
+            with engine._lock:  # all five arrive before the engine's next step (the lock is reentrant)
+                jobs = [engine.submit([served.encode_prompt(p)], o) for p, o in zip(PROMPTS, requests, strict=True)]
+            return await asyncio.gather(*map(collect, jobs))
+        finally:
+            engine.close(30)
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        hook.remove()
+    assert [(text, reason) for text, reason, _ in results] == expected
+    prefills = [shape for shape in widths if shape[1] > 1]
+    assert prefills == [(5, max(lengths))]

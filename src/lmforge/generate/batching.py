@@ -94,10 +94,14 @@ class KVSlotPool:
 
 
 class _PrefillView:
-    """The cache one sequence's prefill chunk sees: its slot, already holding `start` positions."""
+    """The cache the prefill chunks of one or more sequences see: their slots, each already holding `start`
+    positions; row i's T new keys go to positions start..start+T-1 of slots[i]."""
 
-    def __init__(self, pool: KVSlotPool, slot: int, start: int) -> None:
-        self.pool, self.slot, self.start = pool, slot, start
+    def __init__(self, pool: KVSlotPool, slots: list[int], start: int, device: torch.device) -> None:
+        self.pool, self.start = pool, start
+        self.index = torch.tensor(slots, device=device)
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        self.rows = slice(slots[0], slots[0] + len(slots)) if contiguous else None
 
     def seq_len(self) -> int:
         return self.start
@@ -105,10 +109,13 @@ class _PrefillView:
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.start + k.shape[-2]
         buffer_k, buffer_v = self.pool.layer(layer, k)
-        buffer_k[self.slot, :, self.start : end] = k[0]
-        buffer_v[self.slot, :, self.start : end] = v[0]
-        s = self.slot
-        return buffer_k[s : s + 1, :, :end], buffer_v[s : s + 1, :, :end]
+        if self.rows is not None:
+            buffer_k[self.rows, :, self.start : end] = k
+            buffer_v[self.rows, :, self.start : end] = v
+            return buffer_k[self.rows, :, :end], buffer_v[self.rows, :, :end]
+        buffer_k[self.index, :, self.start : end] = k
+        buffer_v[self.index, :, self.start : end] = v
+        return buffer_k[:, :, :end].index_select(0, self.index), buffer_v[:, :, :end].index_select(0, self.index)
 
 
 class _DecodeView:
@@ -214,15 +221,30 @@ class BatchedDecoder:
         self.compiled = resolve_compile(model, compile)
         self.fall_back = compile == "auto"
 
-    @torch.inference_mode()
     def prefill(self, slot: int, ids: Sequence[int], start: int) -> torch.Tensor:
         """Run prompt tokens `ids` at positions start, start+1, ... of `slot`; the logits (V,) after the last."""
-        if start + len(ids) > self.pool.max_len:
-            raise ValueError(f"{start + len(ids)} positions needed, but a KV slot holds {self.pool.max_len}")
-        input_ids = torch.tensor([list(ids)], device=self.device)
-        view = _PrefillView(self.pool, slot, start)
-        out = self.model(input_ids, past_key_values=view, use_cache=True, **self.extra)
-        return out.logits[0, -1].float()
+        return self.prefill_rows([slot], [ids], start)[0]
+
+    @torch.inference_mode()
+    def prefill_rows(self, slots: list[int], chunks: list[Sequence[int]], start: int) -> torch.Tensor:
+        """Prefill several sequences in one forward: chunks[i] at positions start, start+1, ... of slots[i]; the
+        logits (B, V) after each chunk's last token.
+
+        Shorter chunks are padded on the right to the longest. The padding writes K/V at positions past its
+        row's chunk, which that row writes again before it ever attends to them (its next prefill chunk or decode
+        step fills position `length` first, and the mask of every later step stops at the row's own length), and
+        causal attention keeps it out of the row's real tokens now. So each row's logits and K/V are what
+        prefilling it alone gives, up to the rounding of a batched matmul."""
+        longest = max(map(len, chunks))
+        if start + longest > self.pool.max_len:
+            raise ValueError(f"{start + longest} positions needed, but a KV slot holds {self.pool.max_len}")
+        input_ids = torch.tensor([[*c, *[0] * (longest - len(c))] for c in chunks], device=self.device)
+        view = _PrefillView(self.pool, slots, start, self.device)
+        keep = longest - min(map(len, chunks)) + 1  # the last `keep` positions hold every row's last real token
+        extra = {"logits_to_keep": keep} if self.extra else {}
+        logits = self.model(input_ids, past_key_values=view, use_cache=True, **extra).logits  # (B, T or keep, V)
+        last = torch.tensor([len(c) - 1 - longest for c in chunks], device=self.device)  # from the end
+        return logits[torch.arange(len(chunks), device=self.device), logits.shape[1] + last].float()
 
     @torch.inference_mode()
     def decode(self, slots: list[int], lengths: list[int], tokens: list[int]) -> torch.Tensor:

@@ -9,8 +9,9 @@ single row. The engine's loop therefore does, at every step (`generate.batching`
    free slot for each of their sequences (a request sends one sequence per prompt and choice);
 3. decode: one batched forward feeds every running sequence its last token and samples its next one;
 4. prefill: up to `prefill_chunk` prompt tokens of the sequences admitted but not yet started, so a long
-   prompt is spread over several steps instead of stalling the running ones; a sequence whose prompt is in
-   gets its first token from that forward and decodes from the next step on. A prompt that starts like one
+   prompt is spread over several steps instead of stalling the running ones; the chunks that start at the
+   same position run in one forward (a burst of requests is prefilled together, not one by one), and a
+   sequence whose prompt is in gets its first token from that forward and decodes from the next step on. A prompt that starts like one
    prefilled before (a shared system prompt) first copies those positions' K/V from the `PrefixCache`;
 5. send each request touched a `Step` (its sequences' new text, finish reasons, token counts and, when asked,
    the log-probabilities of the tokens chosen this step) and let finished sequences go, freeing their slots.
@@ -257,7 +258,7 @@ class BatchingEngine:
             for row, (request, i, sequence) in enumerate(decoding):
                 sequence.length += 1
                 finished[request][i] = self._sample(request, i, sequence, logits[row])
-        budget = self.prefill_chunk
+        budget, work = self.prefill_chunk, []
         for request in running:
             for i, sequence in enumerate(request.sequences):
                 if budget == 0:
@@ -272,12 +273,16 @@ class BatchingEngine:
                     self.prompt_tokens += len(sequence.prompt)
                     self.prefix_hit_tokens += hit
                 chunk = sequence.prompt[sequence.length : sequence.length + budget]
-                logits = self.decoder.prefill(sequence.slot, chunk, sequence.length)
-                sequence.length += len(chunk)
                 budget -= len(chunk)
+                work.append((request, i, sequence, chunk))
+        for start in sorted({sequence.length for _, _, sequence, _ in work}):  # one forward per start position
+            group = [w for w in work if w[2].length == start]
+            logits = self.decoder.prefill_rows([s.slot for _, _, s, _ in group], [c for *_, c in group], start)
+            for row, (request, i, sequence, chunk) in enumerate(group):
+                sequence.length += len(chunk)
                 if sequence.length == len(sequence.prompt):
                     self.prefix.store(sequence.prompt, self.pool, sequence.slot)
-                    finished[request][i] = self._sample(request, i, sequence, logits)
+                    finished[request][i] = self._sample(request, i, sequence, logits[row])
         with self._lock:
             for request in running:
                 if request.touched:
