@@ -11,8 +11,9 @@ single row. The engine's loop therefore does, at every step (`generate.batching`
 4. prefill: up to `prefill_chunk` prompt tokens of the sequences admitted but not yet started, so a long
    prompt is spread over several steps instead of stalling the running ones; the chunks that start at the
    same position run in one forward (a burst of requests is prefilled together, not one by one), and a
-   sequence whose prompt is in gets its first token from that forward and decodes from the next step on. A prompt that starts like one
-   prefilled before (a shared system prompt) first copies those positions' K/V from the `PrefixCache`;
+   sequence whose prompt is in gets its first token from that forward and decodes from the next step on. A
+   prompt that starts like one prefilled before (a shared system prompt) first copies those positions' K/V
+   from the `PrefixCache`;
 5. send each request touched a `Step` (its sequences' new text, finish reasons, token counts and, when asked,
    the log-probabilities of the tokens chosen this step) and let finished sequences go, freeing their slots.
 
