@@ -16,8 +16,8 @@ from lmforge.compress.prune import (
     METHODS,
     InputStatistics,
     Sparsity,
-    block_statistics,
     calibration_batches,
+    input_statistics,
     prunable_layers,
     prune_model,
     reconstruction_error,
@@ -150,11 +150,10 @@ def test_one_pass_calibration_prunes_the_first_block_as_the_sequential_one():
 
 def prune_with_a_forward_per_block(model: nn.Module, method: str, sparsity: Sparsity, data: list[torch.Tensor]):
     """The sequential scheme done the slow, obvious way: each block's inputs come from a forward pass of the
-    whole model (earlier blocks already pruned) stopped at that block."""
+    whole model, earlier blocks already pruned."""
     pruner = METHODS[method]
-    for block_name, layers in prunable_layers(model).items():
-        block = model.get_submodule(block_name)
-        stats = block_statistics(model, block, layers, data, pruner.needs_hessian)
+    for layers in prunable_layers(model).values():
+        stats = input_statistics(model, layers, data, pruner.needs_hessian)
         for name, layer in layers.items():
             with torch.no_grad():
                 layer.weight.copy_(pruner.prune(layer.weight.data, stats[name], sparsity))

@@ -246,28 +246,23 @@ def calibration_forward(model: nn.Module) -> Callable[[torch.Tensor], object]:
     return lambda ids: model(input_ids=ids)
 
 
-def block_statistics(
-    model: nn.Module,
-    block: nn.Module | None,
-    layers: dict[str, nn.Linear],
-    batches: list[torch.Tensor],
-    hessian: bool,
-) -> dict[str, InputStatistics]:
-    """The inputs each of `layers` sees over `batches`, with the model as it is now (earlier blocks pruned); the
-    forward pass stops once `block` has run (None: the whole model runs)."""
-    device = next(model.parameters()).device
+def input_hooks(
+    layers: dict[str, nn.Linear], hessian: bool, device: torch.device
+) -> tuple[dict[str, InputStatistics], list[torch.utils.hooks.RemovableHandle]]:
+    """Statistics of what each of `layers` receives, filled by the forward hooks returned with them."""
     stats = {name: InputStatistics(layer.in_features, hessian, device) for name, layer in layers.items()}
     hooks = [
         layer.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
         for name, layer in layers.items()
     ]
+    return stats, hooks
 
-    def stop(_module, _args, _output):
-        raise _BlockDone
 
-    if block is not None:
-        hooks.append(block.register_forward_hook(stop))
+def calibrate(model: nn.Module, batches: list[torch.Tensor], hooks: list[torch.utils.hooks.RemovableHandle]) -> None:
+    """Run the model over the calibration batches (a hook may end a pass early with `_BlockDone`), then remove
+    `hooks`."""
     forward = calibration_forward(model)
+    device = next(model.parameters()).device
     try:
         with torch.no_grad():
             for ids in batches:
@@ -276,6 +271,14 @@ def block_statistics(
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def input_statistics(
+    model: nn.Module, layers: dict[str, nn.Linear], batches: list[torch.Tensor], hessian: bool
+) -> dict[str, InputStatistics]:
+    """The inputs each of `layers` sees over `batches`, with the model as it is now (a whole forward pass)."""
+    stats, hooks = input_hooks(layers, hessian, next(model.parameters()).device)
+    calibrate(model, batches, hooks)
     return stats
 
 
@@ -305,7 +308,7 @@ def prune_model(
     every_layer = {name: layer for layers in blocks.values() for name, layer in layers.items()}
     dense_stats = None
     if pruner.needs_calibration and not sequential:
-        dense_stats = block_statistics(model, None, every_layer, calibration, pruner.needs_hessian)
+        dense_stats = input_statistics(model, every_layer, calibration, pruner.needs_hessian)
     achieved = {}
     inputs, inputs_of = None, None  # the calibration batches' arguments of block `inputs_of`
     for block_name, layers in blocks.items():
@@ -342,7 +345,6 @@ def next_in_stack(block_name: str) -> str:
 def block_inputs(model: nn.Module, block: nn.Module, batches: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
     """The (args, kwargs) `block` is called with on each calibration batch, by a forward pass of the model as
     it is now that stops there."""
-    device = next(model.parameters()).device
     caught: list[tuple[tuple, dict]] = []
 
     def keep(_module, args, kwargs):
@@ -351,15 +353,7 @@ def block_inputs(model: nn.Module, block: nn.Module, batches: list[torch.Tensor]
         caught.append((args, kwargs))
         raise _BlockDone
 
-    hook = block.register_forward_pre_hook(keep, with_kwargs=True)
-    forward = calibration_forward(model)
-    try:
-        with torch.no_grad():
-            for ids in batches:
-                with contextlib.suppress(_BlockDone):
-                    forward(ids.to(device))
-    finally:
-        hook.remove()
+    calibrate(model, batches, [block.register_forward_pre_hook(keep, with_kwargs=True)])
     return caught
 
 
@@ -367,12 +361,7 @@ def chained_statistics(
     block: nn.Module, layers: dict[str, nn.Linear], inputs: list[tuple[tuple, dict]], hessian: bool
 ) -> dict[str, InputStatistics]:
     """The inputs each of `layers` (inside `block`) sees when `block` runs on `inputs`."""
-    device = next(block.parameters()).device
-    stats = {name: InputStatistics(layer.in_features, hessian, device) for name, layer in layers.items()}
-    hooks = [
-        layer.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
-        for name, layer in layers.items()
-    ]
+    stats, hooks = input_hooks(layers, hessian, next(block.parameters()).device)
     try:
         with torch.no_grad():
             for args, kwargs in inputs:
