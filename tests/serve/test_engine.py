@@ -233,3 +233,33 @@ def test_a_burst_of_requests_is_prefilled_in_one_forward_and_each_gets_what_it_g
     assert [(text, reason) for text, reason, _ in results] == expected
     prefills = [shape for shape in widths if shape[1] > 1]
     assert prefills == [(5, max(lengths))]
+
+
+def test_a_prompt_prefilled_up_to_where_a_cached_one_starts_is_prefilled_once(served):
+    """In one step, B (no cache hit) is prefilled from 0 to exactly the position where A's cache hit ends, so
+    both groups of the step have B's new length as a start: B must still run once and get its own text."""
+    shared = " ".join(PROMPTS) + " "
+    first, a = served.encode_prompt(shared + PROMPTS[1]), served.encode_prompt(shared + PROMPTS[0])
+    common = next(i for i, (x, y) in enumerate(zip(first, a, strict=False)) if x != y)
+    hit = min(common // 32 * 32, (len(a) - 1) // 32 * 32)
+    b = list(reversed(a[:hit]))
+    assert hit >= 32 and b[:32] != first[:32]
+    opts = options(served, 8, temperature=0.0, ignore_eos=True)
+    expected = []
+    for row in (a, b):
+        out = generate(served.model, torch.tensor([row]), tokenizer=served.tokenizer, **opts)
+        expected.append((out.texts[0], out.finish_reasons[0]))
+
+    async def scenario():
+        engine = engine_for(served, kv_slots=2, prefill_chunk=4096, prefix_cache_tokens=4096)
+        try:
+            await collect(engine.submit([first], opts))
+            with engine._lock:  # A and B start in the same step
+                jobs = [engine.submit([row], opts) for row in (a, b)]
+            return await asyncio.gather(*map(collect, jobs)), engine.prefix_hit_tokens
+        finally:
+            engine.close(30)
+
+    results, hits = asyncio.run(scenario())
+    assert hits == hit
+    assert [(text, reason) for text, reason, _ in results] == expected

@@ -275,9 +275,9 @@ class BatchingEngine:
                     self.prefix_hit_tokens += hit
                 chunk = sequence.prompt[sequence.length : sequence.length + budget]
                 budget -= len(chunk)
-                work.append((request, i, sequence, chunk))
-        for start in sorted({sequence.length for _, _, sequence, _ in work}):  # one forward per start position
-            group = [w for w in work if w[2].length == start]
+                work.append((sequence.length, request, i, sequence, chunk))
+        for start in sorted({w[0] for w in work}):  # one forward per start position, fixed before any runs
+            group = [w[1:] for w in work if w[0] == start]
             logits = self.decoder.prefill_rows([s.slot for _, _, s, _ in group], [c for *_, c in group], start)
             for row, (request, i, sequence, chunk) in enumerate(group):
                 sequence.length += len(chunk)
