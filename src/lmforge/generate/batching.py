@@ -93,15 +93,19 @@ class KVSlotPool:
         return self.buffers[layer]
 
 
+def slot_rows(slots: list[int], device: torch.device) -> tuple[torch.Tensor, slice | None]:
+    """The pool rows of `slots` as an index tensor, and as a slice when they are consecutive (a view, no copy)."""
+    contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+    return torch.tensor(slots, device=device), slice(slots[0], slots[0] + len(slots)) if contiguous else None
+
+
 class _PrefillView:
     """The cache the prefill chunks of one or more sequences see: their slots, each already holding `start`
     positions; row i's T new keys go to positions start..start+T-1 of slots[i]."""
 
     def __init__(self, pool: KVSlotPool, slots: list[int], start: int, device: torch.device) -> None:
         self.pool, self.start = pool, start
-        self.index = torch.tensor(slots, device=device)
-        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        self.rows = slice(slots[0], slots[0] + len(slots)) if contiguous else None
+        self.index, self.rows = slot_rows(slots, device)
 
     def seq_len(self) -> int:
         return self.start
@@ -125,9 +129,7 @@ class _DecodeView:
     def __init__(self, pool: KVSlotPool, slots: list[int], lengths: torch.Tensor) -> None:
         self.pool, self.lengths = pool, lengths
         self.past = int(lengths.max())
-        self.index = torch.tensor(slots, device=lengths.device)
-        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        self.rows = slice(slots[0], slots[0] + len(slots)) if contiguous else None
+        self.index, self.rows = slot_rows(slots, lengths.device)
 
     def seq_len(self) -> int:
         return self.past
