@@ -29,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from lmforge.commands.generate import load_model_and_tokenizer
 from lmforge.generate import generate, prepare_for_decoding
 from lmforge.nn.quant import quantize_int8
+from lmforge.quantize import quantize_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -103,14 +104,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile-steps", type=int, default=16)
     parser.add_argument(
-        "--weights", choices=["fp32", "int8"], default="int8", help="int8: weight-only (what auto compiles on CPU)"
+        "--weights",
+        choices=["fp32", "int8", "int4"],
+        default="int8",
+        help="int8: weight-only (what auto compiles on CPU); int4: the blocks' Linears in 4 bits (groups of 32, "
+        "round-to-nearest: SmolLM2's Q4_1 grid) on lmforge's int4 kernel, the output projection int8",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, _ = load_model_and_tokenizer(args.model, None)
     model = model.float().eval()
-    model = prepare_for_decoding(quantize_int8(model) if args.weights == "int8" else model)
+    if args.weights == "int4":
+        quantize_model(model, "int4", group_size=32)
+    model = prepare_for_decoding(quantize_int8(model) if args.weights != "fp32" else model)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(4))
 
     eager, compiled = lmforge_runner(model, ids, False), lmforge_runner(model, ids, True)

@@ -1,0 +1,65 @@
+"""lmforge's own C++ CPU kernels, built on first use with `torch.utils.cpp_extension` (g++ and ninja).
+
+Only where PyTorch has no kernel as fast: `lmforge::int4_matvec` (`csrc/int4_matvec.cpp`), the product of a
+few activation rows with 4-bit grouped weights for decoding, where PyTorch's CPU int4 kernel decodes slower
+than its int8 one. The build takes ~10 s once per machine and source version; torch caches the library under
+`~/.cache/torch_extensions` (or `$TORCH_EXTENSIONS_DIR`). Without a compiler, `int4_matvec_available()` is
+False (with one warning) and callers keep PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "int4_matvec.cpp"
+
+
+@functools.cache
+def int4_matvec_available() -> bool:
+    """Build (once) and load `lmforge::int4_matvec`; False, with a warning, where it cannot be built."""
+    if hasattr(torch.ops.lmforge, "int4_matvec"):
+        return True
+    try:
+        from torch.utils import cpp_extension
+
+        print("lmforge: building the int4 decoding kernel (once per machine, ~10 s)", file=sys.stderr)
+        cpp_extension.load(
+            name="lmforge_int4_matvec",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+    except Exception as error:  # no compiler, no ninja, an unsupported platform: PyTorch's kernels remain
+        warnings.warn(f"lmforge's int4 kernel could not be built ({error}); using PyTorch's", stacklevel=2)
+        return False
+
+    @torch.library.register_fake("lmforge::int4_matvec")
+    def _(x, codes, scale, minimum, group_size):
+        return x.new_empty(x.shape[0], codes.shape[0])
+
+    return True
+
+
+def int4_matvec(
+    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """y = x W^T for x (rows, K) float32/bf16 and W stored by `matvec_layout` (see the C++ source for the math)."""
+    return torch.ops.lmforge.int4_matvec(x, codes, scale, minimum, group_size)
+
+
+def matvec_layout(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`Int4Linear`'s codes (N, K) in [0, 15], scale and zero (N, K/g), W = (q - 8) s + z, as the kernel reads
+    them: codes (N, K/2) uint8 where, per 64 inputs, byte i holds input i (low nibble) and 32 + i (high), and
+    W = q s + m with s and m = z - 8 s in fp16 (N, K/g)."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8).reshape(n, k // 64, 2, 32)
+    packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    return packed, scale.half().contiguous(), (zero - 8 * scale).half().contiguous()

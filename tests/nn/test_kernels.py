@@ -1,0 +1,100 @@
+"""lmforge's C++ int4 decoding kernel against the math it claims, and inside Int4Linear and a compiled step."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.nn.kernels import int4_matvec, int4_matvec_available, matvec_layout
+from lmforge.nn.quant import Int4Linear, int4_codes, int4_group_params
+
+
+def quantised_layer(out_features: int, in_features: int, group_size: int, seed: int = 0) -> Int4Linear:
+    torch.manual_seed(seed)
+    w = torch.randn(out_features, in_features) * 0.05
+    groups = w.view(out_features, in_features // group_size, group_size)
+    scale, zero = int4_group_params(groups.reshape(-1, group_size))
+    scale, zero = scale.view(out_features, -1), zero.view(out_features, -1)
+    codes = int4_codes(groups, scale[..., None], zero[..., None]).reshape(out_features, in_features)
+    return Int4Linear(codes, scale, zero)
+
+
+def emulated(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
+    """The kernel's arithmetic in float64: x rounded to int8 per block of 32 (d = max |x| / 127, ties to even),
+    W = q s + m with s, m in fp16, the minimum's term taken on the unrounded x."""
+    rows, k = x.shape
+    xb = x.double().view(rows, k // 32, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    xq = torch.where(d > 0, torch.round(xb / torch.where(d > 0, d, 1)), 0.0)
+    rounded = (xq * d).view(rows, k)
+    _, s, m = matvec_layout(torch.zeros(1, 64, dtype=torch.uint8), layer.scale, layer.zero)
+    codes = torch.stack([layer.weight & 15, layer.weight >> 4], -1).reshape(layer.out_features, -1).double()
+    g = layer.group_size
+    s, m = s.double().repeat_interleave(g, 1), m.double().repeat_interleave(g, 1)
+    return rounded @ (codes * s).T + x.double() @ m.T
+
+
+needs_kernel = pytest.mark.skipif(not int4_matvec_available(), reason="no C++ compiler to build the kernel")
+
+
+@needs_kernel
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_kernel_computes_the_int4_x_int8_dot_product_it_documents(group_size, rows):
+    layer = quantised_layer(200, 384, group_size)
+    x = torch.randn(rows, 384)
+    codes, scale, minimum = matvec_layout(
+        torch.stack([layer.weight & 15, layer.weight >> 4], -1).reshape(200, -1), layer.scale, layer.zero
+    )
+    y = int4_matvec(x, codes, scale, minimum, group_size)
+    ref = emulated(x, layer)
+    assert y.shape == (rows, 200) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    yb = int4_matvec(x.bfloat16(), codes, scale, minimum, group_size)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.double(), emulated(x.bfloat16().float(), layer), rtol=1e-2, atol=1e-2)
+
+
+@needs_kernel
+def test_int4_linear_on_the_kernel_stays_within_activation_rounding_of_the_dequantised_product():
+    layer = quantised_layer(192, 576, 32)
+    x = torch.randn(2, 3, 576)
+    exact = F.linear(x, layer.dequantized_weight())
+    assert layer.use_matvec_kernel()
+    y = layer(x)
+    assert y.shape == exact.shape
+    rel = (y - exact).norm() / exact.norm()
+    assert 0 < rel < 1e-2  # int8 activations: not bit-equal, within a percent
+    many = torch.randn(40, 576)  # a prefill: more rows than the kernel takes, PyTorch's path
+    torch.testing.assert_close(layer(many), F.linear(many, layer.dequantized_weight()), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_layers_the_kernel_cannot_run_keep_pytorchs_path():
+    assert not quantised_layer(8, 96, 32).use_matvec_kernel()  # width not a multiple of 64
+    layer = quantised_layer(16, 128, 32)
+    state = layer.state_dict()
+    assert layer.use_matvec_kernel()
+    layer.load_state_dict(state)  # reloaded codes are re-laid out for the kernel
+    x = torch.randn(1, 128)
+    torch.testing.assert_close(layer(x).double(), emulated(x, layer), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_runs_inside_a_compiled_graph_with_the_eager_result():
+    layer = quantised_layer(64, 128, 64)
+    layer.use_matvec_kernel()
+    x = torch.randn(1, 128)
+
+    def step(t):
+        return torch.nn.functional.silu(layer(t)) * 2
+
+    compiled = torch.compile(step, fullgraph=True)
+    assert torch.equal(compiled(x), step(x))
+
+
+def test_kernel_refuses_a_width_it_cannot_read():
+    if not int4_matvec_available():
+        pytest.skip("no C++ compiler to build the kernel")
+    codes = torch.zeros(4, 48, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        int4_matvec(torch.randn(1, 96), codes, torch.ones(4, 3).half(), torch.zeros(4, 3).half(), 32)
