@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.nn.kernels import int4_matvec, int4_matvec_available, matvec_layout
-from lmforge.nn.quant import Int4Linear, int4_codes, int4_group_params
+from lmforge.nn.quant import Int4Linear, int4_codes, int4_group_params, unpack_nibbles
 
 
 def quantised_layer(out_features: int, in_features: int, group_size: int, seed: int = 0) -> Int4Linear:
@@ -27,7 +27,7 @@ def emulated(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
     xq = torch.where(d > 0, torch.round(xb / torch.where(d > 0, d, 1)), 0.0)
     rounded = (xq * d).view(rows, k)
     _, s, m = matvec_layout(torch.zeros(1, 64, dtype=torch.uint8), layer.scale, layer.zero)
-    codes = torch.stack([layer.weight & 15, layer.weight >> 4], -1).reshape(layer.out_features, -1).double()
+    codes = unpack_nibbles(layer.weight).double()
     g = layer.group_size
     s, m = s.double().repeat_interleave(g, 1), m.double().repeat_interleave(g, 1)
     return rounded @ (codes * s).T + x.double() @ m.T
@@ -42,9 +42,7 @@ needs_kernel = pytest.mark.skipif(not int4_matvec_available(), reason="no C++ co
 def test_kernel_computes_the_int4_x_int8_dot_product_it_documents(group_size, rows):
     layer = quantised_layer(200, 384, group_size)
     x = torch.randn(rows, 384)
-    codes, scale, minimum = matvec_layout(
-        torch.stack([layer.weight & 15, layer.weight >> 4], -1).reshape(200, -1), layer.scale, layer.zero
-    )
+    codes, scale, minimum = matvec_layout(unpack_nibbles(layer.weight), layer.scale, layer.zero)
     y = int4_matvec(x, codes, scale, minimum, group_size)
     ref = emulated(x, layer)
     assert y.shape == (rows, 200) and y.dtype == torch.float32
@@ -92,9 +90,8 @@ def test_kernel_runs_inside_a_compiled_graph_with_the_eager_result():
     assert torch.equal(compiled(x), step(x))
 
 
+@needs_kernel
 def test_kernel_refuses_a_width_it_cannot_read():
-    if not int4_matvec_available():
-        pytest.skip("no C++ compiler to build the kernel")
     codes = torch.zeros(4, 48, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="multiple of 64"):
         int4_matvec(torch.randn(1, 96), codes, torch.ones(4, 3).half(), torch.zeros(4, 3).half(), 32)
