@@ -26,7 +26,7 @@ def emulated(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
     d = xb.abs().amax(-1, keepdim=True) / 127
     xq = torch.where(d > 0, torch.round(xb / torch.where(d > 0, d, 1)), 0.0)
     rounded = (xq * d).view(rows, k)
-    _, s, m = matvec_layout(torch.zeros(1, 64, dtype=torch.uint8), layer.scale, layer.zero)
+    s, m = layer.scale.half(), (layer.zero - 8 * layer.scale).half()  # W = (q - 8) s + z = q s + m
     codes = unpack_nibbles(layer.weight).double()
     g = layer.group_size
     s, m = s.double().repeat_interleave(g, 1), m.double().repeat_interleave(g, 1)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.nn.kernels import int4_matvec, int4_matvec_available, matvec_layout
+
 QMAX = 127
 ALIGNMENT = 64  # bytes: an AVX-512 register, and what PyTorch's CPU allocator guarantees
 KERNEL_MAX_ROWS = 16  # above this many rows a dense GEMM on the converted weight is faster (measured)
@@ -264,7 +266,6 @@ class Int4Linear(nn.Module):
         layers); False, leaving the layer as it was, where the kernel cannot run (no compiler, a width that is
         not a multiple of 64, a group size that is not a power of two >= 32). Its own copy of the weight
         (the kernel's layout, fp16 scales) is made here, once."""
-        from lmforge.nn.kernels import int4_matvec_available, matvec_layout
 
         fits = self.in_features % 64 == 0 and self.group_size >= 32 and self.group_size & (self.group_size - 1) == 0
         if not (fits and self.weight.device.type == "cpu" and int4_matvec_available()):
@@ -292,7 +293,7 @@ class Int4Linear(nn.Module):
         if self._matvec is not None and rows <= KERNEL_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
             codes, scale, minimum = self._matvec
             flat = x.reshape(-1, self.in_features).contiguous()
-            y = torch.ops.lmforge.int4_matvec(flat, codes, scale, minimum, self.group_size)
+            y = int4_matvec(flat, codes, scale, minimum, self.group_size)
             y = y.view(*x.shape[:-1], self.out_features)
         elif self._matvec is not None:
             # a prefill on a decoding layer: compute-bound, where a dense product on the weight dequantised for
