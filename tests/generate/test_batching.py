@@ -201,7 +201,7 @@ def test_batched_decoder_compile_auto_falls_back_to_eager_and_true_raises(monkey
 
     monkeypatch.setattr(batching, "_compiled_fixed_step", (no_compiler, no_compiler))
     monkeypatch.setattr(compiled, "COMPILE_MIN_PARAMETERS", 1000)
-    monkeypatch.setattr(compiled, "AUTO_COMPILE", {"cpu": frozenset()})
+    monkeypatch.setattr(compiled, "AUTO_COMPILE", {"cpu": (frozenset(),)})
     model = small_model("gpt")
     assert not BatchedDecoder(model, 2, CONTEXT).compiled  # the default: eager
     expected = [generate(model, torch.tensor([p]), max_new_tokens=4, eos_token_id=[]).tokens[0].tolist()

@@ -105,7 +105,7 @@ def test_bucket_lengths_are_powers_of_two_capped_at_the_context():
     assert len({bucket_length(n, 2048) for n in range(1, 2049)}) == 6  # recompiles bounded per batch size
 
 
-def test_auto_compiles_large_decoder_only_models_float_on_a_gpu_and_int8_on_a_cpu(monkeypatch, small_model):
+def test_auto_compiles_large_decoder_only_models_float_on_a_gpu_and_int8_or_int4_on_a_cpu(monkeypatch, small_model):
     tiny = small_model("gpt", CONTEXT)
     assert weight_count(tiny) < COMPILE_MIN_PARAMETERS
     assert not resolve_compile(tiny, "auto")
@@ -117,8 +117,9 @@ def test_auto_compiles_large_decoder_only_models_float_on_a_gpu_and_int8_on_a_cp
     assert resolve_compile(int8, "auto")  # int8 on CPU: measured 1.4x
     int4 = copy.deepcopy(tiny)
     quantize_model(int4, "int4", 32)
-    assert not resolve_compile(int4, "auto")
-    monkeypatch.setattr(compiled, "AUTO_COMPILE", {"cpu": frozenset()})  # as if this CPU were a GPU
+    assert not resolve_compile(int4, "auto")  # int4 blocks, fp32 output projection: not measured to pay
+    assert resolve_compile(quantize_int8(int4), "auto")  # what --quantize int4 makes: int4 blocks, int8 output
+    monkeypatch.setattr(compiled, "AUTO_COMPILE", {"cpu": (frozenset(),)})  # as if this CPU were a GPU
     assert resolve_compile(tiny, "auto")
     assert not resolve_compile(int8, "auto")
     t5 = build_model("t5-tiny").eval()
@@ -150,7 +151,7 @@ def test_auto_falls_back_to_eager_decoding_when_the_step_does_not_compile(monkey
 
     monkeypatch.setattr(compiled, "_compiled_step", (no_compiler, no_compiler))
     monkeypatch.setattr(compiled, "COMPILE_MIN_PARAMETERS", 1000)
-    monkeypatch.setattr(compiled, "AUTO_COMPILE", {"cpu": frozenset()})
+    monkeypatch.setattr(compiled, "AUTO_COMPILE", {"cpu": (frozenset(),)})
     model = small_model("gpt", CONTEXT)
     input_ids, attention_mask = left_padded_prompts()
     eager = generate(model, input_ids, attention_mask, max_new_tokens=NEW, eos_token_id=[], compile=False)

@@ -85,7 +85,6 @@ def load_for_generation(args: argparse.Namespace):
     """The model (eval mode, cast to --dtype, optionally int8-quantised, weights laid out for decoding) and its
     tokenizer; `serve` and `chat` share this. --seed also fixes a preset's random weights."""
     from lmforge.generate import prepare_for_decoding
-    from lmforge.nn.quant import quantize_int8
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -96,9 +95,37 @@ def load_for_generation(args: argparse.Namespace):
             "with lmforge export MODEL --to onnx --quantize int8"
         )
     model = model.to(DTYPES[args.dtype]).eval()
-    if args.quantize == "int8":
-        quantize_int8(model)
-    return prepare_for_decoding(model), tokenizer
+    return prepare_for_decoding(quantize_for_decoding(model, args.quantize)), tokenizer
+
+
+QUANTIZE_CHOICES = ("none", "int8", "int4")
+
+
+def quantize_for_decoding(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    """--quantize, in place. int8: every Linear weight-only int8, one scale per output channel. int4: the
+    Linears inside the Transformer blocks in 4 bits, groups of 32 inputs on their min-max grid (the grid of
+    llama.cpp's Q4_1, so a Q4_1 GGUF's block weights round back onto themselves), run by lmforge's int4 kernel;
+    the output projection int8, as llama.cpp's Q4 files keep theirs in 8 bits (its errors land on the logits).
+    Blocks that are already int4 (a `lmforge quantize --method int4` folder) are kept as they are."""
+    from lmforge.nn.quant import quantize_int8
+
+    if kind not in QUANTIZE_CHOICES:
+        raise ValueError(f"--quantize {kind!r} is not supported; choose one of {list(QUANTIZE_CHOICES)}")
+    if kind == "int4":
+        from lmforge.quantize.recipe import quantize_model
+
+        quantize_model(model, "int4", group_size=32)
+    return model if kind == "none" else quantize_int8(model)
+
+
+def add_quantize_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default="none",
+        help="weight-only: int8 (every Linear, per channel) or int4 (the blocks in groups of 32 on lmforge's "
+        "int4 kernel, the output projection int8)",
+    )
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, builtin: SamplingDefaults) -> None:
@@ -127,7 +154,7 @@ def add_compile_argument(p: argparse.ArgumentParser) -> None:
         default=None,
         help="decode each new token through one torch.compile'd graph (the first run compiles, seconds to "
         "minutes on a small CPU, then reuses the on-disk cache); --no-compile decodes eagerly (default: compile "
-        "decoder-only models of 100M parameters or more, float on a GPU, --quantize int8 on a CPU)",
+        "decoder-only models of 100M parameters or more, float on a GPU, --quantize int8|int4 on a CPU)",
     )
 
 
@@ -218,5 +245,5 @@ def register(commands: argparse._SubParsersAction, groups: dict[str, argparse._S
     p.add_argument("--num-beams", type=int, default=1, help="beam search width (greedy beams, no sampling)")
     add_compile_argument(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8 weight-only linears")
+    add_quantize_argument(p)
     p.set_defaults(func=cmd_generate)

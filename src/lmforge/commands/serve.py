@@ -22,6 +22,7 @@ from lmforge.commands.generate import (
     MODEL_HELP,
     SAMPLING_PRECEDENCE,
     add_compile_argument,
+    add_quantize_argument,
     add_sampling_arguments,
     compile_option,
     load_for_generation,
@@ -188,7 +189,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's; presets: UTF-8 bytes)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8 weight-only linears")
+    add_quantize_argument(p)
     p.add_argument("--seed", type=int, default=None, help="fixes a preset's random weights (and chat sampling)")
 
 
