@@ -1,11 +1,19 @@
-"""lmforge's C++ int4 decoding kernel against the math it claims, and inside Int4Linear and a compiled step."""
+"""lmforge's C++ int4 and int8 decoding kernels against the math they claim, inside Int4Linear and
+QuantizedLinear, and in a compiled step."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.nn.kernels import int4_matvec, int4_matvec_available, matvec_layout
-from lmforge.nn.quant import Int4Linear, int4_codes, int4_group_params, unpack_nibbles
+from lmforge.nn.kernels import int4_matvec, int8_matvec, kernels_available, matvec_layout
+from lmforge.nn.quant import (
+    Int4Linear,
+    QuantizedLinear,
+    int4_codes,
+    int4_group_params,
+    quantize_per_channel,
+    unpack_nibbles,
+)
 
 
 def quantised_layer(out_features: int, in_features: int, group_size: int, seed: int = 0) -> Int4Linear:
@@ -18,14 +26,19 @@ def quantised_layer(out_features: int, in_features: int, group_size: int, seed: 
     return Int4Linear(codes, scale, zero)
 
 
-def emulated(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
-    """The kernel's arithmetic in float64: x rounded to int8 per block of 32 (d = max |x| / 127, ties to even),
-    W = q s + m with s, m in fp16, the minimum's term taken on the unrounded x."""
+def int8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to int8 per block of 32 in float64: d = max |x| / 127, xq = round(x / d) (ties to even), d xq."""
     rows, k = x.shape
     xb = x.double().view(rows, k // 32, 32)
     d = xb.abs().amax(-1, keepdim=True) / 127
     xq = torch.where(d > 0, torch.round(xb / torch.where(d > 0, d, 1)), 0.0)
-    rounded = (xq * d).view(rows, k)
+    return (xq * d).view(rows, k)
+
+
+def emulated(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
+    """The kernel's arithmetic in float64: x rounded to int8 per block of 32, W = q s + m with s, m in fp16,
+    the minimum's term taken on the unrounded x."""
+    rounded = int8_rounded(x)
     s, m = layer.scale.half(), (layer.zero - 8 * layer.scale).half()  # W = (q - 8) s + z = q s + m
     codes = unpack_nibbles(layer.weight).double()
     g = layer.group_size
@@ -33,7 +46,7 @@ def emulated(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
     return rounded @ (codes * s).T + x.double() @ m.T
 
 
-needs_kernel = pytest.mark.skipif(not int4_matvec_available(), reason="no C++ compiler to build the kernel")
+needs_kernel = pytest.mark.skipif(not kernels_available(), reason="no C++ compiler to build the kernel")
 
 
 @needs_kernel
@@ -95,3 +108,38 @@ def test_kernel_refuses_a_width_it_cannot_read():
     codes = torch.zeros(4, 48, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="multiple of 64"):
         int4_matvec(torch.randn(1, 96), codes, torch.ones(4, 3).half(), torch.zeros(4, 3).half(), 32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_kernel_computes_the_int8_x_int8_dot_product_it_documents(rows):
+    torch.manual_seed(0)
+    codes, scale = quantize_per_channel(torch.randn(300, 416) * 0.05)
+    codes[0, :40] = -128  # outside QuantizedLinear's own range, possible in a loaded checkpoint: still exact
+    x = torch.randn(rows, 416)
+    ref = int8_rounded(x) @ (codes.double() * scale.double()[:, None]).T
+    y = int8_matvec(x, codes, scale)
+    assert y.shape == (rows, 300) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    yb = int8_matvec(x.bfloat16(), codes, scale)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        yb.double(), int8_rounded(x.bfloat16().float()) @ (codes * scale[:, None]).double().T, rtol=1e-2, atol=1e-2
+    )
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        int8_matvec(torch.randn(1, 40), torch.zeros(3, 40, dtype=torch.int8), torch.ones(3))
+
+
+@needs_kernel
+def test_quantized_linear_on_the_int8_kernel_decodes_within_activation_rounding_and_compiles():
+    torch.manual_seed(0)
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(96, 80))
+    x = torch.randn(1, 2, 96)
+    exact = F.linear(x, layer.dequantized_weight(), layer.bias)
+    assert layer.use_matvec_kernel()
+    y = layer(x)
+    assert 0 < (y - exact).norm() / exact.norm() < 1e-2
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), y)
+    many = torch.randn(40, 96)  # more rows than a decoding step: PyTorch's path
+    torch.testing.assert_close(layer(many), F.linear(many, layer.dequantized_weight(), layer.bias))
+    assert not QuantizedLinear.from_linear(torch.nn.Linear(40, 8)).use_matvec_kernel()  # width not a multiple of 32

@@ -32,7 +32,7 @@ from torch import nn
 from lmforge.generate.compiled import CompiledDecoder, bucket_length, resolve_compile
 from lmforge.generate.sampling import SamplingParams, choose_next_token, process_logits
 from lmforge.nn.attention import StaticKVCache
-from lmforge.nn.quant import Int4Linear, PackedLinear, has_packed_bf16_kernel
+from lmforge.nn.quant import Int4Linear, PackedLinear, QuantizedLinear, has_packed_bf16_kernel
 
 
 @dataclass
@@ -227,12 +227,11 @@ def prepare_for_decoding(model: nn.Module) -> nn.Module:
 
     bf16: each Linear becomes a `PackedLinear` (oneDNN's blocked layout, same results, ~1.5-2x faster). Those
     weights leave the state_dict, and a tied output projection gets its own packed copy: prepare a model that
-    will only run inference, once, after loading it. int4 (`Int4Linear`) layers decode in lmforge's own int4
-    kernel where it builds (`Int4Linear.use_matvec_kernel`). int8 (`quantize_int8`) and GPU models are left as
-    they are.
+    will only run inference, once, after loading it. int4 (`Int4Linear`) and int8 (`QuantizedLinear`) layers
+    decode in lmforge's own kernels where they build (`use_matvec_kernel`). GPU models are left as they are.
     """
     for name, child in list(model.named_children()):
-        if isinstance(child, Int4Linear):
+        if isinstance(child, (Int4Linear, QuantizedLinear)):
             child.use_matvec_kernel()
         elif not isinstance(child, nn.Linear) or child.weight.device.type != "cpu":
             prepare_for_decoding(child)

@@ -1,10 +1,12 @@
 """lmforge's own C++ CPU kernels, built on first use with `torch.utils.cpp_extension` (g++ and ninja).
 
-Only where PyTorch has no kernel as fast: `lmforge::int4_matvec` (`csrc/int4_matvec.cpp`), the product of a
-few activation rows with 4-bit grouped weights for decoding, where PyTorch's CPU int4 kernel decodes slower
-than its int8 one. The build takes ~10 s once per machine and source version; torch caches the library under
-`~/.cache/torch_extensions` (or `$TORCH_EXTENSIONS_DIR`). Without a compiler, `int4_matvec_available()` is
-False (with one warning) and callers keep PyTorch's kernels.
+Only where PyTorch has no kernel as fast (`csrc/matvec.cpp`, which gives the math): the products of a few
+activation rows with quantised weights that decoding runs, `lmforge::int4_matvec` (4-bit grouped weights, where
+PyTorch's CPU int4 kernel decodes slower than its int8 one) and `lmforge::int8_matvec` (int8 weights with a
+scale per output row, where `_weight_int8pack_mm` streams the weights at well under memory bandwidth). The
+build takes ~10 s once per machine and source version; torch caches the library under
+`~/.cache/torch_extensions` (or `$TORCH_EXTENSIONS_DIR`). Without a compiler, `kernels_available()` is False
+(with one warning) and callers keep PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -16,31 +18,35 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "int4_matvec.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "matvec.cpp"
 
 
 @functools.cache
-def int4_matvec_available() -> bool:
-    """Build (once) and load `lmforge::int4_matvec`; False, with a warning, where it cannot be built."""
-    if hasattr(torch.ops.lmforge, "int4_matvec"):
+def kernels_available() -> bool:
+    """Build (once) and load lmforge's kernels; False, with a warning, where they cannot be built."""
+    if hasattr(torch.ops.lmforge, "int8_matvec"):
         return True
     try:
         from torch.utils import cpp_extension
 
-        print("lmforge: building the int4 decoding kernel (once per machine, ~10 s)", file=sys.stderr)
+        print("lmforge: loading its decoding kernels (the first time on a machine builds them, ~10 s)", file=sys.stderr)
         cpp_extension.load(
-            name="lmforge_int4_matvec",
+            name="lmforge_matvec",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
     except Exception as error:  # no compiler, no ninja, an unsupported platform: PyTorch's kernels remain
-        warnings.warn(f"lmforge's int4 kernel could not be built ({error}); using PyTorch's", stacklevel=2)
+        warnings.warn(f"lmforge's decoding kernels could not be built ({error}); using PyTorch's", stacklevel=2)
         return False
 
     @torch.library.register_fake("lmforge::int4_matvec")
     def _(x, codes, scale, minimum, group_size):
+        return x.new_empty(x.shape[0], codes.shape[0])
+
+    @torch.library.register_fake("lmforge::int8_matvec")
+    def _(x, codes, scale):
         return x.new_empty(x.shape[0], codes.shape[0])
 
     return True
@@ -51,6 +57,12 @@ def int4_matvec(
 ) -> torch.Tensor:
     """y = x W^T for x (rows, K) float32/bf16 and W stored by `matvec_layout` (see the C++ source for the math)."""
     return torch.ops.lmforge.int4_matvec(x, codes, scale, minimum, group_size)
+
+
+def int8_matvec(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """y = x W^T for x (rows, K) float32/bf16, K a multiple of 32, and W = scale[:, None] * codes, codes (N, K)
+    int8 and scale (N,) fp32 (`QuantizedLinear`'s buffers as they are)."""
+    return torch.ops.lmforge.int8_matvec(x, codes, scale)
 
 
 def matvec_layout(

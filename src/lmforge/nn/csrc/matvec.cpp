@@ -1,20 +1,26 @@
-// lmforge::int4_matvec -- y = x W^T for a few rows x (decoding) and a 4-bit grouped weight W, on CPU.
+// lmforge's decoding matvecs: y = x W^T for a few activation rows x and a quantised weight W, on CPU.
 //
-// Why our own kernel: at batch 1 a decode step is bound by the bytes it streams, and 4-bit weights are half of
-// int8's; PyTorch's CPU int4 kernel (_weight_int4pack_mm_for_cpu) decodes slower than its int8 one on SmolLM2
-// shapes (95 vs 116-133 tok/s), so fewer bytes did not pay until the arithmetic kept up with memory.
+// Why our own kernels: at batch 1 a decode step is bound by the bytes it streams. PyTorch's CPU int4 kernel
+// (_weight_int4pack_mm_for_cpu) decodes slower than its int8 one on SmolLM2 shapes (95 vs 116-133 tok/s), so
+// fewer bytes did not pay until the arithmetic kept up with memory; and its int8 one (_weight_int8pack_mm)
+// streams SmolLM2's 28 MB output projection at ~12 GB/s, well under this machine's bandwidth.
 //
-// The math (llama.cpp's Q4_1 x Q8 dot product, done the same way): a group of G inputs of output row n holds
-// codes q in [0, 15] with an fp16 scale s and an fp16 minimum m, w_j = s q_j + m. The activations are rounded
-// to int8 per block of 32, x_j ~= d_b xq_j with d_b = max_j |x_j| / 127 (error <= d_b / 2 per element), so
+// Both round the activations to int8 per block of 32, x_j ~= d_b xq_j with d_b = max_j |x_j| / 127 (error
+// <= d_b / 2 per element), as llama.cpp's Q8 blocks do, and take the inner sums as exact int32 dot products
+// (AVX-512 VNNI vpdpbusd: 32 unsigned-by-signed byte products per instruction).
+//
+// lmforge::int4_matvec (llama.cpp's Q4_1 x Q8 dot product, done the same way): a group of G inputs of output
+// row n holds codes q in [0, 15] with an fp16 scale s and an fp16 minimum m, w_j = s q_j + m, so
 //
 //   sum_j w_j x_j = s sum_b d_b (sum_{j in b} q_j xq_j) + m sum_j x_j,
 //
-// where the inner sums are exact int32 dot products of unsigned 4-bit codes and signed int8 activations (one
-// AVX-512 VNNI instruction, vpdpbusd, per 32 pairs) and sum_j x_j is taken in float from the unrounded x.
+// with sum_j x_j taken in float from the unrounded x. Layout of the codes (N, K/2) uint8: per 64 inputs,
+// 32 bytes; byte i holds input i in its low nibble and input 32 + i in its high one, so one 32-byte load
+// masks into two 32-input blocks in input order.
 //
-// Layout of the codes (N, K/2) uint8: per 64 inputs, 32 bytes; byte i holds input i in its low nibble and
-// input 32 + i in its high one, so one 32-byte load masks into two 32-input blocks in input order.
+// lmforge::int8_matvec (QuantizedLinear's weights as they are): codes q (N, K) int8 with one fp32 scale s_n per
+// output row, w_nj = s_n q_nj, so sum_j w_nj x_j = s_n sum_b d_b (sum_{j in b} q_nj xq_j). vpdpbusd takes one
+// unsigned operand: the pairs are fed as |q| (unsigned, 128 fits) and xq with q's sign, |q| (sign(q) xq) = q xq.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -148,6 +154,66 @@ void run(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, 
   });
 }
 
+// sum_j q_j xq_j d_b over the K inputs of one int8 weight row (see the header).
+inline float int8_row_dot(const int8_t* q, const float* d, const int8_t* xq, int64_t K) {
+  const int64_t nb = K / kBlock;
+  float acc = 0.f;
+#ifdef LMFORGE_VNNI
+  __m256 acc8 = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + kBlock * b));
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + kBlock * b));
+    const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    acc8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(d + b), acc8);
+  }
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc8), _mm256_extractf128_ps(acc8, 1));
+  const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  acc = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+#else
+  for (int64_t b = 0; b < nb; ++b) {
+    int32_t dot = 0;
+    for (int64_t i = 0; i < kBlock; ++i) dot += static_cast<int32_t>(q[kBlock * b + i]) * xq[kBlock * b + i];
+    acc += static_cast<float>(dot) * d[b];
+  }
+#endif
+  return acc;
+}
+
+template <typename T>
+void run_int8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, at::Tensor& out) {
+  const int64_t rows = x.size(0), K = x.size(1), N = codes.size(0), nb = K / kBlock;
+  std::vector<int8_t> xq(rows * K);
+  std::vector<float> d(rows * nb), gsum(rows * nb);
+  quantize_rows(x.data_ptr<T>(), rows, K, kBlock, xq.data(), d.data(), gsum.data());
+  const int8_t* q = codes.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  T* y = out.data_ptr<T>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t r = 0; r < rows; ++r)
+        y[r * N + n] = static_cast<T>(s[n] * int8_row_dot(q + n * K, d.data() + r * nb, xq.data() + r * K, K));
+  });
+}
+
+at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int8_matvec: x must be a contiguous (rows, K) matrix");
+  const int64_t K = x.size(1), N = codes.size(0);
+  TORCH_CHECK(K % kBlock == 0, "int8_matvec: K must be a multiple of 32, got ", K);
+  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.is_contiguous() && codes.dim() == 2 && codes.size(1) == K,
+              "int8_matvec: codes must be contiguous int8 (N, K)");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N,
+              "int8_matvec: scale must be contiguous fp32 (N,)");
+  at::Tensor out = at::empty({x.size(0), N}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    run_int8<float>(x, codes, scale, out);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    run_int8<c10::BFloat16>(x, codes, scale, out);
+  } else {
+    TORCH_CHECK(false, "int8_matvec: x must be float32 or bfloat16, got ", x.scalar_type());
+  }
+  return out;
+}
+
 at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                        const at::Tensor& minimum, int64_t group_size) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int4_matvec: x must be a contiguous (rows, K) matrix");
@@ -177,6 +243,10 @@ at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& codes, const at::T
 
 TORCH_LIBRARY(lmforge, m) {
   m.def("int4_matvec(Tensor x, Tensor codes, Tensor scale, Tensor minimum, int group_size) -> Tensor");
+  m.def("int8_matvec(Tensor x, Tensor codes, Tensor scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(lmforge, CPU, m) { m.impl("int4_matvec", &int4_matvec); }
+TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
+  m.impl("int4_matvec", &int4_matvec);
+  m.impl("int8_matvec", &int8_matvec);
+}
