@@ -208,3 +208,48 @@ def test_a_second_process_loads_the_compiled_step_from_the_disk_cache(tmp_path):
     first, second = (run.stdout.split()[-4:] for run in runs)
     assert first[1] == "0" and int(first[3]) >= 1  # compiled, and stored
     assert int(second[1]) >= 1 and second[3] == "0"  # loaded, nothing compiled again
+
+
+def test_model_key_names_the_model_and_everything_a_compiled_graph_reads_from_it(small_model):
+    """The compiled step skips dynamo's ~7,700 guards on the model and guards this one number instead: it must
+    stay put while nothing changes, and move with anything a traced graph bakes in."""
+    model = small_model("llama", CONTEXT)
+    key = compiled.model_key(model)
+    input_ids, attention_mask = left_padded_prompts()
+    generate(model, input_ids, attention_mask, max_new_tokens=3, compile=False)
+    assert compiled.model_key(model) == key != 0
+    assert compiled.model_key(copy.deepcopy(model)) != key  # another object: its own graph
+    changes = [
+        lambda m: setattr(m.blocks[1].attn, "scale", 0.5),  # a constant the graph bakes in
+        lambda m: m.blocks[0].register_forward_hook(lambda *args: None),
+        lambda m: m.to(torch.bfloat16),
+        lambda m: m.train(),
+        quantize_int8,
+        lambda m: prepare_for_decoding(quantize_int8(m)),  # the kernel's flag
+    ]
+    for change in changes:
+        changed = copy.deepcopy(model)
+        before = compiled.model_key(changed)
+        change(changed)
+        assert compiled.model_key(changed) != before, change
+
+
+def test_the_compiled_step_recompiles_for_a_changed_model_though_it_skips_the_models_guards(small_model):
+    """Traced with dynamo (the eager backend, to stay fast) and the step's own guard filter: after a change the
+    model's guards would have caught, the key makes dynamo trace again, and the tokens follow the change."""
+    step = torch._dynamo.optimize("eager", guard_filter_fn=compiled._model_guards_only_through_the_key)(
+        compiled._decode_step
+    )
+    model = small_model("llama", CONTEXT)
+    input_ids, attention_mask = left_padded_prompts()
+    options = {"max_new_tokens": NEW, "eos_token_id": []}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compiled, "_compiled_step", (step, step))
+        torch._dynamo.reset()
+        first = generate(model, input_ids, attention_mask, compile=True, **options)
+        assert torch.equal(first.tokens, generate(model, input_ids, attention_mask, compile=False, **options).tokens)
+        for block in model.blocks:
+            block.attn.scale = 0.02  # baked into the traced graph as a constant
+        changed = generate(model, input_ids, attention_mask, compile=True, **options)
+        eager = generate(model, input_ids, attention_mask, compile=False, **options)
+    assert torch.equal(changed.tokens, eager.tokens) and not torch.equal(changed.tokens, first.tokens)
