@@ -11,7 +11,8 @@ import transformers
 from lmforge import build_model
 from lmforge.generate import generate, prepare_for_decoding
 from lmforge.hf import ADAPTERS
-from lmforge.nn.quant import PackedLinear, has_packed_bf16_kernel, quantize_int8
+from lmforge.nn.kernels import kernels_available
+from lmforge.nn.quant import PackedLinear, QuantizedLinear, has_packed_bf16_kernel, quantize_int8
 
 SMALL = {
     "gpt": {"n_layer": 2, "n_head": 4, "d_model": 64, "vocab_size": 300, "max_seq_len": 64},
@@ -70,11 +71,21 @@ def test_bf16_linears_are_packed_and_preparing_twice_changes_nothing():
         assert torch.equal(prepare_for_decoding(model)(ids()).logits, once)
 
 
-def test_int8_model_is_left_as_it_is():
+def test_int8_model_keeps_its_weights_and_decodes_on_lmforges_int8_kernel():
+    """prepare_for_decoding moves int8 layers onto lmforge's kernel (activations rounded to int8 per 32 inputs
+    where `_weight_int8pack_mm` rounds them to bf16) without touching their buffers: the same state_dict, and
+    logits within activation rounding of the unprepared model, for a decoding step (1 row per sequence) and a
+    prefill (27 rows: a bf16 GEMM on the exact int8 codes)."""
     model = quantize_int8(small_model("gpt"))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
-        expected = model(ids()).logits
-        assert torch.equal(prepare_for_decoding(model)(ids()).logits, expected)
+        step, prompt = model(ids(length=1)).logits, model(ids()).logits
+        prepare_for_decoding(model)
+        layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+        assert all(m.matvec for m in layers) == kernels_available()
+        for before, after in ((step, model(ids(length=1)).logits), (prompt, model(ids()).logits)):
+            assert (after - before).norm() / before.norm() < 2e-2
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 def test_prepared_gpt_still_matches_transformers_greedy_generate():

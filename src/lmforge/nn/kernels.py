@@ -24,7 +24,7 @@ SOURCE = Path(__file__).parent / "csrc" / "matvec.cpp"
 @functools.cache
 def kernels_available() -> bool:
     """Build (once) and load lmforge's kernels; False, with a warning, where they cannot be built."""
-    if hasattr(torch.ops.lmforge, "int8_matvec"):
+    if hasattr(torch.ops.lmforge, "int4_dequantize"):
         return True
     try:
         from torch.utils import cpp_extension
@@ -49,6 +49,10 @@ def kernels_available() -> bool:
     def _(x, codes, scale):
         return x.new_empty(x.shape[0], codes.shape[0])
 
+    @torch.library.register_fake("lmforge::int4_dequantize")
+    def _(codes, scale, minimum, group_size):
+        return codes.new_empty(codes.shape[0], codes.shape[1] * 2, dtype=torch.bfloat16)
+
     return True
 
 
@@ -63,6 +67,11 @@ def int8_matvec(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> to
     """y = x W^T for x (rows, K) float32/bf16, K a multiple of 32, and W = scale[:, None] * codes, codes (N, K)
     int8 and scale (N,) fp32 (`QuantizedLinear`'s buffers as they are)."""
     return torch.ops.lmforge.int8_matvec(x, codes, scale)
+
+
+def int4_dequantize(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int) -> torch.Tensor:
+    """W = q s + m in bf16, (N, K), from `matvec_layout`'s codes, scales and minimums: a prefill's weight."""
+    return torch.ops.lmforge.int4_dequantize(codes, scale, minimum, group_size)
 
 
 def matvec_layout(
