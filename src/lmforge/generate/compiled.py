@@ -69,9 +69,10 @@ kinds the model's Linears may be (an empty set: plain float layers; {Int4Linear,
   the norms, RoPE, residuals and cache writes around `_weight_int8pack_mm` into C++ loops; the first compile
   takes ~7 s cold). Float weights gain nothing on CPU, where a step streams the weights from memory: fp32 35
   vs 34 tok/s, and bf16 compiled (55) loses to eager bf16 with oneDNN-packed weights (67-71), which inductor
-  cannot lower. int4 blocks on lmforge's kernel (`lmforge.nn.kernels`) with an int8 output projection:
-  78-84 tok/s compiled against 52-62 for int8 on the same loaded machine; compiled and eager greedy tokens
-  are identical."""
+  cannot lower. Since the quantised layers decode on lmforge's own kernels (`lmforge.nn.kernels`), the step
+  is compiled with `cpp_wrapper` and the model's guards are one `model_key`, on a busier machine
+  (`bench_generate.py --smollm`, one run): int8 112.9 tok/s compiled against 64.8 eager, int4 blocks with an
+  int8 output projection 90.4 against 53.4, llama.cpp on the Q4_1 file 103.9."""
 
 MIN_BUCKET = 64
 COMPILED_MODES = ("auto", True, False)
