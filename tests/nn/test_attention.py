@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lmforge.nn import Attention, KVCache, build_attention_bias, reference_attention, sdpa_attention
+from lmforge.nn.kernels import kernels_available
 
 
 def qkv(B=2, H=4, Tq=6, Tk=6, D=8, seed=0):
@@ -101,27 +102,33 @@ def test_grouped_query_attention_reads_shared_kv_heads(n_kv_heads):
     torch.testing.assert_close(y, attn.out(torch.cat(outs, -1)), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "reference"])
-@pytest.mark.parametrize("n_kv_heads", [2, 1])
+@pytest.mark.parametrize("implementation", ["sdpa", "reference", "kernel"])
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
 def test_grouped_query_decoding_step_reads_shared_kv_heads_through_the_cache(n_kv_heads, implementation):
     """One new token per row against a cache and a padding mask (the decoding step, where the query heads of a
-    K/V head attend as rows of one group instead of K/V being copied per head): per-head math as the oracle."""
+    K/V head attend as rows of one group instead of K/V being copied per head; "kernel": lmforge's C++ decoding
+    attention, which `prepare_for_decoding` turns on): per-head math as the oracle."""
+    if implementation == "kernel" and not kernels_available():
+        pytest.skip("no C++ compiler to build lmforge's kernels")
     torch.manual_seed(0)
-    attn = Attention(16, n_head=4, n_kv_heads=n_kv_heads, bias=False, implementation=implementation).eval()
-    x = torch.randn(2, 6, 16)
+    attn = Attention(
+        64, n_head=4, n_kv_heads=n_kv_heads, bias=False, implementation=implementation.replace("kernel", "sdpa")
+    ).eval()
+    attn.decode_kernel = implementation == "kernel"
+    x = torch.randn(2, 6, 64)
     cache = KVCache()
     attn(x[:, :5], mask=build_attention_bias(PADDING[:, :5], 5, 5, True, torch.float32)[0], cache=cache)
     mask = build_attention_bias(PADDING, 1, 6, True, torch.float32)[0]  # row 1: keys 4 and 5 are padding
     y = attn(x[:, 5:], mask=mask, cache=cache)
-    q = attn.qkv(x[:, 5:])[..., :16]
-    k, v = attn.qkv(x)[..., 16:].split(4 * n_kv_heads, dim=-1)
+    q = attn.qkv(x[:, 5:])[..., :64]
+    k, v = attn.qkv(x)[..., 64:].split(16 * n_kv_heads, dim=-1)
     outs = []
     for h in range(4):
         g = h // (4 // n_kv_heads)
-        qh, kh, vh = q[..., 4 * h : 4 * h + 4], k[..., 4 * g : 4 * g + 4], v[..., 4 * g : 4 * g + 4]
-        scores = (qh @ kh.transpose(-2, -1) / 2.0).masked_fill(~PADDING.bool()[:, None, :], float("-inf"))
+        qh, kh, vh = q[..., 16 * h : 16 * h + 16], k[..., 16 * g : 16 * g + 16], v[..., 16 * g : 16 * g + 16]
+        scores = (qh @ kh.transpose(-2, -1) / 4.0).masked_fill(~PADDING.bool()[:, None, :], float("-inf"))
         outs.append(torch.softmax(scores, -1) @ vh)
-    torch.testing.assert_close(y, attn.out(torch.cat(outs, -1)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(y, attn.out(torch.cat(outs, -1)), atol=1e-5, rtol=0)
 
 
 def test_attention_module_sdpa_equals_reference_implementation():

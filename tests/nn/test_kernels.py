@@ -5,7 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.nn.kernels import int4_dequantize, int4_matvec, int8_matvec, kernels_available, matvec_layout
+from lmforge.nn.kernels import (
+    decode_attention,
+    int4_dequantize,
+    int4_matvec,
+    int8_matvec,
+    kernels_available,
+    matvec_layout,
+)
 from lmforge.nn.quant import (
     Int4Linear,
     QuantizedLinear,
@@ -163,3 +170,21 @@ def test_quantized_linear_on_the_int8_kernel_decodes_within_activation_rounding_
     rounded = F.linear(many.bfloat16().float(), layer.weight.float()) * layer.scale + layer.bias
     torch.testing.assert_close(layer(many), rounded, rtol=1e-2, atol=1e-2)
     assert not QuantizedLinear.from_linear(torch.nn.Linear(40, 8)).use_matvec_kernel()  # width not a multiple of 32
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows, masked", [(1, False), (3, True), (8, True)])
+def test_decode_attention_equals_pytorchs_sdpa(rows, masked):
+    """A few query rows per head against a cache (strided, as a slot pool's view is), with a padding mask."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, rows, 64)
+    pool_k, pool_v = torch.randn(3, 3, 300, 64), torch.randn(3, 3, 300, 64)
+    k, v = pool_k[:2, :, :256], pool_v[:2, :, :256]  # not contiguous: rows and positions of a larger pool
+    mask = None
+    if masked:
+        mask = torch.zeros(2, 1, 1, 256)
+        mask[1, ..., 100:] = torch.finfo(torch.float32).min
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.1)
+    torch.testing.assert_close(decode_attention(q, k, v, mask, 0.1), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        decode_attention(torch.randn(1, 3, 9, 64), k[:1], v[:1], None, 0.1)

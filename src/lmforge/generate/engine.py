@@ -31,7 +31,8 @@ from torch import nn
 
 from lmforge.generate.compiled import CompiledDecoder, bucket_length, resolve_compile
 from lmforge.generate.sampling import SamplingParams, choose_next_token, process_logits
-from lmforge.nn.attention import StaticKVCache
+from lmforge.nn.attention import Attention, StaticKVCache
+from lmforge.nn.kernels import kernels_available
 from lmforge.nn.quant import Int4Linear, PackedLinear, QuantizedLinear, has_packed_bf16_kernel
 
 
@@ -228,8 +229,11 @@ def prepare_for_decoding(model: nn.Module) -> nn.Module:
     bf16: each Linear becomes a `PackedLinear` (oneDNN's blocked layout, same results, ~1.5-2x faster). Those
     weights leave the state_dict, and a tied output projection gets its own packed copy: prepare a model that
     will only run inference, once, after loading it. int4 (`Int4Linear`) and int8 (`QuantizedLinear`) layers
-    decode in lmforge's own kernels where they build (`use_matvec_kernel`). GPU models are left as they are.
+    decode in lmforge's own kernels where they build (`use_matvec_kernel`), and so does fp32 self-attention at
+    a decoding step (`Attention.decode_kernel`). GPU models are left as they are.
     """
+    if isinstance(model, Attention) and all(t.device.type == "cpu" for t in (*model.parameters(), *model.buffers())):
+        model.decode_kernel = kernels_available()
     for name, child in list(model.named_children()):
         if isinstance(child, (Int4Linear, QuantizedLinear)):
             child.use_matvec_kernel()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.nn.embedding import apply_rotary
+from lmforge.nn.kernels import decode_attention
 from lmforge.nn.norm import RMSNorm
 
 
@@ -277,6 +278,7 @@ class Attention(nn.Module):
             )
         self.attend = ATTENTION_IMPLEMENTATIONS[implementation]
         self.keep_weights = False  # set by `recorded_attention`: keep the weights of the last forward
+        self.decode_kernel = False  # set by `prepare_for_decoding`: decoding steps on lmforge's attention kernel
         self.weights: torch.Tensor | None = None
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_heads * self.head_dim
         if cross:
@@ -333,7 +335,8 @@ class Attention(nn.Module):
                 k, v = cache.append(self.layer_idx, k, v)
         dropout = self.dropout if self.training else 0.0
         shared_mask = mask is None or (mask.dim() == 4 and mask.shape[1] == 1)  # the same for every head
-        if self.n_kv_heads != self.n_head and T == 1 and shared_mask and not is_causal and not self.keep_weights:
+        grouped = self.n_kv_heads != self.n_head or self.decode_kernel
+        if grouped and T == 1 and shared_mask and not is_causal and not self.keep_weights:
             y = self._grouped_decode(q, k, v, mask, dropout)
             return self.out(y.reshape(B, 1, q_dim))
         if self.n_kv_heads != self.n_head:  # GQA/MQA: each K/V head serves n_head / n_kv_heads query heads
@@ -359,8 +362,29 @@ class Attention(nn.Module):
         shared by the heads ((B, 1, 1, T_k)) broadcasts over the g rows unchanged. Returns (B, H, 1, d)."""
         B = q.shape[0]
         rows = q.reshape(B, self.n_kv_heads, self.n_head // self.n_kv_heads, self.head_dim)
-        y = self.attend(rows, k, v, mask=mask, is_causal=False, scale=self.scale, dropout_p=dropout)
+        if self.decode_kernel and self._kernel_fits(rows, k, v, mask, dropout):
+            y = decode_attention(rows, k, v, mask, self.scale or self.head_dim**-0.5)
+        else:
+            y = self.attend(rows, k, v, mask=mask, is_causal=False, scale=self.scale, dropout_p=dropout)
         return y.reshape(B, self.n_head, 1, self.head_dim)
+
+    @staticmethod
+    def _kernel_fits(
+        rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float
+    ) -> bool:
+        """Whether `lmforge.nn.kernels.decode_attention` takes these: fp32 on CPU, up to 8 rows per K/V head, a
+        head size that is a multiple of 16, dense last dims, a per-sequence fp32 mask or none, no dropout."""
+        return (
+            rows.is_cpu
+            and rows.dtype == k.dtype == v.dtype == torch.float32
+            and rows.shape[2] <= 8
+            and rows.shape[3] % 16 == 0
+            and k.stride(-1) == 1
+            and v.stride(-1) == 1
+            and dropout == 0.0
+            and (mask is None or (mask.dtype == torch.float32 and mask.shape[:3] == (rows.shape[0], 1, 1)))
+            and (mask is None or mask.stride(-1) == 1)
+        )
 
 
 @contextlib.contextmanager

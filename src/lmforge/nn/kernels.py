@@ -3,7 +3,8 @@
 Only where PyTorch has no kernel as fast (`csrc/matvec.cpp`, which gives the math): the products of a few
 activation rows with quantised weights that decoding runs, `lmforge::int4_matvec` (4-bit grouped weights, where
 PyTorch's CPU int4 kernel decodes slower than its int8 one) and `lmforge::int8_matvec` (int8 weights with a
-scale per output row, where `_weight_int8pack_mm` streams the weights at well under memory bandwidth). The
+scale per output row, where `_weight_int8pack_mm` streams the weights at well under memory bandwidth); and
+`lmforge::decode_attention`, a decoding step's attention, where SDPA's set-up dominates at a few rows. The
 build takes ~10 s once per machine and source version; torch caches the library under
 `~/.cache/torch_extensions` (or `$TORCH_EXTENSIONS_DIR`). Without a compiler, `kernels_available()` is False
 (with one warning) and callers keep PyTorch's kernels.
@@ -24,7 +25,7 @@ SOURCE = Path(__file__).parent / "csrc" / "matvec.cpp"
 @functools.cache
 def kernels_available() -> bool:
     """Build (once) and load lmforge's kernels; False, with a warning, where they cannot be built."""
-    if hasattr(torch.ops.lmforge, "int4_dequantize"):
+    if hasattr(torch.ops.lmforge, "decode_attention"):
         return True
     try:
         from torch.utils import cpp_extension
@@ -53,6 +54,10 @@ def kernels_available() -> bool:
     def _(codes, scale, minimum, group_size):
         return codes.new_empty(codes.shape[0], codes.shape[1] * 2, dtype=torch.bfloat16)
 
+    @torch.library.register_fake("lmforge::decode_attention")
+    def _(q, k, v, mask, scale):
+        return q.new_empty(q.shape)
+
     return True
 
 
@@ -72,6 +77,15 @@ def int8_matvec(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> to
 def int4_dequantize(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int) -> torch.Tensor:
     """W = q s + m in bf16, (N, K), from `matvec_layout`'s codes, scales and minimums: a prefill's weight."""
     return torch.ops.lmforge.int4_dequantize(codes, scale, minimum, group_size)
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T scale + mask) v for the few query rows of each head at a decoding step: q (B, H, R, D)
+    with R <= 8, k and v (B, H, S, D), D a multiple of 16, all float32; mask additive fp32 (B, 1, 1, S) or None
+    (see the C++ source)."""
+    return torch.ops.lmforge.decode_attention(q, k, v, mask, scale)
 
 
 def matvec_layout(
