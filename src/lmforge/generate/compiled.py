@@ -71,8 +71,8 @@ kinds the model's Linears may be (an empty set: plain float layers; {Int4Linear,
   vs 34 tok/s, and bf16 compiled (55) loses to eager bf16 with oneDNN-packed weights (67-71), which inductor
   cannot lower. Since the quantised layers decode on lmforge's own kernels (`lmforge.nn.kernels`), the step
   is compiled with `cpp_wrapper` and the model's guards are one `model_key`, on a busier machine
-  (`bench_generate.py --smollm`, one run): int8 112.9 tok/s compiled against 64.8 eager, int4 blocks with an
-  int8 output projection 90.4 against 53.4, llama.cpp on the Q4_1 file 103.9."""
+  (`bench_generate.py --smollm`, one run): int8 107.4 tok/s compiled against 61.6 eager, int4 blocks with an
+  int8 output projection 83.6 against 55.5, llama.cpp on the Q4_1 file 94.7."""
 
 MIN_BUCKET = 64
 COMPILED_MODES = ("auto", True, False)
