@@ -85,6 +85,23 @@ def test_quantize_int4_puts_the_blocks_in_4_bits_and_the_output_projection_in_in
     assert isinstance(folder.lm_head, QuantizedLinear)
 
 
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("t5-tiny", "--quantize int4 quantises Transformer blocks, and T5 has none; use --quantize int8"),
+        ("gpt-tiny:d_model=48", "--quantize int4 takes groups of 32 inputs, and blocks.0.attn.qkv has 48"),
+    ],
+)
+def test_quantize_int4_refuses_models_it_cannot_group_in_one_line(model, message):
+    from lmforge import build_model
+    from lmforge.commands.generate import quantize_for_decoding
+
+    name, _, override = model.partition(":")
+    options = {override.split("=")[0]: int(override.split("=")[1])} if override else {}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        quantize_for_decoding(build_model(name, **options).eval(), "int4")
+
+
 def test_generate_rejects_an_unknown_model():
     with pytest.raises(FileNotFoundError, match="neither a preset"):
         run(["generate", "no-such-model", "--prompt", "x"])

@@ -114,6 +114,18 @@ def quantize_for_decoding(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     if kind == "int4":
         from lmforge.quantize.recipe import quantize_model
 
+        blocks = getattr(model, "blocks", None)
+        if blocks is None:
+            raise ValueError(
+                f"--quantize int4 quantises Transformer blocks, and {type(model).__name__} has none; "
+                "use --quantize int8"
+            )
+        for name, layer in blocks.named_modules():
+            if isinstance(layer, torch.nn.Linear) and layer.in_features % 32:
+                raise ValueError(
+                    f"--quantize int4 takes groups of 32 inputs, and blocks.{name} has "
+                    f"{layer.in_features}; use --quantize int8"
+                )
         quantize_model(model, "int4", group_size=32)
     return model if kind == "none" else quantize_int8(model)
 
