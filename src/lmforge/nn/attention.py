@@ -359,7 +359,9 @@ class Attention(nn.Module):
         (B, H_kv, g, d) and attends to the cache's (B, H_kv, T_k, d) as it is. The usual path repeats K and V
         g times first (`repeat_interleave`), which at decoding is a copy of the whole cache in every layer
         at every step (SmolLM2-135M, g = 3, 256 slots: 35 MB a token, as much as its int4 weights). A mask
-        shared by the heads ((B, 1, 1, T_k)) broadcasts over the g rows unchanged. Returns (B, H, 1, d)."""
+        shared by the heads ((B, 1, 1, T_k)) broadcasts over the g rows unchanged. With `decode_kernel` (set by
+        `prepare_for_decoding`, also for g = 1) fp32 steps on CPU run in `lmforge.nn.kernels.decode_attention`.
+        Returns (B, H, 1, d)."""
         B = q.shape[0]
         rows = q.reshape(B, self.n_kv_heads, self.n_head // self.n_kv_heads, self.head_dim)
         if self.decode_kernel and self._kernel_fits(rows, k, v, mask, dropout):
