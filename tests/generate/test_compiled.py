@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lmforge import build_model
-from lmforge.generate import compiled, generate, prepare_for_decoding, stream
+from lmforge.generate import compiled, engine, generate, prepare_for_decoding, stream
 from lmforge.generate.compiled import COMPILE_MIN_PARAMETERS, bucket_length, resolve_compile, weight_count
 from lmforge.nn.quant import has_packed_bf16_kernel, quantize_int8
 from lmforge.quantize.recipe import quantize_model
@@ -136,6 +136,7 @@ def test_packed_bf16_weights_asked_to_compile_decode_eagerly_with_a_warning(monk
         raise AssertionError("packed bf16 layers must not reach inductor (it fails to lower their op)")
 
     monkeypatch.setattr(compiled, "_compiled_step", (refuse, refuse))
+    monkeypatch.setattr(engine, "kernels_available", lambda: False)  # a machine without a C++ compiler
     model = prepare_for_decoding(small_model("llama", CONTEXT).to(torch.bfloat16))
     assert "PackedLinear" in compiled.quant_layer_kinds(model)
     input_ids, attention_mask = left_padded_prompts()

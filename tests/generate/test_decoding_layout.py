@@ -9,10 +9,10 @@ import torch
 import transformers
 
 from lmforge import build_model
-from lmforge.generate import generate, prepare_for_decoding
+from lmforge.generate import engine, generate, prepare_for_decoding
 from lmforge.hf import ADAPTERS
 from lmforge.nn.kernels import kernels_available
-from lmforge.nn.quant import PackedLinear, QuantizedLinear, has_packed_bf16_kernel, quantize_int8
+from lmforge.nn.quant import MatvecLinear, PackedLinear, QuantizedLinear, has_packed_bf16_kernel, quantize_int8
 
 SMALL = {
     "gpt": {"n_layer": 2, "n_head": 4, "d_model": 64, "vocab_size": 300, "max_seq_len": 64},
@@ -35,7 +35,9 @@ def ids(batch: int = 3, length: int = 9) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", list(SMALL))
-def test_fp32_wide_weights_turn_column_major_with_values_and_state_dict_unchanged(family):
+def test_fp32_wide_weights_turn_column_major_with_values_and_state_dict_unchanged(family, monkeypatch):
+    """Where lmforge's kernels cannot be built, MKL's layout is the fast one."""
+    monkeypatch.setattr(engine, "kernels_available", lambda: False)
     model = small_model(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     prepare_for_decoding(model)
@@ -61,7 +63,28 @@ def test_prepared_model_gives_the_same_logits_and_greedy_tokens(family, dtype):
     assert torch.equal(generate(prepared, ids()[:, :4], max_new_tokens=8, eos_token_id=[]).tokens, plain_tokens)
 
 
-def test_bf16_linears_are_packed_and_preparing_twice_changes_nothing():
+@pytest.mark.skipif(not kernels_available(), reason="no C++ compiler to build lmforge's kernels")
+@pytest.mark.parametrize("family", list(SMALL))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_linears_move_onto_the_matvec_kernel_keeping_their_parameters(family, dtype):
+    """Every Linear becomes a MatvecLinear holding the very same Parameters: state_dict, dtype and a tied
+    embedding unchanged, row-major weights (what the kernel reads)."""
+    model = small_model(family).to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    prepare_for_decoding(model)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is MatvecLinear and m.weight.is_contiguous() for m in linears)
+    assert [m.weight for m in linears] == weights
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    if model.config.tie_embeddings:
+        assert model.lm_head.weight is model.tok_emb.weight
+
+
+def test_bf16_linears_are_packed_and_preparing_twice_changes_nothing(monkeypatch):
+    """Without lmforge's kernels, bf16 Linears go to oneDNN's packed layout."""
+    monkeypatch.setattr(engine, "kernels_available", lambda: False)
     model = prepare_for_decoding(small_model("llama").to(torch.bfloat16))
     linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
     expected_kind = PackedLinear if has_packed_bf16_kernel() else torch.nn.Linear

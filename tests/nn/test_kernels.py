@@ -1,5 +1,5 @@
-"""lmforge's C++ int4 and int8 decoding kernels against the math they claim, inside Int4Linear and
-QuantizedLinear, and in a compiled step."""
+"""lmforge's C++ decoding kernels (int4, int8, fp32/bf16 matvec, attention) against the math they claim, inside
+Int4Linear, QuantizedLinear and MatvecLinear, and in a compiled step."""
 
 import pytest
 import torch
@@ -11,10 +11,13 @@ from lmforge.nn.kernels import (
     int4_matvec,
     int8_matvec,
     kernels_available,
+    matvec,
     matvec_layout,
 )
 from lmforge.nn.quant import (
+    MATVEC_MAX_ROWS,
     Int4Linear,
+    MatvecLinear,
     QuantizedLinear,
     int4_codes,
     int4_group_params,
@@ -188,3 +191,83 @@ def test_decode_attention_equals_pytorchs_sdpa(rows, masked):
     torch.testing.assert_close(decode_attention(q, k, v, mask, 0.1), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="at most 8 rows"):
         decode_attention(torch.randn(1, 3, 9, 64), k[:1], v[:1], None, 0.1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 13])
+@pytest.mark.parametrize("k", [64, 575])
+def test_matvec_fp32_equals_float64_product(rows, k):
+    """Row blocks of 8, 4 and 1 activation rows, a width with a masked tail (575 = 35 x 16 + 15), and a bias."""
+    torch.manual_seed(rows)
+    x, w, b = torch.randn(rows, k), torch.randn(131, k), torch.randn(131)
+    expected = x.double() @ w.double().T + b.double()
+    got = matvec(x, w, b)
+    assert got.dtype == torch.float32 and got.shape == (rows, 131)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(matvec(x, w).double(), expected - b.double(), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 4, 9])
+@pytest.mark.parametrize("k", [64, 575])
+def test_matvec_bf16_is_the_exact_product_rounded_once(rows, k):
+    """bf16 in, bf16 out: every product exact, fp32 sums, one rounding. Against the float64 product of the same
+    bf16 numbers it is off by at most the final rounding (half a bf16 step: 8 significant bits, 2^-8 relative)
+    plus the fp32 sums' own rounding."""
+    torch.manual_seed(k)
+    x, w, b = (torch.randn(*shape).bfloat16() for shape in ((rows, k), (131, k), (131,)))
+    exact = x.double() @ w.double().T + b.double()
+    got = matvec(x, w, b)
+    assert got.dtype == torch.bfloat16
+    error = (got.double() - exact).abs()
+    assert (error <= exact.abs() * 2**-8 + 1e-4 * k**0.5).all()
+    assert (got.double() == exact.bfloat16().double()).float().mean() > 0.95  # nearly always the nearest bf16
+
+
+@needs_kernel
+def test_matvec_refuses_mixed_dtypes_and_shapes():
+    with pytest.raises(RuntimeError, match="in x's dtype"):
+        matvec(torch.randn(1, 64), torch.randn(8, 64).bfloat16())
+    with pytest.raises(RuntimeError, match=r"contiguous \(N, K\)"):
+        matvec(torch.randn(1, 64), torch.randn(8, 32))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matvec_linear_keeps_the_layer_and_matches_f_linear(dtype):
+    """MatvecLinear holds the Linear's own Parameters (state_dict and `.weight` identity kept), runs the kernel
+    for a few rows and F.linear beyond them, and keeps gradients working (F.linear when they are needed)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40).to(dtype)
+    layer = MatvecLinear(linear)
+    assert layer.weight is linear.weight and layer.bias is linear.bias
+    assert layer.state_dict().keys() == linear.state_dict().keys()
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
+    for rows in (1, MATVEC_MAX_ROWS[dtype], MATVEC_MAX_ROWS[dtype] + 1, 40):
+        x = torch.randn(2, rows, 96).to(dtype)[:1]  # (1, rows, 96)
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x).float(), F.linear(x, linear.weight, linear.bias).float(), **tolerance)
+    x = torch.randn(1, 96, dtype=dtype, requires_grad=True)
+    layer(x).sum().backward()
+    assert linear.weight.grad is not None and x.grad is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows, masked", [(1, False), (3, True)])
+def test_decode_attention_in_bf16_computes_in_fp32(rows, masked):
+    """bf16 q, k, v and mask, read as fp32, one rounding of the output: within a bf16 step of fp32 SDPA on the
+    same bf16 numbers."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(*shape).bfloat16() for shape in ((2, 3, rows, 64), (2, 3, 200, 64), (2, 3, 200, 64)))
+    mask = None
+    if masked:
+        mask = torch.zeros(2, 1, 1, 200, dtype=torch.bfloat16)
+        mask[1, ..., 50:] = torch.finfo(torch.bfloat16).min
+    ref = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=None if mask is None else mask.float(), scale=0.125
+    )
+    got = decode_attention(q, k, v, mask, 0.125)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, rtol=8e-3, atol=8e-3)
+    with pytest.raises(RuntimeError, match="must all be float32 or all bfloat16"):
+        decode_attention(q.float(), k, v, None, 0.125)

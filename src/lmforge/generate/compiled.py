@@ -21,11 +21,11 @@ disk (`inductor_cache_dir`), and a second process reuses them instead of compili
 
 The prompt (prefill) stays eager: it runs once per request at a length that changes with every prompt.
 
-On a CPU, what compiling saves is the Python dispatch between the matrix products: it pays where those
-products are cheap, i.e. int8 weights (`_weight_int8pack_mm`; SmolLM2-135M 88 -> 116-133 tok/s), and not for
-fp32 weights, whose step is bound by streaming 4 bytes per weight (`AUTO_COMPILE`). Per step, dynamo still
-checks its guards over the model's tensors before calling the graph (~1 ms at SmolLM2's 272 tensors, measured
-by torch.profiler as "TorchDynamo Cache Lookup"; `benchmarks/results/decode_profile.txt`).
+On a CPU, what compiling saves is the Python dispatch between the matrix products: it pays once the products
+themselves stream the weights near memory speed, i.e. on lmforge's kernels for int8, int4, fp32 and bf16
+weights (`AUTO_COMPILE`); on PyTorch's own fp32 and bf16 kernels it did not. Per step, dynamo would check its
+guards over the model's tensors before calling the graph (~1.5 ms at SmolLM2's 272 tensors, torch.profiler's
+"TorchDynamo Cache Lookup"); they are replaced by one `model_key` (`_model_guards_only_through_the_key`).
 
 On a GPU the step runs as a CUDA graph (mode="reduce-overhead"): the kernels of a whole step are launched as
 one. A graph replays fixed memory addresses, and the step writes the cache, the mask and the position in
@@ -57,22 +57,26 @@ compile costs more than a short generation can save."""
 
 AUTO_COMPILE: dict[str, tuple[frozenset[str], ...]] = {
     "cuda": (frozenset(),),
-    "cpu": (frozenset({"QuantizedLinear"}), frozenset({"Int4Linear", "QuantizedLinear"})),
+    "cpu": (
+        frozenset({"MatvecLinear"}),
+        frozenset({"QuantizedLinear"}),
+        frozenset({"Int4Linear", "QuantizedLinear"}),
+    ),
 }
 """Where `compile="auto"` compiles, and for which weights: device type -> the sets of `lmforge.nn.quant` layer
-kinds the model's Linears may be (an empty set: plain float layers; {Int4Linear, QuantizedLinear}: what
-`--quantize int4` makes, int4 blocks and an int8 output projection). Measured on SmolLM2-135M, batch 1,
-128-token prompt, 64 new tokens (`benchmarks/bench_decode.py`, `bench_generate.py --smollm`):
+kinds the model's Linears may be (an empty set: plain float layers; {MatvecLinear}: fp32 or bf16 layers on
+lmforge's matvec kernel, what `prepare_for_decoding` makes of them where the kernels build; {Int4Linear,
+QuantizedLinear}: what `--quantize int4` makes, int4 blocks and an int8 output projection). Measured on
+SmolLM2-135M, batch 1, 128-token prompt, 64 new tokens (`benchmarks/bench_decode.py`, `bench_generate.py
+--smollm`):
 - GPU (one H200, bf16): a CUDA graph of the step decodes at 513 tok/s against 34.7 eager; an eager step is
   mostly kernel launches.
-- CPU (2 quiet AVX-512 cores): int8 weight-only 128-133 tok/s compiled against 81-93 eager (inductor fuses
-  the norms, RoPE, residuals and cache writes around `_weight_int8pack_mm` into C++ loops; the first compile
-  takes ~7 s cold). Float weights gain nothing on CPU, where a step streams the weights from memory: fp32 35
-  vs 34 tok/s, and bf16 compiled (55) loses to eager bf16 with oneDNN-packed weights (67-71), which inductor
-  cannot lower. Since the quantised layers decode on lmforge's own kernels (`lmforge.nn.kernels`), the step
-  is compiled with `cpp_wrapper` and the model's guards are one `model_key`, on a busier machine
-  (`bench_generate.py --smollm`, one run): int8 107.4 tok/s compiled against 61.6 eager, int4 blocks with an
-  int8 output projection 83.6 against 55.5, llama.cpp on the Q4_1 file 94.7."""
+- CPU (2 AVX-512 cores): once every product runs on lmforge's kernels (`lmforge.nn.kernels`), the step is
+  compiled with `cpp_wrapper` and the model's guards are one `model_key`, and what is left between the
+  products is the Python dispatch that compiling removes: bf16 80 tok/s compiled against 41-44 eager, fp32 45
+  against 30, int8 107 against 62, int4 blocks with an int8 output projection 84 against 56; llama.cpp on the
+  Q4_1 file 95. (Before the kernels, float weights gained nothing: fp32 35 vs 34 tok/s, and bf16 compiled on
+  `F.linear` (55) lost to eager bf16 with oneDNN-packed weights (67-71), which inductor cannot lower.)"""
 
 MIN_BUCKET = 64
 COMPILED_MODES = ("auto", True, False)
@@ -196,7 +200,7 @@ def supports_compiled_decoding(model: nn.Module) -> bool:
 
 
 def quant_layers(model: nn.Module) -> list[nn.Module]:
-    """The `lmforge.nn.quant` layers in `model` (QuantizedLinear, Int4Linear, PackedLinear)."""
+    """The `lmforge.nn.quant` layers in `model` (QuantizedLinear, Int4Linear, PackedLinear, MatvecLinear)."""
     return [m for m in model.modules() if type(m).__module__ == "lmforge.nn.quant"]
 
 
@@ -207,19 +211,24 @@ def quant_layer_kinds(model: nn.Module) -> frozenset[str]:
 
 def weight_count(model: nn.Module) -> int:
     """Parameters plus the weights and biases of quantised or packed layers, which are buffers or opaque
-    tensors: the parameter count of the float model they came from."""
-    quant = sum((m.in_features + (m.bias is not None)) * m.out_features for m in quant_layers(model))
+    tensors: the parameter count of the float model they came from (a `MatvecLinear`'s are Parameters)."""
+    quant = sum(
+        (m.in_features + (m.bias is not None)) * m.out_features
+        for m in quant_layers(model)
+        if next(m.parameters(recurse=False), None) is None
+    )
     return sum(p.numel() for p in model.parameters()) + quant
 
 
 def resolve_compile(model: nn.Module, compile: bool | str) -> bool:
     """Whether to decode with the compiled step. "auto": decoder-only models of at least
-    `COMPILE_MIN_PARAMETERS` whose device and layer kinds `AUTO_COMPILE` lists (float on a GPU, int8 or int4 on
-    a CPU);
+    `COMPILE_MIN_PARAMETERS` whose device and layer kinds `AUTO_COMPILE` lists (float on a GPU; int8, int4 on
+    a CPU, and fp32/bf16 on lmforge's matvec kernel);
     True: compile, and say why not when the model cannot be; False: eager.
 
-    oneDNN-packed bf16 layers (`prepare_for_decoding` on CPU) have no compiled form (inductor cannot lower
-    their op); with True they decode eagerly with a warning, which is also the faster of the two there."""
+    oneDNN-packed bf16 layers (`prepare_for_decoding` on a CPU without lmforge's kernels) have no compiled
+    form (inductor cannot lower their op); with True they decode eagerly with a warning, which is also the
+    faster of the two there."""
     if compile not in COMPILED_MODES:
         raise ValueError(f"compile={compile!r}; choose 'auto', True or False")
     if compile is False:
@@ -234,8 +243,8 @@ def resolve_compile(model: nn.Module, compile: bool | str) -> bool:
             )
         if "PackedLinear" in kinds:
             warnings.warn(
-                "bf16 weights packed for oneDNN have no compiled decode step; decoding eagerly (on CPU that is "
-                "the faster bf16 path: 67-71 vs 55 tok/s compiled unpacked on SmolLM2-135M)",
+                "bf16 weights packed for oneDNN have no compiled decode step; decoding eagerly (without lmforge's "
+                "kernels that is the faster bf16 path: 67-71 vs 55 tok/s compiled unpacked on SmolLM2-135M)",
                 stacklevel=3,
             )
             return False

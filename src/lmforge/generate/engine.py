@@ -33,7 +33,7 @@ from lmforge.generate.compiled import CompiledDecoder, bucket_length, resolve_co
 from lmforge.generate.sampling import SamplingParams, choose_next_token, process_logits
 from lmforge.nn.attention import Attention, StaticKVCache
 from lmforge.nn.kernels import kernels_available
-from lmforge.nn.quant import Int4Linear, PackedLinear, QuantizedLinear, has_packed_bf16_kernel
+from lmforge.nn.quant import Int4Linear, MatvecLinear, PackedLinear, QuantizedLinear, has_packed_bf16_kernel
 
 
 @dataclass
@@ -218,27 +218,36 @@ def prepare_for_decoding(model: nn.Module) -> nn.Module:
     Decoding one token per row makes every Linear a matrix-vector product y = W x + b that reads W once and
     does 2 flops per weight, so its speed is the speed at which the kernel streams W from memory.
 
-    fp32: for W (out, in) with out >= in, MKL's kernel reads W stored column-major (W^T (in, out) contiguous,
-    y = x W^T then sums W^T's rows scaled by x_j) at 17-22 GB/s against 11-13 GB/s row-major; for out < in
-    (the MLP's down projection) row-major is the faster one (PyTorch 2.13, measured on GPT-2 shapes). This
-    takes a GPT-2-124M batch-1 step from ~39 to ~28 ms at 1 thread, 5 of the 11 ms on the tied 50257 x 768
-    output projection. Only strides change: values, shapes and `state_dict` stay, results up to rounding.
-    A tied input embedding turns column-major with it; a lookup then reads d_model strided floats per token.
-    Batched steps (8 rows) run ~8% slower on the column-major layers.
+    Where lmforge's kernels build (`lmforge.nn.kernels`, a C++ compiler), each fp32 or bf16 Linear becomes a
+    `MatvecLinear`: the same Parameters (state_dict, ties and dtype kept), its decoding products in lmforge's
+    `matvec` kernel, which streams the weight at 25-30 GB/s where MKL and oneDNN reach 10-22 (2 threads).
+    int4 (`Int4Linear`) and int8 (`QuantizedLinear`) layers decode in lmforge's own kernels too
+    (`use_matvec_kernel`), and so does fp32 and bf16 self-attention at a decoding step
+    (`Attention.decode_kernel`).
 
-    bf16: each Linear becomes a `PackedLinear` (oneDNN's blocked layout, same results, ~1.5-2x faster). Those
-    weights leave the state_dict, and a tied output projection gets its own packed copy: prepare a model that
-    will only run inference, once, after loading it. int4 (`Int4Linear`) and int8 (`QuantizedLinear`) layers
-    decode in lmforge's own kernels where they build (`use_matvec_kernel`), and so does fp32 self-attention at
-    a decoding step (`Attention.decode_kernel`). GPU models are left as they are.
+    Without the kernels: bf16 Linears become `PackedLinear`s (oneDNN's blocked layout, same results, ~1.5-2x
+    faster than `F.linear`; those weights leave the state_dict, and a tied output projection gets its own packed
+    copy). fp32 ones with out >= in turn column-major: MKL's kernel reads W^T (in, out) contiguous (y = x W^T as
+    a sum of W^T's rows scaled by x_j) at 17-22 GB/s against 11-13 GB/s row-major; for out < in (the MLP's down
+    projection) row-major is the faster one (PyTorch 2.13, GPT-2 shapes). Only strides change: values, shapes
+    and `state_dict` stay. A tied input embedding turns column-major with it.
+
+    Prepare a model that will only run inference, once, after loading it. GPU models are left as they are.
     """
     if isinstance(model, Attention) and all(t.device.type == "cpu" for t in (*model.parameters(), *model.buffers())):
         model.decode_kernel = kernels_available()
     for name, child in list(model.named_children()):
         if isinstance(child, (Int4Linear, QuantizedLinear)):
             child.use_matvec_kernel()
+        elif isinstance(child, MatvecLinear):
+            continue
         elif not isinstance(child, nn.Linear) or child.weight.device.type != "cpu":
             prepare_for_decoding(child)
+        elif child.weight.dtype in (torch.float32, torch.bfloat16) and kernels_available():
+            if not child.weight.is_contiguous():  # a layer prepared before the kernels: back to row-major
+                with torch.no_grad():
+                    child.weight.data = child.weight.data.contiguous()
+            setattr(model, name, MatvecLinear(child))
         elif child.weight.dtype == torch.bfloat16 and has_packed_bf16_kernel():
             setattr(model, name, PackedLinear(child))
         elif child.weight.dtype == torch.float32 and child.out_features >= child.in_features:

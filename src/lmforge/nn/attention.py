@@ -360,7 +360,8 @@ class Attention(nn.Module):
         g times first (`repeat_interleave`), which at decoding is a copy of the whole cache in every layer
         at every step (SmolLM2-135M, g = 3, 256 slots: 35 MB a token, as much as its int4 weights). A mask
         shared by the heads ((B, 1, 1, T_k)) broadcasts over the g rows unchanged. With `decode_kernel` (set by
-        `prepare_for_decoding`, also for g = 1) fp32 steps on CPU run in `lmforge.nn.kernels.decode_attention`.
+        `prepare_for_decoding`, also for g = 1) fp32 and bf16 steps on CPU run in
+        `lmforge.nn.kernels.decode_attention`.
         Returns (B, H, 1, d)."""
         B = q.shape[0]
         rows = q.reshape(B, self.n_kv_heads, self.n_head // self.n_kv_heads, self.head_dim)
@@ -374,17 +375,19 @@ class Attention(nn.Module):
     def _kernel_fits(
         rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float
     ) -> bool:
-        """Whether `lmforge.nn.kernels.decode_attention` takes these: fp32 on CPU, up to 8 rows per K/V head, a
-        head size that is a multiple of 16, dense last dims, a per-sequence fp32 mask or none, no dropout."""
+        """Whether `lmforge.nn.kernels.decode_attention` takes these: fp32 or bf16 on CPU, up to 8 rows per K/V
+        head, a head size that is a multiple of 16, dense last dims, a per-sequence mask of the same dtype or none,
+        no dropout."""
         return (
             rows.is_cpu
-            and rows.dtype == k.dtype == v.dtype == torch.float32
+            and rows.dtype == k.dtype == v.dtype
+            and rows.dtype in (torch.float32, torch.bfloat16)
             and rows.shape[2] <= 8
             and rows.shape[3] % 16 == 0
             and k.stride(-1) == 1
             and v.stride(-1) == 1
             and dropout == 0.0
-            and (mask is None or (mask.dtype == torch.float32 and mask.shape[:3] == (rows.shape[0], 1, 1)))
+            and (mask is None or (mask.dtype == rows.dtype and mask.shape[:3] == (rows.shape[0], 1, 1)))
             and (mask is None or mask.stride(-1) == 1)
         )
 

@@ -1,13 +1,14 @@
 """lmforge's own C++ CPU kernels, built on first use with `torch.utils.cpp_extension` (g++ and ninja).
 
 Only where PyTorch has no kernel as fast (`csrc/matvec.cpp`, which gives the math): the products of a few
-activation rows with quantised weights that decoding runs, `lmforge::int4_matvec` (4-bit grouped weights, where
-PyTorch's CPU int4 kernel decodes slower than its int8 one) and `lmforge::int8_matvec` (int8 weights with a
-scale per output row, where `_weight_int8pack_mm` streams the weights at well under memory bandwidth); and
-`lmforge::decode_attention`, a decoding step's attention, where SDPA's set-up dominates at a few rows. The
-build takes ~10 s once per machine and source version; torch caches the library under
-`~/.cache/torch_extensions` (or `$TORCH_EXTENSIONS_DIR`). Without a compiler, `kernels_available()` is False
-(with one warning) and callers keep PyTorch's kernels.
+activation rows with a weight that decoding runs, `lmforge::int4_matvec` (4-bit grouped weights, where
+PyTorch's CPU int4 kernel decodes slower than its int8 one), `lmforge::int8_matvec` (int8 weights with a
+scale per output row, where `_weight_int8pack_mm` streams the weights at well under memory bandwidth) and
+`lmforge::matvec` (fp32 or bf16 weights as nn.Linear holds them, where MKL and oneDNN stream them at 10-22
+GB/s against the kernel's 25-30); and `lmforge::decode_attention`, a decoding step's attention, where SDPA's
+set-up dominates at a few rows. The build takes ~10 s once per machine and source version; torch caches the
+library under `~/.cache/torch_extensions` (or `$TORCH_EXTENSIONS_DIR`). Without a compiler,
+`kernels_available()` is False (with one warning) and callers keep PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ SOURCE = Path(__file__).parent / "csrc" / "matvec.cpp"
 @functools.cache
 def kernels_available() -> bool:
     """Build (once) and load lmforge's kernels; False, with a warning, where they cannot be built."""
-    if hasattr(torch.ops.lmforge, "decode_attention"):
+    if hasattr(torch.ops.lmforge, "matvec"):
         return True
     try:
         from torch.utils import cpp_extension
@@ -58,6 +59,10 @@ def kernels_available() -> bool:
     def _(q, k, v, mask, scale):
         return q.new_empty(q.shape)
 
+    @torch.library.register_fake("lmforge::matvec")
+    def _(x, weight, bias):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
     return True
 
 
@@ -74,6 +79,12 @@ def int8_matvec(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> to
     return torch.ops.lmforge.int8_matvec(x, codes, scale)
 
 
+def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b for x (rows, K) and W (N, K) as `nn.Linear` holds them, all fp32 or all bf16 (bf16:
+    products exact in fp32, fp32 sums, one rounding at the end; see the C++ source)."""
+    return torch.ops.lmforge.matvec(x, weight, bias)
+
+
 def int4_dequantize(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int) -> torch.Tensor:
     """W = q s + m in bf16, (N, K), from `matvec_layout`'s codes, scales and minimums: a prefill's weight."""
     return torch.ops.lmforge.int4_dequantize(codes, scale, minimum, group_size)
@@ -83,8 +94,8 @@ def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """softmax(q k^T scale + mask) v for the few query rows of each head at a decoding step: q (B, H, R, D)
-    with R <= 8, k and v (B, H, S, D), D a multiple of 16, all float32; mask additive fp32 (B, 1, 1, S) or None
-    (see the C++ source)."""
+    with R <= 8, k and v (B, H, S, D), D a multiple of 16, all float32 or all bf16 (computed in fp32); mask
+    additive (B, 1, 1, S) in their dtype, or None (see the C++ source)."""
     return torch.ops.lmforge.decode_attention(q, k, v, mask, scale)
 
 

@@ -30,11 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.nn.kernels import int4_dequantize, int4_matvec, int8_matvec, kernels_available, matvec_layout
+from lmforge.nn.kernels import int4_dequantize, int4_matvec, int8_matvec, kernels_available, matvec, matvec_layout
 
 QMAX = 127
 ALIGNMENT = 64  # bytes: an AVX-512 register, and what PyTorch's CPU allocator guarantees
 KERNEL_MAX_ROWS = 16  # above this many rows a dense GEMM on the converted weight is faster (measured)
+MATVEC_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 4}
+"""`MatvecLinear` runs its kernel up to this many rows; above, MKL's fp32 and oneDNN's bf16 GEMMs are as fast or
+faster (measured on SmolLM2 and GPT-2 shapes, 2 threads: the kernel's cost grows with the rows, a GEMM's barely)."""
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,6 +155,35 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class MatvecLinear(nn.Linear):
+    """An fp32 or bf16 `nn.Linear` on CPU whose products of a few rows (decoding; `MATVEC_MAX_ROWS`) run in
+    lmforge's `matvec` kernel, and larger ones (a prefill) in `F.linear` as before.
+
+    At one row a Linear is bound by streaming its weight from memory; the kernel reads it front to back, one
+    sequential run per thread, at 25-30 GB/s where oneDNN (bf16) and MKL (fp32) reach 10-22 (SmolLM2 and GPT-2
+    shapes, 2 threads; `lmforge.nn.kernels`). It holds the Linear's own weight and bias Parameters, so the
+    state_dict, a tied embedding and `.to()` are as they were; results agree with `F.linear` to rounding (fp32
+    sums in another order). Inference only: with gradients needed it runs `F.linear`."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if (
+            rows <= MATVEC_MAX_ROWS.get(x.dtype, 0)
+            and x.is_cpu
+            and x.dtype == self.weight.dtype
+            and self.weight.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        ):
+            y = matvec(x.reshape(rows, self.in_features).contiguous(), self.weight, self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

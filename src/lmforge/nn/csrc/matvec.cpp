@@ -34,8 +34,10 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__F16C__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__F16C__)
 #define LMFORGE_VNNI 1
 #endif
 
@@ -80,7 +82,7 @@ void quantize_rows(const T* x, int64_t rows, int64_t K, int64_t G, int8_t* xq, f
 
 // One output: the dot product of a weight row with one quantised activation row. `factor` holds d_b s_g(b) for
 // each block b of 32 inputs (the activation's block scale times the weight's group scale).
-inline float row_dot(const uint8_t* codes, const float* factor, const int8_t* xq, int64_t K) {
+inline float int4_row_dot(const uint8_t* codes, const float* factor, const int8_t* xq, int64_t K) {
   const int64_t chunks = K / 64;
   float acc = 0.f;
 #ifdef LMFORGE_VNNI
@@ -147,7 +149,7 @@ void run(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, 
         const float* dr = d.data() + r * nb;
         const float* gs = gsum.data() + r * ng;
         for (int64_t b = 0; b < nb; ++b) factor[b] = dr[b] * sf[b >> shift];
-        float acc = row_dot(c + n * (K / 2), factor.data(), xq.data() + r * K, K);
+        float acc = int4_row_dot(c + n * (K / 2), factor.data(), xq.data() + r * K, K);
         for (int64_t g = 0; g < ng; ++g) acc += mf[g] * gs[g];
         y[r * N + n] = static_cast<T>(acc);
       }
@@ -254,30 +256,41 @@ at::Tensor int4_dequantize(const at::Tensor& codes, const at::Tensor& scale, con
 }
 
 // Decoding attention: the few query rows R of each K/V head (a GQA group, or one row) against the cache,
-// out = softmax(q k^T scale + mask) v, in fp32. q (B, H, R, D), k and v (B, H, S, D) with a dense last dim,
-// mask additive fp32 (B, 1, 1, S) shared by the heads and rows, or absent. Each key row is loaded once for
-// all R query rows (scores), and each value row once for all R output rows (weighted sum), 16 floats a
-// register. Why: PyTorch's flash kernel costs ~30-55 us a call at SmolLM2's decoding shapes (3 heads x 3 rows
-// x 256 slots x 64), most of it set-up; 30 layers make that ~1.7 ms a token.
-constexpr int64_t kMaxRows = 8, kMaxDim = 256;
+// out = softmax(q k^T scale + mask) v, computed in fp32 for fp32 or bf16 tensors. q (B, H, R, D), k and v
+// (B, H, S, D) with a dense last dim, mask additive (B, 1, 1, S) shared by the heads and rows, or absent; all of
+// one dtype. Each key row is loaded once for all R query rows (scores), and each value row once for all R output
+// rows (weighted sum), 16 numbers a register. Why: PyTorch's flash kernel costs ~30-55 us a call at SmolLM2's
+// decoding shapes (3 heads x 3 rows x 256 slots x 64), most of it set-up; 30 layers make that ~1.7 ms a token.
+constexpr int64_t kMaxRows = 8;
 
-void attend_head(const float* q, int64_t q_row, const float* k, int64_t k_row, const float* v, int64_t v_row,
-                 const float* mask, int64_t R, int64_t S, int64_t D, float scale, float* scores, float* out) {
+#ifdef __AVX512F__
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {  // bf16 is the top half of an fp32: widen and shift
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+#endif
+
+// q and out: R x D fp32 rows; k, v, mask in T.
+template <typename T>
+void attend_head(const float* q, const T* k, int64_t k_row, const T* v, int64_t v_row, const T* mask, int64_t R,
+                 int64_t S, int64_t D, float scale, float* scores, float* out) {
   float top[kMaxRows], total[kMaxRows];
   for (int64_t r = 0; r < R; ++r) top[r] = -std::numeric_limits<float>::infinity();
   for (int64_t t = 0; t < S; ++t) {
-    const float* kt = k + t * k_row;
+    const T* kt = k + t * k_row;
+    const float bias = mask ? static_cast<float>(mask[t]) : 0.f;
     for (int64_t r = 0; r < R; ++r) {
-      const float* qr = q + r * q_row;
+      const float* qr = q + r * D;
 #ifdef __AVX512F__
       __m512 acc = _mm512_setzero_ps();
-      for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i), _mm512_loadu_ps(kt + i), acc);
+      for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i), load16(kt + i), acc);
       float dot = _mm512_reduce_add_ps(acc);
 #else
       float dot = 0.f;
-      for (int64_t i = 0; i < D; ++i) dot += qr[i] * kt[i];
+      for (int64_t i = 0; i < D; ++i) dot += qr[i] * static_cast<float>(kt[i]);
 #endif
-      const float score = dot * scale + (mask ? mask[t] : 0.f);
+      const float score = dot * scale + bias;
       scores[r * S + t] = score;
       top[r] = std::max(top[r], score);
     }
@@ -289,16 +302,15 @@ void attend_head(const float* q, int64_t q_row, const float* k, int64_t k_row, c
   for (int64_t r = 0; r < R; ++r)
     for (int64_t i = 0; i < D; ++i) out[r * D + i] = 0.f;
   for (int64_t t = 0; t < S; ++t) {
-    const float* vt = v + t * v_row;
+    const T* vt = v + t * v_row;
     for (int64_t r = 0; r < R; ++r) {
       const float p = scores[r * S + t];
       float* o = out + r * D;
 #ifdef __AVX512F__
       const __m512 pv = _mm512_set1_ps(p);
-      for (int64_t i = 0; i < D; i += 16)
-        _mm512_storeu_ps(o + i, _mm512_fmadd_ps(pv, _mm512_loadu_ps(vt + i), _mm512_loadu_ps(o + i)));
+      for (int64_t i = 0; i < D; i += 16) _mm512_storeu_ps(o + i, _mm512_fmadd_ps(pv, load16(vt + i), _mm512_loadu_ps(o + i)));
 #else
-      for (int64_t i = 0; i < D; ++i) o[i] += p * vt[i];
+      for (int64_t i = 0; i < D; ++i) o[i] += p * static_cast<float>(vt[i]);
 #endif
     }
   }
@@ -308,41 +320,53 @@ void attend_head(const float* q, int64_t q_row, const float* k, int64_t k_row, c
   }
 }
 
+template <typename T>
+void run_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const T* mp, int64_t mask_batch,
+                   float scale, at::Tensor& out) {
+  const int64_t H = q.size(1), R = q.size(2), D = q.size(3), S = k.size(2);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, q.size(0) * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(R * S), rows(R * D), result(R * D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const T* qh = qp + b * q.stride(0) + h * q.stride(1);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t i = 0; i < D; ++i) rows[r * D + i] = static_cast<float>(qh[r * q.stride(2) + i]);
+      attend_head(rows.data(), kp + b * k.stride(0) + h * k.stride(1), k.stride(2), vp + b * v.stride(0) + h * v.stride(1),
+                  v.stride(2), mp ? mp + b * mask_batch : nullptr, R, S, D, scale, scores.data(), result.data());
+      for (int64_t i = 0; i < R * D; ++i) op[bh * R * D + i] = static_cast<T>(result[i]);
+    }
+  });
+}
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const c10::optional<at::Tensor>& mask, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() && q.size(0) == k.size(0) &&
                   q.size(1) == k.size(1) && q.size(3) == k.size(3),
               "decode_attention: q (B, H, R, D), k and v (B, H, S, D)");
-  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), S = k.size(2);
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "decode_attention: q, k and v must be float32");
-  TORCH_CHECK(R <= kMaxRows && D % 16 == 0 && D <= kMaxDim && q.stride(3) == 1 && k.stride(3) == 1 &&
-                  v.stride(3) == 1 && q.stride(2) == D,
+  const int64_t B = q.size(0), R = q.size(2), D = q.size(3), S = k.size(2);
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && k.scalar_type() == dtype && v.scalar_type() == dtype,
+              "decode_attention: q, k and v must all be float32 or all bfloat16");
+  TORCH_CHECK(R <= kMaxRows && D % 16 == 0 && q.stride(3) == 1 && k.stride(3) == 1 &&
+                  v.stride(3) == 1,
               "decode_attention: at most 8 rows, a head size that is a multiple of 16, dense last dims");
-  const float* mp = nullptr;
   int64_t mask_batch = 0;
   if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kFloat && mask->dim() == 4 && mask->size(0) == B && mask->size(1) == 1 &&
+    TORCH_CHECK(mask->scalar_type() == dtype && mask->dim() == 4 && mask->size(0) == B && mask->size(1) == 1 &&
                     mask->size(2) == 1 && mask->size(3) == S && mask->stride(3) == 1,
-                "decode_attention: mask must be fp32 (B, 1, 1, S)");
-    mp = mask->data_ptr<float>();
+                "decode_attention: mask must be (B, 1, 1, S) in q's dtype");
     mask_batch = mask->stride(0);
   }
-  at::Tensor out = at::empty({B, H, R, D}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  at::Tensor out = at::empty({B, q.size(1), R, D}, q.options());
   const float s = static_cast<float>(scale);
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(R * S);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      attend_head(qp + b * q.stride(0) + h * q.stride(1), q.stride(2), kp + b * k.stride(0) + h * k.stride(1),
-                  k.stride(2), vp + b * v.stride(0) + h * v.stride(1), v.stride(2), mp ? mp + b * mask_batch : nullptr,
-                  R, S, D, s, scores.data(), op + bh * R * D);
-    }
-  });
+  if (dtype == at::kFloat)
+    run_attention<float>(q, k, v, mask ? mask->data_ptr<float>() : nullptr, mask_batch, s, out);
+  else
+    run_attention<c10::BFloat16>(q, k, v, mask ? mask->data_ptr<c10::BFloat16>() : nullptr, mask_batch, s, out);
   return out;
 }
 
@@ -371,6 +395,112 @@ at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& codes, const at::T
   return out;
 }
 
+
+// lmforge::matvec: y = x W^T (+ b) for a few activation rows x (rows, K) and a weight W (N, K) as nn.Linear
+// stores it, both fp32 or both bf16. bf16: every product of two bf16 numbers is exact in fp32 and summed in fp32
+// (AVX512-BF16's vdpbf16ps, 32 pairs an instruction), rounded to bf16 once at the end, which is what oneDNN's
+// bf16 GEMM computes; fp32: fused multiply-adds, 16 an instruction. The order of the fp32 sums differs from
+// MKL's and oneDNN's, so results agree to rounding. The weight is read one row at a time, front to back, so each
+// thread streams one sequential run of memory: walking 2, 4 or 8 rows side by side (to share the activation
+// loads) measured ~20 GB/s on this Zen 4 against ~35-40 GB/s for one row (SmolLM2's 1536 x 576 and 49152 x 576
+// bf16 matrices, cache-cold, 2 threads). Several activation rows pass each weight row while it is in L1.
+// Why: at one row oneDNN streams SmolLM2's bf16 weights at ~12-20 GB/s, and MKL fp32 ones at 11-22 GB/s.
+// sums[i] = x_i . w for the RB activation rows x_i = x + i K: the weight row is loaded once for all of them, and
+// their RB sums are independent chains (one chain would wait on each instruction's latency). fp32: 16 products
+// an instruction; bf16: 32 (vdpbf16ps, each bf16 product exact in fp32).
+template <int RB>
+inline void dot_rows(const float* x, const float* w, int64_t K, float* sums) {
+  int64_t k = 0;
+  for (int i = 0; i < RB; ++i) sums[i] = 0.f;
+#ifdef __AVX512F__
+  __m512 acc[RB];
+  for (int i = 0; i < RB; ++i) acc[i] = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    const __m512 wv = _mm512_loadu_ps(w + k);
+    for (int i = 0; i < RB; ++i) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * K + k), wv, acc[i]);
+  }
+  if (k < K) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512 wv = _mm512_maskz_loadu_ps(tail, w + k);
+    for (int i = 0; i < RB; ++i) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, x + i * K + k), wv, acc[i]);
+    k = K;
+  }
+  for (int i = 0; i < RB; ++i) sums[i] = _mm512_reduce_add_ps(acc[i]);
+#endif
+  for (; k < K; ++k)
+    for (int i = 0; i < RB; ++i) sums[i] += x[i * K + k] * w[k];
+}
+
+template <int RB>
+inline void dot_rows(const c10::BFloat16* x, const c10::BFloat16* w, int64_t K, float* sums) {
+  int64_t k = 0;
+  for (int i = 0; i < RB; ++i) sums[i] = 0.f;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  __m512 acc[RB];
+  for (int i = 0; i < RB; ++i) acc[i] = _mm512_setzero_ps();
+  for (; k + 32 <= K; k += 32) {
+    const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + k));
+    for (int i = 0; i < RB; ++i)
+      acc[i] = _mm512_dpbf16_ps(acc[i], reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + i * K + k)), wv);
+  }
+  if (k < K) {
+    const __mmask32 tail = static_cast<__mmask32>((1ull << (K - k)) - 1);
+    const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(tail, w + k));
+    for (int i = 0; i < RB; ++i)
+      acc[i] = _mm512_dpbf16_ps(acc[i], reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(tail, x + i * K + k)), wv);
+    k = K;
+  }
+  for (int i = 0; i < RB; ++i) sums[i] = _mm512_reduce_add_ps(acc[i]);
+#endif
+  for (; k < K; ++k)  // CPUs without AVX512-BF16
+    for (int i = 0; i < RB; ++i) sums[i] += static_cast<float>(x[i * K + k]) * static_cast<float>(w[k]);
+}
+
+template <typename T>
+void run_matvec(const at::Tensor& x, const at::Tensor& weight, const T* bias, at::Tensor& out) {
+  const int64_t rows = x.size(0), K = x.size(1), N = weight.size(0);
+  const T* xp = x.data_ptr<T>();
+  const T* wp = weight.data_ptr<T>();
+  T* yp = out.data_ptr<T>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    float sums[8];
+    for (int64_t n = begin; n < end; ++n) {
+      const float b = bias ? static_cast<float>(bias[n]) : 0.f;
+      const T* wn = wp + n * K;
+      int64_t r = 0;
+      for (; r + 8 <= rows; r += 8) {
+        dot_rows<8>(xp + r * K, wn, K, sums);
+        for (int i = 0; i < 8; ++i) yp[(r + i) * N + n] = static_cast<T>(sums[i] + b);
+      }
+      for (; r + 4 <= rows; r += 4) {
+        dot_rows<4>(xp + r * K, wn, K, sums);
+        for (int i = 0; i < 4; ++i) yp[(r + i) * N + n] = static_cast<T>(sums[i] + b);
+      }
+      for (; r < rows; ++r) {
+        dot_rows<1>(xp + r * K, wn, K, sums);
+        yp[r * N + n] = static_cast<T>(sums[0] + b);
+      }
+    }
+  });
+}
+
+at::Tensor matvec(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (dtype == at::kFloat || dtype == at::kBFloat16),
+              "matvec: x must be a contiguous float32 or bf16 (rows, K) matrix");
+  const int64_t K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K && weight.is_contiguous() && weight.scalar_type() == dtype,
+              "matvec: weight must be contiguous (N, K) in x's dtype");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == dtype && bias->is_contiguous() && bias->numel() == N),
+              "matvec: bias must be contiguous (N,) in x's dtype");
+  at::Tensor out = at::empty({x.size(0), N}, x.options());
+  if (dtype == at::kFloat)
+    run_matvec<float>(x, weight, bias ? bias->data_ptr<float>() : nullptr, out);
+  else
+    run_matvec<c10::BFloat16>(x, weight, bias ? bias->data_ptr<c10::BFloat16>() : nullptr, out);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lmforge, m) {
@@ -378,6 +508,7 @@ TORCH_LIBRARY(lmforge, m) {
   m.def("int8_matvec(Tensor x, Tensor codes, Tensor scale) -> Tensor");
   m.def("int4_dequantize(Tensor codes, Tensor scale, Tensor minimum, int group_size) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+  m.def("matvec(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
@@ -385,4 +516,5 @@ TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("int8_matvec", &int8_matvec);
   m.impl("int4_dequantize", &int4_dequantize);
   m.impl("decode_attention", &decode_attention);
+  m.impl("matvec", &matvec);
 }
