@@ -19,6 +19,7 @@ from lmforge.nn.quant import (
     Int4Linear,
     MatvecLinear,
     QuantizedLinear,
+    has_packed_bf16_kernel,
     int4_codes,
     int4_group_params,
     quantize_per_channel,
@@ -271,3 +272,22 @@ def test_decode_attention_in_bf16_computes_in_fp32(rows, masked):
     torch.testing.assert_close(got.float(), ref, rtol=8e-3, atol=8e-3)
     with pytest.raises(RuntimeError, match="must all be float32 or all bfloat16"):
         decode_attention(q.float(), k, v, None, 0.125)
+
+
+@needs_kernel
+@pytest.mark.skipif(not has_packed_bf16_kernel(), reason="this PyTorch build or CPU has no oneDNN bf16 packing")
+def test_packed_matvec_linear_runs_many_rows_on_onednn_and_f_linear_inside_a_graph():
+    """`pack()` adds oneDNN's blocked copy for steps of many rows (bf16 only); the kernel keeps the few-row
+    steps; a traced graph, which cannot hold the opaque copy, runs F.linear. All agree to bf16 rounding."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40).bfloat16().requires_grad_(False)
+    layer = MatvecLinear(linear)
+    assert not MatvecLinear(torch.nn.Linear(8, 8)).pack()  # fp32: nothing to pack
+    assert layer.pack() and layer.packed is not None
+    few, many = torch.randn(1, 2, 96).bfloat16(), torch.randn(3, 5, 96).bfloat16()
+    for x in (few, many):
+        expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+        torch.testing.assert_close(layer(x).float(), expected, rtol=1.6e-2, atol=1e-2)
+    traced = torch.compile(layer, backend="eager", fullgraph=True)
+    torch.testing.assert_close(traced(many), F.linear(many, linear.weight, linear.bias))
+    assert layer.state_dict().keys() == {"weight", "bias"}

@@ -174,11 +174,12 @@ def test_serve_loads_the_model_on_a_thread_of_its_own_and_reports_its_errors(mon
 
     seen = []
 
-    def failing_load(args):
-        seen.append(threading.current_thread())
+    def failing_load(args, rows):
+        seen.append((threading.current_thread(), rows))
         raise ValueError("model.safetensors is truncated; download it again")
 
     monkeypatch.setattr(serve, "load_for_generation", failing_load)
-    assert main(["serve", "gpt-tiny", "--port", "0"]) == 2
+    assert main(["serve", "gpt-tiny", "--port", "0", "--concurrency", "6"]) == 2
     assert "model.safetensors is truncated" in capsys.readouterr().err
-    assert len(seen) == 1 and seen[0] is not threading.main_thread()
+    assert len(seen) == 1 and seen[0][0] is not threading.main_thread()
+    assert seen[0][1] == 6  # weights laid out for decoding steps of up to --concurrency rows

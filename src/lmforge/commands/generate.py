@@ -81,9 +81,10 @@ def _load_tokenizer(path: str):
     return load_tokenizer(path)
 
 
-def load_for_generation(args: argparse.Namespace):
-    """The model (eval mode, cast to --dtype, optionally int8-quantised, weights laid out for decoding) and its
-    tokenizer; `serve` and `chat` share this. --seed also fixes a preset's random weights."""
+def load_for_generation(args: argparse.Namespace, rows: int = 1):
+    """The model (eval mode, cast to --dtype, optionally int8-quantised, weights laid out for decoding steps of
+    up to `rows` sequences: `serve` passes its --concurrency) and its tokenizer; `serve` and `chat` share this.
+    --seed also fixes a preset's random weights."""
     from lmforge.generate import prepare_for_decoding
 
     if args.seed is not None:
@@ -95,7 +96,7 @@ def load_for_generation(args: argparse.Namespace):
             "with lmforge export MODEL --to onnx --quantize int8"
         )
     model = model.to(DTYPES[args.dtype]).eval()
-    return prepare_for_decoding(quantize_for_decoding(model, args.quantize)), tokenizer
+    return prepare_for_decoding(quantize_for_decoding(model, args.quantize), rows), tokenizer
 
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")

@@ -65,8 +65,8 @@ def is_loopback(host: str) -> bool:
 
 
 def load_off_the_main_thread(args: argparse.Namespace):
-    """`load_for_generation(args)` run on a short-lived thread, so that the server's main thread never runs a
-    parallel torch op.
+    """`load_for_generation(args, rows=...)` (decoding steps of up to --kv-slots sequences) run on a short-lived
+    thread, so that the server's main thread never runs a parallel torch op.
 
     Why: OpenMP (libgomp, PyTorch's CPU thread pool) keeps one team of worker threads per thread that has run a
     parallel region, for the life of that thread. Loading on the main thread leaves its team behind, and the
@@ -79,7 +79,7 @@ def load_off_the_main_thread(args: argparse.Namespace):
 
     def load() -> None:
         try:
-            result["loaded"] = load_for_generation(args)
+            result["loaded"] = load_for_generation(args, rows=args.kv_slots or args.concurrency)
         except BaseException as error:  # handed to the caller: one error, raised where it would have been
             result["error"] = error
 

@@ -51,6 +51,7 @@ from torch import nn
 from lmforge.generate.compiled import bucket_length, compile_static_step, resolve_compile
 from lmforge.generate.engine import _generator, _IncrementalText, _token_ids
 from lmforge.generate.sampling import SamplingParams, choose_next_token, process_logits
+from lmforge.nn.quant import MATVEC_MAX_ROWS, MatvecLinear
 
 
 class KVSlotPool:
@@ -199,6 +200,16 @@ def supports_batching(model: nn.Module) -> bool:
     )
 
 
+def compiled_rows(model: nn.Module, n_slots: int) -> int:
+    """The most running sequences a step goes through the compiled graph with; above, the eager step. On a CPU
+    with bf16 `MatvecLinear`s that keep oneDNN's blocked weights (`prepare_for_decoding(model, rows)` for a
+    server), a step of more rows than the matvec kernel takes is compute-bound and fastest on those packed
+    weights, which a graph cannot hold (SmolLM2-135M, 16 rows: eager on packed weights 37-39 ms, on the plain
+    ones 51-55), while a step of a few rows is fastest compiled. Elsewhere: every step."""
+    packed = [m for m in model.modules() if isinstance(m, MatvecLinear) and m.packed is not None]
+    return MATVEC_MAX_ROWS[torch.bfloat16] if packed else n_slots
+
+
 class BatchedDecoder:
     """A decoder-only model over a `KVSlotPool`: `prefill` runs a chunk of one sequence's prompt into its slot,
     `decode` feeds one token to each of several sequences. Both return fp32 next-token logits.
@@ -222,6 +233,7 @@ class BatchedDecoder:
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self.compiled = resolve_compile(model, compile)
         self.fall_back = compile == "auto"
+        self.compiled_rows = compiled_rows(model, n_slots)
 
     def prefill(self, slot: int, ids: Sequence[int], start: int) -> torch.Tensor:
         """Run prompt tokens `ids` at positions start, start+1, ... of `slot`; the logits (V,) after the last."""
@@ -253,7 +265,7 @@ class BatchedDecoder:
         """Feed tokens[i] at position lengths[i] of slots[i]; the logits (B, V) of the next tokens."""
         if max(lengths) >= self.pool.max_len:
             raise ValueError(f"position {max(lengths)} is past the {self.pool.max_len} a KV slot holds")
-        if self.compiled:
+        if self.compiled and self._fixed_rows(slots) <= self.compiled_rows:
             return self._decode_fixed(slots, lengths, tokens)
         positions = torch.tensor(lengths, device=self.device)
         view = _DecodeView(self.pool, slots, positions)
@@ -270,9 +282,13 @@ class BatchedDecoder:
         )
         return out.logits[:, -1].float()
 
+    def _fixed_rows(self, slots: list[int]) -> int:
+        """R: the compiled step's rows, the next power of two above the highest running slot."""
+        return min(self.pool.n_slots, 1 << max(slots).bit_length())
+
     def _decode_fixed(self, slots: list[int], lengths: list[int], tokens: list[int]) -> torch.Tensor:
         """`decode` through the compiled fixed-shape step over rows 0..R-1 and keys 0..K-1."""
-        R = min(self.pool.n_slots, 1 << max(slots).bit_length())  # the next power of two > the highest slot
+        R = self._fixed_rows(slots)
         K = bucket_length(max(lengths) + 1, self.pool.max_len)
         index = torch.tensor(slots, device=self.device)
         all_tokens = torch.zeros(R, dtype=torch.long, device=self.device)

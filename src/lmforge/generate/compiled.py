@@ -317,7 +317,8 @@ def model_key(model: nn.Module) -> int:
 
 
 def _tensor_meta(t: torch.Tensor) -> tuple:
-    return (t.dtype, tuple(t.shape), t.stride(), t.device, t.requires_grad, type(t).__name__)
+    strides = t.stride() if t.layout == torch.strided else t.layout  # oneDNN's opaque tensors have none
+    return (t.dtype, tuple(t.shape), strides, t.device, t.requires_grad, type(t).__name__)
 
 
 def _model_guards_only_through_the_key(entries: list) -> list[bool]:

@@ -33,7 +33,14 @@ from lmforge.generate.compiled import CompiledDecoder, bucket_length, resolve_co
 from lmforge.generate.sampling import SamplingParams, choose_next_token, process_logits
 from lmforge.nn.attention import Attention, StaticKVCache
 from lmforge.nn.kernels import kernels_available
-from lmforge.nn.quant import Int4Linear, MatvecLinear, PackedLinear, QuantizedLinear, has_packed_bf16_kernel
+from lmforge.nn.quant import (
+    MATVEC_MAX_ROWS,
+    Int4Linear,
+    MatvecLinear,
+    PackedLinear,
+    QuantizedLinear,
+    has_packed_bf16_kernel,
+)
 
 
 @dataclass
@@ -212,8 +219,9 @@ class _Runner:
             self.encoder_outputs = self.encoder_outputs.index_select(0, index)
 
 
-def prepare_for_decoding(model: nn.Module) -> nn.Module:
-    """Lay out the Linear weights of a CPU model for fast decoding, in place; returns the model.
+def prepare_for_decoding(model: nn.Module, rows: int = 1) -> nn.Module:
+    """Lay out the Linear weights of a CPU model for fast decoding, in place; returns the model. `rows`: the
+    most rows a decoding step will feed it (a server's concurrency; 1 for `generate`).
 
     Decoding one token per row makes every Linear a matrix-vector product y = W x + b that reads W once and
     does 2 flops per weight, so its speed is the speed at which the kernel streams W from memory.
@@ -221,7 +229,9 @@ def prepare_for_decoding(model: nn.Module) -> nn.Module:
     Where lmforge's kernels build (`lmforge.nn.kernels`, a C++ compiler), each fp32 or bf16 Linear becomes a
     `MatvecLinear`: the same Parameters (state_dict, ties and dtype kept), its decoding products in lmforge's
     `matvec` kernel, which streams the weight at 25-30 GB/s where MKL and oneDNN reach 10-22 (2 threads).
-    int4 (`Int4Linear`) and int8 (`QuantizedLinear`) layers decode in lmforge's own kernels too
+    With more `rows` than that kernel takes (`MATVEC_MAX_ROWS`), bf16 layers also keep oneDNN's blocked copy
+    of their weight for those steps (`MatvecLinear.pack`: twice the weights' memory). int4 (`Int4Linear`) and
+    int8 (`QuantizedLinear`) layers decode in lmforge's own kernels too
     (`use_matvec_kernel`), and so does fp32 and bf16 self-attention at a decoding step
     (`Attention.decode_kernel`).
 
@@ -240,14 +250,17 @@ def prepare_for_decoding(model: nn.Module) -> nn.Module:
         if isinstance(child, (Int4Linear, QuantizedLinear)):
             child.use_matvec_kernel()
         elif isinstance(child, MatvecLinear):
-            continue
+            if rows > MATVEC_MAX_ROWS[child.weight.dtype]:
+                child.pack()
         elif not isinstance(child, nn.Linear) or child.weight.device.type != "cpu":
-            prepare_for_decoding(child)
+            prepare_for_decoding(child, rows)
         elif child.weight.dtype in (torch.float32, torch.bfloat16) and kernels_available():
             if not child.weight.is_contiguous():  # a layer prepared before the kernels: back to row-major
                 with torch.no_grad():
                     child.weight.data = child.weight.data.contiguous()
-            setattr(model, name, MatvecLinear(child))
+            setattr(model, name, layer := MatvecLinear(child))
+            if rows > MATVEC_MAX_ROWS[child.weight.dtype]:
+                layer.pack()
         elif child.weight.dtype == torch.bfloat16 and has_packed_bf16_kernel():
             setattr(model, name, PackedLinear(child))
         elif child.weight.dtype == torch.float32 and child.out_features >= child.in_features:
