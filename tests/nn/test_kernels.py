@@ -291,3 +291,8 @@ def test_packed_matvec_linear_runs_many_rows_on_onednn_and_f_linear_inside_a_gra
     traced = torch.compile(layer, backend="eager", fullgraph=True)
     torch.testing.assert_close(traced(many), F.linear(many, linear.weight, linear.bias))
     assert layer.state_dict().keys() == {"weight", "bias"}
+    with torch.no_grad():  # new weights in place, then loaded: the packed copy follows each time
+        linear.weight.mul_(-2)
+        torch.testing.assert_close(layer(many), F.linear(many, linear.weight, linear.bias), rtol=1.6e-2, atol=2e-2)
+        layer.load_state_dict({"weight": torch.randn(40, 96).bfloat16(), "bias": linear.bias.clone()})
+        torch.testing.assert_close(layer(many), F.linear(many, linear.weight, linear.bias), rtol=1.6e-2, atol=2e-2)

@@ -31,7 +31,8 @@ def kernels_available() -> bool:
     try:
         from torch.utils import cpp_extension
 
-        print("lmforge: loading its decoding kernels (the first time on a machine builds them, ~10 s)", file=sys.stderr)
+        if _needs_build(cpp_extension):
+            print("lmforge: building its decoding kernels (once per machine and version, ~10 s)", file=sys.stderr)
         cpp_extension.load(
             name="lmforge_matvec",
             sources=[str(SOURCE)],
@@ -64,6 +65,16 @@ def kernels_available() -> bool:
         return x.new_empty(x.shape[0], weight.shape[0])
 
     return True
+
+
+def _needs_build(cpp_extension) -> bool:
+    """Whether `cpp_extension.load` will compile (no library built from this source yet), so that the wait is
+    announced only when there is one."""
+    try:
+        built = Path(cpp_extension._get_build_directory("lmforge_matvec", False)) / "lmforge_matvec.so"
+        return not built.exists() or built.stat().st_mtime < SOURCE.stat().st_mtime
+    except Exception:  # a private helper of torch: if it moves, announce every load rather than none
+        return True
 
 
 def int4_matvec(

@@ -170,31 +170,41 @@ class MatvecLinear(nn.Linear):
     Steps of more rows than the kernel takes are compute-bound, and there a bf16 GEMM on oneDNN's blocked copy
     of the weight is the fast one (SmolLM2-135M, a 16-row step: 37-39 ms against 51-55 on the plain weight):
     `pack()` adds that copy (a second copy of the weight in memory, opaque, not in the state_dict) for a server's
-    batched steps. A compiled graph cannot hold oneDNN's opaque tensor, so while compiling the layer runs
-    `F.linear` instead."""
+    batched steps; it is made again when the weight has changed since (`load_state_dict`, an in-place update:
+    the tensor's version counter). A compiled graph cannot hold oneDNN's opaque tensor, so while compiling the
+    layer runs `F.linear` instead."""
 
     def __init__(self, linear: nn.Linear) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.packed: torch.Tensor | None = None
+        self.packed_from: tuple | None = None  # the weight the packed copy was made of: storage and version
+
+    def _weight_state(self) -> tuple:
+        return (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
 
     def pack(self) -> bool:
         """Keep oneDNN's blocked copy of a bf16 weight for steps of many rows; False where there is none to
         keep (fp32, or a CPU or build without oneDNN's bf16 packing)."""
-        if self.packed is None and self.weight.dtype == torch.bfloat16 and has_packed_bf16_kernel():
+        if self.weight.dtype != torch.bfloat16 or not self.weight.is_cpu or not has_packed_bf16_kernel():
+            self.packed = self.packed_from = None
+        elif self.packed is None or self.packed_from != self._weight_state():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
+            self.packed_from = self._weight_state()
         return self.packed is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         inference = not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-        if rows <= MATVEC_MAX_ROWS.get(x.dtype, 0) and x.is_cpu and x.dtype == self.weight.dtype and inference:
-            if self.weight.is_contiguous():
-                y = matvec(x.reshape(rows, self.in_features).contiguous(), self.weight, self.bias)
-                return y.view(*x.shape[:-1], self.out_features)
-        elif not torch.compiler.is_compiling() and self.packed is not None and inference and x.dtype == torch.bfloat16:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if inference and x.is_cpu and x.dtype == self.weight.dtype:
+            if rows <= MATVEC_MAX_ROWS.get(x.dtype, 0):
+                if self.weight.is_contiguous():
+                    y = matvec(x.reshape(rows, self.in_features).contiguous(), self.weight, self.bias)
+                    return y.view(*x.shape[:-1], self.out_features)
+            elif not torch.compiler.is_compiling() and self.packed is not None and self.pack():
+                # (a traced graph never reads the opaque copy; `pack` makes it again if the weight changed)
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
