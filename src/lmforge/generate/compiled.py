@@ -73,10 +73,11 @@ SmolLM2-135M, batch 1, 128-token prompt, 64 new tokens (`benchmarks/bench_decode
   mostly kernel launches.
 - CPU (2 AVX-512 cores): once every product runs on lmforge's kernels (`lmforge.nn.kernels`), the step is
   compiled with `cpp_wrapper` and the model's guards are one `model_key`, and what is left between the
-  products is the Python dispatch that compiling removes: bf16 80 tok/s compiled against 41-44 eager, fp32 45
-  against 30, int8 107 against 62, int4 blocks with an int8 output projection 84 against 56; llama.cpp on the
-  Q4_1 file 95. (Before the kernels, float weights gained nothing: fp32 35 vs 34 tok/s, and bf16 compiled on
-  `F.linear` (55) lost to eager bf16 with oneDNN-packed weights (67-71), which inductor cannot lower.)"""
+  products is the Python dispatch that compiling removes (`bench_generate.py --smollm`, one run): bf16 80.4
+  tok/s compiled against 48.4 eager, fp32 45.9 against 33.2, int8 130.4 against 71.0, int4 blocks with an int8
+  output projection 108.4 against 58.5; llama.cpp on the Q4_1 file 95.5. (Before the kernels, float weights
+  gained nothing: fp32 35 vs 34 tok/s, and bf16 compiled on `F.linear` (55) lost to eager bf16 with
+  oneDNN-packed weights (67-71), which inductor cannot lower.)"""
 
 MIN_BUCKET = 64
 COMPILED_MODES = ("auto", True, False)
