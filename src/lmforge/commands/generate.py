@@ -165,9 +165,9 @@ def add_compile_argument(p: argparse.ArgumentParser) -> None:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="decode each new token through one torch.compile'd graph (the first run compiles, seconds to "
-        "minutes on a small CPU, then reuses the on-disk cache); --no-compile decodes eagerly (default: compile "
-        "decoder-only models of 100M parameters or more, float on a GPU, --quantize int8|int4 on a CPU)",
+        help="decode each new token through one torch.compile'd graph (the first run compiles, 1-2 minutes on "
+        "a small CPU, later runs load it from the disk cache in seconds); --no-compile decodes eagerly (default: "
+        "compile decoder-only models of 100M parameters or more for 1024 new tokens or more)",
     )
 
 

@@ -215,9 +215,11 @@ class BatchedDecoder:
     `decode` feeds one token to each of several sequences. Both return fp32 next-token logits.
 
     compile: decode through the fixed-shape compiled step (see the module docstring); "auto" decides as
-    `generate` does (`lmforge.generate.compiled.resolve_compile`: int8 weights on a CPU, float on a GPU, models
-    of 100M parameters or more) and falls back to the eager step, with a warning, if compiling fails; True
-    raises instead. Prefill stays eager: its length changes with every prompt chunk."""
+    `generate` does for a long generation (`lmforge.generate.compiled.resolve_compile`: weights on lmforge's
+    kernels on a CPU, float on a GPU, models of 100M parameters or more; a server lives long enough to pay the
+    compile back) and falls back to the eager step, with a warning, if compiling fails; True raises instead.
+    With bf16 weights packed for many rows only steps of a few rows are compiled (`compiled_rows`). Prefill
+    stays eager: its length changes with every prompt chunk."""
 
     def __init__(self, model: nn.Module, n_slots: int, max_len: int, compile: bool | str = False) -> None:
         if not supports_batching(model):

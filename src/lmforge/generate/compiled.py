@@ -79,6 +79,14 @@ SmolLM2-135M, batch 1, 128-token prompt, 64 new tokens (`benchmarks/bench_decode
   gained nothing: fp32 35 vs 34 tok/s, and bf16 compiled on `F.linear` (55) lost to eager bf16 with
   oneDNN-packed weights (67-71), which inductor cannot lower.)"""
 
+AUTO_MIN_NEW_TOKENS = 1024
+"""`compile="auto"` compiles a `generate`/`stream` call only when it asks for at least this many new tokens
+(a server's batching engine, which lives on, always). Compiling costs time before the first token: on 2 CPU
+cores, for SmolLM2-135M, ~85-125 s when inductor compiles the step's C++ for the first time, and still ~7-9 s
+per process and bucket when it loads the graph from its disk cache (dynamo traces the model again: ~5 s). The
+compiled step saves ~6-8 ms a token (bf16 20.7 -> 12.4 ms, fp32 30 -> 22, int8 14 -> 7.7), so even a cached
+compile pays only after ~1,000 tokens; a short one-off generation is faster eager."""
+
 MIN_BUCKET = 64
 COMPILED_MODES = ("auto", True, False)
 
@@ -221,10 +229,11 @@ def weight_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters()) + quant
 
 
-def resolve_compile(model: nn.Module, compile: bool | str) -> bool:
+def resolve_compile(model: nn.Module, compile: bool | str, new_tokens: int | None = None) -> bool:
     """Whether to decode with the compiled step. "auto": decoder-only models of at least
     `COMPILE_MIN_PARAMETERS` whose device and layer kinds `AUTO_COMPILE` lists (float on a GPU; int8, int4 on
-    a CPU, and fp32/bf16 on lmforge's matvec kernel);
+    a CPU, and fp32/bf16 on lmforge's matvec kernel), for a call of at least `AUTO_MIN_NEW_TOKENS` new tokens
+    (`new_tokens`; None: a long-lived caller such as a server);
     True: compile, and say why not when the model cannot be; False: eager.
 
     oneDNN-packed bf16 layers (`prepare_for_decoding` on a CPU without lmforge's kernels) have no compiled
@@ -252,17 +261,31 @@ def resolve_compile(model: nn.Module, compile: bool | str) -> bool:
         return True
     device = next(model.parameters(), torch.empty(0)).device.type
     large = weight_count(model) >= COMPILE_MIN_PARAMETERS
-    return supported and large and kinds in AUTO_COMPILE.get(device, ())
+    long_enough = new_tokens is None or new_tokens >= AUTO_MIN_NEW_TOKENS
+    return supported and large and long_enough and kinds in AUTO_COMPILE.get(device, ())
 
 
 def inductor_cache_dir() -> Path:
     """Where inductor keeps compiled graphs: $LMFORGE_INDUCTOR_CACHE, else $TORCHINDUCTOR_CACHE_DIR when the
-    user set it, else ~/.cache/lmforge/inductor (under $XDG_CACHE_HOME when set)."""
+    user set it, else ~/.cache/lmforge/inductor (under $XDG_CACHE_HOME when set).
+
+    torch writes its own default (/tmp/torchinductor_$USER) into $TORCHINDUCTOR_CACHE_DIR the first time
+    anything asks for the cache directory (importing `transformers` does), so that value is not taken for the
+    user's choice: before this check every compiled graph went to /tmp, which a reboot empties."""
     if os.environ.get("LMFORGE_INDUCTOR_CACHE"):
         return Path(os.environ["LMFORGE_INDUCTOR_CACHE"])
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen and os.path.abspath(chosen) != _torch_default_cache_dir():
+        return Path(chosen)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge" / "inductor"
+
+
+def _torch_default_cache_dir() -> str | None:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # a private module of torch: if it moves, a set $TORCHINDUCTOR_CACHE_DIR is kept
+        return None
+    return os.path.abspath(default_cache_dir())
 
 
 _compiled_step = None
@@ -333,7 +356,7 @@ def compile_static_step(step):
     CUDA, mode="reduce-overhead" replays the step as a CUDA graph; on CPU inductor emits C++ loops, and with
     `cpp_wrapper` the code that calls them in order is C++ too: the Python wrapper's per-kernel overhead was
     ~1.3 ms of a ~12 ms SmolLM2-135M int4 step (150 kernels and 180 calls of lmforge's and PyTorch's ops)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())  # read by inductor at each cache access
     torch._inductor.config.fx_graph_cache = True
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     keyed = "key" in inspect.signature(step).parameters

@@ -169,7 +169,8 @@ class _Runner:
         self.length = T
         self.keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.compiled = None
-        if resolve_compile(model, compile):  # the last new token is never fed back: T + max_new_tokens - 1 slots
+        # the last new token is never fed back: T + max_new_tokens - 1 slots
+        if resolve_compile(model, compile, max_new_tokens):
             length = bucket_length(needed, limit)
             self.compiled = CompiledDecoder(model, input_ids, attention_mask, length, fall_back=compile == "auto")
 
@@ -341,7 +342,9 @@ def stream(
     (anything with `decode(ids) -> str`). `seed` (an int or a torch.Generator) makes sampling reproducible.
     compile: True runs each new token through one compiled graph (`lmforge.generate.compiled`; the prompt
     stays eager), False runs eagerly, "auto" compiles decoder-only models of >= 100M parameters where it was
-    measured to pay: float weights on a GPU, int8 weights on a CPU (`lmforge.generate.compiled.AUTO_COMPILE`).
+    measured to pay (`lmforge.generate.compiled.AUTO_COMPILE`: float weights on a GPU; on a CPU, weights on
+    lmforge's kernels), for calls of at least `AUTO_MIN_NEW_TOKENS` (1024) new tokens: below that, the compile
+    costs more than it saves.
     """
     params = SamplingParams(
         do_sample, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty
