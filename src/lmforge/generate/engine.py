@@ -169,9 +169,8 @@ class _Runner:
         self.length = T
         self.keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.compiled = None
-        # the last new token is never fed back: T + max_new_tokens - 1 slots
         if resolve_compile(model, compile, max_new_tokens):
-            length = bucket_length(needed, limit)
+            length = bucket_length(needed, limit)  # the last new token is never fed back: T + max_new_tokens - 1
             self.compiled = CompiledDecoder(model, input_ids, attention_mask, length, fall_back=compile == "auto")
 
     def start(self) -> torch.Tensor:
@@ -250,18 +249,16 @@ def prepare_for_decoding(model: nn.Module, rows: int = 1) -> nn.Module:
     for name, child in list(model.named_children()):
         if isinstance(child, (Int4Linear, QuantizedLinear)):
             child.use_matvec_kernel()
-        elif isinstance(child, MatvecLinear):
-            if rows > MATVEC_MAX_ROWS[child.weight.dtype]:
-                child.pack()
         elif not isinstance(child, nn.Linear) or child.weight.device.type != "cpu":
             prepare_for_decoding(child, rows)
-        elif child.weight.dtype in (torch.float32, torch.bfloat16) and kernels_available():
-            if not child.weight.is_contiguous():  # a layer prepared before the kernels: back to row-major
-                with torch.no_grad():
-                    child.weight.data = child.weight.data.contiguous()
-            setattr(model, name, layer := MatvecLinear(child))
+        elif child.weight.dtype in MATVEC_MAX_ROWS and (isinstance(child, MatvecLinear) or kernels_available()):
+            if not isinstance(child, MatvecLinear):
+                if not child.weight.is_contiguous():  # a layer prepared before the kernels: back to row-major
+                    with torch.no_grad():
+                        child.weight.data = child.weight.data.contiguous()
+                setattr(model, name, child := MatvecLinear(child))
             if rows > MATVEC_MAX_ROWS[child.weight.dtype]:
-                layer.pack()
+                child.pack()
         elif child.weight.dtype == torch.bfloat16 and has_packed_bf16_kernel():
             setattr(model, name, PackedLinear(child))
         elif child.weight.dtype == torch.float32 and child.out_features >= child.in_features:
