@@ -49,6 +49,8 @@ def names_of(model, params):
         ("warmup_steps", -1, "warmup_steps=-1"),
         ("decay_fraction", 1.5, "decay_fraction=1.5"),
         ("grad_clip", -1.0, "grad_clip=-1.0"),
+        ("muon_ns_steps", 0, "muon_ns_steps=0"),
+        ("muon_ns_steps", 2.5, "muon_ns_steps=2.5"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(field, value, message):
@@ -157,6 +159,9 @@ def test_muon_uses_muon_for_hidden_matrices_and_adamw_matching_torch_for_the_res
     adam_names = {n for n, _ in model.named_parameters()} - muon_names
     assert {"tok_emb.weight", "lm_head.weight", "norm.weight"} <= adam_names
     assert groups["muon"]["lr"] == cfg.muon_lr
+    assert groups["muon"]["ns_steps"] == 5
+    fewer = groups_by_role(build_optimizer(copy.deepcopy(model), OptimConfig(name="muon", muon_ns_steps=3)))
+    assert fewer["muon"]["ns_steps"] == 3  # what each update's newton_schulz_orthogonalize runs
 
     # the AdamW part steps exactly like torch.optim.AdamW on the same parameters and gradients
     ref_named = dict(reference.named_parameters())
