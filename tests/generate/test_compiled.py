@@ -17,7 +17,7 @@ import torch
 from lmforge import build_model
 from lmforge.generate import compiled, engine, generate, prepare_for_decoding, stream
 from lmforge.generate.compiled import COMPILE_MIN_PARAMETERS, bucket_length, resolve_compile, weight_count
-from lmforge.nn.kernels import kernels_available
+from lmforge.nn.kernels import kernel_fast
 from lmforge.nn.quant import has_packed_bf16_kernel, quantize_int8
 from lmforge.quantize.recipe import quantize_model
 
@@ -120,7 +120,7 @@ def test_auto_compiles_large_decoder_only_models_float_on_a_gpu_and_int8_or_int4
     quantize_model(int4, "int4", 32)
     assert not resolve_compile(int4, "auto")  # int4 blocks, fp32 output projection: not measured to pay
     assert resolve_compile(quantize_int8(int4), "auto")  # what --quantize int4 makes: int4 blocks, int8 output
-    if kernels_available():  # fp32/bf16 on lmforge's matvec kernel (MatvecLinear): measured 1.4-1.7x
+    if kernel_fast("fp32"):  # fp32/bf16 on lmforge's matvec kernel (MatvecLinear): measured 1.4-1.7x
         assert resolve_compile(prepare_for_decoding(copy.deepcopy(tiny)), "auto")
     monkeypatch.setattr(compiled, "AUTO_COMPILE", {"cpu": (frozenset(),)})  # as if this CPU were a GPU
     assert resolve_compile(tiny, "auto")
@@ -143,7 +143,7 @@ def test_packed_bf16_weights_asked_to_compile_decode_eagerly_with_a_warning(monk
         raise AssertionError("packed bf16 layers must not reach inductor (it fails to lower their op)")
 
     monkeypatch.setattr(compiled, "_compiled_step", (refuse, refuse))
-    monkeypatch.setattr(engine, "kernels_available", lambda: False)  # a machine without a C++ compiler
+    monkeypatch.setattr(engine, "kernel_fast", lambda kind: False)  # a machine without a C++ compiler
     model = prepare_for_decoding(small_model("llama", CONTEXT).to(torch.bfloat16))
     assert "PackedLinear" in compiled.quant_layer_kinds(model)
     input_ids, attention_mask = left_padded_prompts()

@@ -11,7 +11,7 @@ import transformers
 from lmforge import build_model
 from lmforge.generate import engine, generate, prepare_for_decoding
 from lmforge.hf import ADAPTERS
-from lmforge.nn.kernels import kernels_available
+from lmforge.nn.kernels import kernel_fast
 from lmforge.nn.quant import MatvecLinear, PackedLinear, QuantizedLinear, has_packed_bf16_kernel, quantize_int8
 
 SMALL = {
@@ -37,7 +37,7 @@ def ids(batch: int = 3, length: int = 9) -> torch.Tensor:
 @pytest.mark.parametrize("family", list(SMALL))
 def test_fp32_wide_weights_turn_column_major_with_values_and_state_dict_unchanged(family, monkeypatch):
     """Where lmforge's kernels cannot be built, MKL's layout is the fast one."""
-    monkeypatch.setattr(engine, "kernels_available", lambda: False)
+    monkeypatch.setattr(engine, "kernel_fast", lambda kind: False)
     model = small_model(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     prepare_for_decoding(model)
@@ -63,7 +63,7 @@ def test_prepared_model_gives_the_same_logits_and_greedy_tokens(family, dtype):
     assert torch.equal(generate(prepared, ids()[:, :4], max_new_tokens=8, eos_token_id=[]).tokens, plain_tokens)
 
 
-@pytest.mark.skipif(not kernels_available(), reason="no C++ compiler to build lmforge's kernels")
+@pytest.mark.skipif(not (kernel_fast("fp32") and kernel_fast("bf16")), reason="no AVX-512/AVX512-BF16 kernels")
 @pytest.mark.parametrize("family", list(SMALL))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_float_linears_move_onto_the_matvec_kernel_keeping_their_parameters(family, dtype):
@@ -82,7 +82,7 @@ def test_float_linears_move_onto_the_matvec_kernel_keeping_their_parameters(fami
         assert model.lm_head.weight is model.tok_emb.weight
 
 
-@pytest.mark.skipif(not (kernels_available() and has_packed_bf16_kernel()), reason="no kernels or oneDNN packing")
+@pytest.mark.skipif(not (kernel_fast("bf16") and has_packed_bf16_kernel()), reason="no bf16 kernel or packing")
 def test_a_server_prepared_for_many_rows_keeps_packed_bf16_weights_and_compiles_only_small_steps():
     """`rows` above the matvec kernel's: bf16 layers keep oneDNN's blocked copy (fp32 ones do not), and a
     `BatchedDecoder` sends steps of more rows than the kernel takes to the eager step, which runs on it."""
@@ -109,7 +109,7 @@ def test_a_server_prepared_for_many_rows_keeps_packed_bf16_weights_and_compiles_
 
 def test_bf16_linears_are_packed_and_preparing_twice_changes_nothing(monkeypatch):
     """Without lmforge's kernels, bf16 Linears go to oneDNN's packed layout."""
-    monkeypatch.setattr(engine, "kernels_available", lambda: False)
+    monkeypatch.setattr(engine, "kernel_fast", lambda kind: False)
     model = prepare_for_decoding(small_model("llama").to(torch.bfloat16))
     linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
     expected_kind = PackedLinear if has_packed_bf16_kernel() else torch.nn.Linear
@@ -130,7 +130,7 @@ def test_int8_model_keeps_its_weights_and_decodes_on_lmforges_int8_kernel():
         step, prompt = model(ids(length=1)).logits, model(ids()).logits
         prepare_for_decoding(model)
         layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-        assert all(m.matvec for m in layers) == kernels_available()
+        assert all(m.matvec for m in layers) == kernel_fast("int8")
         for before, after in ((step, model(ids(length=1)).logits), (prompt, model(ids()).logits)):
             assert (after - before).norm() / before.norm() < 2e-2
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

@@ -1,6 +1,8 @@
 """lmforge's C++ decoding kernels (int4, int8, fp32/bf16 matvec, attention) against the math they claim, inside
 Int4Linear, QuantizedLinear and MatvecLinear, and in a compiled step."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from lmforge.nn.kernels import (
     int4_dequantize,
     int4_matvec,
     int8_matvec,
+    kernel_fast,
     kernels_available,
     matvec,
     matvec_layout,
@@ -296,3 +299,14 @@ def test_packed_matvec_linear_runs_many_rows_on_onednn_and_f_linear_inside_a_gra
         torch.testing.assert_close(layer(many), F.linear(many, linear.weight, linear.bias), rtol=1.6e-2, atol=2e-2)
         layer.load_state_dict({"weight": torch.randn(40, 96).bfloat16(), "bias": linear.bias.clone()})
         torch.testing.assert_close(layer(many), F.linear(many, linear.weight, linear.bias), rtol=1.6e-2, atol=2e-2)
+
+
+@needs_kernel
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="no /proc/cpuinfo to read this CPU's flags from")
+def test_the_fast_paths_follow_this_cpus_instruction_sets():
+    """The library is built for the machine (-march=native): each kernel's vector path is there exactly when
+    the CPU has its instructions, and `kernel_fast` says so; elsewhere callers keep PyTorch's kernels."""
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert kernel_fast("fp32") == kernel_fast("attention") == ("avx512f" in flags)
+    assert kernel_fast("bf16") == ({"avx512_bf16", "avx512bw"} <= flags)
+    assert kernel_fast("int8") == kernel_fast("int4") == ({"avx512_vnni", "avx512vl", "f16c"} <= flags)

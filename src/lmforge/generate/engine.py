@@ -32,7 +32,7 @@ from torch import nn
 from lmforge.generate.compiled import CompiledDecoder, bucket_length, resolve_compile
 from lmforge.generate.sampling import SamplingParams, choose_next_token, process_logits
 from lmforge.nn.attention import Attention, StaticKVCache
-from lmforge.nn.kernels import kernels_available
+from lmforge.nn.kernels import kernel_fast
 from lmforge.nn.quant import (
     MATVEC_MAX_ROWS,
     Int4Linear,
@@ -219,6 +219,10 @@ class _Runner:
             self.encoder_outputs = self.encoder_outputs.index_select(0, index)
 
 
+def _matvec_fast(linear: nn.Linear) -> bool:
+    return kernel_fast("fp32" if linear.weight.dtype == torch.float32 else "bf16")
+
+
 def prepare_for_decoding(model: nn.Module, rows: int = 1) -> nn.Module:
     """Lay out the Linear weights of a CPU model for fast decoding, in place; returns the model. `rows`: the
     most rows a decoding step will feed it (a server's concurrency; 1 for `generate`).
@@ -226,7 +230,8 @@ def prepare_for_decoding(model: nn.Module, rows: int = 1) -> nn.Module:
     Decoding one token per row makes every Linear a matrix-vector product y = W x + b that reads W once and
     does 2 flops per weight, so its speed is the speed at which the kernel streams W from memory.
 
-    Where lmforge's kernels build (`lmforge.nn.kernels`, a C++ compiler), each fp32 or bf16 Linear becomes a
+    Where lmforge's kernels build (`lmforge.nn.kernels`: a C++ compiler, and a CPU with AVX-512; bf16 also
+    needs AVX512-BF16, int8/int4 AVX-512 VNNI, `kernel_fast`), each fp32 or bf16 Linear becomes a
     `MatvecLinear`: the same Parameters (state_dict, ties and dtype kept), its decoding products in lmforge's
     `matvec` kernel, which streams the weight at 25-30 GB/s where MKL and oneDNN reach 10-22 (2 threads).
     With more `rows` than that kernel takes (`MATVEC_MAX_ROWS`), bf16 layers also keep oneDNN's blocked copy
@@ -245,13 +250,13 @@ def prepare_for_decoding(model: nn.Module, rows: int = 1) -> nn.Module:
     Prepare a model that will only run inference, once, after loading it. GPU models are left as they are.
     """
     if isinstance(model, Attention) and all(t.device.type == "cpu" for t in (*model.parameters(), *model.buffers())):
-        model.decode_kernel = kernels_available()
+        model.decode_kernel = kernel_fast("attention")
     for name, child in list(model.named_children()):
         if isinstance(child, (Int4Linear, QuantizedLinear)):
             child.use_matvec_kernel()
         elif not isinstance(child, nn.Linear) or child.weight.device.type != "cpu":
             prepare_for_decoding(child, rows)
-        elif child.weight.dtype in MATVEC_MAX_ROWS and (isinstance(child, MatvecLinear) or kernels_available()):
+        elif child.weight.dtype in MATVEC_MAX_ROWS and (isinstance(child, MatvecLinear) or _matvec_fast(child)):
             if not isinstance(child, MatvecLinear):
                 if not child.weight.is_contiguous():  # a layer prepared before the kernels: back to row-major
                     with torch.no_grad():

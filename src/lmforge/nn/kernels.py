@@ -67,6 +67,19 @@ def kernels_available() -> bool:
     return True
 
 
+FAST_PATHS = {"fp32": 1, "bf16": 2, "int8": 4, "int4": 4, "attention": 1}
+"""The instruction-set bit of `lmforge::capabilities` each kernel's fast path needs (AVX-512; AVX512-BF16;
+AVX-512 VNNI). The library is compiled for the machine it runs on; where a bit is missing (an AVX2-only CPU),
+that kernel would run plain loops, slower than PyTorch's, so callers keep PyTorch's kernels there."""
+
+
+@functools.cache
+def kernel_fast(kind: str) -> bool:
+    """Whether lmforge's kernel for `kind` ("fp32", "bf16", "int8", "int4", "attention") builds here and runs
+    its vector path on this CPU."""
+    return kernels_available() and bool(torch.ops.lmforge.capabilities() & FAST_PATHS[kind])
+
+
 def _needs_build(cpp_extension) -> bool:
     """Whether `cpp_extension.load` will compile (no library built from this source yet), so that the wait is
     announced only when there is one."""

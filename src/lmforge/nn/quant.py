@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.nn.kernels import int4_dequantize, int4_matvec, int8_matvec, kernels_available, matvec, matvec_layout
+from lmforge.nn.kernels import int4_dequantize, int4_matvec, int8_matvec, kernel_fast, matvec, matvec_layout
 
 QMAX = 127
 ALIGNMENT = 64  # bytes: an AVX-512 register, and what PyTorch's CPU allocator guarantees
@@ -92,7 +92,7 @@ class QuantizedLinear(nn.Module):
         leaving the layer on `_weight_int8pack_mm`, where it cannot run (no compiler, a width that is not a
         multiple of 32, a weight off the CPU). It reads the layer's own buffers: no copy."""
         fits = self.in_features % 32 == 0 and self.weight.device.type == "cpu"
-        self.matvec = fits and kernels_available()
+        self.matvec = fits and kernel_fast("int8")
         return self.matvec
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -340,7 +340,7 @@ class Int4Linear(nn.Module):
         (the kernel's layout, fp16 scales) is made here, once."""
 
         fits = self.in_features % 64 == 0 and self.group_size >= 32 and self.group_size & (self.group_size - 1) == 0
-        if not (fits and self.weight.device.type == "cpu" and kernels_available()):
+        if not (fits and self.weight.device.type == "cpu" and kernel_fast("int4")):
             return False
         self._matvec = matvec_layout(unpack_nibbles(self.weight), self.scale, self.zero)
         return True

@@ -501,6 +501,23 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& weight, const c10::opti
   return out;
 }
 
+// Which fast paths this build has (it is compiled for the machine it runs on, -march=native): bit 0 AVX-512
+// (fp32 matvec, attention), bit 1 AVX512-BF16 (bf16 matvec), bit 2 AVX-512 VNNI (int8 and int4). Without one,
+// the kernel falls back to plain loops, slower than PyTorch's own kernels, so callers keep PyTorch's there.
+int64_t capabilities() {
+  int64_t bits = 0;
+#ifdef __AVX512F__
+  bits |= 1;
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  bits |= 2;
+#endif
+#ifdef LMFORGE_VNNI
+  bits |= 4;
+#endif
+  return bits;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lmforge, m) {
@@ -509,6 +526,7 @@ TORCH_LIBRARY(lmforge, m) {
   m.def("int4_dequantize(Tensor codes, Tensor scale, Tensor minimum, int group_size) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
   m.def("matvec(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("capabilities() -> int", &capabilities);
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
