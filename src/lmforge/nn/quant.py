@@ -89,8 +89,9 @@ class QuantizedLinear(nn.Module):
         """Run products of up to KERNEL_MAX_ROWS rows (decoding) in lmforge's int8 kernel (`lmforge.nn.kernels`:
         activations rounded to int8 per block of 32, as llama.cpp's Q8 blocks; ~2x faster than
         `_weight_int8pack_mm` on SmolLM2's 49152 x 576 output projection: 1.1-1.3 against 2.3-3.4 ms). False,
-        leaving the layer on `_weight_int8pack_mm`, where it cannot run (no compiler, a width that is not a
-        multiple of 32, a weight off the CPU). It reads the layer's own buffers: no copy."""
+        leaving the layer on `_weight_int8pack_mm`, where it cannot run or would not be fast (no compiler,
+        a CPU without AVX-512 VNNI, a width that is not a multiple of 32, a weight off the CPU). It reads the
+        layer's own buffers: no copy."""
         fits = self.in_features % 32 == 0 and self.weight.device.type == "cpu"
         self.matvec = fits and kernel_fast("int8")
         return self.matvec
@@ -335,9 +336,9 @@ class Int4Linear(nn.Module):
     def use_matvec_kernel(self) -> bool:
         """Run products of up to KERNEL_MAX_ROWS rows (decoding) in lmforge's own int4 kernel
         (`lmforge.nn.kernels`: int8-rounded activations, ~1.5x faster than `_weight_int8pack_mm` on SmolLM2's
-        layers); False, leaving the layer as it was, where the kernel cannot run (no compiler, a width that is
-        not a multiple of 64, a group size that is not a power of two >= 32). Its own copy of the weight
-        (the kernel's layout, fp16 scales) is made here, once."""
+        layers); False, leaving the layer as it was, where the kernel cannot run or would not be fast (no
+        compiler, a CPU without AVX-512 VNNI, a width that is not a multiple of 64, a group size that is not a
+        power of two >= 32). Its own copy of the weight (the kernel's layout, fp16 scales) is made here, once."""
 
         fits = self.in_features % 64 == 0 and self.group_size >= 32 and self.group_size & (self.group_size - 1) == 0
         if not (fits and self.weight.device.type == "cpu" and kernel_fast("int4")):

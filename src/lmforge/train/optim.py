@@ -96,11 +96,8 @@ class OptimConfig:
         _check_range("muon_momentum", self.muon_momentum, 0.0, 1.0, high_open=True)
         if self.schedule == "exponential" and not 0 < self.min_lr < self.lr:
             raise ValueError(f"schedule=exponential sweeps from min_lr to lr: it needs 0 < min_lr ({self.min_lr}) < lr")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps!r} must be an integer >= 0")
-        steps = self.muon_ns_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 20:
-            raise ValueError(f"muon_ns_steps={steps!r} must be an integer from 1 to 20 (Newton-Schulz iterations)")
+        _check_integer("warmup_steps", self.warmup_steps, 0, "an integer >= 0")
+        _check_integer("muon_ns_steps", self.muon_ns_steps, 1, "an integer from 1 to 20 (Newton-Schulz iterations)", 20)
 
 
 def _check_range(
@@ -111,6 +108,12 @@ def _check_range(
     if not ok:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise ValueError(f"{name}={value!r} must be a number in {interval}")
+
+
+def _check_integer(name: str, value: Any, low: int, what: str, high: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    if not ok:
+        raise ValueError(f"{name}={value!r} must be {what}")
 
 
 # ---------------------------------------------------------------- parameter groups
