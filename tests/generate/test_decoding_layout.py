@@ -82,11 +82,11 @@ def test_float_linears_move_onto_the_matvec_kernel_keeping_their_parameters(fami
         assert model.lm_head.weight is model.tok_emb.weight
 
 
-@pytest.mark.skipif(not (kernel_fast("bf16") and has_packed_bf16_kernel()), reason="no bf16 kernel or packing")
-def test_a_server_prepared_for_many_rows_keeps_packed_bf16_weights_and_compiles_only_small_steps():
-    """`rows` above the matvec kernel's: bf16 layers keep oneDNN's blocked copy (fp32 ones do not), and a
-    `BatchedDecoder` sends steps of more rows than the kernel takes to the eager step, which runs on it."""
-    from lmforge.generate.batching import BatchedDecoder, compiled_rows
+@pytest.mark.skipif(not kernel_fast("bf16"), reason="this CPU lacks AVX512-BF16 (no bf16 kernel)")
+def test_a_server_prepared_for_many_rows_keeps_packed_bf16_weights_and_compiles_every_step():
+    """`rows` above the matvec kernel's: bf16 layers keep the pair-interleaved copy (fp32 ones do not), and a
+    `BatchedDecoder` sends every step, of any rows, through the compiled graph, which reads that copy."""
+    from lmforge.generate.batching import BatchedDecoder
     from lmforge.generate.compiled import model_key
 
     single = prepare_for_decoding(small_model("llama").to(torch.bfloat16))
@@ -95,8 +95,7 @@ def test_a_server_prepared_for_many_rows_keeps_packed_bf16_weights_and_compiles_
     layers = lambda model: [m for m in model.modules() if isinstance(m, MatvecLinear)]  # noqa: E731
     assert all(m.packed is None for m in layers(single)) and all(m.packed is not None for m in layers(served))
     assert all(m.packed is None for m in layers(fp32))
-    assert model_key(served) != model_key(single)  # the opaque copies are hashed by their metadata
-    assert compiled_rows(served, 8) == 4 and compiled_rows(single, 8) == 8 and compiled_rows(fp32, 8) == 8
+    assert model_key(served) != model_key(single)
     decoder = BatchedDecoder(served, 8, 64, compile=True)
     calls = []
     decoder._decode_fixed = lambda slots, lengths, tokens: calls.append(len(slots)) or torch.zeros(len(slots), 300)
@@ -104,7 +103,7 @@ def test_a_server_prepared_for_many_rows_keeps_packed_bf16_weights_and_compiles_
         for slot in slots:
             decoder.prefill(slot, [5, 6, 7], 0)
         decoder.decode(slots, [3] * len(slots), [9] * len(slots))
-    assert calls == [1, 3]  # 8 rows: R = 8 > 4, the eager step on the packed weights
+    assert calls == [1, 3, 8]
 
 
 def test_bf16_linears_are_packed_and_preparing_twice_changes_nothing(monkeypatch):

@@ -16,13 +16,15 @@ from lmforge.nn.kernels import (
     kernels_available,
     matvec,
     matvec_layout,
+    pairs_linear,
+    pairs_pack,
 )
 from lmforge.nn.quant import (
     MATVEC_MAX_ROWS,
+    PAIRS_MAX_ROWS,
     Int4Linear,
     MatvecLinear,
     QuantizedLinear,
-    has_packed_bf16_kernel,
     int4_codes,
     int4_group_params,
     quantize_per_channel,
@@ -229,6 +231,37 @@ def test_matvec_bf16_is_the_exact_product_rounded_once(rows, k):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 21, 40])
+@pytest.mark.parametrize("k", [64, 575])
+def test_pairs_linear_is_the_exact_product_rounded_once(rows, k):
+    """The pair-interleaved kernel, as matvec: every bf16 product exact, fp32 sums, one rounding. Row blocks of
+    16, 8, 4, 2 and 1, an odd width (575: the last input gets a zero partner) and 131 outputs (a last block of
+    3 of 16)."""
+    torch.manual_seed(rows + k)
+    x, w, b = (torch.randn(*shape).bfloat16() for shape in ((rows, k), (131, k), (131,)))
+    packed = pairs_pack(w)
+    assert packed.shape == (9, (k + 1) // 2, 16, 2) and packed.dtype == torch.bfloat16
+    assert torch.equal(packed[1, 5, 3], w[16 + 3, 10:12])  # P[b, p, j, e] = W[16 b + j, 2 p + e]
+    for bias in (b, None):
+        exact = x.double() @ w.double().T + (0 if bias is None else bias.double())
+        got = pairs_linear(x, packed, bias, 131)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, 131)
+        assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-4 * k**0.5).all()
+        assert (got.double() == exact.bfloat16().double()).float().mean() > 0.95
+
+
+@needs_kernel
+def test_pairs_linear_refuses_a_copy_of_another_weight():
+    packed = pairs_pack(torch.randn(40, 64).bfloat16())
+    with pytest.raises(RuntimeError, match="pairs_pack's copy of an"):
+        pairs_linear(torch.randn(2, 66).bfloat16(), packed, None, 40)
+    with pytest.raises(RuntimeError, match="pairs_pack's copy of an"):
+        pairs_linear(torch.randn(2, 64).bfloat16(), packed, None, 60)
+    with pytest.raises(RuntimeError, match="contiguous bf16"):
+        pairs_linear(torch.randn(2, 64), packed, None, 40)
+
+
+@needs_kernel
 def test_matvec_refuses_mixed_dtypes_and_shapes():
     with pytest.raises(RuntimeError, match="in x's dtype"):
         matvec(torch.randn(1, 64), torch.randn(8, 64).bfloat16())
@@ -277,23 +310,30 @@ def test_decode_attention_in_bf16_computes_in_fp32(rows, masked):
         decode_attention(q.float(), k, v, None, 0.125)
 
 
-@needs_kernel
-@pytest.mark.skipif(not has_packed_bf16_kernel(), reason="this PyTorch build or CPU has no oneDNN bf16 packing")
-def test_packed_matvec_linear_runs_many_rows_on_onednn_and_f_linear_inside_a_graph():
-    """`pack()` adds oneDNN's blocked copy for steps of many rows (bf16 only); the kernel keeps the few-row
-    steps; a traced graph, which cannot hold the opaque copy, runs F.linear. All agree to bf16 rounding."""
+@pytest.mark.skipif(not kernel_fast("bf16"), reason="this CPU lacks AVX512-BF16: MatvecLinear keeps no packed copy")
+def test_packed_matvec_linear_runs_many_rows_on_its_pair_copy_inside_a_graph_too():
+    """`pack()` adds the pair-interleaved copy (bf16 only) for steps of 2 to PAIRS_MAX_ROWS rows; a traced graph
+    calls the same kernel on it (no fallback); more rows take F.linear; the copy follows the weight when it
+    changes in place or is loaded. All agree with F.linear to bf16 rounding."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40).bfloat16().requires_grad_(False)
     layer = MatvecLinear(linear)
     assert not MatvecLinear(torch.nn.Linear(8, 8)).pack()  # fp32: nothing to pack
-    assert layer.pack() and layer.packed is not None
-    few, many = torch.randn(1, 2, 96).bfloat16(), torch.randn(3, 5, 96).bfloat16()
-    for x in (few, many):
+    assert layer.pack() and layer.packed is not None and layer.state_dict().keys() == {"weight", "bias"}
+    for rows in (1, 3, PAIRS_MAX_ROWS, PAIRS_MAX_ROWS + 1):
+        x = torch.randn(rows, 96).bfloat16()
         expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
         torch.testing.assert_close(layer(x).float(), expected, rtol=1.6e-2, atol=1e-2)
-    traced = torch.compile(layer, backend="eager", fullgraph=True)
-    torch.testing.assert_close(traced(many), F.linear(many, linear.weight, linear.bias))
-    assert layer.state_dict().keys() == {"weight", "bias"}
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm
+
+    many = torch.randn(3, 5, 96).bfloat16()
+    traced = torch.compile(layer, backend=backend, fullgraph=True)
+    torch.testing.assert_close(traced(many), layer(many))
+    assert "lmforge.pairs_linear" in graphs[0]
     with torch.no_grad():  # new weights in place, then loaded: the packed copy follows each time
         linear.weight.mul_(-2)
         torch.testing.assert_close(layer(many), F.linear(many, linear.weight, linear.bias), rtol=1.6e-2, atol=2e-2)

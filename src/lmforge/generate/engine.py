@@ -234,8 +234,9 @@ def prepare_for_decoding(model: nn.Module, rows: int = 1) -> nn.Module:
     needs AVX512-BF16, int8/int4 AVX-512 VNNI, `kernel_fast`), each fp32 or bf16 Linear becomes a
     `MatvecLinear`: the same Parameters (state_dict, ties and dtype kept), its decoding products in lmforge's
     `matvec` kernel, which streams the weight at 25-30 GB/s where MKL and oneDNN reach 10-22 (2 threads).
-    With more `rows` than that kernel takes (`MATVEC_MAX_ROWS`), bf16 layers also keep oneDNN's blocked copy
-    of their weight for those steps (`MatvecLinear.pack`: twice the weights' memory). int4 (`Int4Linear`) and
+    With more `rows` than that kernel takes (`MATVEC_MAX_ROWS`), bf16 layers also keep a pair-interleaved copy
+    of their weight for those compute-bound steps (`MatvecLinear.pack`, `pairs_linear`: twice the weights'
+    memory). int4 (`Int4Linear`) and
     int8 (`QuantizedLinear`) layers decode in lmforge's own kernels too
     (`use_matvec_kernel`), and so does fp32 and bf16 self-attention at a decoding step
     (`Attention.decode_kernel`).

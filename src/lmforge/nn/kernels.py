@@ -64,6 +64,14 @@ def kernels_available() -> bool:
     def _(x, weight, bias):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    @torch.library.register_fake("lmforge::pairs_pack")
+    def _(weight):
+        return weight.new_empty((weight.shape[0] + 15) // 16, (weight.shape[1] + 1) // 2, 16, 2)
+
+    @torch.library.register_fake("lmforge::pairs_linear")
+    def _(x, packed, bias, out_features):
+        return x.new_empty(x.shape[0], out_features)
+
     return True
 
 
@@ -107,6 +115,18 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """y = x W^T + b for x (rows, K) and W (N, K) as `nn.Linear` holds them, all fp32 or all bf16 (bf16:
     products exact in fp32, fp32 sums, one rounding at the end; see the C++ source)."""
     return torch.ops.lmforge.matvec(x, weight, bias)
+
+
+def pairs_pack(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight (N, K) as `pairs_linear` reads it: (ceil(N/16), ceil(K/2), 16, 2), P[b, p, j, e] =
+    W[16 b + j, 2 p + e], zero past N and K (a second copy of the weight; see the C++ source)."""
+    return torch.ops.lmforge.pairs_pack(weight)
+
+
+def pairs_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """y = x W^T + b for bf16 x (rows, K) and W held as `pairs_pack(W)`: products exact in fp32, fp32 sums, one
+    rounding to bf16; for steps of a few to a few dozen rows, where it is compute-bound."""
+    return torch.ops.lmforge.pairs_linear(x, packed, bias, out_features)
 
 
 def int4_dequantize(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int) -> torch.Tensor:

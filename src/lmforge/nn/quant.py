@@ -30,7 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.nn.kernels import int4_dequantize, int4_matvec, int8_matvec, kernel_fast, matvec, matvec_layout
+from lmforge.nn.kernels import (
+    int4_dequantize,
+    int4_matvec,
+    int8_matvec,
+    kernel_fast,
+    matvec,
+    matvec_layout,
+    pairs_linear,
+    pairs_pack,
+)
 
 QMAX = 127
 ALIGNMENT = 64  # bytes: an AVX-512 register, and what PyTorch's CPU allocator guarantees
@@ -38,6 +47,10 @@ KERNEL_MAX_ROWS = 16  # above this many rows a dense GEMM on the converted weigh
 MATVEC_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 4}
 """`MatvecLinear` runs its kernel up to this many rows; above, MKL's fp32 and oneDNN's bf16 GEMMs are as fast or
 faster (measured on SmolLM2 and GPT-2 shapes, 2 threads: the kernel's cost grows with the rows, a GEMM's barely)."""
+PAIRS_MAX_ROWS = 64
+"""A bf16 `MatvecLinear` with its pair-interleaved copy (`pack()`) runs `pairs_linear` up to this many rows; it
+ties oneDNN's packed GEMM at 32-64 rows and beats it below (SmolLM2 shapes, cache-cold, 2 threads: 16 rows of
+1536 x 576 in 128 us against 161, 8 rows 95 against 132), so a prefill's hundreds of rows keep `F.linear`."""
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,12 +181,12 @@ class MatvecLinear(nn.Linear):
     state_dict, a tied embedding and `.to()` are as they were; results agree with `F.linear` to rounding (fp32
     sums in another order). Inference only: with gradients needed it runs `F.linear`.
 
-    Steps of more rows than the kernel takes are compute-bound, and there a bf16 GEMM on oneDNN's blocked copy
-    of the weight is the fast one (SmolLM2-135M, a 16-row step: 37-39 ms against 51-55 on the plain weight):
-    `pack()` adds that copy (a second copy of the weight in memory, opaque, not in the state_dict) for a server's
-    batched steps; it is made again when the weight has changed since (`load_state_dict`, an in-place update:
-    the tensor's version counter). A compiled graph cannot hold oneDNN's opaque tensor, so while compiling the
-    layer runs `F.linear` instead."""
+    Steps of more rows than the kernel takes (a server's batched steps) are compute-bound. `pack()` adds a second,
+    pair-interleaved copy of a bf16 weight (`pairs_pack`: twice the weight's memory, not in the state_dict) on
+    which `pairs_linear` runs steps of 2 to `PAIRS_MAX_ROWS` rows with every weight load serving up to 16 rows
+    (SmolLM2-135M, a 16-row step's Linears: ~1.3-1.6x faster than oneDNN's own packed GEMM, which this replaced).
+    The copy is made again when the weight has changed since (`load_state_dict`, an in-place update: the tensor's
+    version counter); a compiled graph reads it as it was when traced (compile after `pack`)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         nn.Module.__init__(self)
@@ -186,12 +199,12 @@ class MatvecLinear(nn.Linear):
         return (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
 
     def pack(self) -> bool:
-        """Keep oneDNN's blocked copy of a bf16 weight for steps of many rows; False where there is none to
-        keep (fp32, or a CPU or build without oneDNN's bf16 packing)."""
-        if self.weight.dtype != torch.bfloat16 or not self.weight.is_cpu or not has_packed_bf16_kernel():
+        """Keep `pairs_pack`'s copy of a bf16 weight for steps of many rows; False where there is none to keep
+        (fp32, or a CPU without AVX512-BF16, where the kernel would run plain loops)."""
+        if self.weight.dtype != torch.bfloat16 or not self.weight.is_cpu or not kernel_fast("bf16"):
             self.packed = self.packed_from = None
         elif self.packed is None or self.packed_from != self._weight_state():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
+            self.packed = pairs_pack(self.weight.detach())
             self.packed_from = self._weight_state()
         return self.packed is not None
 
@@ -199,13 +212,15 @@ class MatvecLinear(nn.Linear):
         rows = x.numel() // self.in_features
         inference = not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         if inference and x.is_cpu and x.dtype == self.weight.dtype:
-            if rows <= MATVEC_MAX_ROWS.get(x.dtype, 0):
-                if self.weight.is_contiguous():
-                    y = matvec(x.reshape(rows, self.in_features).contiguous(), self.weight, self.bias)
-                    return y.view(*x.shape[:-1], self.out_features)
-            elif not torch.compiler.is_compiling() and self.packed is not None and self.pack():
-                # (a traced graph never reads the opaque copy; `pack` makes it again if the weight changed)
-                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            flat = x.reshape(rows, self.in_features)
+            # (`pack` makes the copy again if the weight changed; a traced graph reads it as traced)
+            paired = self.packed is not None and 1 < rows <= PAIRS_MAX_ROWS
+            if paired and (torch.compiler.is_compiling() or self.pack()):
+                y = pairs_linear(flat.contiguous(), self.packed, self.bias, self.out_features)
+                return y.view(*x.shape[:-1], self.out_features)
+            if rows <= MATVEC_MAX_ROWS.get(x.dtype, 0) and self.weight.is_contiguous():
+                y = matvec(flat.contiguous(), self.weight, self.bias)
+                return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 
