@@ -193,6 +193,36 @@ def test_fixed_shape_step_writes_a_slots_last_position_while_others_idle(uncompi
     assert (4, 64) in uncompiled_fixed_step and (4, CONTEXT) in uncompiled_fixed_step  # keys past 64: the slot
 
 
+def test_warm_up_compiles_every_shape_on_idle_rows_and_leaves_the_sequences_alone(uncompiled_fixed_step, small_model):
+    """`warm_up` runs each (rows, keys) shape once on idle rows: only each slot's last position is written,
+    which no sequence reads before writing it."""
+    model = small_model("llama")
+    decoder = BatchedDecoder(model, 4, CONTEXT, compile=True, defer_compile=True)
+    decoder.prefill(decoder.pool.allocate(), PROMPTS[2], 0)
+    before = [(k.clone(), v.clone()) for k, v in decoder.pool.buffers.values()]
+    shapes = [(r, k) for r in (1, 2, 4) for k in (64, CONTEXT)]
+    assert decoder.shapes(70) == shapes and decoder.shapes(10) == [(1, 64), (2, 64), (4, 64)]
+    assert decoder.warm_up(70) == 6 and uncompiled_fixed_step == shapes and decoder.ready == set(shapes)
+    for (k0, v0), (k1, v1) in zip(before, decoder.pool.buffers.values(), strict=True):
+        assert torch.equal(k0[:, :, :-1], k1[:, :, :-1]) and torch.equal(v0[:, :, :-1], v1[:, :, :-1])
+    assert decoder.warm_up(70) == 0  # nothing left to compile
+
+
+def test_deferred_compiling_decodes_a_new_shape_eagerly_until_compile_pending(uncompiled_fixed_step, small_model):
+    model = small_model("llama")
+    decoder = BatchedDecoder(model, 4, CONTEXT, compile=True, defer_compile=True)
+    slot = decoder.pool.allocate()
+    logits = decoder.prefill(slot, PROMPTS[0], 0)
+    token = int(logits.argmax())
+    eager = decoder.decode([slot], [len(PROMPTS[0])], [token])
+    assert not uncompiled_fixed_step and decoder.pending == {(1, 64)}
+    assert decoder.compile_pending() and not decoder.compile_pending()
+    assert uncompiled_fixed_step == [(1, 64)] and decoder.ready == {(1, 64)}
+    compiled = decoder.decode([slot], [len(PROMPTS[0])], [token])  # the same step again, through the graph
+    assert uncompiled_fixed_step == [(1, 64), (1, 64)]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_batched_decoder_compile_auto_falls_back_to_eager_and_true_raises(monkeypatch, small_model):
     from lmforge.generate import compiled
 
@@ -235,6 +265,34 @@ def test_inductor_compiled_batched_step_matches_eager_without_recompiling(family
     assert texts(True) == eager
     with torch._dynamo.config.patch(error_on_recompile=True):  # the same schedule again: every graph is reused
         assert texts(True) == eager
+
+
+@pytest.mark.slow
+def test_inductor_compiled_bf16_step_on_pair_copies_matches_the_eager_step(small_model):
+    """bf16 prepared for a server's rows: the graph runs `pairs_linear` on the pair-interleaved copies. Fed the
+    same tokens, each compiled step's logits are the eager step's to bf16 rounding (inductor fuses the norms and
+    adds in fp32 where eager rounds each op to bf16, so greedy paths of a random model can part at near-ties)."""
+    from lmforge.generate import prepare_for_decoding
+    from lmforge.nn.kernels import kernel_fast
+    from lmforge.nn.quant import MatvecLinear
+
+    if not kernel_fast("bf16"):
+        pytest.skip("this CPU lacks AVX512-BF16: no pair-interleaved copies to compile")
+    model = prepare_for_decoding(small_model("llama").to(torch.bfloat16), rows=8)
+    assert all(m.packed is not None for m in model.modules() if isinstance(m, MatvecLinear))
+    eager, compiled = BatchedDecoder(model, 4, CONTEXT), BatchedDecoder(model, 4, CONTEXT, compile=True)
+    lengths, tokens = [], []
+    for prompt in PROMPTS[:4]:
+        for decoder in (eager, compiled):
+            logits = decoder.prefill(decoder.pool.allocate(), prompt, 0)
+        lengths.append(len(prompt))
+        tokens.append(int(logits.argmax()))
+    for _ in range(8):
+        expected = eager.decode([0, 1, 2, 3], lengths, tokens)
+        got = compiled.decode([0, 1, 2, 3], lengths, tokens)
+        assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
+        lengths, tokens = [n + 1 for n in lengths], expected.argmax(-1).tolist()
+    assert compiled.ready == {(4, 64)}
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])

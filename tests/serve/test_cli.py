@@ -144,6 +144,7 @@ def test_serve_reports_a_taken_port(capsys):
         (["--kv-slots", "0"], "--kv-slots 0 must be >= 1"),
         (["--prefill-chunk", "0"], "--prefill-chunk 0 must be >= 1"),
         (["--prefix-cache-tokens", "-1"], "--prefix-cache-tokens -1 must be >= 0"),
+        (["--compile-warmup", "-5"], "--compile-warmup -5 must be >= 0"),
         (["--max-tokens-per-slot", "999999"], "--max-tokens-per-slot 999999 is more than the model's context"),
         (["--queue-size", "-1"], "--queue-size -1 must be >= 0"),
         (["--port", "70000"], "--port 70000 is not a TCP port"),

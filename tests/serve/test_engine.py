@@ -67,11 +67,13 @@ async def until_idle(engine: BatchingEngine, guard: float = 60.0) -> None:
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_concurrent_greedy_requests_each_get_what_they_get_alone(compile, served, monkeypatch):
-    """Eager, and through the fixed-shape step `--compile` runs (here without inductor: the same Python code)."""
+    """Eager, and through the fixed-shape step `--compile` runs (here without inductor: the same Python code),
+    every shape compiled before the first request (`--compile-warmup`)."""
     steps = []
 
     def fixed_step(model, pool, tokens, positions, keys, extra):
-        steps.append(tokens.shape[0])
+        if bool((positions < pool.max_len - 1).any()):  # a real step, not a warm-up run on idle rows
+            steps.append(tokens.shape[0])
         return batching._fixed_decode_step(model, pool, tokens, positions, keys, extra)
 
     monkeypatch.setattr(batching, "_compiled_fixed_step", (fixed_step, fixed_step))
@@ -85,7 +87,8 @@ def test_concurrent_greedy_requests_each_get_what_they_get_alone(compile, served
     assert expected[3][1] == "stop" and stop not in expected[3][0]
 
     async def scenario():
-        engine = engine_for(served, kv_slots=3, prefill_chunk=4, compile=compile)  # two requests wait for a slot
+        # two requests wait for a slot
+        engine = engine_for(served, kv_slots=3, prefill_chunk=4, compile=compile, warmup_tokens=10_000)
         try:
             jobs = [engine.submit([served.encode_prompt(p)], o) for p, o in zip(PROMPTS, requests, strict=True)]
             results = await asyncio.gather(*map(collect, jobs))
@@ -99,6 +102,68 @@ def test_concurrent_greedy_requests_each_get_what_they_get_alone(compile, served
     assert bool(steps) == compile and set(steps) <= {1, 2, 3}
     assert results[1][2] == 30  # streamed: one step per token (ignore_eos: all 30 of them)
     assert used == 0
+
+
+def test_a_shape_not_compiled_yet_runs_eagerly_and_is_compiled_when_the_server_is_idle(served, monkeypatch):
+    """Without a warm-up the first request decodes eagerly (no compile while it waits); once nothing runs the
+    engine compiles the shapes it met, on idle rows, leaving the pool's sequences alone, and the same request
+    then goes through the compiled step with the same text."""
+    real, warm = [], []
+
+    def fixed_step(model, pool, tokens, positions, keys, extra):
+        idle = bool((positions == pool.max_len - 1).all())
+        (warm if idle else real).append((tokens.shape[0], keys))
+        return batching._fixed_decode_step(model, pool, tokens, positions, keys, extra)
+
+    monkeypatch.setattr(batching, "_compiled_fixed_step", (fixed_step, fixed_step))
+    request = options(served, 10, temperature=0.0, ignore_eos=True)
+    expected = alone(served, PROMPTS[0], request)
+
+    async def scenario():
+        engine = engine_for(served, kv_slots=2, compile=True)
+        try:
+            first = await collect(engine.submit([served.encode_prompt(PROMPTS[0])], request))
+            assert not real  # every step of the first request ran eagerly
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while not engine.decoder.ready and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+            assert engine.decoder.ready == {(1, 64)} and warm == [(1, 64)]
+            second = await collect(engine.submit([served.encode_prompt(PROMPTS[0])], request))
+            return first, second
+        finally:
+            engine.close(30)
+
+    first, second = asyncio.run(scenario())
+    assert first[:2] == second[:2] == expected
+    assert real and set(real) == {(1, 64)}
+
+
+def test_with_a_warm_up_the_app_takes_requests_once_every_shape_is_compiled(served, monkeypatch):
+    """`--compile-warmup`: the app's start-up (its lifespan) returns only after the engine thread has compiled
+    the step for every batch size and keys bucket up to that many positions."""
+    from types import SimpleNamespace
+
+    from lmforge.serve.app import ServeSettings, lifespan
+
+    compiled_shapes = []
+
+    def fixed_step(model, pool, tokens, positions, keys, extra):
+        compiled_shapes.append((tokens.shape[0], keys))
+        return batching._fixed_decode_step(model, pool, tokens, positions, keys, extra)
+
+    monkeypatch.setattr(batching, "_compiled_fixed_step", (fixed_step, fixed_step))
+    settings = ServeSettings(concurrency=3, max_tokens_per_slot=256, compile=True, warmup_tokens=100)
+    app = SimpleNamespace(state=SimpleNamespace(served=served, settings=settings))
+
+    async def scenario():
+        async with lifespan(app):
+            worker = app.state.worker
+            assert worker.ready.is_set() and worker.running == 0
+            return set(worker.decoder.ready)
+
+    expected = {(r, k) for r in (1, 2, 3) for k in (64, 128)}
+    assert asyncio.run(scenario()) == expected and sorted(compiled_shapes) == sorted(expected)
 
 
 def test_seeded_requests_sample_the_same_text_in_a_batch_as_alone(served):

@@ -51,7 +51,6 @@ from torch import nn
 from lmforge.generate.compiled import bucket_length, compile_static_step, resolve_compile
 from lmforge.generate.engine import _generator, _IncrementalText, _token_ids
 from lmforge.generate.sampling import SamplingParams, choose_next_token, process_logits
-from lmforge.nn.quant import MATVEC_MAX_ROWS, MatvecLinear
 
 
 class KVSlotPool:
@@ -200,16 +199,6 @@ def supports_batching(model: nn.Module) -> bool:
     )
 
 
-def compiled_rows(model: nn.Module, n_slots: int) -> int:
-    """The most running sequences a step goes through the compiled graph with; above, the eager step. On a CPU
-    with bf16 `MatvecLinear`s that keep oneDNN's blocked weights (`prepare_for_decoding(model, rows)` for a
-    server), a step of more rows than the matvec kernel takes is compute-bound and fastest on those packed
-    weights, which a graph cannot hold (SmolLM2-135M, 16 rows: eager on packed weights 37-39 ms, on the plain
-    ones 51-55), while a step of a few rows is fastest compiled. Elsewhere: every step."""
-    packed = [m for m in model.modules() if isinstance(m, MatvecLinear) and m.packed is not None]
-    return MATVEC_MAX_ROWS[torch.bfloat16] if packed else n_slots
-
-
 class BatchedDecoder:
     """A decoder-only model over a `KVSlotPool`: `prefill` runs a chunk of one sequence's prompt into its slot,
     `decode` feeds one token to each of several sequences. Both return fp32 next-token logits.
@@ -218,10 +207,17 @@ class BatchedDecoder:
     `generate` does for a long generation (`lmforge.generate.compiled.resolve_compile`: weights on lmforge's
     kernels on a CPU, float on a GPU, models of 100M parameters or more; a server lives long enough to pay the
     compile back) and falls back to the eager step, with a warning, if compiling fails; True raises instead.
-    With bf16 weights packed for many rows only steps of a few rows are compiled (`compiled_rows`). Prefill
-    stays eager: its length changes with every prompt chunk."""
+    Prefill stays eager: its length changes with every prompt chunk.
 
-    def __init__(self, model: nn.Module, n_slots: int, max_len: int, compile: bool | str = False) -> None:
+    defer_compile (a server): a step of a shape (rows R, keys K) not compiled yet in this process runs eagerly,
+    and the shape waits in `pending` until `compile_pending()` (the server calls it when it has no requests)
+    or `warm_up()` (before it listens) compiles it. Why: a graph inductor has never built costs ~85-125 s on 2
+    cores, one from its disk cache ~7-9 s, and requests must not wait on either; vLLM captures its graphs at
+    start-up for the same reason. Without it the first step of each shape compiles on the spot."""
+
+    def __init__(
+        self, model: nn.Module, n_slots: int, max_len: int, compile: bool | str = False, defer_compile: bool = False
+    ) -> None:
         if not supports_batching(model):
             raise ValueError(
                 f"{type(model).__name__} cannot be batched step by step; continuous batching needs a decoder-only "
@@ -235,7 +231,9 @@ class BatchedDecoder:
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self.compiled = resolve_compile(model, compile)
         self.fall_back = compile == "auto"
-        self.compiled_rows = compiled_rows(model, n_slots)
+        self.defer_compile = defer_compile
+        self.ready: set[tuple[int, int]] = set()  # (R, K) shapes compiled in this process
+        self.pending: set[tuple[int, int]] = set()  # shapes met while deferring, not compiled yet
 
     def prefill(self, slot: int, ids: Sequence[int], start: int) -> torch.Tensor:
         """Run prompt tokens `ids` at positions start, start+1, ... of `slot`; the logits (V,) after the last."""
@@ -267,8 +265,11 @@ class BatchedDecoder:
         """Feed tokens[i] at position lengths[i] of slots[i]; the logits (B, V) of the next tokens."""
         if max(lengths) >= self.pool.max_len:
             raise ValueError(f"position {max(lengths)} is past the {self.pool.max_len} a KV slot holds")
-        if self.compiled and self._fixed_rows(slots) <= self.compiled_rows:
-            return self._decode_fixed(slots, lengths, tokens)
+        if self.compiled:
+            shape = (self._fixed_rows(slots), bucket_length(max(lengths) + 1, self.pool.max_len))
+            if shape in self.ready or not self.defer_compile:
+                return self._decode_fixed(slots, lengths, tokens)
+            self.pending.add(shape)
         positions = torch.tensor(lengths, device=self.device)
         view = _DecodeView(self.pool, slots, positions)
         keys = torch.arange(view.past + 1, device=self.device)
@@ -283,6 +284,53 @@ class BatchedDecoder:
             **self.extra,
         )
         return out.logits[:, -1].float()
+
+    def shapes(self, max_keys: int) -> list[tuple[int, int]]:
+        """Every (R, K) a decode step can take with up to `max_keys` positions a slot: R a power of two up to
+        the slots (or all of them), K a `bucket_length` bucket."""
+        rows = sorted({min(self.pool.n_slots, 1 << i) for i in range(self.pool.n_slots.bit_length() + 1)})
+        keys = sorted({bucket_length(n, self.pool.max_len) for n in range(1, min(max_keys, self.pool.max_len) + 1)})
+        return [(r, k) for r in rows for k in keys]
+
+    def warm_up(self, max_keys: int) -> int:
+        """Compile the decode step for every shape of `shapes(max_keys)` now; how many were compiled. A no-op
+        without compiling."""
+        todo = [shape for shape in self.shapes(max_keys) if shape not in self.ready] if self.compiled else []
+        for shape in todo:
+            self._compile_shape(shape)
+        return len(todo)
+
+    def compile_pending(self) -> bool:
+        """Compile one shape that a deferred step met (the smallest first); whether there was one."""
+        if not self.pending:
+            return False
+        shape = min(self.pending)
+        self.pending.discard(shape)
+        if self.compiled and shape not in self.ready:
+            self._compile_shape(shape)
+        return True
+
+    @torch.inference_mode()
+    def _compile_shape(self, shape: tuple[int, int]) -> None:
+        """Run the compiled step of `shape` once on idle rows: each writes a dummy token's K/V at the slot's last
+        position, which no sequence reads before writing it (the convention of `_decode_fixed`), so the pool's
+        sequences are untouched and it is safe between any two steps."""
+        R, K = shape
+        if not self.pool.buffers:  # before the first request: one dummy token allocates the pool (last position)
+            self.prefill_rows([0], [[0]], self.pool.max_len - 1)
+        cpu, cuda = compiled_fixed_decode_step()
+        step = cuda if self.device.type == "cuda" else cpu
+        tokens = torch.zeros(R, dtype=torch.long, device=self.device)
+        positions = torch.full((R,), self.pool.max_len - 1, dtype=torch.long, device=self.device)
+        try:
+            step(self.model, self.pool, tokens, positions, K, self.extra)
+        except Exception as error:
+            if not self.fall_back:
+                raise
+            warnings.warn(f"the batched decode step did not compile ({error}); decoding eagerly", stacklevel=3)
+            self.compiled = False
+            return
+        self.ready.add(shape)
 
     def _fixed_rows(self, slots: list[int]) -> int:
         """R: the compiled step's rows, the next power of two above the highest running slot."""
@@ -307,6 +355,7 @@ class BatchedDecoder:
             warnings.warn(f"the batched decode step did not compile ({error}); decoding eagerly", stacklevel=3)
             self.compiled = False
             return self.decode(slots, lengths, tokens)
+        self.ready.add((R, K))
         return logits.index_select(0, index)  # a copy: a CUDA graph reuses its output buffer
 
 

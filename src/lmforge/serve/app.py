@@ -18,6 +18,7 @@ engine, whose counters /health reports).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -62,6 +63,7 @@ class ServeSettings:
     prefill_chunk: int = 256  # prompt tokens prefilled per engine step
     prefix_cache_tokens: int = 4096  # prompt positions whose K/V are kept for reuse (0: no prefix caching)
     compile: bool | str = "auto"  # the batched decode step through torch.compile (see `BatchedDecoder`)
+    warmup_tokens: int = 0  # before the first request, compile the step for slot lengths up to this (0: none)
 
 
 def create_app(served: ServedModel, settings: ServeSettings | None = None) -> FastAPI:
@@ -84,9 +86,13 @@ def create_app(served: ServedModel, settings: ServeSettings | None = None) -> Fa
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """The engine lives as long as the app: at shutdown (after uvicorn has let in-flight requests finish)
-    it finishes the requests it holds, waiting at most one request timeout."""
+    """The engine lives as long as the app: at start-up the app takes requests once the engine's warm-up (if
+    any) is done; at shutdown (after uvicorn has let in-flight requests finish) it finishes the requests it
+    holds, waiting at most one request timeout."""
     app.state.worker = worker = start_engine(app.state.served, app.state.settings)
+    ready = getattr(worker, "ready", None)
+    if ready is not None:  # requests are taken once the decode step is compiled (--compile-warmup)
+        await asyncio.to_thread(ready.wait)
     yield
     log.info("shutting down: finishing %d running and %d queued generations", worker.running, worker.waiting)
     worker.close(app.state.settings.timeout)
@@ -105,6 +111,7 @@ def start_engine(served: ServedModel, settings: ServeSettings) -> BatchingEngine
             settings.prefill_chunk,
             settings.prefix_cache_tokens,
             settings.compile,
+            settings.warmup_tokens,
         )
     log.info("%s cannot be batched step by step: one thread per request", type(served.model).__name__)
     return ThreadedEngine(served, *admission)

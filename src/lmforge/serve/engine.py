@@ -101,7 +101,12 @@ class BatchingEngine:
     once; queue_size: requests admitted beyond those; timeout: seconds per request from admission;
     prefill_chunk: prompt tokens prefilled per step; prefix_cache_tokens: prompt positions whose K/V are kept
     for prompts that start alike (`PrefixCache`; 0: off); compile: the decode step through torch.compile
-    (`BatchedDecoder`: True, False or "auto").
+    (`BatchedDecoder`: True, False or "auto"); warmup_tokens: before the first request, compile the step for
+    every batch size at slot lengths up to this many positions (0: none).
+
+    A compiled server never makes a request wait on a compile it did not ask for: a step of a shape not
+    compiled yet runs eagerly, and the engine compiles such shapes one by one when it has no requests
+    (`BatchedDecoder(defer_compile=True)`; a request that arrives meanwhile waits for that one compile).
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class BatchingEngine:
         prefill_chunk: int = 256,
         prefix_cache_tokens: int = 0,
         compile: bool | str = False,
+        warmup_tokens: int = 0,
     ) -> None:
         if concurrency < 1 or queue_size < 0 or timeout <= 0 or prefill_chunk < 1:
             raise ValueError(
@@ -124,7 +130,11 @@ class BatchingEngine:
         self.served, self.concurrency, self.queue_size, self.timeout = served, concurrency, queue_size, timeout
         self.prefill_chunk = prefill_chunk
         capacity = max_tokens_per_slot or min(served.context or DEFAULT_SLOT_TOKENS, DEFAULT_SLOT_TOKENS)
-        self.decoder = BatchedDecoder(served.model, kv_slots or concurrency, capacity, compile=compile)
+        self.decoder = BatchedDecoder(
+            served.model, kv_slots or concurrency, capacity, compile=compile, defer_compile=True
+        )
+        self.warmup_tokens = warmup_tokens
+        self.ready = threading.Event()  # set once the warm-up is over (at once without one)
         self.pool = self.decoder.pool
         self.prefix = PrefixCache(prefix_cache_tokens)
         self.prompt_tokens = self.prefix_hit_tokens = 0  # counters for /metrics
@@ -196,7 +206,18 @@ class BatchingEngine:
 
     # --- the engine's thread -----------------------------------------------------------------------------
     def _loop(self) -> None:
+        self._warm_up()
         while True:
+            with self._lock:
+                self._drop_cancelled()
+                self._admit()
+                idle = not self._running and not self._waiting and not self._closed
+            if idle and self.decoder.pending:  # nobody waits: compile a shape a step ran eagerly
+                try:
+                    self.decoder.compile_pending()
+                except Exception:
+                    log.exception("compiling a decode step failed")
+                continue
             with self._lock:
                 self._drop_cancelled()
                 self._admit()
@@ -215,6 +236,24 @@ class BatchingEngine:
                         self._leave(request)
                         request.job.fail(error)
                         request.job.finish()
+
+    def _warm_up(self) -> None:
+        """Compile the decode step's shapes up to `warmup_tokens` positions, on this thread (the one that runs
+        the model), then set `ready`."""
+        try:
+            shapes = self.decoder.shapes(self.warmup_tokens) if self.warmup_tokens and self.decoder.compiled else []
+            if shapes:
+                started = time.perf_counter()
+                log.info(
+                    "compiling the decode step for %d shapes before the first request (~1.5 min each the first "
+                    "time on 2 CPU cores, seconds from the disk cache)", len(shapes)
+                )  # fmt: skip
+                compiled = self.decoder.warm_up(self.warmup_tokens)
+                log.info("compiled %d decode steps in %.0f s", compiled, time.perf_counter() - started)
+        except Exception:  # --compile was asked and failed: each step will say so to its requests
+            log.exception("compiling the decode steps failed")
+        finally:
+            self.ready.set()
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in (*self._running, *self._waiting) if r.job.cancelled.is_set()]:
