@@ -102,14 +102,17 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     extra = ["--dtype", args.dtype, "--quantize", args.quantize]
     extra += {"auto": [], "on": ["--compile"], "off": ["--no-compile"]}[args.compile]
+    extra += ["--compile-warmup", str(args.max_tokens + 64)]  # the chat prompt is < 64 tokens
     process, url = start_server(args.model, args.clients, args.max_tokens, extra)
     try:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
         name = client.models.list().data[0].id
-        # warm-up: first-call costs out of the figures, and with a compiled step every graph (batch x keys
-        # bucket) the measured runs will need compiled before they start
-        measure(client, name, 1, args.max_tokens, streaming=False)
-        measure(client, name, args.clients, args.max_tokens, streaming=False)
+        # warm-up: first-call costs out of the figures. With a compiled step the server compiles every graph
+        # (batch x keys bucket) the runs can meet before its first request (--compile-warmup; ~1.5 min a graph
+        # the first time, from the disk cache after), so the first request waits for that
+        for streaming in (False, True):
+            measure(client, name, 1, args.max_tokens, streaming)
+            measure(client, name, args.clients, args.max_tokens, streaming)
         results = {
             "model": args.model,
             "max_tokens": args.max_tokens,
@@ -135,7 +138,10 @@ def main() -> None:
             print(line)
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # still compiling its warm-up graphs
+            process.kill()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"results: {args.out}")
