@@ -323,17 +323,19 @@ class BatchingEngine:
                 if sequence.length == len(sequence.prompt):
                     self.prefix.store(sequence.prompt, self.pool, sequence.slot)
                     finished[request][i] = self._sample(request, i, sequence, logits[row])
+        events = []  # handed over together: one wake-up of the server's event loop a step, not one a request
         with self._lock:
             for request in running:
                 if request.touched:
-                    request.job.push(request.step(finished[request]))
+                    events.append((request.job, request.step(finished[request])))
                 for sequence in request.sequences:
                     if sequence.sampler.finish_reason is not None and sequence.slot >= 0:
                         self.pool.release(sequence.slot)
                         sequence.slot = -1
                 if request.done and request in self._running:
                     self._running.remove(request)
-                    request.job.finish()
+                    events.append((request.job, Job.DONE))
+        Job.push_all(events)
 
     def _sample(self, request: _Request, i: int, sequence: _Sequence, logits: torch.Tensor) -> bool:
         """Choose the sequence's next token from `logits`; whether it finished the sequence."""

@@ -45,10 +45,17 @@ class _Failure:
         self.error = error
 
 
+def _put_all(batch: list[tuple[Job, Any]]) -> None:
+    for job, item in batch:
+        job._events.put_nowait(item)
+
+
 class Job:
     """One request's channel: the engine pushes events (from its own thread), the request's coroutine iterates
     `events()`. `cancelled` is set when the request leaves (client gone, deadline passed); the engine checks it
     at every step."""
+
+    DONE = _DONE  # the event that ends a stream (`push_all`)
 
     def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         self.loop, self.deadline = loop, deadline
@@ -81,16 +88,33 @@ class Job:
     def finish(self) -> None:
         self.push(_DONE)
 
+    @staticmethod
+    def push_all(events: list[tuple[Job, Any]]) -> None:
+        """Hand events to several requests at once (a batching engine's step: one event per running request),
+        waking each event loop once instead of once per event; `Job.DONE` ends a request's stream."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
+        for job, item in events:
+            by_loop.setdefault(job.loop, []).append((job, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                for job, _ in batch:
+                    job.cancelled.set()
+
     async def events(self) -> AsyncIterator[Any]:
         """The work's events as they come; raises JobTimeout at the deadline and re-raises the work's error.
         Leaving the iteration early (client gone, timeout) cancels the work."""
         try:
             while True:
                 remaining = self.deadline - time.monotonic()
-                try:
-                    item = await asyncio.wait_for(self._events.get(), max(remaining, 0.0))
-                except asyncio.TimeoutError:
-                    raise JobTimeout from None
+                if remaining > 0 and not self._events.empty():  # no timer (a task per wait_for) for what is here
+                    item = self._events.get_nowait()
+                else:
+                    try:
+                        item = await asyncio.wait_for(self._events.get(), max(remaining, 0.0))
+                    except asyncio.TimeoutError:
+                        raise JobTimeout from None
                 if item is _DONE:
                     return
                 if isinstance(item, _Failure):
