@@ -223,6 +223,38 @@ def test_deferred_compiling_decodes_a_new_shape_eagerly_until_compile_pending(un
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_a_deferred_compile_that_fails_leaves_the_decoder_eager(monkeypatch, small_model):
+    """A server's idle-time compile that fails: under "auto" a warning, asked for (True) the error, once; then
+    the decoder decodes eagerly and stops trying."""
+    from lmforge.generate import compiled
+
+    attempts = []
+
+    def no_compiler(*args):
+        attempts.append(1)
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(batching, "_compiled_fixed_step", (no_compiler, no_compiler))
+    monkeypatch.setattr(compiled, "COMPILE_MIN_PARAMETERS", 1000)
+    monkeypatch.setattr(compiled, "AUTO_COMPILE", {"cpu": (frozenset(),)})
+    model = small_model("gpt")
+    for compile in ("auto", True):
+        decoder = BatchedDecoder(model, 2, CONTEXT, compile=compile, defer_compile=True)
+        slot = decoder.pool.allocate()
+        token = int(decoder.prefill(slot, PROMPTS[0], 0).argmax())
+        decoder.decode([slot], [len(PROMPTS[0])], [token])
+        if compile == "auto":
+            with pytest.warns(UserWarning, match="did not compile.*no C.. compiler"):
+                decoder.compile_pending()
+        else:
+            with pytest.raises(RuntimeError, match="no C.. compiler"):
+                decoder.compile_pending()
+        assert not decoder.compiled and decoder.warm_up(100) == 0
+        decoder.decode([slot], [len(PROMPTS[0]) + 1], [token])  # eager, no new attempt
+        assert not decoder.pending and not decoder.compile_pending()
+    assert len(attempts) == 2
+
+
 def test_batched_decoder_compile_auto_falls_back_to_eager_and_true_raises(monkeypatch, small_model):
     from lmforge.generate import compiled
 

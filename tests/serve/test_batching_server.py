@@ -122,6 +122,8 @@ def test_metrics_are_prometheus_text_with_load_tokens_and_latency_histograms(ser
         "lmforge_requests_waiting": "gauge",
         "lmforge_kv_slots_used": "gauge",
         "lmforge_kv_slots_total": "gauge",
+        "lmforge_decode_graphs_compiled": "gauge",
+        "lmforge_decode_graphs_pending": "gauge",
         "lmforge_generated_tokens_total": "counter",
         "lmforge_prompt_tokens_total": "counter",
         "lmforge_prefix_cache_hit_tokens_total": "counter",
@@ -130,6 +132,7 @@ def test_metrics_are_prometheus_text_with_load_tokens_and_latency_histograms(ser
     }
     assert samples[("lmforge_generated_tokens_total", None)] - before == 9
     assert samples[("lmforge_kv_slots_total", None)] == SLOTS and samples[("lmforge_kv_slots_used", None)] == 0
+    assert samples[("lmforge_decode_graphs_compiled", None)] == samples[("lmforge_decode_graphs_pending", None)] == 0
     for histogram in ("lmforge_time_to_first_token_seconds", "lmforge_inter_token_latency_seconds"):
         buckets = [v for (name, le), v in samples.items() if name == f"{histogram}_bucket"]
         assert buckets == sorted(buckets) and buckets[-1] == samples[(f"{histogram}_count", None)] >= 1

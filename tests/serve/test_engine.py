@@ -129,6 +129,7 @@ def test_a_shape_not_compiled_yet_runs_eagerly_and_is_compiled_when_the_server_i
             while not engine.decoder.ready and loop.time() < deadline:
                 await asyncio.sleep(0.02)
             assert engine.decoder.ready == {(1, 64)} and warm == [(1, 64)]
+            assert engine.graphs_compiled == 1 and engine.graphs_pending == 0  # /metrics' gauges
             second = await collect(engine.submit([served.encode_prompt(PROMPTS[0])], request))
             return first, second
         finally:

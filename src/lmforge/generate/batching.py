@@ -325,10 +325,10 @@ class BatchedDecoder:
         try:
             step(self.model, self.pool, tokens, positions, K, self.extra)
         except Exception as error:
+            self.compiled = False  # decode eagerly from now on rather than retry a compile that fails
             if not self.fall_back:
                 raise
             warnings.warn(f"the batched decode step did not compile ({error}); decoding eagerly", stacklevel=3)
-            self.compiled = False
             return
         self.ready.add(shape)
 

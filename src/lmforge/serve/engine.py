@@ -147,6 +147,14 @@ class BatchingEngine:
 
     # --- the event loop's side -------------------------------------------------------------------------
     @property
+    def graphs_compiled(self) -> int:
+        return len(self.decoder.ready)
+
+    @property
+    def graphs_pending(self) -> int:
+        return len(self.decoder.pending)
+
+    @property
     def running(self) -> int:
         return len(self._running)
 

@@ -65,6 +65,16 @@ class ServerMetrics:
             ("lmforge_requests_waiting", "Requests admitted and waiting for KV slots.", engine.waiting),
             ("lmforge_kv_slots_used", "KV cache slots held by running sequences.", engine.kv_slots_used),
             ("lmforge_kv_slots_total", "KV cache slots in the pool (--kv-slots).", engine.kv_slots),
+            (
+                "lmforge_decode_graphs_compiled",
+                "Decode step shapes (rows x keys) compiled; other shapes run eagerly.",
+                getattr(engine, "graphs_compiled", 0),
+            ),
+            (
+                "lmforge_decode_graphs_pending",
+                "Shapes met eagerly and waiting to be compiled when the server is idle.",
+                getattr(engine, "graphs_pending", 0),
+            ),
         ]
         lines = []
         for name, help, value in gauges:
