@@ -318,19 +318,25 @@ class BatchedDecoder:
         R, K = shape
         if not self.pool.buffers:  # before the first request: one dummy token allocates the pool (last position)
             self.prefill_rows([0], [[0]], self.pool.max_len - 1)
+        tokens = torch.zeros(R, dtype=torch.long, device=self.device)
+        self._run_fixed(tokens, torch.full((R,), self.pool.max_len - 1, dtype=torch.long, device=self.device), K)
+
+    def _run_fixed(self, tokens: torch.Tensor, positions: torch.Tensor, keys: int) -> torch.Tensor | None:
+        """The compiled step over rows 0..R-1 (R = len(tokens)) and keys 0..keys-1: its logits (R, V). If it does
+        not compile, the decoder decodes eagerly from then on (no compile retried at every step): under "auto"
+        with a warning, returning None; asked for (True), the error is raised."""
         cpu, cuda = compiled_fixed_decode_step()
         step = cuda if self.device.type == "cuda" else cpu
-        tokens = torch.zeros(R, dtype=torch.long, device=self.device)
-        positions = torch.full((R,), self.pool.max_len - 1, dtype=torch.long, device=self.device)
         try:
-            step(self.model, self.pool, tokens, positions, K, self.extra)
-        except Exception as error:
-            self.compiled = False  # decode eagerly from now on rather than retry a compile that fails
+            logits = step(self.model, self.pool, tokens, positions, keys, self.extra)
+        except Exception as error:  # a compile error comes before the graph runs: the pool is untouched
+            self.compiled = False
             if not self.fall_back:
                 raise
-            warnings.warn(f"the batched decode step did not compile ({error}); decoding eagerly", stacklevel=3)
-            return
-        self.ready.add(shape)
+            warnings.warn(f"the batched decode step did not compile ({error}); decoding eagerly", stacklevel=4)
+            return None
+        self.ready.add((tokens.shape[0], keys))
+        return logits
 
     def _fixed_rows(self, slots: list[int]) -> int:
         """R: the compiled step's rows, the next power of two above the highest running slot."""
@@ -345,17 +351,9 @@ class BatchedDecoder:
         positions = torch.full((R,), self.pool.max_len - 1, dtype=torch.long, device=self.device)  # idle rows
         all_tokens[index] = torch.tensor(tokens, device=self.device)
         positions[index] = torch.tensor(lengths, device=self.device)
-        cpu, cuda = compiled_fixed_decode_step()
-        step = cuda if self.device.type == "cuda" else cpu
-        try:
-            logits = step(self.model, self.pool, all_tokens, positions, K, self.extra)
-        except Exception as error:  # a compile error comes before the graph runs: the pool is untouched
-            if not self.fall_back:
-                raise
-            warnings.warn(f"the batched decode step did not compile ({error}); decoding eagerly", stacklevel=3)
-            self.compiled = False
+        logits = self._run_fixed(all_tokens, positions, K)
+        if logits is None:
             return self.decode(slots, lengths, tokens)
-        self.ready.add((R, K))
         return logits.index_select(0, index)  # a copy: a CUDA graph reuses its output buffer
 
 
