@@ -219,22 +219,20 @@ class BatchingEngine:
             with self._lock:
                 self._drop_cancelled()
                 self._admit()
-                idle = not self._running and not self._waiting and not self._closed
-            if idle and self.decoder.pending:  # nobody waits: compile a shape a step ran eagerly
-                try:
-                    self.decoder.compile_pending()
-                except Exception:
-                    log.exception("compiling a decode step failed")
-                continue
-            with self._lock:
-                self._drop_cancelled()
-                self._admit()
-                if not self._running:
+                # nobody running or waiting: time to compile a shape that a step ran eagerly
+                compile_now = not (self._running or self._waiting or self._closed) and bool(self.decoder.pending)
+                if not self._running and not compile_now:
                     if self._closed and not self._waiting:
                         return
                     self._lock.wait(0.1 if self._waiting else None)
                     continue
                 running = list(self._running)
+            if compile_now:
+                try:
+                    self.decoder.compile_pending()
+                except Exception:
+                    log.exception("compiling a decode step failed")
+                continue
             try:
                 self._step(running)
             except Exception as error:  # a failed forward fails the requests in it; the engine goes on
