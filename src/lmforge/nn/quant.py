@@ -212,14 +212,14 @@ class MatvecLinear(nn.Linear):
         rows = x.numel() // self.in_features
         inference = not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         if inference and x.is_cpu and x.dtype == self.weight.dtype:
-            flat = x.reshape(rows, self.in_features)
             # (`pack` makes the copy again if the weight changed; a traced graph reads it as traced)
             paired = self.packed is not None and 1 < rows <= PAIRS_MAX_ROWS
             if paired and (torch.compiler.is_compiling() or self.pack()):
-                y = pairs_linear(flat.contiguous(), self.packed, self.bias, self.out_features)
+                flat = x.reshape(rows, self.in_features).contiguous()
+                y = pairs_linear(flat, self.packed, self.bias, self.out_features)
                 return y.view(*x.shape[:-1], self.out_features)
             if rows <= MATVEC_MAX_ROWS.get(x.dtype, 0) and self.weight.is_contiguous():
-                y = matvec(flat.contiguous(), self.weight, self.bias)
+                y = matvec(x.reshape(rows, self.in_features).contiguous(), self.weight, self.bias)
                 return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
