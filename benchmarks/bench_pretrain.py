@@ -235,9 +235,13 @@ def lmforge_flags(
 
 
 def lmforge_tokens_per_s(run: Path) -> float:
+    """Tokens/s of the run after its first logging window (warm-up, compilation), as the peers' rate is taken
+    over their whole run after its first step. The windows hold the same number of steps, so the rate over all
+    of them is the harmonic mean of theirs (their median, used before, left out the slow windows that the
+    peers' clock counts)."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in records if r["split"] == "train"][1:]  # the first window has warm-up
-    return float(np.median(rates))
+    return len(rates) / sum(1.0 / r for r in rates)
 
 
 def throughput(args, train_ids: np.ndarray, vocab_size: int, out: Path, peaks: dict) -> dict:

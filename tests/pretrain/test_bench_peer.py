@@ -32,3 +32,14 @@ def test_the_nanogpt_style_peer_is_lmforges_gpt_without_biases():
     x = torch.randint(0, 67, (3, 32), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(ours(input_ids=x).logits, peer(x).logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours(input_ids=x, labels=x).loss, peer(x, labels=x).loss, atol=1e-6, rtol=1e-6)
+
+
+def test_lmforges_rate_counts_every_window_after_the_first_as_the_peers_clock_does(tmp_path):
+    """Windows of equal steps at 100 and 300 tokens/s (after a warm-up window) take 1/100 + 1/300 s per token:
+    150 tokens/s over both, not their median; eval records are not training windows."""
+    import json
+
+    records = [{"split": "train", "tokens_per_s": r} for r in (5.0, 100.0, 300.0)]
+    records.insert(2, {"split": "val", "tokens_per_s": 1.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert abs(bench_pretrain.lmforge_tokens_per_s(tmp_path) - 150.0) < 1e-9
