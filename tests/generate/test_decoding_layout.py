@@ -154,3 +154,30 @@ def test_prepared_gpt_still_matches_transformers_greedy_generate():
         expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
     got = generate(ours, prompt, max_new_tokens=12, eos_token_id=[]).tokens
     assert torch.equal(got, expected[:, prompt.shape[1] :])
+
+
+@pytest.mark.skipif(not kernel_fast("bf16"), reason="this CPU lacks AVX512-BF16 (no bf16 kernel)")
+def test_generate_with_many_prompts_decodes_bf16_on_the_pair_copy(monkeypatch, capsys):
+    """`lmforge generate` with six prompts (six rows a step, more than the matrix-vector kernel takes) lays the
+    bf16 weights out for six rows, so its steps take the pair-interleaved copy instead of F.linear; one prompt
+    keeps a single copy of the weights. The printed continuations are those of `generate` on the same model."""
+    import lmforge.generate as generation
+    from lmforge.cli import main
+    from lmforge.commands.generate import ByteTokenizer
+
+    prepared = []
+    real = generation.prepare_for_decoding
+    monkeypatch.setattr(generation, "prepare_for_decoding", lambda m, rows=1: prepared.append(real(m, rows)) or m)
+    prompts = ["one", "two words", "a third", "4", "fifth prompt", "six"]
+    flags = ["--dtype", "bfloat16", "--greedy", "--max-new-tokens", "5", "--seed", "0"]
+    assert main(["generate", "llama-tiny", *[a for p in prompts for a in ("--prompt", p)], *flags]) == 0
+    printed = capsys.readouterr().out
+    assert main(["generate", "llama-tiny", "--prompt", "one", *flags]) == 0
+    capsys.readouterr()
+    many, single = ([m for m in model.modules() if isinstance(m, MatvecLinear)] for model in prepared)
+    assert many and all(m.packed is not None for m in many)
+    assert single and all(m.packed is None for m in single)
+    tokenizer = ByteTokenizer()
+    input_ids, attention_mask = generation.encode_prompts(tokenizer, prompts)
+    out = generate(prepared[0], input_ids, attention_mask, max_new_tokens=5, tokenizer=tokenizer)
+    assert printed == "".join(f"{p}{t}\n\n" for p, t in zip(prompts, out.texts, strict=True))

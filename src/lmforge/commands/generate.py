@@ -207,7 +207,9 @@ def run_generate(args: argparse.Namespace) -> None:
     defaults = sampling_defaults(args, GENERATE_DEFAULTS)
     if args.greedy:
         defaults = replace(defaults, temperature=0.0)
-    model, tokenizer = load_for_generation(args)
+    # every prompt (and beam) is a row of each decoding step: bf16 steps of more rows than the matrix-vector
+    # kernel takes run on a pair-interleaved copy of the weights (prepare_for_decoding), not on F.linear
+    model, tokenizer = load_for_generation(args, rows=len(args.prompt) * max(1, args.num_beams))
     input_ids, attention_mask = encode_prompts(tokenizer, args.prompt, chat=args.chat)
     options = dict(
         max_new_tokens=defaults.max_new_tokens,

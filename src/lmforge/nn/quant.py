@@ -196,7 +196,10 @@ class MatvecLinear(nn.Linear):
         self.packed_from: tuple | None = None  # the weight the packed copy was made of: storage and version
 
     def _weight_state(self) -> tuple:
-        return (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
+        # a weight made under torch.inference_mode (`lmforge generate` loads its model there) has no version
+        # counter: its copy is remade when the tensor is swapped, not when it is edited in place
+        version = None if self.weight.is_inference() else self.weight._version
+        return (self.weight.data_ptr(), version, self.weight.dtype)
 
     def pack(self) -> bool:
         """Keep `pairs_pack`'s copy of a bf16 weight for steps of many rows; False where there is none to keep
