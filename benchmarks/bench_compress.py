@@ -22,8 +22,8 @@ Targets: student >= 97% of the teacher's accuracy, >= 1.8x its throughput, above
 Results: `--distill-out` (benchmarks/results/compress_distill_<init>.json as recorded).
 
     python benchmarks/bench_compress.py --part distill [--steps 300] [--temperature 2] [--threads 2]
-        [--seeds 0,1,2] [--soft 1] [--hard 1] [--cosine 0] [--hidden 0] [--student-init teacher|pretrained]
-        [--reuse-teacher] [--augment-factor K] [--distill-out FILE]
+        [--seeds 0,1,2] [--soft 1] [--hard 1] [--cosine 0] [--hidden 0] [--attention 0]
+        [--student-init teacher|pretrained] [--reuse-teacher] [--augment-factor K] [--distill-out FILE]
 
 distill-lm: SmolLM2-135M-Instruct (the teacher, as shipped) into a student of half its depth (its layers 0, 2,
 ..., 28: `--keep-every 2`), on the catalog's `wikipedia-sample` as plain text (`--task lm`: blocks of
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--hard", type=float, default=1.0, help="distill: weight of the hard labels")
     parser.add_argument("--cosine", type=float, default=0.0, help="distill: weight of the hidden-state cosine loss")
     parser.add_argument("--hidden", type=float, default=0.0, help="distill: weight of the hidden-state MSE")
+    parser.add_argument("--attention", type=float, default=0.0, help="distill: weight of the attention-map KL")
     parser.add_argument(
         "--student-init",
         choices=("teacher", "pretrained"),
@@ -216,7 +217,12 @@ def distill_classification(args: argparse.Namespace) -> None:
         flags = [*common, "--task=classification", "--model=all-MiniLM-L6-v2", "--train.name=teacher"]
         teacher_accuracy = finetune(parse_args(flags, FINETUNE))["test"]["accuracy"]
     settings = DistillSettings(
-        temperature=args.temperature, soft=args.soft, hard=args.hard, cosine=args.cosine, hidden=args.hidden
+        temperature=args.temperature,
+        soft=args.soft,
+        hard=args.hard,
+        cosine=args.cosine,
+        hidden=args.hidden,
+        attention=args.attention,
     )
     init = None  # --student-init teacher: distill() keeps the teacher's layers 0, 2, 4 in each run folder
     if args.student_init == "pretrained":  # DistilBERT's way: every other layer of the general-purpose model
@@ -264,7 +270,7 @@ def distill_classification(args: argparse.Namespace) -> None:
     mean = {name: float(np.mean(v)) for name, v in runs.items()}
     results = {
         "steps": args.steps,
-        "settings": {k: getattr(settings, k) for k in ("temperature", "soft", "hard", "cosine", "hidden")},
+        "settings": {k: getattr(settings, k) for k in ("temperature", "soft", "hard", "cosine", "hidden", "attention")},
         "seeds": args.seeds,
         "student_init": args.student_init,
         "augmentation": f"eda, factor {args.augment_factor}" if augment else None,
