@@ -142,15 +142,16 @@ def test_structured_prune_writes_a_smaller_model(tmp_path, capsys, tiny_lm, cali
     assert all(len(kept) == 2 for kept in record["kept"].values())
 
 
-def test_structured_prune_by_taylor_importance(tmp_path, capsys, tiny_lm, calibration_file):
+@pytest.mark.parametrize("importance", ["taylor", "reconstruction"])
+def test_structured_prune_by_another_importance(tmp_path, capsys, tiny_lm, calibration_file, importance):
     out = tmp_path / "smaller"
     result = run_cli(
-        capsys, "prune", tiny_lm, "--structured", "ffn", "--amount", "0.25", "--importance", "taylor",
+        capsys, "prune", tiny_lm, "--structured", "ffn", "--amount", "0.25", "--importance", importance,
         "--calibration", calibration_file, "--samples", "4", "--seq-len", "32", "--out", out,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "sparsity.json").read_text())
-    assert record["importance"] == "taylor" and load_model(out).config.d_ff == 264
+    assert record["importance"] == importance and load_model(out).config.d_ff == 264
     assert record["perplexity"] > 0
 
 

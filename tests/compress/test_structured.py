@@ -147,3 +147,103 @@ def test_taylor_pruning_removes_the_lowest_scored_units_and_the_model_runs(tmp_p
 def test_taylor_needs_a_causal_lm():
     with pytest.raises(ValueError, match="needs a causal LM; .* use --importance activation"):
         remove_units(tiny("bert-tiny"), "ffn", 0.25, batches(), importance="taylor")
+
+
+def correlated_inputs(n: int, width: int, seed: int = 3) -> torch.Tensor:
+    """(n, width) inputs whose columns share factors, so a removed column is partly predictable from the rest."""
+    g = torch.Generator().manual_seed(seed)
+    factors = torch.randn(n, width // 2, generator=g, dtype=torch.float64)
+    mix = torch.randn(width // 2, width, generator=g, dtype=torch.float64)
+    return factors @ mix + 0.3 * torch.randn(n, width, generator=g, dtype=torch.float64) + 0.5
+
+
+def ridge_refit(weight: torch.Tensor, x: torch.Tensor, kept: list[int]) -> torch.Tensor:
+    """The kept columns' fit by torch.linalg.lstsq of min ||W X - W_K' X_K||^2 + c ||W_K - W_K'||^2 over the n
+    samples, c = lambda n / 2 with lambda SparseGPT's dampening of H = (2/n) X X^T (stacked as extra rows)."""
+    from lmforge.compress.prune import SPARSEGPT_DAMPENING
+
+    n = len(x)
+    lam = SPARSEGPT_DAMPENING * float((2 / n) * x.square().sum(0).mean())
+    c = lam * n / 2
+    a = torch.cat([x[:, kept], c**0.5 * torch.eye(len(kept), dtype=x.dtype)])
+    target = torch.cat([x @ weight.T, c**0.5 * weight[:, kept].T])
+    return torch.linalg.lstsq(a, target).solution.T
+
+
+def test_reconstruction_refits_the_kept_columns_and_bias_as_least_squares_does():
+    """Four of twelve columns of a layer with a bias go one at a time; the weights left equal the (dampened)
+    least-squares fit of the layer's outputs on the kept inputs and the constant 1, by torch.linalg.lstsq."""
+    from lmforge.compress.structured import obs_remove
+
+    x = correlated_inputs(400, 12)
+    ones = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    weight = torch.randn(5, 13, generator=torch.Generator().manual_seed(4), dtype=torch.float64)  # [W | b]
+    refit, kept = obs_remove(weight, (2 / len(x)) * ones.T @ ones, [list(range(12))], 1, 4)
+    assert len(kept) == 8 and (refit[:, [u for u in range(12) if u not in kept]] == 0).all()
+    expected = ridge_refit(weight, ones, [*kept, 12])
+    torch.testing.assert_close(refit[:, [*kept, 12]], expected, rtol=1e-8, atol=1e-10)
+
+
+def test_reconstruction_removes_first_the_unit_whose_loss_raises_the_error_least():
+    """With one removal, the chosen column is the one whose least-squares re-fit leaves the smallest output error,
+    found by brute force over every column with torch.linalg.lstsq."""
+    from lmforge.compress.structured import obs_remove
+
+    x = correlated_inputs(300, 10, seed=5)
+    weight = torch.randn(4, 10, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    _, kept = obs_remove(weight, (2 / len(x)) * x.T @ x, [list(range(10))], 1, 1)
+
+    def error(gone: int) -> float:
+        keep = [u for u in range(10) if u != gone]
+        fit = ridge_refit(weight, x, keep)
+        from lmforge.compress.prune import SPARSEGPT_DAMPENING
+
+        lam = SPARSEGPT_DAMPENING * float((2 / len(x)) * x.square().sum(0).mean())
+        full = torch.zeros_like(weight)
+        full[:, keep] = fit
+        return float((x @ (weight - full).T).square().sum() / len(x) + lam / 2 * (weight - full).square().sum())
+
+    errors = [error(u) for u in range(10)]
+    assert set(range(10)) - set(kept) == {min(range(10), key=errors.__getitem__)}
+
+
+def twins(model: nn.Module, copies: int) -> nn.Module:
+    """Make FFN channels copies .. 2 copies - 1 of every block read what channels 0 .. copies - 1 read (their gate
+    and up rows), so each is the twin of another: one of each pair can go, its down column added to the other's."""
+    with torch.no_grad():
+        for block in blocks(model).values():
+            for layer in (block.ffn.gate, block.ffn.up):
+                layer.weight[copies : 2 * copies] = layer.weight[:copies]
+    return model
+
+
+def test_reconstruction_removes_twin_channels_and_folds_them_into_their_twins():
+    """A quarter of the channels are twins of others: reconstruction removes one of each pair and re-fits the
+    other's down column, so the smaller model's logits stay those of the original (up to the dampening), where
+    the activation-norm and Taylor choices, which keep the weights as they were, move them. (Calibrated on more
+    tokens than a layer has inputs: with fewer, any channel is a mix of the others on those tokens alone.)"""
+    original = twins(tiny("llama-tiny"), 88)  # d_ff 352: 88 pairs, and 25% is 88 channels
+    tokens = torch.randint(0, 256, (20000,), generator=torch.Generator().manual_seed(1))
+    calibration = calibration_batches(tokens, 32, 64, batch_size=8)  # 2048 tokens: more than the 352 channels
+    held_out = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        reference = original(held_out).logits
+    moved = {}
+    for importance in ("activation", "taylor", "reconstruction"):
+        pruned = copy.deepcopy(original)
+        removal = remove_units(pruned, "ffn", 0.25, calibration, importance=importance)
+        with torch.no_grad():
+            moved[importance] = float((pruned(held_out).logits - reference).abs().max())
+        if importance == "reconstruction":
+            assert all(len({u % 88 for u in kept if u < 176}) == 88 for kept in removal.kept.values())
+    assert moved["reconstruction"] < 0.05 * min(moved["activation"], moved["taylor"]), moved
+
+
+def test_reconstruction_takes_as_many_heads_from_every_key_value_group_and_loads(tmp_path):
+    model = tiny("llama-tiny")  # 4 query heads sharing 2 key/value heads: one of each pair goes
+    removal = remove_units(model, "heads", 0.5, batches(), importance="reconstruction")
+    assert all(len(kept) == 2 and {h // 2 for h in kept} == {0, 1} for kept in removal.kept.values())
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    loaded = load_model(save_model(model, tmp_path / "small"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)

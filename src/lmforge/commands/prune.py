@@ -3,6 +3,8 @@
     lmforge prune SmolLM2-135M-Instruct --method wanda --sparsity 0.5 --calibration wikipedia-sample --out pruned
     lmforge prune runs/minilm-pang-lee --method magnitude --pattern 2:4 --out minilm-2-4
     lmforge prune SmolLM2-135M-Instruct --structured ffn --amount 0.25 --calibration wikipedia-sample --out smaller
+    lmforge prune SmolLM2-135M-Instruct --structured ffn --amount 0.25 --importance reconstruction \
+        --calibration wikipedia-sample --out smaller-refit
     lmforge prune SmolLM2-135M-Instruct --structured heads --amount 0.25 --importance taylor \
         --calibration wikipedia-sample --out fewer-heads
 
@@ -31,10 +33,12 @@ def register(commands, groups) -> None:
     p.add_argument("--amount", type=float, default=None, help="fraction of every layer's heads/channels removed")
     p.add_argument(
         "--importance",
-        choices=("activation", "taylor"),
+        choices=("activation", "taylor", "reconstruction"),
         default=None,
-        help="--structured: how units are scored, by the norm of their output (activation, the default) or the "
-        "first-order Taylor estimate |sum W dL/dW| of the loss change without them (taylor; causal LMs)",
+        help="--structured: how units are chosen: by the norm of their output (activation, the default), the "
+        "first-order Taylor estimate |sum W dL/dW| of the loss change without them (taylor; causal LMs), or the "
+        "least rise of the output projection's error on the calibration text, re-fitting the weights left by "
+        "least squares, block by block (reconstruction: structured OBS, as ZipLM)",
     )
     p.add_argument("--calibration", default=None, help="calibration text: catalog name or file (wanda, sparsegpt)")
     p.add_argument("--samples", type=int, default=64, help="calibration windows (default: 64)")

@@ -99,7 +99,8 @@ def prune_checkpoint(
     """Prune `model_name` and write it to `out` (see the module docstring); returns what sparsity.json holds.
     Unstructured or N:M with `method` and `sparsity` or `pattern`; or, with `structured` ("heads" or "ffn"),
     remove that fraction (`amount`) of every layer's heads or FFN channels, the lowest scored by `importance`
-    ("activation", the default, or "taylor": `compress.structured.IMPORTANCES`), which makes the model smaller.
+    ("activation", the default, "taylor" or "reconstruction", which also re-fits the weights left:
+    `compress.structured.IMPORTANCES`), which makes the model smaller.
     `sequential=False` calibrates every layer on the dense model in one pass (`compress.prune.prune_model`)."""
     from lmforge.data.tokenizers.tokenizer import load_tokenizer
     from lmforge.hf.load import load_model

@@ -23,6 +23,20 @@ Its importance is one of two scores (`IMPORTANCES`, `--importance`):
   sum_t sum_c a_t[c] dL/da_t[c] = dL/dg_u (tested). The absolute value is taken per batch and summed over batches,
   as Molchanov et al. average per-batch scores: gradients of different batches would otherwise partly cancel.
 
+- reconstruction: the structured optimal brain surgeon on the output projection W (Kurtic et al. 2023, ZipLM;
+  the column-group form of Frantar & Alistarh's OBS update that `prune.SparseGPT` applies weight by weight).
+  With H = (2/n) X X^T the Hessian of the layer's squared output error over its calibration inputs X (dampened
+  by 1% of its mean diagonal, as SparseGPT; X gains a row of ones when the layer has a bias, so the bias is
+  re-fitted too), removing unit u's columns S and re-fitting the others by least squares raises the error by
+
+    dE_u = 1/2 tr( W_S ([H^-1]_SS)^-1 W_S^T )
+
+  and the re-fit is W <- W - W_S ([H^-1]_SS)^-1 [H^-1]_S,: , after which H^-1 <- H^-1 - [H^-1]_:,S
+  ([H^-1]_SS)^-1 [H^-1]_S,: is the inverse Hessian of the units left. Units go one at a time, each the one of
+  least dE_u, so the kept columns end as the least-squares fit of W X on the kept inputs (tested against
+  torch.linalg.lstsq). Unlike the two scores above it changes the weights that stay, and it works block by
+  block: each block's X comes from the blocks already pruned (the sequential calibration of `prune`).
+
 Every layer loses the same number of units, so the pruned model has a uniform config (fewer heads, or a smaller
 d_ff) that every lmforge loader and the Hugging Face exporters read as an ordinary model.
 
@@ -42,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.compress.prune import calibration_forward
+from lmforge.compress.prune import SPARSEGPT_DAMPENING, block_inputs, calibration_forward, next_in_stack
 from lmforge.nn import Block
 
 
@@ -76,6 +90,10 @@ class UnitKind(ABC):
     @abstractmethod
     def choose(self, block: Block, scores: torch.Tensor, remove: int) -> list[int]:
         """The units kept, sorted, given one score per unit."""
+
+    def groups(self, block: Block) -> list[list[int]]:
+        """The units in groups that each lose the same number (every unit in one group by default)."""
+        return [list(range(self.output_layer(block).in_features // self.width(block)))]
 
     @abstractmethod
     def cut(self, block: Block, kept: list[int]) -> None:
@@ -149,6 +167,13 @@ class Heads(UnitKind):
             kept += (local + g * group).tolist()
         return sorted(kept)
 
+    def groups(self, block: Block) -> list[list[int]]:
+        attn = block.attn
+        group = attn.n_head // attn.n_kv_heads
+        if group == 1:
+            return [list(range(attn.n_head))]
+        return [list(range(g * group, (g + 1) * group)) for g in range(attn.n_kv_heads)]
+
     def cut(self, block: Block, kept: list[int]) -> None:
         attn = block.attn
         d, q_dim, kv_dim = attn.head_dim, attn.n_head * attn.head_dim, attn.n_kv_heads * attn.head_dim
@@ -219,6 +244,16 @@ class Importance(ABC):
     @abstractmethod
     def scores(self, model: nn.Module, kind: UnitKind, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Block name -> one score per unit (higher: more important)."""
+
+    def remove(self, model: nn.Module, kind: UnitKind, batches: list[torch.Tensor], remove: int) -> dict[str, list]:
+        """Cut `remove` units of every layer (of every group), in place; returns block name -> units kept. By
+        default: score every unit on the model as it is, then cut the lowest scored."""
+        scores = self.scores(model, kind, batches)
+        kept = {}
+        for name, block in blocks(model).items():
+            kept[name] = kind.choose(block, scores[name], remove)
+            kind.cut(block, kept[name])
+        return kept
 
 
 class ActivationNorm(Importance):
@@ -294,7 +329,143 @@ class Taylor(Importance):
         return totals
 
 
-IMPORTANCES: dict[str, Importance] = {i.name: i for i in (ActivationNorm(), Taylor())}
+class Reconstruction(Importance):
+    name = "reconstruction"
+
+    def scores(self, model: nn.Module, kind: UnitKind, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """I_u = dE_u, the rise of the output projection's squared error if u alone went and the rest were
+        re-fitted, every layer measured on the unpruned model in one pass."""
+        found = blocks(model)
+        grams = {name: Gram(kind.output_layer(block)) for name, block in found.items()}
+        forward = calibration_forward(model)
+        device = next(model.parameters()).device
+        try:
+            with torch.no_grad():
+                for ids in batches:
+                    forward(ids.to(device))
+        finally:
+            for gram in grams.values():
+                gram.close()
+        scores = {}
+        for name, block in found.items():
+            weight = augmented_weight(kind.output_layer(block)).double()
+            width = kind.width(block)
+            units = kind.output_layer(block).in_features // width
+            scores[name] = removal_errors(weight, damped_inverse(grams[name].hessian()), width, units)
+        return {name: s.float() for name, s in scores.items()}
+
+    def remove(self, model: nn.Module, kind: UnitKind, batches: list[torch.Tensor], remove: int) -> dict[str, list]:
+        """Block by block: H from the block's inputs as the blocks before it left them, the greedy OBS removal
+        with its re-fit of the output projection, the cut, then the block's outputs for the next block."""
+        found = blocks(model)
+        kept: dict[str, list[int]] = {}
+        inputs, inputs_of = None, None
+        for name, block in found.items():
+            if inputs_of != name:  # the first block of a stack: stop a forward pass there
+                inputs = block_inputs(model, block, batches)
+            layer = kind.output_layer(block)
+            gram = Gram(layer)
+            try:
+                with torch.no_grad():
+                    for args, kwargs in inputs:
+                        block(*args, **kwargs)
+            finally:
+                gram.close()
+            weight, kept[name] = obs_remove(
+                augmented_weight(layer), gram.hessian(), kind.groups(block), kind.width(block), remove
+            )
+            with torch.no_grad():
+                layer.weight.copy_(weight[:, : layer.in_features])
+                if layer.bias is not None:
+                    layer.bias.copy_(weight[:, layer.in_features])
+            kind.cut(block, kept[name])
+            following = next_in_stack(name)
+            if following in found:
+                with torch.no_grad():
+                    inputs = [((block(*args, **kwargs), *args[1:]), kwargs) for args, kwargs in inputs]
+                inputs_of = following
+        return kept
+
+
+class Gram:
+    """H = (2/n) sum_t x_t x_t^T over what `layer` receives (x with a trailing 1 when it has a bias), in float64,
+    accumulated by a forward hook until `close`."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        self.bias = layer.bias is not None
+        n = layer.in_features + self.bias
+        self.sum = torch.zeros(n, n, dtype=torch.float64, device=layer.weight.device)
+        self.tokens = 0
+        self.hook = layer.register_forward_hook(lambda _m, args, _out: self.add(args[0]))
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        if self.bias:
+            x = torch.cat([x, x.new_ones(len(x), 1)], dim=1)
+        self.sum += x.T @ x
+        self.tokens += len(x)
+
+    def close(self) -> None:
+        self.hook.remove()
+
+    def hessian(self) -> torch.Tensor:
+        return self.sum * (2 / max(self.tokens, 1))
+
+
+def augmented_weight(layer: nn.Linear) -> torch.Tensor:
+    """[W | b]: the bias as the weight of a constant input 1 (W alone without a bias)."""
+    weight = layer.weight.detach()
+    return torch.cat([weight, layer.bias.detach()[:, None]], dim=1) if layer.bias is not None else weight.clone()
+
+
+def damped_inverse(hessian: torch.Tensor) -> torch.Tensor:
+    """(H + lambda I)^-1 with lambda = 1% of H's mean diagonal (SparseGPT's dampening), in float64."""
+    h = hessian.double().clone()
+    mean = float(h.diagonal().mean())
+    h.diagonal().add_(SPARSEGPT_DAMPENING * mean if mean > 0 else 1.0)
+    return torch.cholesky_inverse(torch.linalg.cholesky(h))
+
+
+def removal_errors(weight: torch.Tensor, inverse: torch.Tensor, width: int, units: int) -> torch.Tensor:
+    """dE_u = 1/2 tr(W_S ([H^-1]_SS)^-1 W_S^T) for each of the first `units` units of `width` columns (a bias
+    column, if any, is past them and never one of them)."""
+    index = torch.arange(units * width, device=weight.device).view(units, width)
+    blocks_ = inverse[index[:, :, None], index[:, None, :]]  # (units, width, width)
+    w = weight[:, index]  # (out, units, width)
+    return 0.5 * torch.einsum("oui,uij,ouj->u", w, torch.linalg.inv(blocks_), w)
+
+
+def obs_remove(
+    weight: torch.Tensor, hessian: torch.Tensor, groups: list[list[int]], width: int, remove: int
+) -> tuple[torch.Tensor, list[int]]:
+    """Remove `remove` units of `width` columns from every group of `groups`, one at a time, each the unit of
+    least dE_u among the groups with removals left, re-fitting the other columns after each (module docstring).
+    Returns the re-fitted weight (the removed columns zero; same dtype) and the kept units, sorted."""
+    w = weight.double().clone()
+    inverse = damped_inverse(hessian)
+    units = sum(len(g) for g in groups)
+    group_of = torch.empty(units, dtype=torch.long)
+    for g, members in enumerate(groups):
+        group_of[members] = g
+    left = torch.full((len(groups),), remove)
+    alive = torch.ones(units, dtype=torch.bool)
+    for _ in range(remove * len(groups)):
+        errors = removal_errors(w, inverse, width, units)
+        errors = errors.cpu().masked_fill(~alive | (left[group_of] == 0), float("inf"))
+        u = int(errors.argmin())
+        cols = torch.arange(u * width, (u + 1) * width, device=w.device)
+        pivot = torch.linalg.inv(inverse[cols[:, None], cols[None, :]])  # ([H^-1]_SS)^-1
+        w -= w[:, cols] @ pivot @ inverse[cols, :]
+        inverse -= inverse[:, cols] @ pivot @ inverse[cols, :]
+        w[:, cols] = 0  # zero up to rounding already
+        # the removed unit's rows and columns of H^-1 are now zero; a unit block keeps its (masked) error finite
+        inverse[cols[:, None], cols[None, :]] = torch.eye(width, dtype=inverse.dtype, device=inverse.device)
+        alive[u] = False
+        left[group_of[u]] -= 1
+    return w.to(weight.dtype), alive.nonzero().flatten().tolist()
+
+
+IMPORTANCES: dict[str, Importance] = {i.name: i for i in (ActivationNorm(), Taylor(), Reconstruction())}
 
 
 def remove_units(
@@ -314,10 +485,6 @@ def remove_units(
     kind = UNIT_KINDS[kind_name]
     remove = kind.check(model, amount)
     model.eval()
-    scores = IMPORTANCES[importance].scores(model, kind, batches)
-    kept = {}
-    for name, block in blocks(model).items():
-        kept[name] = kind.choose(block, scores[name], remove)
-        kind.cut(block, kept[name])
+    kept = IMPORTANCES[importance].remove(model, kind, batches, remove)
     model.config = kind.new_config(model.config, len(next(iter(kept.values()))))
     return Removal(kind_name, amount, kept, model.config)
