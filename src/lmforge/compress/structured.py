@@ -429,6 +429,8 @@ def damped_inverse(hessian: torch.Tensor) -> torch.Tensor:
 def removal_errors(weight: torch.Tensor, inverse: torch.Tensor, width: int, units: int) -> torch.Tensor:
     """dE_u = 1/2 tr(W_S ([H^-1]_SS)^-1 W_S^T) for each of the first `units` units of `width` columns (a bias
     column, if any, is past them and never one of them)."""
+    if width == 1:  # a channel: w_j^T w_j / [H^-1]_jj, without batched 1 x 1 inverses
+        return 0.5 * weight[:, :units].square().sum(0) / inverse.diagonal()[:units]
     index = torch.arange(units * width, device=weight.device).view(units, width)
     blocks_ = inverse[index[:, :, None], index[:, None, :]]  # (units, width, width)
     w = weight[:, index]  # (out, units, width)
@@ -455,8 +457,9 @@ def obs_remove(
         u = int(errors.argmin())
         cols = torch.arange(u * width, (u + 1) * width, device=w.device)
         pivot = torch.linalg.inv(inverse[cols[:, None], cols[None, :]])  # ([H^-1]_SS)^-1
-        w -= w[:, cols] @ pivot @ inverse[cols, :]
-        inverse -= inverse[:, cols] @ pivot @ inverse[cols, :]
+        row = pivot @ inverse[cols, :]  # (width, n)
+        w.addmm_(w[:, cols], row, alpha=-1)  # in place: H^-1 is n x n, and this runs once per unit removed
+        inverse.addmm_(inverse[:, cols], row, alpha=-1)
         w[:, cols] = 0  # zero up to rounding already
         # the removed unit's rows and columns of H^-1 are now zero; a unit block keeps its (masked) error finite
         inverse[cols[:, None], cols[None, :]] = torch.eye(width, dtype=inverse.dtype, device=inverse.device)
