@@ -43,7 +43,7 @@ and after; batch-1 decoding of the recovered smaller model against the recovered
 interleaved). Targets: 50% <= 1.35x dense; structured >= 1.2x decoding for <= +15% perplexity.
 
     python benchmarks/bench_compress.py --part prune-recover [--samples 128] [--seq-len 256] [--steps 100]
-        [--batch 8] [--block 128] [--lr 1e-4] [--amount 0.25] [--importance taylor] [--threads 1]
+        [--batch 8] [--block 128] [--lr 1e-4] [--amount 0.25] [--importance taylor] [--threads 1] [--skip-sparsegpt]
         [--runs DIR] [--out benchmarks/results/compress_prune_recover.json]
 
     python benchmarks/bench_compress.py --part distill-lm [--steps 150] [--block 128] [--batch 8]
@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--amount", type=float, default=0.25, help="prune-recover: fraction of FFN channels removed")
     parser.add_argument("--importance", default="taylor", help="prune-recover: how FFN channels are scored")
     parser.add_argument("--decode-repeats", type=int, default=5, help="prune-recover: decoding timings per model")
+    parser.add_argument("--skip-sparsegpt", action="store_true", help="prune-recover: the structured model only")
     parser.add_argument("--block", type=int, default=128, help="distill-lm: tokens per block")
     parser.add_argument("--batch", type=int, default=8, help="distill-lm: blocks per step")
     parser.add_argument("--lr", type=float, default=1e-4, help="distill-lm: learning rate of both students")
@@ -415,9 +416,12 @@ def prune_and_recover(args: argparse.Namespace) -> None:
     calibration = {"calibration": args.data, "samples": args.samples, "seq_len": args.seq_len, "overwrite": True}
     pruned = {"dense": dense, "sparsegpt_0.5": runs / "sparsegpt-0.5", f"ffn_{args.amount}": runs / "ffn-smaller"}
     seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    prune_checkpoint(args.model, pruned["sparsegpt_0.5"], method="sparsegpt", sparsity=0.5, **calibration)
-    seconds["sparsegpt"] = time.perf_counter() - start
+    if args.skip_sparsegpt:
+        del pruned["sparsegpt_0.5"]
+    else:
+        start = time.perf_counter()
+        prune_checkpoint(args.model, pruned["sparsegpt_0.5"], method="sparsegpt", sparsity=0.5, **calibration)
+        seconds["sparsegpt"] = time.perf_counter() - start
     start = time.perf_counter()
     name = f"ffn_{args.amount}"
     prune_checkpoint(
