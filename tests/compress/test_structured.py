@@ -170,18 +170,22 @@ def ridge_refit(weight: torch.Tensor, x: torch.Tensor, kept: list[int]) -> torch
     return torch.linalg.lstsq(a, target).solution.T
 
 
-def test_reconstruction_refits_the_kept_columns_and_bias_as_least_squares_does():
-    """Four of twelve columns of a layer with a bias go one at a time; the weights left equal the (dampened)
-    least-squares fit of the layer's outputs on the kept inputs and the constant 1, by torch.linalg.lstsq."""
+@pytest.mark.parametrize("width", [1, 3])
+def test_reconstruction_refits_the_kept_columns_and_bias_as_least_squares_does(width):
+    """A third of the twelve columns of a layer with a bias go, one unit of `width` columns at a time; the weights
+    left equal the (dampened) least-squares fit of the layer's outputs on the kept inputs and the constant 1, by
+    torch.linalg.lstsq."""
     from lmforge.compress.structured import obs_remove
 
     x = correlated_inputs(400, 12)
     ones = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
     weight = torch.randn(5, 13, generator=torch.Generator().manual_seed(4), dtype=torch.float64)  # [W | b]
-    refit, kept = obs_remove(weight, (2 / len(x)) * ones.T @ ones, [list(range(12))], 1, 4)
-    assert len(kept) == 8 and (refit[:, [u for u in range(12) if u not in kept]] == 0).all()
-    expected = ridge_refit(weight, ones, [*kept, 12])
-    torch.testing.assert_close(refit[:, [*kept, 12]], expected, rtol=1e-8, atol=1e-10)
+    units = 12 // width
+    refit, kept = obs_remove(weight, (2 / len(x)) * ones.T @ ones, [list(range(units))], width, units // 3)
+    columns = [u * width + i for u in kept for i in range(width)]
+    assert len(kept) == units - units // 3 and (refit[:, [c for c in range(12) if c not in columns]] == 0).all()
+    expected = ridge_refit(weight, ones, [*columns, 12])
+    torch.testing.assert_close(refit[:, [*columns, 12]], expected, rtol=1e-8, atol=1e-10)
 
 
 def test_reconstruction_removes_first_the_unit_whose_loss_raises_the_error_least():
@@ -237,6 +241,8 @@ def test_reconstruction_removes_twin_channels_and_folds_them_into_their_twins():
         if importance == "reconstruction":
             assert all(len({u % 88 for u in kept if u < 176}) == 88 for kept in removal.kept.values())
     assert moved["reconstruction"] < 0.05 * min(moved["activation"], moved["taylor"]), moved
+    scores = IMPORTANCES["reconstruction"].scores(original, UNIT_KINDS["ffn"], calibration)  # each twin alone
+    assert all(s[:176].max() < s[176:].min() for s in scores.values())  # ... is cheaper to lose than any other
 
 
 def test_reconstruction_takes_as_many_heads_from_every_key_value_group_and_loads(tmp_path):
