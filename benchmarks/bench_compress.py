@@ -185,6 +185,7 @@ def structured_one_shot(
     from lmforge.compress.structured import remove_units
 
     results.update(structured=args.unit, amount=args.amount, parameters={"dense": count(dense)}, seconds={})
+    results["calibration"] = "activation, taylor: one pass over the dense model; reconstruction: block by block"
     for importance in args.importances.split(","):
         model = copy.deepcopy(dense)
         start = time.perf_counter()
