@@ -116,6 +116,8 @@ def test_pruned_classifier_scores_with_lmforge_evaluate(tmp_path, capsys, classi
         (["--method", "wanda", "--sparsity", "0.5", "--seq-len", "100000", "--calibration", "CAL"],
          "too little calibration data"),
         (["--sparsity", "0.5", "--importance", "taylor"], "it goes with --structured heads|ffn"),
+        (["--structured", "ffn", "--amount", "0.25", "--importance", "reconstruction", "--calibration", "CAL",
+          "--samples", "4", "--seq-len", "32"], "re-fits each layer's 352 inputs on the calibration tokens, and 128"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, tiny_lm, calibration_file, flags, message):
@@ -147,7 +149,7 @@ def test_structured_prune_by_another_importance(tmp_path, capsys, tiny_lm, calib
     out = tmp_path / "smaller"
     result = run_cli(
         capsys, "prune", tiny_lm, "--structured", "ffn", "--amount", "0.25", "--importance", importance,
-        "--calibration", calibration_file, "--samples", "4", "--seq-len", "32", "--out", out,
+        "--calibration", calibration_file, "--samples", "16", "--seq-len", "32", "--out", out,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "sparsity.json").read_text())

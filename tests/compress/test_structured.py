@@ -26,6 +26,12 @@ def batches() -> list[torch.Tensor]:
     return calibration_batches(tokens, 4, 24, batch_size=2)
 
 
+def plenty() -> list[torch.Tensor]:
+    """2048 calibration tokens: more than any tiny layer's inputs, as a least-squares re-fit needs."""
+    tokens = torch.randint(0, 256, (20000,), generator=torch.Generator().manual_seed(1))
+    return calibration_batches(tokens, 32, 64, batch_size=8)
+
+
 def masked(model: nn.Module, kind: str, kept: dict[str, list[int]]) -> nn.Module:
     """The original with the removed units' outputs zeroed: their columns of the output projection."""
     model = copy.deepcopy(model)
@@ -227,8 +233,7 @@ def test_reconstruction_removes_twin_channels_and_folds_them_into_their_twins():
     the activation-norm and Taylor choices, which keep the weights as they were, move them. (Calibrated on more
     tokens than a layer has inputs: with fewer, any channel is a mix of the others on those tokens alone.)"""
     original = twins(tiny("llama-tiny"), 88)  # d_ff 352: 88 pairs, and 25% is 88 channels
-    tokens = torch.randint(0, 256, (20000,), generator=torch.Generator().manual_seed(1))
-    calibration = calibration_batches(tokens, 32, 64, batch_size=8)  # 2048 tokens: more than the 352 channels
+    calibration = plenty()
     held_out = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         reference = original(held_out).logits
@@ -247,7 +252,7 @@ def test_reconstruction_removes_twin_channels_and_folds_them_into_their_twins():
 
 def test_reconstruction_takes_as_many_heads_from_every_key_value_group_and_loads(tmp_path):
     model = tiny("llama-tiny")  # 4 query heads sharing 2 key/value heads: one of each pair goes
-    removal = remove_units(model, "heads", 0.5, batches(), importance="reconstruction")
+    removal = remove_units(model, "heads", 0.5, plenty(), importance="reconstruction")
     assert all(len(kept) == 2 and {h // 2 for h in kept} == {0, 1} for kept in removal.kept.values())
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
     loaded = load_model(save_model(model, tmp_path / "small"))

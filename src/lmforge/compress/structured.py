@@ -358,6 +358,13 @@ class Reconstruction(Importance):
         """Block by block: H from the block's inputs as the blocks before it left them, the greedy OBS removal
         with its re-fit of the output projection, the cut, then the block's outputs for the next block."""
         found = blocks(model)
+        tokens = sum(ids.numel() for ids in batches)
+        needed = max(kind.output_layer(block).in_features for block in found.values())
+        if tokens < needed:  # H would be singular: the re-fit would reproduce the calibration tokens alone
+            raise ValueError(
+                f"--importance reconstruction re-fits each layer's {needed} inputs on the calibration tokens, and "
+                f"{tokens} are fewer: pass more (--samples x --seq-len >= {needed}; several times more is better)"
+            )
         kept: dict[str, list[int]] = {}
         inputs, inputs_of = None, None
         for name, block in found.items():
