@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.compress.prune import SPARSEGPT_DAMPENING, block_inputs, calibration_forward, next_in_stack
+from lmforge.compress.prune import SPARSEGPT_DAMPENING, block_inputs, calibrate, next_in_stack
 from lmforge.nn import Block
 
 
@@ -277,16 +277,7 @@ class ActivationNorm(Importance):
 
             return layer.register_forward_hook(add)
 
-        hooks = [hook(name, block) for name, block in found.items()]
-        forward = calibration_forward(model)
-        device = next(model.parameters()).device
-        try:
-            with torch.no_grad():
-                for ids in batches:
-                    forward(ids.to(device))
-        finally:
-            for h in hooks:
-                h.remove()
+        calibrate(model, batches, [hook(name, block) for name, block in found.items()])
         return {name: s.sqrt() for name, s in squares.items()}
 
 
@@ -337,15 +328,7 @@ class Reconstruction(Importance):
         re-fitted, every layer measured on the unpruned model in one pass."""
         found = blocks(model)
         grams = {name: Gram(kind.output_layer(block)) for name, block in found.items()}
-        forward = calibration_forward(model)
-        device = next(model.parameters()).device
-        try:
-            with torch.no_grad():
-                for ids in batches:
-                    forward(ids.to(device))
-        finally:
-            for gram in grams.values():
-                gram.close()
+        calibrate(model, batches, [gram.hook for gram in grams.values()])
         scores = {}
         for name, block in found.items():
             weight = augmented_weight(kind.output_layer(block)).double()
