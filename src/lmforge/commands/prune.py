@@ -3,8 +3,6 @@
     lmforge prune SmolLM2-135M-Instruct --method wanda --sparsity 0.5 --calibration wikipedia-sample --out pruned
     lmforge prune runs/minilm-pang-lee --method magnitude --pattern 2:4 --out minilm-2-4
     lmforge prune SmolLM2-135M-Instruct --structured ffn --amount 0.25 --calibration wikipedia-sample --out smaller
-    lmforge prune SmolLM2-135M-Instruct --structured ffn --amount 0.25 --importance reconstruction \
-        --calibration wikipedia-sample --out smaller-refit
     lmforge prune SmolLM2-135M-Instruct --structured heads --amount 0.25 --importance taylor \
         --calibration wikipedia-sample --out fewer-heads
 
@@ -35,10 +33,11 @@ def register(commands, groups) -> None:
         "--importance",
         choices=("activation", "taylor", "reconstruction"),
         default=None,
-        help="--structured: how units are chosen: by the norm of their output (activation, the default), the "
-        "first-order Taylor estimate |sum W dL/dW| of the loss change without them (taylor; causal LMs), or the "
-        "least rise of the output projection's error on the calibration text, re-fitting the weights left by "
-        "least squares, block by block (reconstruction: structured OBS, as ZipLM)",
+        help="--structured: how units are chosen: by the least rise of the output projection's error on the "
+        "calibration text, re-fitting the weights left by least squares, block by block (reconstruction, the "
+        "default: structured OBS, as ZipLM; needs --samples x --seq-len >= the layer's inputs), by the norm of "
+        "their output (activation), or by the first-order Taylor estimate |sum W dL/dW| of the loss change "
+        "without them (taylor; causal LMs)",
     )
     p.add_argument("--calibration", default=None, help="calibration text: catalog name or file (wanda, sparsegpt)")
     p.add_argument("--samples", type=int, default=64, help="calibration windows (default: 64)")

@@ -99,7 +99,7 @@ def prune_checkpoint(
     """Prune `model_name` and write it to `out` (see the module docstring); returns what sparsity.json holds.
     Unstructured or N:M with `method` and `sparsity` or `pattern`; or, with `structured` ("heads" or "ffn"),
     remove that fraction (`amount`) of every layer's heads or FFN channels, the lowest scored by `importance`
-    ("activation", the default, "taylor" or "reconstruction", which also re-fits the weights left:
+    ("reconstruction", the default, which also re-fits the weights left; "activation" or "taylor":
     `compress.structured.IMPORTANCES`), which makes the model smaller.
     `sequential=False` calibrates every layer on the dense model in one pass (`compress.prune.prune_model`)."""
     from lmforge.data.tokenizers.tokenizer import load_tokenizer
@@ -144,7 +144,7 @@ def prune_checkpoint(
         record["layers"] = prune_model(model, method, target, batches, progress, sequential=sequential)
         record["overall"] = SparsityMasks(model, list(record["layers"])).overall()
     else:
-        importance = importance or "activation"
+        importance = importance or "reconstruction"  # one-shot on SmolLM2: heads 1.20x dense vs 3.5-3.6x
         removal = remove_units(model, structured, amount, batches, importance)
         record.update(structured=structured, amount=amount, importance=importance)
         record.update(kept=removal.kept, config=model.config.to_dict())
