@@ -2,9 +2,10 @@
 
 A unit (one attention head, one FFN hidden channel) writes into the residual stream through its slice of the
 output projection: head h adds o_h W_out[:, h]^T (o_h its d_head outputs), channel j adds h_j W_down[:, j]^T.
-Its importance is one of two scores (`IMPORTANCES`, `--importance`):
+Units are chosen by one of three criteria (`IMPORTANCES`, `--importance`; `lmforge prune` takes reconstruction,
+`remove_units` activation unless told):
 
-- activation (the default): the norm of that contribution over calibration tokens,
+- activation: the norm of that contribution over calibration tokens,
 
     I_u = ( sum_t || x_t[cols_u] W[:, cols_u]^T ||^2 )^(1/2)      (for a channel: ||h_j||_2 * ||W_down[:, j]||_2)
 
