@@ -109,18 +109,23 @@ def lowest_mask(scores: torch.Tensor, sparsity: Sparsity) -> torch.Tensor:
 class InputStatistics:
     """Running statistics of a Linear layer's inputs X (tokens x in_features) over calibration batches:
     the squared column norms sum_t x_tj^2 (Wanda) and, when `hessian`, H = (2 / n) sum_t x_t x_t^T
-    (SparseGPT's Hessian of the squared reconstruction error), both in float32."""
+    (SparseGPT's Hessian of the squared reconstruction error), both in float32. `constant`: H is that of
+    x_t with a trailing 1 (a layer's bias as the weight of a constant input, which structured pruning re-fits)."""
 
-    def __init__(self, in_features: int, hessian: bool, device: torch.device) -> None:
+    def __init__(self, in_features: int, hessian: bool, device: torch.device, constant: bool = False) -> None:
         self.tokens = 0
+        self.constant = constant
         self.squares = torch.zeros(in_features, device=device)
-        self.hessian = torch.zeros(in_features, in_features, device=device) if hessian else None
+        n = in_features + constant
+        self.hessian = torch.zeros(n, n, device=device) if hessian else None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in_features)
         n = x.shape[0]
         self.squares += x.square().sum(0)
         if self.hessian is not None:  # running mean of 2 x x^T, numerically steadier than one big sum
+            if self.constant:
+                x = torch.cat([x, x.new_ones(n, 1)], dim=1)
             self.hessian *= self.tokens / (self.tokens + n)
             self.hessian += (2 / (self.tokens + n)) * x.T @ x
         self.tokens += n

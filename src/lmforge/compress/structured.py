@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.compress.prune import SPARSEGPT_DAMPENING, block_inputs, calibrate, next_in_stack
+from lmforge.compress.prune import SPARSEGPT_DAMPENING, InputStatistics, block_inputs, calibrate, next_in_stack
 from lmforge.nn import Block
 
 
@@ -328,14 +328,14 @@ class Reconstruction(Importance):
         """I_u = dE_u, the rise of the output projection's squared error if u alone went and the rest were
         re-fitted, every layer measured on the unpruned model in one pass."""
         found = blocks(model)
-        grams = {name: Gram(kind.output_layer(block)) for name, block in found.items()}
-        calibrate(model, batches, [gram.hook for gram in grams.values()])
+        grams = {name: gram(kind.output_layer(block)) for name, block in found.items()}
+        calibrate(model, batches, [hook for _, hook in grams.values()])
         scores = {}
         for name, block in found.items():
             weight = augmented_weight(kind.output_layer(block)).double()
             width = kind.width(block)
             units = kind.output_layer(block).in_features // width
-            scores[name] = removal_errors(weight, damped_inverse(grams[name].hessian()), width, units)
+            scores[name] = removal_errors(weight, damped_inverse(grams[name][0].hessian), width, units)
         return {name: s.float() for name, s in scores.items()}
 
     def remove(self, model: nn.Module, kind: UnitKind, batches: list[torch.Tensor], remove: int) -> dict[str, list]:
@@ -355,15 +355,15 @@ class Reconstruction(Importance):
             if inputs_of != name:  # the first block of a stack: stop a forward pass there
                 inputs = block_inputs(model, block, batches)
             layer = kind.output_layer(block)
-            gram = Gram(layer)
+            stats, hook = gram(layer)
             try:
                 with torch.no_grad():
                     for args, kwargs in inputs:
                         block(*args, **kwargs)
             finally:
-                gram.close()
+                hook.remove()
             weight, kept[name] = obs_remove(
-                augmented_weight(layer), gram.hessian(), kind.groups(block), kind.width(block), remove
+                augmented_weight(layer), stats.hessian, kind.groups(block), kind.width(block), remove
             )
             with torch.no_grad():
                 layer.weight.copy_(weight[:, : layer.in_features])
@@ -378,29 +378,11 @@ class Reconstruction(Importance):
         return kept
 
 
-class Gram:
-    """H = (2/n) sum_t x_t x_t^T over what `layer` receives (x with a trailing 1 when it has a bias), in float64,
-    accumulated by a forward hook until `close`."""
-
-    def __init__(self, layer: nn.Linear) -> None:
-        self.bias = layer.bias is not None
-        n = layer.in_features + self.bias
-        self.sum = torch.zeros(n, n, dtype=torch.float64, device=layer.weight.device)
-        self.tokens = 0
-        self.hook = layer.register_forward_hook(lambda _m, args, _out: self.add(args[0]))
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()
-        if self.bias:
-            x = torch.cat([x, x.new_ones(len(x), 1)], dim=1)
-        self.sum += x.T @ x
-        self.tokens += len(x)
-
-    def close(self) -> None:
-        self.hook.remove()
-
-    def hessian(self) -> torch.Tensor:
-        return self.sum * (2 / max(self.tokens, 1))
+def gram(layer: nn.Linear) -> tuple[InputStatistics, torch.utils.hooks.RemovableHandle]:
+    """H = (2/n) sum_t x_t x_t^T over what `layer` receives (x with a trailing 1 when it has a bias), filled by
+    the forward hook returned with it."""
+    stats = InputStatistics(layer.in_features, True, layer.weight.device, constant=layer.bias is not None)
+    return stats, layer.register_forward_hook(lambda _m, args, _out: stats.add(args[0]))
 
 
 def augmented_weight(layer: nn.Linear) -> torch.Tensor:
