@@ -95,6 +95,23 @@ def test_prune_writes_a_sparse_model_that_loads_back(tmp_path, capsys, tiny_lm, 
     assert (out / "tokenizer.json").is_file()
 
 
+def test_dense_targets_and_block_refinement_are_recorded(tmp_path, capsys, tiny_lm, calibration_file):
+    out = tmp_path / "refined"
+    result = run_cli(
+        capsys, "prune", tiny_lm, "--method", "sparsegpt", "--sparsity", "0.5", "--dense-targets",
+        "--refine-epochs", "2", "--refine-lr", "1e-3",
+        "--calibration", calibration_file, "--samples", "8", "--seq-len", "32", "--out", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "sparsity.json").read_text())
+    assert record["dense_targets"] is True and record["refine"] == {"epochs": 2, "lr": 1e-3}
+    model = load_model(out)
+    for name, fraction in record["layers"].items():
+        weight = model.get_submodule(name).weight
+        assert float((weight == 0).float().mean()) == pytest.approx(fraction) == pytest.approx(0.5, abs=0.01)
+    assert record["perplexity"] > 1
+
+
 def test_pruned_classifier_scores_with_lmforge_evaluate(tmp_path, capsys, classifier_run, sentiment_data):
     run_dir, data = classifier_run, sentiment_data
     out = tmp_path / "pruned"
@@ -118,6 +135,13 @@ def test_pruned_classifier_scores_with_lmforge_evaluate(tmp_path, capsys, classi
         (["--sparsity", "0.5", "--importance", "taylor"], "it goes with --structured heads|ffn"),
         (["--structured", "ffn", "--amount", "0.25", "--importance", "reconstruction", "--calibration", "CAL",
           "--samples", "4", "--seq-len", "32"], "re-fits each layer's 352 inputs on the calibration tokens, and 128"),
+        (["--sparsity", "0.5", "--refine-epochs", "0"], "--refine-epochs 0 must be at least 1"),
+        (["--sparsity", "0.5", "--refine-epochs", "2", "--calibration", "CAL", "--samples", "4", "--seq-len", "32"],
+         "(not --method magnitude)"),
+        (["--method", "wanda", "--sparsity", "0.5", "--dense-targets", "--calibration", "CAL", "--samples", "4",
+          "--seq-len", "32"], "--dense-targets re-fits the weights kept"),
+        (["--structured", "ffn", "--amount", "0.25", "--dense-targets", "--calibration", "CAL"],
+         "go with --method wanda|sparsegpt, not --structured"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, tiny_lm, calibration_file, flags, message):

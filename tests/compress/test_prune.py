@@ -14,9 +14,13 @@ from torch.nn.utils import prune as torch_prune
 from lmforge import build_model
 from lmforge.compress.prune import (
     METHODS,
+    SPARSEGPT_DAMPENING,
     InputStatistics,
+    Refinement,
     Sparsity,
     calibration_batches,
+    calibration_forward,
+    dense_target_weight,
     input_statistics,
     prunable_layers,
     prune_model,
@@ -178,3 +182,114 @@ def test_chained_block_inputs_prune_as_a_forward_pass_per_block(preset, method):
     one_pass = copy.deepcopy(dense)
     prune_model(one_pass, method, sparsity, data, sequential=False)
     assert not torch.equal(one_pass.get_submodule(last).weight, reference.get_submodule(last).weight)
+
+
+def test_dense_target_weight_is_the_dampened_least_squares_fit_to_the_dense_outputs():
+    """W* minimises (2/n) ||W D - V X||^2 + lambda ||V - W||^2 (lambda: SparseGPT's dampening): the fit to what
+    the dense layer gives, shrunk toward W only where the inputs say little. torch.linalg.lstsq on the stacked
+    system is the oracle."""
+    generator = torch.Generator().manual_seed(0)
+    n, d_in, d_out = 200, 12, 5
+    dense_inputs = torch.randn(n, d_in, generator=generator, dtype=torch.float64).float()
+    inputs = dense_inputs + 0.3 * torch.randn(n, d_in, generator=generator)  # what damaged blocks below pass up
+    weight = torch.randn(d_out, d_in, generator=generator)
+    stats = InputStatistics(d_in, hessian=True, device=torch.device("cpu"), cross=True)
+    for rows in (slice(0, 64), slice(64, 200)):  # two batches: the running means
+        stats.add(inputs[rows], dense=dense_inputs[rows])
+    fitted = dense_target_weight(weight, stats)
+
+    lam = SPARSEGPT_DAMPENING * float(stats.hessian.diagonal().mean())
+    x, d, w = inputs.double(), dense_inputs.double(), weight.double()
+    scale = (2 / n) ** 0.5
+    a = torch.cat([scale * x, lam**0.5 * torch.eye(d_in, dtype=torch.float64)])
+    b = torch.cat([scale * d @ w.T, lam**0.5 * w.T])
+    oracle = torch.linalg.lstsq(a, b).solution.T
+    torch.testing.assert_close(fitted.double(), oracle, atol=1e-4, rtol=1e-4)
+    # undamaged inputs: the layer is already the best fit to itself
+    same = InputStatistics(d_in, hessian=True, device=torch.device("cpu"), cross=True)
+    same.add(dense_inputs, dense=dense_inputs)
+    torch.testing.assert_close(dense_target_weight(weight, same), weight, atol=1e-5, rtol=1e-5)
+
+
+def output_error(model: nn.Module, dense: nn.Module, name: str, data: list[torch.Tensor]) -> float:
+    """||W' X - W D|| / ||W D||: layer `name` of `model` on its inputs X against the dense layer on its own D."""
+    seen = {}
+    for key, m in (("pruned", model), ("dense", dense)):
+        layer, forward, outputs = m.get_submodule(name), calibration_forward(m), []
+        hook = layer.register_forward_hook(lambda _m, _a, out, outputs=outputs: outputs.append(out.detach()))
+        with torch.no_grad():
+            for ids in data:
+                forward(ids)
+        hook.remove()
+        seen[key] = torch.cat([o.reshape(-1, o.shape[-1]) for o in outputs])
+    return float((seen["pruned"] - seen["dense"]).norm() / seen["dense"].norm())
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "t5-tiny"])
+def test_dense_targets_bring_each_pruned_layer_closer_to_the_dense_outputs(preset):
+    """With dense targets every pruned layer but the first of each stack (which reads the embeddings, untouched by
+    pruning, and prunes exactly as without) reproduces the dense model's output of that layer better than SparseGPT
+    fitted to its own output on the damaged inputs. Encoder-decoders too (the decoder reads the dense memory)."""
+    torch.manual_seed(0)
+    dense = build_model(preset, n_layer=2, vocab_size=256).eval()
+    data, sparsity = batches(6), Sparsity.parse(0.5, None)
+    plain, targeted = copy.deepcopy(dense), copy.deepcopy(dense)
+    prune_model(plain, "sparsegpt", sparsity, data)
+    prune_model(targeted, "sparsegpt", sparsity, data, dense_targets=True)
+    names = [name for layers in prunable_layers(dense).values() for name in layers]
+    firsts = [name for name in names if name.endswith("blocks.0.attn.qkv")]  # each stack's first: embeddings
+    assert len(firsts) == (2 if preset == "t5-tiny" else 1)
+    for name in firsts:
+        torch.testing.assert_close(plain.get_submodule(name).weight, targeted.get_submodule(name).weight)
+    for name in [name for name in names if name not in firsts]:
+        errors = {label: output_error(m, dense, name, data) for label, m in (("plain", plain), ("dense", targeted))}
+        assert errors["dense"] < errors["plain"], (name, errors)
+        assert (targeted.get_submodule(name).weight == 0).float().mean() >= 0.5
+
+
+def test_dense_targets_need_sparsegpt_block_by_block():
+    with pytest.raises(ValueError, match=r"--dense-targets .* \(not --method wanda\)"):
+        prune_model(tiny(), "wanda", Sparsity.parse(0.5, None), batches(), dense_targets=True)
+    with pytest.raises(ValueError, match=r"\(not --method sparsegpt --one-pass\)"):
+        prune_model(tiny(), "sparsegpt", Sparsity.parse(0.5, None), batches(), sequential=False, dense_targets=True)
+
+
+@pytest.mark.parametrize("target", [(0.5, None), (None, "2:4")])
+def test_refined_blocks_keep_their_zeros_and_end_closer_to_the_dense_model(target):
+    """Block-wise refinement trains only the weights kept: every zero of SparseGPT's mask stays (the first
+    block's mask is the unrefined one's; 2:4 stays 2:4), and each block's output on the calibration text ends closer to the dense model's than SparseGPT's
+    layer-by-layer solution left it, the last block's most of all (the logits then too)."""
+    dense, data = tiny(), batches(6)
+    sparsity = Sparsity.parse(*target)
+    plain, refined = copy.deepcopy(dense), copy.deepcopy(dense)
+    prune_model(plain, "sparsegpt", sparsity, data)
+    prune_model(refined, "sparsegpt", sparsity, data, refine=Refinement(epochs=4, lr=1e-3))
+    for name in [n for layers in prunable_layers(dense).values() for n in layers]:
+        weight = refined.get_submodule(name).weight
+        assert not torch.equal(weight, plain.get_submodule(name).weight), name
+        if sparsity.structured:
+            assert int((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1).max()) <= 2, name
+        else:
+            assert (weight == 0).float().mean() >= 0.5, name
+        if name.startswith("blocks.0."):  # the same inputs, so the same mask as without refinement
+            assert torch.equal(weight == 0, plain.get_submodule(name).weight == 0), name
+    assert all(p.requires_grad for p in refined.parameters())  # the model is left as it was found
+    assert all(p.grad is None for p in refined.parameters())
+    for name in ("blocks.0", "blocks.1"):
+        errors = {label: output_error(m, dense, name, data) for label, m in (("plain", plain), ("refined", refined))}
+        assert errors["refined"] < errors["plain"], (name, errors)
+    with torch.no_grad():
+        logits = {
+            label: torch.cat([m(ids).logits for ids in data])
+            for label, m in (("d", dense), ("p", plain), ("r", refined))
+        }
+    assert (logits["r"] - logits["d"]).norm() < (logits["p"] - logits["d"]).norm()
+
+
+def test_refinement_needs_calibration_and_a_positive_schedule():
+    with pytest.raises(ValueError, match=r"--refine-epochs .* \(not --method magnitude\)"):
+        prune_model(tiny(), "magnitude", Sparsity.parse(0.5, None), batches(), refine=Refinement(2))
+    with pytest.raises(ValueError, match=r"--refine-epochs 0 must be at least 1"):
+        Refinement(0)
+    with pytest.raises(ValueError, match=r"--refine-lr -0.1 must be a positive number"):
+        Refinement(2, -0.1)

@@ -1,6 +1,8 @@
 """`lmforge prune MODEL --method magnitude|wanda|sparsegpt (--sparsity S | --pattern N:M) --out DIR`.
 
     lmforge prune SmolLM2-135M-Instruct --method wanda --sparsity 0.5 --calibration wikipedia-sample --out pruned
+    lmforge prune SmolLM2-135M-Instruct --method sparsegpt --sparsity 0.5 --calibration wikipedia-sample \
+        --samples 128 --dense-targets --refine-epochs 3 --out pruned-refined
     lmforge prune runs/minilm-pang-lee --method magnitude --pattern 2:4 --out minilm-2-4
     lmforge prune SmolLM2-135M-Instruct --structured ffn --amount 0.25 --calibration wikipedia-sample --out smaller
     lmforge prune SmolLM2-135M-Instruct --structured heads --amount 0.25 --importance taylor \
@@ -43,6 +45,20 @@ def register(commands, groups) -> None:
     p.add_argument("--samples", type=int, default=64, help="calibration windows (default: 64)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default: 256)")
     p.add_argument("--one-pass", action="store_true", help="calibrate all layers on the dense model in one pass")
+    p.add_argument(
+        "--dense-targets",
+        action="store_true",
+        help="sparsegpt: fit each layer to the dense model's outputs (the error of the pruned layers below "
+        "included), the layers of a block in the order they run; pays from ~32k calibration tokens on",
+    )
+    p.add_argument(
+        "--refine-epochs",
+        type=int,
+        default=None,
+        help="wanda, sparsegpt: then train each pruned block's kept weights for N passes over the calibration "
+        "text to reproduce the dense model's block outputs (block-wise reconstruction)",
+    )
+    p.add_argument("--refine-lr", type=float, default=3e-4, help="Adam's learning rate of --refine-epochs")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     p.add_argument("--out", required=True, help="output model folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is an existing model folder")
@@ -71,6 +87,9 @@ def run(args: argparse.Namespace) -> None:
         seed=args.seed,
         overwrite=args.overwrite,
         sequential=not args.one_pass,
+        dense_targets=args.dense_targets,
+        refine_epochs=args.refine_epochs,
+        refine_lr=args.refine_lr,
         importance=args.importance,
         progress=progress,
     )

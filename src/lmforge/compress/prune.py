@@ -28,11 +28,23 @@ forward pass stopped at it, and block i + 1 of a stack gets block i's output aft
 the same mask, positions and encoder memory. Pruning L blocks thus runs each block twice over the
 calibration set, where a forward pass per block would run L^2 / 2 blocks (`sequential=False` measures every
 layer on the dense model in one pass instead).
+
+Two further steps, each optional, pull the pruned model towards the dense one rather than each layer towards
+itself; both keep the dense model's chain of block inputs beside the pruned chain:
+
+    dense targets   (`--dense-targets`, sparsegpt) each layer is fitted to the dense model's outputs W D on its
+                    own inputs D instead of to W X on the damaged inputs X (`dense_target_weight`), the layers
+                    of a block in the order they run, so the attention's pruning is part of what the output
+                    projection and the FFN then compensate (`prune_block_to_dense_targets`)
+    refinement      (`--refine-epochs`, wanda or sparsegpt) each pruned block's kept weights are trained by Adam
+                    to reproduce the dense model's block outputs on the calibration text, the mask fixed
+                    (`refine_block`): the whole block sees its nonlinearities, which no layer-wise solve does
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
 from abc import ABC, abstractmethod
@@ -110,19 +122,30 @@ class InputStatistics:
     """Running statistics of a Linear layer's inputs X (tokens x in_features) over calibration batches:
     the squared column norms sum_t x_tj^2 (Wanda) and, when `hessian`, H = (2 / n) sum_t x_t x_t^T
     (SparseGPT's Hessian of the squared reconstruction error), both in float32. `constant`: H is that of
-    x_t with a trailing 1 (a layer's bias as the weight of a constant input, which structured pruning re-fits)."""
+    x_t with a trailing 1 (a layer's bias as the weight of a constant input, which structured pruning re-fits).
+    `cross`: also K = (2 / n) sum_t d_t x_t^T, where d_t is what the layer receives for the same token in the
+    dense model (`add(x, dense=d)`): the statistics of the dense-target objective (`dense_target_weight`)."""
 
-    def __init__(self, in_features: int, hessian: bool, device: torch.device, constant: bool = False) -> None:
+    def __init__(
+        self, in_features: int, hessian: bool, device: torch.device, constant: bool = False, cross: bool = False
+    ) -> None:
         self.tokens = 0
         self.constant = constant
         self.squares = torch.zeros(in_features, device=device)
         n = in_features + constant
         self.hessian = torch.zeros(n, n, device=device) if hessian else None
+        self.cross = torch.zeros(in_features, in_features, device=device) if cross else None
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, dense: torch.Tensor | None = None) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in_features)
         n = x.shape[0]
         self.squares += x.square().sum(0)
+        if self.cross is not None:
+            if dense is None:
+                raise ValueError("these statistics pair each input with the dense model's: pass dense=")
+            d = dense.detach().reshape(-1, dense.shape[-1]).float()
+            self.cross *= self.tokens / (self.tokens + n)
+            self.cross += (2 / (self.tokens + n)) * d.T @ x
         if self.hessian is not None:  # running mean of 2 x x^T, numerically steadier than one big sum
             if self.constant:
                 x = torch.cat([x, x.new_ones(n, 1)], dim=1)
@@ -133,6 +156,28 @@ class InputStatistics:
     @property
     def norms(self) -> torch.Tensor:
         return self.squares.sqrt()
+
+
+def dense_target_weight(weight: torch.Tensor, stats: InputStatistics) -> torch.Tensor:
+    """The weight W* whose outputs on the inputs X the layer gets now (the blocks below already pruned) come
+    closest to the dense model's outputs W D on its own inputs D, token by token:
+
+        W* = argmin_V ||W D - V X||^2 = W K H^-1,   K = D X^T, H = X X^T   (up to the same 2 / n)
+
+    and since W D - W* X is orthogonal to the rows of X, ||W D - W' X||^2 = ||W D - W* X||^2 + ||(W* - W') X||^2
+    for every W': pruning W* against H (SparseGPT) minimises the distance to the dense outputs, the error the
+    pruned blocks below pass up included, instead of reproducing this layer's own output on the damaged inputs.
+    (The asymmetric objective of GPTAQ, Li et al. 2025, there for quantisation.) Written as the correction
+    W* = W + W (K - H) (H + lambda I)^-1, so that the dampening (SparseGPT's) touches only the correction and
+    X = D gives W back exactly."""
+    W = weight.detach().float()
+    H = stats.hessian.to(W.device).clone()
+    difference = stats.cross.to(W.device) - H
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    H += SPARSEGPT_DAMPENING * H.diagonal().mean() * torch.eye(H.shape[0], device=W.device)
+    correction = torch.cholesky_solve(difference.T @ W.T, torch.linalg.cholesky(H)).T  # W (K - H) H^-1
+    return (W + correction).to(weight.dtype)
 
 
 class PruneMethod(ABC):
@@ -179,6 +224,8 @@ class SparseGPT(PruneMethod):
     needs_hessian = True
 
     def prune(self, weight: torch.Tensor, stats: InputStatistics | None, sparsity: Sparsity) -> torch.Tensor:
+        if stats.cross is not None:  # fit to the dense model's outputs (see dense_target_weight)
+            weight = dense_target_weight(weight, stats)
         W = weight.detach().float().clone()  # (rows, cols)
         H = stats.hessian.to(W.device).clone()
         cols = W.shape[1]
@@ -294,17 +341,34 @@ def prune_model(
     calibration: list[torch.Tensor] | None = None,
     progress: Callable[[str], None] | None = None,
     sequential: bool = True,
+    dense_targets: bool = False,
+    refine: Refinement | None = None,
 ) -> dict[str, float]:
     """Prune `model`'s block Linears in place with `method` (a name in METHODS) to `sparsity`; `calibration`
     is a list of token-id batches (B, T), needed by wanda and sparsegpt. `sequential` calibrates each block on
     the output of the blocks already pruned (kept in memory: each block runs twice); False measures every layer
-    on the dense model in one pass (the less accurate variant). Returns {layer name: fraction of
-    zero weights}."""
+    on the dense model in one pass (the less accurate variant). `dense_targets` (sparsegpt, sequential): each
+    layer is fitted to the dense model's outputs rather than to its own on the pruned inputs, the layers of a
+    block in the order they run (`prune_block_to_dense_targets`). `refine` (wanda, sparsegpt; sequential): each
+    block, once pruned, has its kept weights trained to reproduce the dense model's block outputs
+    (`refine_block`). Both keep the dense model's chain of block inputs beside the pruned one.
+    Returns {layer name: fraction of zero weights}."""
     if method not in METHODS:
         raise ValueError(f"--method {method!r} is unknown; choose one of {', '.join(METHODS)}")
     pruner = METHODS[method]
     if pruner.needs_calibration and not calibration:
         raise ValueError(f"--method {method} needs calibration text: pass --calibration DATA (a catalog name or file)")
+    one_pass = " --one-pass" if not sequential else ""
+    if dense_targets and not (pruner.needs_hessian and sequential):
+        raise ValueError(
+            f"--dense-targets re-fits the weights kept to the dense model's outputs, block by block: it goes with "
+            f"--method sparsegpt without --one-pass (not --method {method}{one_pass})"
+        )
+    if refine is not None and not (pruner.needs_calibration and sequential):
+        raise ValueError(
+            f"--refine-epochs trains each pruned block on the calibration text, block by block: it goes with "
+            f"--method wanda or sparsegpt without --one-pass (not --method {method}{one_pass})"
+        )
     blocks = prunable_layers(model)
     for layers in blocks.values():
         for name, layer in layers.items():
@@ -316,8 +380,13 @@ def prune_model(
         dense_stats = input_statistics(model, every_layer, calibration, pruner.needs_hessian)
     achieved = {}
     inputs, inputs_of = None, None  # the calibration batches' arguments of block `inputs_of`
+    dense_chain = dense_targets or refine is not None
+    # the dense model's arguments of every stack's first block, caught before anything is pruned
+    dense_first = stack_inputs(model, blocks, calibration) if dense_chain else {}
+    dense_inputs = None  # the dense model's arguments of block `inputs_of`
     for block_name, layers in blocks.items():
         block = model.get_submodule(block_name)
+        pruned_here = False
         if not pruner.needs_calibration:
             stats = dict.fromkeys(layers)
         elif dense_stats is not None:
@@ -325,10 +394,24 @@ def prune_model(
         else:
             if inputs_of != block_name:  # the first block of a stack
                 inputs = block_inputs(model, block, calibration)
-            stats = chained_statistics(block, layers, inputs, pruner.needs_hessian)
+                dense_inputs = dense_first.get(block_name)
+            if dense_targets:
+                dense_inputs = prune_block_to_dense_targets(
+                    block_name, block, layers, inputs, dense_inputs, pruner, sparsity
+                )
+                pruned_here = True
+            else:
+                if dense_chain:  # the dense block's outputs, before it is pruned
+                    with torch.no_grad():
+                        dense_inputs = [((block(*a, **k), *a[1:]), k) for a, k in dense_inputs]
+                stats = chained_statistics(block, layers, inputs, pruner.needs_hessian)
+        if not pruned_here:
+            for name, layer in layers.items():
+                with torch.no_grad():
+                    layer.weight.copy_(pruner.prune(layer.weight.data, stats[name], sparsity))
+        if refine is not None:  # dense_inputs now holds this block's dense outputs
+            refine_block(block, layers, inputs, [args[0] for args, _ in dense_inputs], refine)
         for name, layer in layers.items():
-            with torch.no_grad():
-                layer.weight.copy_(pruner.prune(layer.weight.data, stats[name], sparsity))
             achieved[name] = float((layer.weight == 0).float().mean())
         following = next_in_stack(block_name)
         if pruner.needs_calibration and dense_stats is None and following in blocks:
@@ -338,6 +421,68 @@ def prune_model(
         if progress is not None:
             progress(block_name)
     return achieved
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """Block-wise reconstruction of a pruned block: `epochs` passes of Adam at `lr` over the calibration
+    batches, one step a batch."""
+
+    epochs: int
+    lr: float = 3e-4
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"--refine-epochs {self.epochs} must be at least 1 (leave it out for none)")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--refine-lr {self.lr} must be a positive number")
+
+
+def refine_block(
+    block: nn.Module,
+    layers: dict[str, nn.Linear],
+    inputs: list[tuple[tuple, dict]],
+    targets: list[torch.Tensor],
+    refine: Refinement,
+) -> tuple[float, float]:
+    """Train the weights `layers` kept (their zeros stay zero) so that `block` on the pruned model's `inputs`
+    gives the dense model's block outputs `targets`:
+
+        min over the kept W of  sum_batches ||block(x_p) - y_d||^2 / ||y_d||^2
+
+    One layer at a time (SparseGPT, Wanda) cannot see the nonlinearities, the attention softmax and the
+    residual stream between a block's layers, nor undo what the pruned blocks below pass up; the block as a
+    whole can. (Block-wise reconstruction: BRECQ, Li et al. 2021, for quantisation; EBFT, Guo et al. 2024, for
+    sparse LLMs.) Only the Linears' weights train; norms, biases and the mask stay. Returns the mean relative
+    error of the first and of the last epoch."""
+    weights = [layer.weight for layer in layers.values()]
+    masks = [weight != 0 for weight in weights]
+    trainable = {p: p.requires_grad for p in block.parameters()}
+    for p in trainable:
+        p.requires_grad_(False)
+    for weight in weights:
+        weight.requires_grad_(True)
+    optimizer = torch.optim.Adam(weights, lr=refine.lr)
+    errors = []
+    try:
+        with torch.enable_grad():
+            for _ in range(refine.epochs):
+                total = 0.0
+                for (args, kwargs), target in zip(inputs, targets, strict=True):
+                    error = (block(*args, **kwargs) - target).square().sum() / target.square().sum()
+                    optimizer.zero_grad(set_to_none=True)
+                    error.backward()
+                    optimizer.step()
+                    with torch.no_grad():
+                        for weight, mask in zip(weights, masks, strict=True):
+                            weight.mul_(mask)
+                    total += float(error.detach())
+                errors.append(total / len(inputs))
+    finally:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    return errors[0], errors[-1]
 
 
 def next_in_stack(block_name: str) -> str:
@@ -375,6 +520,109 @@ def chained_statistics(
         for hook in hooks:
             hook.remove()
     return stats
+
+
+def stack_inputs(
+    model: nn.Module, blocks: dict[str, dict[str, nn.Linear]], batches: list[torch.Tensor]
+) -> dict[str, list[tuple[tuple, dict]]]:
+    """The (args, kwargs) the first block of every stack (`nn.ModuleList` of blocks) is called with on each
+    calibration batch, by whole forward passes of the model as it is now (a decoder's encoder memory
+    included)."""
+    firsts = [name for name in blocks if not any(next_in_stack(other) == name for other in blocks)]
+    caught: dict[str, list[tuple[tuple, dict]]] = {name: [] for name in firsts}
+
+    def keep(name: str) -> Callable:
+        def hook(_module, args, kwargs):
+            if not args:
+                raise TypeError(f"{name} was called without a positional input: cannot chain blocks")
+            caught[name].append((args, kwargs))
+
+        return hook
+
+    hooks = [model.get_submodule(name).register_forward_pre_hook(keep(name), with_kwargs=True) for name in firsts]
+    calibrate(model, batches, hooks)
+    return caught
+
+
+def layer_groups(block: nn.Module, layers: dict[str, nn.Linear], args: tuple, kwargs: dict) -> list[list[str]]:
+    """`layers` in the order `block` calls them on (args, kwargs), those that read the same tensor together
+    (q, k and v; an FFN's gate and up)."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    hooks = [
+        layer.register_forward_hook(lambda _m, a, _o, name=name: calls.append((name, a[0])))
+        for name, layer in layers.items()
+    ]
+    try:
+        with torch.no_grad():
+            block(*args, **kwargs)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    groups: list[list[str]] = []
+    last = None
+    for name, tensor in calls:
+        if any(name in group for group in groups):
+            continue
+        if groups and tensor is last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = tensor
+    missing = set(layers) - {name for group in groups for name in group}
+    return groups + ([sorted(missing)] if missing else [])
+
+
+def inputs_up_to(block: nn.Module, layers: dict[str, nn.Linear], args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    """What each of `layers` receives when `block` runs on (args, kwargs), the block stopped once all have run."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name: str) -> Callable:
+        def hook(_module, a, _out):
+            seen.setdefault(name, a[0])
+            if len(seen) == len(layers):
+                raise _BlockDone
+
+        return hook
+
+    hooks = [layer.register_forward_hook(record(name)) for name, layer in layers.items()]
+    try:
+        with torch.no_grad(), contextlib.suppress(_BlockDone):
+            block(*args, **kwargs)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return seen
+
+
+def prune_block_to_dense_targets(
+    block_name: str,
+    block: nn.Module,
+    layers: dict[str, nn.Linear],
+    inputs: list[tuple[tuple, dict]],
+    dense_inputs: list[tuple[tuple, dict]],
+    pruner: PruneMethod,
+    sparsity: Sparsity,
+) -> list[tuple[tuple, dict]]:
+    """Prune `block`'s `layers` in the order they run, each group fitted (`dense_target_weight`) to what the
+    dense block gives on the dense model's `dense_inputs`, its own inputs measured on the pruned model's
+    `inputs` with the earlier groups of this block already pruned (so that q, k, v's pruning is part of what
+    the output projection compensates). Returns the dense model's arguments of the next block."""
+    dense_block = copy.deepcopy(block)
+    dense_layers = {name: dense_block.get_submodule(name.removeprefix(f"{block_name}.")) for name in layers}
+    device = next(block.parameters()).device
+    for group in layer_groups(block, layers, *inputs[0]):
+        stats = {name: InputStatistics(layers[name].in_features, True, device, cross=True) for name in group}
+        mine = {name: layers[name] for name in group}
+        theirs = {name: dense_layers[name] for name in group}
+        for (args, kwargs), (dense_args, dense_kwargs) in zip(inputs, dense_inputs, strict=True):
+            dense_seen = inputs_up_to(dense_block, theirs, dense_args, dense_kwargs)
+            for name, x in inputs_up_to(block, mine, args, kwargs).items():
+                stats[name].add(x, dense=dense_seen[name])
+        for name in group:
+            with torch.no_grad():
+                layers[name].weight.copy_(pruner.prune(layers[name].weight.data, stats[name], sparsity))
+    with torch.no_grad():
+        return [((dense_block(*a, **k), *a[1:]), k) for a, k in dense_inputs]
 
 
 def iter_windows(tokens: torch.Tensor, samples: int, seq_len: int, seed: int = 0) -> Iterator[torch.Tensor]:

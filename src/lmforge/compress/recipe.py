@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.compress.prune import METHODS, Sparsity, calibration_batches, prune_model
+from lmforge.compress.prune import METHODS, Refinement, Sparsity, calibration_batches, prune_model
 from lmforge.compress.structured import remove_units
 from lmforge.hf.files import check_destination
 from lmforge.io import atomic_folder, write_json_atomic
@@ -95,18 +95,24 @@ def prune_checkpoint(
     progress: Callable[[str], None] | None = None,
     sequential: bool = True,
     importance: str | None = None,
+    dense_targets: bool = False,
+    refine_epochs: int | None = None,
+    refine_lr: float = 3e-4,
 ) -> dict[str, Any]:
     """Prune `model_name` and write it to `out` (see the module docstring); returns what sparsity.json holds.
     Unstructured or N:M with `method` and `sparsity` or `pattern`; or, with `structured` ("heads" or "ffn"),
     remove that fraction (`amount`) of every layer's heads or FFN channels, the lowest scored by `importance`
     ("reconstruction", the default, which also re-fits the weights left; "activation" or "taylor":
     `compress.structured.IMPORTANCES`), which makes the model smaller.
-    `sequential=False` calibrates every layer on the dense model in one pass (`compress.prune.prune_model`)."""
+    `sequential=False` calibrates every layer on the dense model in one pass; `dense_targets` fits each layer to
+    the dense model's outputs; `refine_epochs` then trains each pruned block toward the dense block's outputs
+    (`compress.prune.prune_model`)."""
     from lmforge.data.tokenizers.tokenizer import load_tokenizer
     from lmforge.hf.load import load_model
     from lmforge.hf.resolve import resolve_model
     from lmforge.hf.save import save_model
 
+    refine = None if refine_epochs is None else Refinement(refine_epochs, refine_lr)
     if structured is None:
         if importance is not None:
             raise ValueError(f"--importance {importance} scores whole units: it goes with --structured heads|ffn")
@@ -118,6 +124,8 @@ def prune_checkpoint(
     else:
         if sparsity is not None or pattern is not None:
             raise ValueError("--structured removes whole units by --amount; drop --sparsity/--pattern")
+        if dense_targets or refine is not None:
+            raise ValueError("--dense-targets and --refine-epochs go with --method wanda|sparsegpt, not --structured")
         if amount is None:
             raise ValueError(f"--structured {structured} needs --amount A, the fraction of units removed (e.g. 0.25)")
         needs_text, what = True, f"--structured {structured}"
@@ -141,7 +149,13 @@ def prune_checkpoint(
         record["dense_perplexity"] = perplexity(model, held_out, seq_len, samples)
     if structured is None:
         record.update(method=method, target=target.describe())
-        record["layers"] = prune_model(model, method, target, batches, progress, sequential=sequential)
+        if dense_targets:
+            record["dense_targets"] = True
+        if refine is not None:
+            record["refine"] = {"epochs": refine.epochs, "lr": refine.lr}
+        record["layers"] = prune_model(
+            model, method, target, batches, progress, sequential=sequential, dense_targets=dense_targets, refine=refine
+        )
         record["overall"] = SparsityMasks(model, list(record["layers"])).overall()
     else:
         importance = importance or "reconstruction"  # one-shot on SmolLM2: heads 1.20x dense vs 3.5-3.6x
