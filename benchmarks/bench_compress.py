@@ -13,6 +13,7 @@ Wanda or SparseGPT at 50% <= 1.35x dense perplexity and <= 0.5x magnitude's.
 
     python benchmarks/bench_compress.py [--samples 8] [--seq-len 256] [--eval-windows 16] [--threads 2]
         [--only 0.5,2:4] [--methods magnitude,wanda,sparsegpt] [--out benchmarks/results/compress_pruning.json]
+        [--methods sparsegpt,sparsegpt+dense,sparsegpt+refine,sparsegpt+dense+refine --refine-epochs 3]
     python benchmarks/bench_compress.py --part structured [--amount 0.25] [--unit ffn]
         [--importances activation,taylor,reconstruction] [--samples 64] [--out FILE]
 
@@ -61,7 +62,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.compress.prune import Sparsity, calibration_batches, prune_model
+from lmforge.compress.prune import Refinement, Sparsity, calibration_batches, prune_model
 from lmforge.compress.recipe import HELD_OUT, calibration_tokens, perplexity
 from lmforge.data.tokenizers.tokenizer import load_tokenizer
 from lmforge.hf.load import load_model
@@ -117,7 +118,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--one-pass", action="store_true", help="calibrate every layer on the dense model at once")
     parser.add_argument("--only", default="0.5,2:4", help="targets: fractions and/or N:M patterns")
-    parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    parser.add_argument(
+        "--methods",
+        default="magnitude,wanda,sparsegpt",
+        help="each a method, optionally +dense (--dense-targets) and/or +refine (--refine-epochs)",
+    )
+    parser.add_argument("--refine-epochs", type=int, default=3, help="pruning: epochs of +refine")
+    parser.add_argument("--refine-lr", type=float, default=3e-4, help="pruning: Adam's learning rate of +refine")
     parser.add_argument("--out", default="benchmarks/results/compress_pruning.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -144,6 +151,7 @@ def main() -> None:
         "data": args.data,
         "calibration_tokens": args.samples * args.seq_len,
         "calibration": "one pass over the dense model" if args.one_pass else "sequential, block by block",
+        "refine": {"epochs": args.refine_epochs, "lr": args.refine_lr} if "refine" in args.methods else None,
         "held_out_tokens_scored": min(args.eval_windows, len(held_out) // args.seq_len) * args.seq_len,
         "command": "python " + " ".join(sys.argv),
     }
@@ -160,7 +168,13 @@ def main() -> None:
         for method in args.methods.split(","):
             model = copy.deepcopy(dense)
             start = time.perf_counter()
-            prune_model(model, method, sparsity, batches, sequential=not args.one_pass)
+            # sparsegpt+dense: fitted to the dense model's outputs; +refine: then block-wise reconstruction
+            name, *variants = method.split("+")
+            refine = Refinement(args.refine_epochs, args.refine_lr) if "refine" in variants else None
+            prune_model(
+                model, name, sparsity, batches, sequential=not args.one_pass,
+                dense_targets="dense" in variants, refine=refine,
+            )  # fmt: skip
             ppl = perplexity(model, held_out, args.seq_len, args.eval_windows)
             results[f"{method}@{target}"] = ppl
             print(
