@@ -257,8 +257,8 @@ def test_dense_targets_need_sparsegpt_block_by_block():
 @pytest.mark.parametrize("target", [(0.5, None), (None, "2:4")])
 def test_refined_blocks_keep_their_zeros_and_end_closer_to_the_dense_model(target):
     """Block-wise refinement trains only the weights kept: every zero of SparseGPT's mask stays (the first
-    block's mask is the unrefined one's; 2:4 stays 2:4), and each block's output on the calibration text ends closer to the dense model's than SparseGPT's
-    layer-by-layer solution left it, the last block's most of all (the logits then too)."""
+    block's mask is the unrefined one's; 2:4 stays 2:4), and each block's output on the calibration text ends
+    closer to the dense model's than SparseGPT's layer-by-layer solution left it, and so do the logits."""
     dense, data = tiny(), batches(6)
     sparsity = Sparsity.parse(*target)
     plain, refined = copy.deepcopy(dense), copy.deepcopy(dense)
