@@ -112,6 +112,17 @@ def test_dense_targets_and_block_refinement_are_recorded(tmp_path, capsys, tiny_
     assert record["perplexity"] > 1
 
 
+def test_structured_prune_with_block_refinement(tmp_path, capsys, tiny_lm, calibration_file):
+    out = tmp_path / "smaller"
+    result = run_cli(
+        capsys, "prune", tiny_lm, "--structured", "ffn", "--amount", "0.25", "--importance", "activation",
+        "--refine-epochs", "1", "--calibration", calibration_file, "--samples", "8", "--seq-len", "32", "--out", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "sparsity.json").read_text())
+    assert record["refine"] == {"epochs": 1, "lr": 3e-4} and load_model(out).config.d_ff == 264
+
+
 def test_pruned_classifier_scores_with_lmforge_evaluate(tmp_path, capsys, classifier_run, sentiment_data):
     run_dir, data = classifier_run, sentiment_data
     out = tmp_path / "pruned"
@@ -141,7 +152,7 @@ def test_pruned_classifier_scores_with_lmforge_evaluate(tmp_path, capsys, classi
         (["--method", "wanda", "--sparsity", "0.5", "--dense-targets", "--calibration", "CAL", "--samples", "4",
           "--seq-len", "32"], "--dense-targets re-fits the weights kept"),
         (["--structured", "ffn", "--amount", "0.25", "--dense-targets", "--calibration", "CAL"],
-         "go with --method wanda|sparsegpt, not --structured"),
+         "--dense-targets goes with --method sparsegpt, not --structured"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, tiny_lm, calibration_file, flags, message):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lmforge import build_model
-from lmforge.compress.prune import calibration_batches
+from lmforge.compress.prune import Refinement, calibration_batches
 from lmforge.compress.structured import IMPORTANCES, UNIT_KINDS, blocks, remove_units
 from lmforge.hf.load import load_model
 from lmforge.hf.save import save_model
@@ -258,3 +258,20 @@ def test_reconstruction_takes_as_many_heads_from_every_key_value_group_and_loads
     loaded = load_model(save_model(model, tmp_path / "small"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("importance", ["activation", "reconstruction"])
+def test_refinement_trains_the_smaller_blocks_towards_the_original(importance):
+    """`refine`: after the cut, each smaller block's weights are trained towards the unpruned block's output on
+    the calibration text: same shapes and config as without, logits closer to the original's."""
+    original, data = tiny("llama-tiny"), plenty()
+    plain, refined = copy.deepcopy(original), copy.deepcopy(original)
+    kept = remove_units(plain, "ffn", 0.25, data, importance=importance).kept
+    assert remove_units(refined, "ffn", 0.25, data, importance=importance, refine=Refinement(5, 3e-4)).kept == kept
+    assert refined.config.to_dict() == plain.config.to_dict()
+    assert all(p.requires_grad and p.grad is None for p in refined.parameters())
+    with torch.no_grad():
+        logits = {
+            k: torch.cat([m(ids).logits for ids in data]) for k, m in (("o", original), ("p", plain), ("r", refined))
+        }
+    assert (logits["r"] - logits["o"]).norm() < 0.95 * (logits["p"] - logits["o"]).norm()

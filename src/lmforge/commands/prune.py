@@ -55,8 +55,8 @@ def register(commands, groups) -> None:
         "--refine-epochs",
         type=int,
         default=None,
-        help="wanda, sparsegpt: then train each pruned block's kept weights for N passes over the calibration "
-        "text to reproduce the dense model's block outputs (block-wise reconstruction)",
+        help="wanda, sparsegpt, --structured: then train each pruned block's kept weights for N passes over the "
+        "calibration text to reproduce the dense model's block outputs (block-wise reconstruction)",
     )
     p.add_argument("--refine-lr", type=float, default=3e-4, help="Adam's learning rate of --refine-epochs")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")

@@ -485,6 +485,36 @@ def refine_block(
     return errors[0], errors[-1]
 
 
+def refine_model(
+    model: nn.Module,
+    dense: nn.Module,
+    calibration: list[torch.Tensor],
+    refine: Refinement,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Block-wise reconstruction (`refine_block`) of every block of `model`, a pruned or smaller copy of `dense`
+    with the same block names, towards the same block of `dense`, in order: each block trained on what the
+    refined blocks below it pass up, towards the dense block's output on the dense model's inputs."""
+    blocks = prunable_layers(model)
+    dense_first = stack_inputs(dense, blocks, calibration)
+    inputs, inputs_of, dense_inputs = None, None, None
+    for block_name, layers in blocks.items():
+        block, dense_block = model.get_submodule(block_name), dense.get_submodule(block_name)
+        if inputs_of != block_name:  # the first block of a stack
+            inputs = block_inputs(model, block, calibration)
+            dense_inputs = dense_first[block_name]
+        with torch.no_grad():
+            dense_inputs = [((dense_block(*a, **k), *a[1:]), k) for a, k in dense_inputs]
+        refine_block(block, layers, inputs, [args[0] for args, _ in dense_inputs], refine)
+        following = next_in_stack(block_name)
+        if following in blocks:
+            with torch.no_grad():
+                inputs = [((block(*args, **kwargs), *args[1:]), kwargs) for args, kwargs in inputs]
+            inputs_of = following
+        if progress is not None:
+            progress(block_name)
+
+
 def next_in_stack(block_name: str) -> str:
     """'decoder.blocks.3' -> 'decoder.blocks.4': the block of the same `nn.ModuleList` that reads this one's
     output in every family's forward pass (`x = block(x, ...)` in order)."""

@@ -124,8 +124,8 @@ def prune_checkpoint(
     else:
         if sparsity is not None or pattern is not None:
             raise ValueError("--structured removes whole units by --amount; drop --sparsity/--pattern")
-        if dense_targets or refine is not None:
-            raise ValueError("--dense-targets and --refine-epochs go with --method wanda|sparsegpt, not --structured")
+        if dense_targets:
+            raise ValueError("--dense-targets goes with --method sparsegpt, not --structured")
         if amount is None:
             raise ValueError(f"--structured {structured} needs --amount A, the fraction of units removed (e.g. 0.25)")
         needs_text, what = True, f"--structured {structured}"
@@ -159,8 +159,10 @@ def prune_checkpoint(
         record["overall"] = SparsityMasks(model, list(record["layers"])).overall()
     else:
         importance = importance or "reconstruction"  # one-shot on SmolLM2: heads 1.20x dense vs 3.5-3.6x
-        removal = remove_units(model, structured, amount, batches, importance)
+        removal = remove_units(model, structured, amount, batches, importance, refine=refine)
         record.update(structured=structured, amount=amount, importance=importance)
+        if refine is not None:
+            record["refine"] = {"epochs": refine.epochs, "lr": refine.lr}
         record.update(kept=removal.kept, config=model.config.to_dict())
     record["parameters"] = _parameters(model)
     if scored:

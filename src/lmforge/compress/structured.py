@@ -49,6 +49,7 @@ key/value head keeps serving the same number of query heads: the same count is r
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -57,7 +58,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.compress.prune import SPARSEGPT_DAMPENING, InputStatistics, block_inputs, calibrate, next_in_stack
+from lmforge.compress.prune import (
+    SPARSEGPT_DAMPENING,
+    InputStatistics,
+    Refinement,
+    block_inputs,
+    calibrate,
+    next_in_stack,
+    refine_model,
+)
 from lmforge.nn import Block
 
 
@@ -445,11 +454,17 @@ IMPORTANCES: dict[str, Importance] = {i.name: i for i in (ActivationNorm(), Tayl
 
 
 def remove_units(
-    model: nn.Module, kind_name: str, amount: float, batches: list[torch.Tensor], importance: str = "activation"
+    model: nn.Module,
+    kind_name: str,
+    amount: float,
+    batches: list[torch.Tensor],
+    importance: str = "activation",
+    refine: Refinement | None = None,
 ) -> Removal:
     """Remove `amount` of every layer's heads or FFN channels (`kind_name`) from `model`, in place, the lowest
-    scored by `importance` (`IMPORTANCES`) on `batches`; the model's config becomes the smaller one. Returns what
-    was kept."""
+    scored by `importance` (`IMPORTANCES`) on `batches`; the model's config becomes the smaller one. `refine`:
+    then train each smaller block's weights towards the unpruned block's outputs (`prune.refine_model`; the
+    unpruned model is copied for it). Returns what was kept."""
     if kind_name not in UNIT_KINDS:
         raise ValueError(f"--structured {kind_name!r} is unknown; choose one of {', '.join(UNIT_KINDS)}")
     if importance not in IMPORTANCES:
@@ -461,6 +476,9 @@ def remove_units(
     kind = UNIT_KINDS[kind_name]
     remove = kind.check(model, amount)
     model.eval()
+    dense = copy.deepcopy(model) if refine is not None else None
     kept = IMPORTANCES[importance].remove(model, kind, batches, remove)
     model.config = kind.new_config(model.config, len(next(iter(kept.values()))))
+    if dense is not None:
+        refine_model(model, dense, batches, refine)
     return Removal(kind_name, amount, kept, model.config)
