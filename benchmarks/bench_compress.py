@@ -15,7 +15,7 @@ Wanda or SparseGPT at 50% <= 1.35x dense perplexity and <= 0.5x magnitude's.
         [--only 0.5,2:4] [--methods magnitude,wanda,sparsegpt] [--out benchmarks/results/compress_pruning.json]
         [--methods sparsegpt,sparsegpt+dense,sparsegpt+refine,sparsegpt+dense+refine --refine-epochs 3]
     python benchmarks/bench_compress.py --part structured [--amount 0.25] [--unit ffn]
-        [--importances activation,taylor,reconstruction] [--samples 64] [--out FILE]
+        [--importances activation,taylor,reconstruction,reconstruction+refine] [--samples 64] [--out FILE]
 
 distill: all-MiniLM-L6-v2 fine-tuned on `pang-lee-sentences` (the teacher, trained once); a 3-layer student
 initialised from layers 0, 2, 4 of the fine-tuned teacher (`--student-init teacher`, `--keep-every 2`) or of the
@@ -45,6 +45,7 @@ interleaved). Targets: 50% <= 1.35x dense; structured >= 1.2x decoding for <= +1
 
     python benchmarks/bench_compress.py --part prune-recover [--samples 128] [--seq-len 256] [--steps 100]
         [--batch 8] [--block 128] [--lr 1e-4] [--amount 0.25] [--importance taylor] [--threads 1] [--skip-sparsegpt]
+        [--dense-targets] [--refine --refine-epochs 3]
         [--runs DIR] [--out benchmarks/results/compress_prune_recover.json]
 
     python benchmarks/bench_compress.py --part distill-lm [--steps 150] [--block 128] [--batch 8]
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--importance", default="taylor", help="prune-recover: how FFN channels are scored")
     parser.add_argument("--decode-repeats", type=int, default=5, help="prune-recover: decoding timings per model")
     parser.add_argument("--skip-sparsegpt", action="store_true", help="prune-recover: the structured model only")
+    parser.add_argument("--dense-targets", action="store_true", help="prune-recover: SparseGPT's --dense-targets")
+    parser.add_argument("--refine", action="store_true", help="prune-recover: both pruned with --refine-epochs")
     parser.add_argument("--block", type=int, default=128, help="distill-lm: tokens per block")
     parser.add_argument("--batch", type=int, default=8, help="distill-lm: blocks per step")
     parser.add_argument("--lr", type=float, default=1e-4, help="distill-lm: learning rate of both students")
@@ -151,7 +154,11 @@ def main() -> None:
         "data": args.data,
         "calibration_tokens": args.samples * args.seq_len,
         "calibration": "one pass over the dense model" if args.one_pass else "sequential, block by block",
-        "refine": {"epochs": args.refine_epochs, "lr": args.refine_lr} if "refine" in args.methods else None,
+        "refine": (
+            {"epochs": args.refine_epochs, "lr": args.refine_lr}
+            if "refine" in args.methods + args.importances
+            else None
+        ),
         "held_out_tokens_scored": min(args.eval_windows, len(held_out) // args.seq_len) * args.seq_len,
         "command": "python " + " ".join(sys.argv),
     }
@@ -203,7 +210,9 @@ def structured_one_shot(
     for importance in args.importances.split(","):
         model = copy.deepcopy(dense)
         start = time.perf_counter()
-        remove_units(model, args.unit, args.amount, batches, importance=importance)
+        name, _, variant = importance.partition("+")  # reconstruction+refine: then block-wise reconstruction
+        refine = Refinement(args.refine_epochs, args.refine_lr) if variant == "refine" else None
+        remove_units(model, args.unit, args.amount, batches, importance=name, refine=refine)
         results["seconds"][importance] = time.perf_counter() - start
         ppl = perplexity(model, held_out, args.seq_len, args.eval_windows)
         results[importance], results["parameters"][importance] = ppl, count(model)
@@ -429,13 +438,18 @@ def prune_and_recover(args: argparse.Namespace) -> None:
     runs = Path(args.runs)
     dense = resolve_model(args.model, presets=False).path
     calibration = {"calibration": args.data, "samples": args.samples, "seq_len": args.seq_len, "overwrite": True}
+    if args.refine:
+        calibration.update(refine_epochs=args.refine_epochs, refine_lr=args.refine_lr)
     pruned = {"dense": dense, "sparsegpt_0.5": runs / "sparsegpt-0.5", f"ffn_{args.amount}": runs / "ffn-smaller"}
     seconds: dict[str, float] = {}
     if args.skip_sparsegpt:
         del pruned["sparsegpt_0.5"]
     else:
         start = time.perf_counter()
-        prune_checkpoint(args.model, pruned["sparsegpt_0.5"], method="sparsegpt", sparsity=0.5, **calibration)
+        prune_checkpoint(
+            args.model, pruned["sparsegpt_0.5"], method="sparsegpt", sparsity=0.5, dense_targets=args.dense_targets,
+            **calibration,
+        )  # fmt: skip
         seconds["sparsegpt"] = time.perf_counter() - start
     start = time.perf_counter()
     name = f"ffn_{args.amount}"
@@ -479,6 +493,8 @@ def prune_and_recover(args: argparse.Namespace) -> None:
         "data": args.data,
         "calibration_tokens": args.samples * args.seq_len,
         "structured": {"amount": args.amount, "importance": args.importance},
+        "sparsegpt_dense_targets": args.dense_targets,
+        "refine": {"epochs": args.refine_epochs, "lr": args.refine_lr} if args.refine else None,
         "recovery": {
             "steps": args.steps,
             "batch_blocks": args.batch,
