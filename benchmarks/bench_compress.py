@@ -45,7 +45,8 @@ interleaved). Targets: 50% <= 1.35x dense; structured >= 1.2x decoding for <= +1
 
     python benchmarks/bench_compress.py --part prune-recover [--samples 128] [--seq-len 256] [--steps 100]
         [--batch 8] [--block 128] [--lr 1e-4] [--amount 0.25] [--importance taylor] [--threads 1] [--skip-sparsegpt]
-        [--dense-targets] [--refine --refine-epochs 3]
+        [--dense-targets] [--refine --refine-epochs 3] [--recover-with lm|distill] [--skip-structured]
+        [--dropout 0.1]
         [--runs DIR] [--out benchmarks/results/compress_prune_recover.json]
 
     python benchmarks/bench_compress.py --part distill-lm [--steps 150] [--block 128] [--batch 8]
@@ -85,6 +86,16 @@ def main() -> None:
     parser.add_argument("--skip-sparsegpt", action="store_true", help="prune-recover: the structured model only")
     parser.add_argument("--dense-targets", action="store_true", help="prune-recover: SparseGPT's --dense-targets")
     parser.add_argument("--refine", action="store_true", help="prune-recover: both pruned with --refine-epochs")
+    parser.add_argument(
+        "--recover-with",
+        choices=("lm", "distill"),
+        default="lm",
+        help="prune-recover: the tokens' cross-entropy, or forward KL to the dense model at T=1 (no labels)",
+    )
+    parser.add_argument("--skip-structured", action="store_true", help="prune-recover: the sparse model only")
+    parser.add_argument(
+        "--dropout", type=float, default=0.1, help="prune-recover: dropout while recovering (finetune's default 0.1)"
+    )
     parser.add_argument("--block", type=int, default=128, help="distill-lm: tokens per block")
     parser.add_argument("--batch", type=int, default=8, help="distill-lm: blocks per step")
     parser.add_argument("--lr", type=float, default=1e-4, help="distill-lm: learning rate of both students")
@@ -451,20 +462,34 @@ def prune_and_recover(args: argparse.Namespace) -> None:
             **calibration,
         )  # fmt: skip
         seconds["sparsegpt"] = time.perf_counter() - start
-    start = time.perf_counter()
-    name = f"ffn_{args.amount}"
-    prune_checkpoint(
-        args.model, pruned[name], structured="ffn", amount=args.amount, importance=args.importance, **calibration
-    )
-    seconds["structured"] = time.perf_counter() - start
+    structured = f"ffn_{args.amount}"
+    if args.skip_structured:
+        del pruned[structured]
+    else:
+        start = time.perf_counter()
+        prune_checkpoint(
+            args.model, pruned[structured], structured="ffn", amount=args.amount, importance=args.importance,
+            **calibration,
+        )  # fmt: skip
+        seconds["structured"] = time.perf_counter() - start
     common = ["--train.progress=false", "--train.tensorboard=false", "--epochs", "0", f"--max-steps={args.steps}"]
     common += [f"--train.batch_size={args.batch}", "--eval-every=0", f"--data={args.data}", "--out", str(runs)]
     common += [f"--train.threads={args.threads}", f"--data.max_length={args.block}", f"--optim.lr={args.lr}"]
-    common += ["--task=lm", "--train.seed=0"]
+    common += ["--train.seed=0", f"--model.dropout={args.dropout}"]
     recovered = {}
     for name, folder in pruned.items():
+        if name == "dense" and args.recover_with == "distill":
+            recovered[name] = dense  # the teacher: what the others are pulled towards, and what they are scored by
+            continue
         start = time.perf_counter()
-        summary = finetune(parse_args([*common, f"--model={folder}", f"--train.name=recovered-{name}"], FINETUNE))
+        run = [*common, f"--train.name=recovered-{name}"]
+        if args.recover_with == "distill":
+            from lmforge.compress.distill import DistillSettings, distill
+
+            settings = DistillSettings(soft=1.0, hard=0.0, temperature=1.0)
+            summary = distill(str(dense), "lm", run, student=str(folder), settings=settings)
+        else:
+            summary = finetune(parse_args([*run, "--task=lm", f"--model={folder}"], FINETUNE))
         seconds[f"recovery_{name}"] = time.perf_counter() - start
         recovered[name] = Path(summary["model_dir"])
         print(f"{name}: recovered to perplexity {summary['validation']['perplexity']:.2f}", flush=True)
@@ -473,19 +498,21 @@ def prune_and_recover(args: argparse.Namespace) -> None:
     ratio = {f"{k}_over_dense": {"one_shot": before[k] / before["dense"], "recovered": after[k] / before["dense"],
                                  "recovered_over_dense_tuned_alike": after[k] / after["dense"]}
              for k in pruned if k != "dense"}  # fmt: skip
-    tokenizer = load_tokenizer(dense)
-    records = lm_validation_text(args)
-    ids = torch.tensor([tokenizer.encode(records, add_special_tokens=False)[:128]])
-    runners = {}
-    for name in ("dense", f"ffn_{args.amount}"):
-        model = load_model(recovered[name], dtype="float32").eval()
-        for variant, runner in lmforge_variants(model).items():
-            runners[f"{name} {variant.removeprefix('lmforge ')}"] = runner
-    decode = measure(runners, ids, 64, args.decode_repeats)
-    speedups = {
-        dtype: decode[f"ffn_{args.amount} {dtype}"]["tok_s"] / decode[f"dense {dtype}"]["tok_s"]
-        for dtype in ("fp32", "bf16", "int8")
-    }
+    decode, speedups = {}, {}
+    if not args.skip_structured:
+        tokenizer = load_tokenizer(dense)
+        records = lm_validation_text(args)
+        ids = torch.tensor([tokenizer.encode(records, add_special_tokens=False)[:128]])
+        runners = {}
+        for name in ("dense", structured):
+            model = load_model(recovered[name], dtype="float32").eval()
+            for variant, runner in lmforge_variants(model).items():
+                runners[f"{name} {variant.removeprefix('lmforge ')}"] = runner
+        decode = measure(runners, ids, 64, args.decode_repeats)
+        speedups = {
+            dtype: decode[f"{structured} {dtype}"]["tok_s"] / decode[f"dense {dtype}"]["tok_s"]
+            for dtype in ("fp32", "bf16", "int8")
+        }
     parameters = {name: sum(p.numel() for p in load_model(folder).parameters()) for name, folder in pruned.items()}
     results = {
         "model": args.model,
@@ -496,7 +523,13 @@ def prune_and_recover(args: argparse.Namespace) -> None:
         "sparsegpt_dense_targets": args.dense_targets,
         "refine": {"epochs": args.refine_epochs, "lr": args.refine_lr} if args.refine else None,
         "recovery": {
+            "with": (
+                "forward KL to the dense model's next-token distribution at T=1, no labels (lmforge distill)"
+                if args.recover_with == "distill"
+                else "the tokens' cross-entropy (lmforge finetune --task lm)"
+            ),
             "steps": args.steps,
+            "dropout": args.dropout,
             "batch_blocks": args.batch,
             "block_tokens": args.block,
             "lr": args.lr,
