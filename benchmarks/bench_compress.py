@@ -41,7 +41,9 @@ prune-recover: SmolLM2-135M-Instruct pruned by SparseGPT to 50% and, separately,
 and the dense model as the control, fine-tuned for `--steps` on `--data` as plain text (`--task lm`, the sparse
 model with its zeros kept, `lmforge.train.sparsity`). Perplexity on the lm task's validation articles before
 and after; batch-1 decoding of the recovered smaller model against the recovered dense one (fp32, bf16, int8,
-interleaved). Targets: 50% <= 1.35x dense; structured >= 1.2x decoding for <= +15% perplexity.
+interleaved). `--recover-with distill` recovers by `lmforge distill` from the dense model instead (forward KL at
+T=1, no labels; the dense model is then the reference, not tuned). Targets: 50% <= 1.35x dense; structured >= 1.2x
+decoding for <= +15% perplexity.
 
     python benchmarks/bench_compress.py --part prune-recover [--samples 128] [--seq-len 256] [--steps 100]
         [--batch 8] [--block 128] [--lr 1e-4] [--amount 0.25] [--importance taylor] [--threads 1] [--skip-sparsegpt]
