@@ -29,6 +29,11 @@ Results: `--distill-out` (benchmarks/results/compress_distill_<init>.json as rec
     python benchmarks/bench_compress.py --part distill [--steps 300] [--temperature 2] [--threads 2]
         [--seeds 0,1,2] [--soft 1] [--hard 1] [--cosine 0] [--hidden 0] [--attention 0]
         [--student-init teacher|pretrained] [--reuse-teacher] [--augment-factor K] [--distill-out FILE]
+        [--transfer pang-lee-reviews --transfer-sentences --transfer-max N]
+
+`--transfer` gives the distilled student unlabelled texts besides the labelled ones (`lmforge distill
+--transfer`: the 1,500 full reviews of `pang-lee-reviews`, cut into sentences, none of them labelled); the
+hard-label student, which has no use for texts without labels, trains on the labelled sentences alone.
 
 distill-lm: SmolLM2-135M-Instruct (the teacher, as shipped) into a student of half its depth (its layers 0, 2,
 ..., 28: `--keep-every 2`), on the catalog's `wikipedia-sample` as plain text (`--task lm`: blocks of
@@ -127,6 +132,9 @@ def main() -> None:
         "relabels them for the distilled one; the hard-label one keeps the original's label), and a third arm "
         "trains the hard-label student without them",
     )
+    parser.add_argument("--transfer", default=None, help="distill: unlabelled texts for the distilled student")
+    parser.add_argument("--transfer-sentences", action="store_true", help="distill: cut the transfer texts")
+    parser.add_argument("--transfer-max", type=int, default=None, help="distill: a sample of N transfer texts")
     parser.add_argument("--reuse-teacher", action="store_true", help="distill: keep an existing teacher run")
     parser.add_argument("--distill-out", default="benchmarks/results/compress_distill_teacher_init.json")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
@@ -306,6 +314,11 @@ def distill_classification(args: argparse.Namespace) -> None:
         hidden=args.hidden,
         attention=args.attention,
     )
+    transfer = None
+    if args.transfer:
+        from lmforge.compress.transfer import Transfer
+
+        transfer = Transfer(args.transfer, sentences=args.transfer_sentences, limit=args.transfer_max)
     init = None  # --student-init teacher: distill() keeps the teacher's layers 0, 2, 4 in each run folder
     if args.student_init == "pretrained":  # DistilBERT's way: every other layer of the general-purpose model
         from lmforge.compress.distill import keep_every
@@ -328,7 +341,7 @@ def distill_classification(args: argparse.Namespace) -> None:
         placement = {"every": 2} if init is None else {"student": str(init)}
         student = distill(
             str(teacher_dir), "classification", [*seeded, f"--train.name=distilled-s{seed}"], settings=settings,
-            **placement,
+            transfer=transfer, **placement,
         )  # fmt: skip
         student_dir = Path(student["run_dir"])
         start = init if init is not None else student_dir / "student-init"
@@ -356,6 +369,7 @@ def distill_classification(args: argparse.Namespace) -> None:
         "seeds": args.seeds,
         "student_init": args.student_init,
         "augmentation": f"eda, factor {args.augment_factor}" if augment else None,
+        "transfer": student.get("transfer") if transfer is not None else None,
         "test_accuracy": {"teacher": teacher_accuracy, **runs},
         "test_accuracy_mean": mean,
         "test_accuracy_std": {name: float(np.std(v)) for name, v in runs.items()},

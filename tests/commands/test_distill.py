@@ -73,6 +73,17 @@ def test_student_equal_to_teacher_pays_only_the_task_loss(classifier_run, sentim
         (["--task", "classification", "--student", "STUDENT"], "have different vocabularies"),
         (["--task", "classification", "--keep-every", "2", "--divergence", "l2"], "--divergence 'l2' is unknown"),
         (["--keep-every", "2"], "the following arguments are required: --task"),
+        (["--task", "classification", "--keep-every", "2", "--transfer", "no-such.txt"], "neither a catalog set"),
+        (["--task", "classification", "--keep-every", "2", "--transfer-sentences"], "add --transfer DATA"),
+        (
+            ["--task", "classification", "--keep-every", "2", "--transfer", "x", "--transfer-max", "0"],
+            "must be a whole",
+        ),
+        (["--task", "classification", "--keep-every", "2", "--transfer", "DATA", "--max-steps=2"], "left no texts"),
+        (
+            ["--task", "classification", "--keep-every", "2", "--transfer", "DATA", "--task.class_weights=balanced"],
+            "--transfer with task.class_weights",
+        ),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, classifier_run, sentiment_data, flags, message):
@@ -86,6 +97,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, classifier_run, sentiment_data,
         tokenizer = load_tokenizer(tmp_path / "tok")
         save_model(build_model("bert-tiny", vocab_size=60), tmp_path / "student", tokenizer=tokenizer)
         flags = [str(tmp_path / "student") if f == "STUDENT" else f for f in flags]
+    flags = [str(sentiment_data) if f == "DATA" else f for f in flags]  # every text already labelled
     result = run_cli(
         capsys, "distill", "--teacher", classifier_run, *flags, f"--data={sentiment_data}", "--out", tmp_path / "o",
         *QUIET,
@@ -247,3 +259,98 @@ def test_every_fold_of_a_kfold_distillation_distils(tmp_path, capsys, monkeypatc
     assert len(built) == 4 and len({id(o) for o in built}) == 2  # two steps in each fold, one objective each
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert sorted(p.name for p in run_dir.glob("fold_*")) == ["fold_01", "fold_02"]
+
+
+# ------------------------------------------------------------------------------------------ transfer set
+
+
+def labelled(rng, words: dict[str, list[str]], n: int) -> list[dict]:
+    from tests.commands.conftest import FILLER
+
+    rows = []
+    for i in range(n):
+        label = ["positive", "negative"][i % 2]
+        picked = rng.sample(FILLER, 4) + rng.sample(words[label], 2)
+        rng.shuffle(picked)
+        rows.append({"text": " ".join(picked), "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_transfer_examples_train_on_the_teacher_alone(tmp_path, classifier_run, sentiment_data):
+    """A transfer example has no label: the hard-label term skips it, the soft term does not; a labelled
+    example pays both. Texts already among the run's records are dropped before any is used."""
+    from lmforge.compress.distill import keep_every
+    from lmforge.compress.transfer import Transfer
+    from lmforge.finetune.batches import collate
+    from lmforge.finetune.datasets import TaskData
+    from lmforge.finetune.evaluation import load_finetuned
+
+    teacher, _, task, _ = load_finetuned(classifier_run)
+    student = keep_every(teacher, 2)
+    records = task.read_file(sentiment_data, task.config)
+    data = TaskData(train=records[:40], validation=records[40:60], test=records[60:], source="s")
+    texts = [r.text for r in records[50:70]]  # held-out (validation and test) texts, twice one of them
+    texts += ["the plot was good and lovely", "the plot was good and lovely", "a dull and poor film with actors"]
+    (tmp_path / "unlabelled.txt").write_text("\n".join([*texts, "  ", records[0].text.upper()]) + "\n")
+    features, note = Transfer(str(tmp_path / "unlabelled.txt")).features(task, data, task.config)
+    assert note == {"source": str(tmp_path / "unlabelled.txt"), "texts": 24, "overlap_or_repeat": 22, "used": 2}
+    assert [f["labels"] for f in features] == [-100, -100]
+
+    transfer, labelled_batch = collate(features, task.pad_id), collate(task.encode(records[:2], "train"), task.pad_id)
+
+    def loss(batch, hard, soft):
+        with torch.no_grad():
+            objective = DistillObjective(task, student, teacher, DistillSettings(hard=hard, soft=soft or 0.0))
+            return objective.loss_sum(student, batch) if hard or soft else torch.tensor(0.0)
+
+    assert loss(transfer, 1.0, 0.0) == 0  # nothing to learn from labels it does not have
+    assert loss(transfer, 0.0, 1.0) > 0
+    torch.testing.assert_close(loss(transfer, 1.0, 1.0), loss(transfer, 0.0, 1.0))
+    assert loss(labelled_batch, 1.0, 1.0) > loss(labelled_batch, 0.0, 1.0) > 0
+
+
+def test_a_student_learns_from_texts_only_its_teacher_labelled(tmp_path, capsys):
+    """The teacher knows sentiment words the student's labelled sentences never use ("superb", "dull", ...); only
+    unlabelled sentences with those words (--transfer) teach them to the student, through the teacher's soft
+    targets. Scored on labelled sentences of those words alone: the student distilled with the transfer set
+    classifies them; the same student distilled without it cannot tell them apart."""
+    import random
+
+    from lmforge.finetune.config import FINETUNE
+    from lmforge.finetune.recipe import finetune
+    from lmforge.train.config import parse_args
+
+    rng = random.Random(0)
+    seen = {"positive": ["good", "great"], "negative": ["bad", "awful"]}
+    unseen = {"positive": ["superb", "lovely"], "negative": ["dull", "poor"]}
+    both = {k: seen[k] + unseen[k] for k in seen}
+    teacher_data = write_jsonl(tmp_path / "teacher.jsonl", labelled(rng, both, 160))
+    student_data = write_jsonl(tmp_path / "student.jsonl", labelled(rng, seen, 80))
+    probe = write_jsonl(tmp_path / "probe.jsonl", labelled(rng, unseen, 60))
+    (tmp_path / "transfer.txt").write_text("\n".join(r["text"] for r in labelled(rng, unseen, 120)) + "\n")
+    teach = [
+        "--task=classification", "--model=bert-tiny", f"--data={teacher_data}", "--max-steps=60",
+        "--model.vocab_size=60", "--train.batch_size=16", "--optim.lr=3e-3", "--eval-every=0", f"--data.test={probe}",
+        "--out", str(tmp_path / "teacher"), "--train.name=t", *QUIET,
+    ]  # fmt: skip
+    assert finetune(parse_args(teach, FINETUNE))["test"]["accuracy"] >= 0.9  # the teacher knows the unseen words
+
+    def student(*extra: str) -> float:
+        result = run_cli(
+            capsys, "distill", "--teacher", tmp_path / "teacher" / "t", "--student", "bert-tiny", "--task",
+            "classification", f"--data={student_data}", f"--data.test={probe}", "--max-steps=60",
+            "--train.batch_size=16", "--optim.lr=3e-3", "--eval-every=0", "--out", tmp_path / "students",
+            f"--train.name=s{len(extra)}", "--train.seed=0", *extra, *QUIET,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["accuracy"]
+
+    without, with_transfer = student(), student("--transfer", str(tmp_path / "transfer.txt"))
+    assert with_transfer >= 0.85 and with_transfer >= without + 0.2, (with_transfer, without)
+    record = json.loads((tmp_path / "students" / "s2" / "distill.json").read_text())
+    assert record["transfer"] == {"source": str(tmp_path / "transfer.txt"), "sentences": False, "limit": None}

@@ -50,6 +50,16 @@ def distill_parser() -> argparse.ArgumentParser:
         "run folder; later epochs and --resume read them instead of running the teacher, and the divergence "
         "compares the K+1-way coarsened distributions (exact when K = vocabulary size)",
     )
+    p.add_argument(
+        "--transfer",
+        default=None,
+        metavar="DATA",
+        help="classification: unlabelled texts (a catalog set, or a JSONL/CSV/text file) that join the training "
+        "stream with no label, so only the teacher's soft targets train on them (Hinton et al.'s transfer set); "
+        "texts also in the run's own records are dropped",
+    )
+    p.add_argument("--transfer-sentences", action="store_true", help="split each transfer text into sentences")
+    p.add_argument("--transfer-max", type=int, default=None, metavar="N", help="a seeded sample of N transfer texts")
     return p
 
 
@@ -66,14 +76,26 @@ def register(commands, groups) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from lmforge.compress.distill import distill, settings_from_args
+    from lmforge.compress.transfer import Transfer
 
     parser = distill_parser()
     try:
         own, rest = parser.parse_known_args(args.args)
     except SystemExit:  # --help printed the settings
         return
+    transfer = None
+    if own.transfer is not None:
+        transfer = Transfer(own.transfer, sentences=own.transfer_sentences, limit=own.transfer_max)
+    elif own.transfer_sentences or own.transfer_max is not None:
+        raise ValueError("--transfer-sentences and --transfer-max cut the transfer set: add --transfer DATA")
     summary = distill(
-        own.teacher, own.task, rest, student=own.student, every=own.keep_every, settings=settings_from_args(own)
+        own.teacher,
+        own.task,
+        rest,
+        student=own.student,
+        every=own.keep_every,
+        settings=settings_from_args(own),
+        transfer=transfer,
     )
     metrics = summary.get("test") or summary.get("validation") or {}
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

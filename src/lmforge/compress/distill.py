@@ -44,21 +44,26 @@ import argparse
 import copy
 import json
 import math
+import shutil
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmforge.compress.teacher_cache import TopKCache
+from lmforge.compress.transfer import Transfer
 from lmforge.finetune.tasks.base import Task, model_inputs
 from lmforge.nn import Block
 from lmforge.nn.loss import IGNORE_INDEX
 from lmforge.train.distributed import unwrap_model
 from lmforge.train.objective import Objective
+
+if TYPE_CHECKING:
+    from lmforge.finetune.config import FinetuneConfig
 
 TASK_FILE = "task.json"
 CACHE_DIR = "teacher_cache"  # in the run folder (`lmforge.compress.teacher_cache`)
@@ -380,19 +385,17 @@ def distill(
     student: str | None = None,
     every: int | None = None,
     settings: DistillSettings | None = None,
+    transfer: Transfer | None = None,
 ) -> dict:
     """Distil `teacher` into a student for `task`; `finetune_args` are `lmforge finetune` flags (data, steps,
-    out, ...). The student is `student` (a preset or model folder) or the teacher with every `every`-th layer.
-    Returns the fine-tuning run's summary, with the distillation settings."""
+    out, ...). The student is `student` (a preset or model folder) or the teacher with every `every`-th layer;
+    `transfer`, unlabelled texts the teacher alone labels (`lmforge.compress.transfer`), joins the training
+    records. Returns the fine-tuning run's summary, with the distillation settings."""
     from lmforge.data.tokenizers.tokenizer import load_tokenizer
     from lmforge.finetune.config import FINETUNE
-    from lmforge.finetune.recipe import finetune
     from lmforge.finetune.tasks import TASKS
     from lmforge.hf.load import load_model
     from lmforge.hf.resolve import resolve_model
-    from lmforge.hf.save import save_model
-    from lmforge.io import write_json_atomic
-    from lmforge.models import PRESETS
     from lmforge.train.config import parse_args
 
     settings = settings or DistillSettings()
@@ -422,6 +425,43 @@ def distill(
     if not config.train.name:  # one run folder whatever the student is called
         flags.append(f"--train.name=distill-{Path(config.data.dataset).stem}-{task}")
         config = parse_args([*flags, f"--model={student or teacher}"], FINETUNE)
+    if transfer is not None:
+        transfer.check(config)
+    created = [folder for folder in (config.run_dir, config.run_dir.parent) if not folder.exists()]
+    try:
+        return _distill(config, flags, teacher, teacher_model, teacher_tokenizer, source, student, every, settings,
+                        transfer)  # fmt: skip
+    except BaseException:  # the student-init written below is no result: leave no half-made run folder
+        from lmforge.finetune.recipe import holds_results
+
+        if created and config.run_dir.is_dir() and not holds_results(config.run_dir):
+            shutil.rmtree(config.run_dir, ignore_errors=True)
+            if config.run_dir.parent in created and not any(config.run_dir.parent.iterdir()):
+                config.run_dir.parent.rmdir()
+        raise
+
+
+def _distill(
+    config: FinetuneConfig,
+    flags: list[str],
+    teacher: str,
+    teacher_model: nn.Module,
+    teacher_tokenizer: Any,
+    source: Path,
+    student: str | None,
+    every: int | None,
+    settings: DistillSettings,
+    transfer: Transfer | None,
+) -> dict:
+    from lmforge.data.tokenizers.tokenizer import load_tokenizer
+    from lmforge.finetune.config import FINETUNE
+    from lmforge.finetune.recipe import finetune
+    from lmforge.hf.resolve import resolve_model
+    from lmforge.hf.save import save_model
+    from lmforge.io import write_json_atomic
+    from lmforge.models import PRESETS
+    from lmforge.train.config import parse_args
+
     if every is not None:
         init = config.run_dir / "student-init"
         if not (init / "config.json").is_file():
@@ -440,8 +480,14 @@ def distill(
         config = parse_args([*flags, f"--model={student_path}"], FINETUNE)
 
     cache = config.run_dir / CACHE_DIR if settings.cache_topk is not None else None  # k-fold: one for every fold
-    summary = finetune(config, objective=lambda t, m: DistillObjective(t, m, teacher_model, settings, cache))
+    summary = finetune(
+        config,
+        objective=lambda t, m: DistillObjective(t, m, teacher_model, settings, cache),
+        extra_train=None if transfer is None else transfer.features,
+    )
     summary["distill"] = {"teacher": str(teacher), "student": student, **asdict(settings)}
+    if transfer is not None:
+        summary["distill"]["transfer"] = asdict(transfer)
     if Path(summary["run_dir"]).is_dir():
         write_json_atomic(Path(summary["run_dir"]) / "distill.json", summary["distill"])
     return summary

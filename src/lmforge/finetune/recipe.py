@@ -52,6 +52,8 @@ MIN_FREE_BYTES = 64 << 20
 TASK_FILE = "task.json"
 DEFAULT_EPOCHS = 3.0
 SMALL_DATASET = 10_000  # training examples below which random weights rarely learn more than a simple baseline
+# (task, the run's records, config) -> (features trained on besides the records', a note for the summary)
+ExtraTrain = Callable[[Task, TaskData, FinetuneConfig], tuple[list[dict], dict[str, Any]]]
 
 
 # ------------------------------------------------------------------------------------------ model + tokenizer
@@ -290,6 +292,7 @@ def finetune(
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
     score_test: bool = True,
     objective: Callable[[Task, nn.Module], Objective] | None = None,
+    extra_train: ExtraTrain | None = None,
 ) -> dict:
     """Fine-tune and evaluate; returns the run summary (with K-fold: the fold summary). A failure before the run
     wrote anything of value removes the run folder, if this call created it. `on_eval(step, metrics)` sees every
@@ -299,7 +302,8 @@ def finetune(
     select on validation only); `objective(task, model)`, when given, is the training loss instead of the task's
     own (distillation wraps the task with a teacher), built once the model is (every fold builds its own); its
     `loss_module`, if any, trains with the model and lives in the checkpoints; evaluation and the saved model are
-    the task's as always."""
+    the task's as always. `extra_train(task, data, config)`, when given, returns features trained on besides the
+    training records' and a note for the summary (distillation's unlabelled transfer set), per fold with K-fold."""
     config = config.with_model_name()
     check_length(config)
     created = not config.run_dir.exists()
@@ -307,8 +311,10 @@ def finetune(
     try:
         with run_lock(config.run_dir, enabled=info.is_main):
             if config.task.kfold:
-                return _kfold(config, info, on_eval, objective)
-            return _finetune(config, info, on_eval=on_eval, score_test=score_test, objective=objective)
+                return _kfold(config, info, on_eval, objective, extra_train)
+            return _finetune(
+                config, info, on_eval=on_eval, score_test=score_test, objective=objective, extra_train=extra_train
+            )
     except BaseException:
         if created and info.is_main and config.run_dir.is_dir() and not holds_results(config.run_dir):
             shutil.rmtree(config.run_dir, ignore_errors=True)
@@ -326,6 +332,7 @@ def _finetune(
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
     score_test: bool = True,
     objective: Callable[[Task, nn.Module], Objective] | None = None,
+    extra_train: ExtraTrain | None = None,
 ) -> dict:
     tc, device = config.train, info.device
     run_dir = config.run_dir
@@ -355,6 +362,11 @@ def _finetune(
     test_features = task.encode(data.test, "test") if data.test and score_test else None
     if not train_features:
         raise ValueError("no training features were produced; check the data and data.max_length")
+    extra = None
+    if extra_train is not None:
+        more, extra = extra_train(task, data, config)
+        train_features = train_features + more
+        say(info, f"and {len(more)} unlabelled examples: " + ", ".join(f"{k} {v}" for k, v in extra.items()))
     config = training_steps(config, len(train_features), info.dp_size)
     task.config, tc = config, config.train
 
@@ -468,6 +480,8 @@ def _finetune(
     }
     if augmented:
         summary["augmented"] = augmented
+    if extra is not None:
+        summary["transfer"] = extra
     if privacy is not None:
         summary["privacy"] = privacy.summary()
         say(
@@ -650,6 +664,7 @@ def _kfold(
     info: DistInfo,
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
     objective: Callable[[Task, nn.Module], Objective] | None = None,
+    extra_train: ExtraTrain | None = None,
 ) -> dict:
     from lmforge.eval import kfold_indices, stratified_kfold_indices, summarize_folds
 
@@ -681,7 +696,9 @@ def _kfold(
             labels=data.labels,
         )
         say(info, f"fold {i + 1}/{k}: {len(train_idx)} train / {len(val_idx)} held-out examples")
-        summary = _finetune(fold_config, info, fold_data, save_model=False, objective=objective)  # model: a by-product
+        summary = _finetune(
+            fold_config, info, fold_data, save_model=False, objective=objective, extra_train=extra_train
+        )  # model: a by-product
         if summary.get("stopped_by") in INTERRUPTS:  # Ctrl-C stops the K-fold run, not just this fold
             return {**summary, "run_dir": str(base_dir), "kfold": k, "folds_done": i}
         fold_summaries.append(summary)
