@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--transfer", default=None, help="distill: unlabelled texts for the distilled student")
     parser.add_argument("--transfer-sentences", action="store_true", help="distill: cut the transfer texts")
     parser.add_argument("--transfer-max", type=int, default=None, help="distill: a sample of N transfer texts")
+    parser.add_argument("--reuse-runs", action="store_true", help="distill: read seeds' finished runs")
     parser.add_argument("--reuse-teacher", action="store_true", help="distill: keep an existing teacher run")
     parser.add_argument("--distill-out", default="benchmarks/results/compress_distill_teacher_init.json")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
@@ -287,6 +288,16 @@ def paired_gaps(runs: dict[str, list[float]]) -> dict[str, dict[str, float | Non
     return out
 
 
+def finished(run_dir: Path, reuse: bool) -> dict | None:
+    """With --reuse-runs, the summary of a run this benchmark finished before (its test metrics), so a seed is
+    not trained twice."""
+    if not (reuse and (run_dir / "metrics.json").is_file() and (run_dir / "model").is_dir()):
+        return None
+    summary = {"run_dir": str(run_dir), "test": json.loads((run_dir / "metrics.json").read_text())}
+    print(f"{run_dir}: finished before, test accuracy {summary['test']['accuracy']:.4f} (--reuse-runs)")
+    return summary
+
+
 def distill_classification(args: argparse.Namespace) -> None:
     """Teacher once; then per seed (data order, dropout, new-head draws) the distilled student and the same
     initialisation on hard labels alone, so the comparison is paired: both runs of a seed see the same batches."""
@@ -339,13 +350,13 @@ def distill_classification(args: argparse.Namespace) -> None:
         plain = [*common, f"--train.seed={seed}"]
         seeded = [*plain, *augment]
         placement = {"every": 2} if init is None else {"student": str(init)}
-        student = distill(
+        student = finished(Path(args.runs) / f"distilled-s{seed}", args.reuse_runs) or distill(
             str(teacher_dir), "classification", [*seeded, f"--train.name=distilled-s{seed}"], settings=settings,
             transfer=transfer, **placement,
         )  # fmt: skip
         student_dir = Path(student["run_dir"])
         start = init if init is not None else student_dir / "student-init"
-        hard = finetune(
+        hard = finished(Path(args.runs) / f"hard-labels-s{seed}", args.reuse_runs) or finetune(
             parse_args(
                 [*seeded, "--task=classification", f"--model={start}", f"--train.name=hard-labels-s{seed}"],
                 FINETUNE,
