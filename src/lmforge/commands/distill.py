@@ -1,6 +1,8 @@
 """`lmforge distill --teacher T (--student S | --keep-every K) --task TASK --data DATA --out DIR [finetune flags]`.
 
     lmforge distill --teacher runs/minilm-pang-lee --keep-every 2 --task classification --data pang-lee-sentences
+    lmforge distill --teacher runs/minilm-pang-lee --keep-every 2 --task classification --data pang-lee-sentences \
+        --transfer pang-lee-reviews --transfer-sentences --transfer-max 10000
     lmforge distill --teacher SmolLM2-135M-Instruct --student llama-tiny --task sft --data pang-lee-sentences \
         --divergence reverse_kl --temperature 1 --cache-topk 64
 
