@@ -327,15 +327,18 @@ def test_a_student_learns_from_texts_only_its_teacher_labelled(tmp_path, capsys)
 
     rng = random.Random(0)
     seen = {"positive": ["good", "great"], "negative": ["bad", "awful"]}
-    unseen = {"positive": ["superb", "lovely"], "negative": ["dull", "poor"]}
+    unseen = {  # enough of them that random embeddings cannot sort them by luck
+        "positive": ["superb", "lovely", "brilliant", "moving", "charming", "wonderful"],
+        "negative": ["dull", "poor", "boring", "clumsy", "tedious", "dreadful"],
+    }
     both = {k: seen[k] + unseen[k] for k in seen}
-    teacher_data = write_jsonl(tmp_path / "teacher.jsonl", labelled(rng, both, 160))
+    teacher_data = write_jsonl(tmp_path / "teacher.jsonl", labelled(rng, both, 240))
     student_data = write_jsonl(tmp_path / "student.jsonl", labelled(rng, seen, 80))
     probe = write_jsonl(tmp_path / "probe.jsonl", labelled(rng, unseen, 60))
     (tmp_path / "transfer.txt").write_text("\n".join(r["text"] for r in labelled(rng, unseen, 120)) + "\n")
     teach = [
         "--task=classification", "--model=bert-tiny", f"--data={teacher_data}", "--max-steps=60",
-        "--model.vocab_size=60", "--train.batch_size=16", "--optim.lr=3e-3", "--eval-every=0", f"--data.test={probe}",
+        "--model.vocab_size=200", "--train.batch_size=16", "--optim.lr=3e-3", "--eval-every=0", f"--data.test={probe}",
         "--out", str(tmp_path / "teacher"), "--train.name=t", *QUIET,
     ]  # fmt: skip
     assert finetune(parse_args(teach, FINETUNE))["test"]["accuracy"] >= 0.9  # the teacher knows the unseen words
