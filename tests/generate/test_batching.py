@@ -308,7 +308,7 @@ def test_inductor_compiled_bf16_step_on_pair_copies_matches_the_eager_step(small
     from lmforge.nn.kernels import kernel_fast
     from lmforge.nn.quant import MatvecLinear
 
-    if not kernel_fast("bf16"):
+    if not kernel_fast("pairs"):
         pytest.skip("this CPU lacks AVX512-BF16: no pair-interleaved copies to compile")
     model = prepare_for_decoding(small_model("llama").to(torch.bfloat16), rows=8)
     assert all(m.packed is not None for m in model.modules() if isinstance(m, MatvecLinear))

@@ -63,7 +63,7 @@ def test_prepared_model_gives_the_same_logits_and_greedy_tokens(family, dtype):
     assert torch.equal(generate(prepared, ids()[:, :4], max_new_tokens=8, eos_token_id=[]).tokens, plain_tokens)
 
 
-@pytest.mark.skipif(not (kernel_fast("fp32") and kernel_fast("bf16")), reason="no AVX-512/AVX512-BF16 kernels")
+@pytest.mark.skipif(not (kernel_fast("fp32") and kernel_fast("bf16")), reason="no AVX2 or AVX-512 kernels")
 @pytest.mark.parametrize("family", list(SMALL))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_float_linears_move_onto_the_matvec_kernel_keeping_their_parameters(family, dtype):
@@ -82,7 +82,7 @@ def test_float_linears_move_onto_the_matvec_kernel_keeping_their_parameters(fami
         assert model.lm_head.weight is model.tok_emb.weight
 
 
-@pytest.mark.skipif(not kernel_fast("bf16"), reason="this CPU lacks AVX512-BF16 (no bf16 kernel)")
+@pytest.mark.skipif(not kernel_fast("pairs"), reason="this CPU lacks AVX512-BF16 (no pair-interleaved copy)")
 def test_a_server_prepared_for_many_rows_keeps_packed_bf16_weights_and_compiles_every_step():
     """`rows` above the matvec kernel's: bf16 layers keep the pair-interleaved copy (fp32 ones do not), and a
     `BatchedDecoder` sends every step, of any rows, through the compiled graph, which reads that copy."""
@@ -156,7 +156,7 @@ def test_prepared_gpt_still_matches_transformers_greedy_generate():
     assert torch.equal(got, expected[:, prompt.shape[1] :])
 
 
-@pytest.mark.skipif(not kernel_fast("bf16"), reason="this CPU lacks AVX512-BF16 (no bf16 kernel)")
+@pytest.mark.skipif(not kernel_fast("pairs"), reason="this CPU lacks AVX512-BF16 (no pair-interleaved copy)")
 def test_generate_with_many_prompts_decodes_bf16_on_the_pair_copy(monkeypatch, capsys):
     """`lmforge generate` with six prompts (six rows a step, more than the matrix-vector kernel takes) lays the
     bf16 weights out for six rows, so its steps take the pair-interleaved copy instead of F.linear; one prompt

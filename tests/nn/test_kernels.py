@@ -315,7 +315,7 @@ def test_decode_attention_in_bf16_computes_in_fp32(rows, masked):
         decode_attention(q.float(), k, v, None, 0.125)
 
 
-@pytest.mark.skipif(not kernel_fast("bf16"), reason="this CPU lacks AVX512-BF16: MatvecLinear keeps no packed copy")
+@pytest.mark.skipif(not kernel_fast("pairs"), reason="this CPU lacks AVX512-BF16: MatvecLinear keeps no packed copy")
 def test_packed_matvec_linear_runs_many_rows_on_its_pair_copy_inside_a_graph_too():
     """`pack()` adds the pair-interleaved copy (bf16 only) for steps of 2 to PAIRS_MAX_ROWS rows; a traced graph
     calls the same kernel on it (no fallback); more rows take F.linear; the copy follows the weight when it
@@ -350,8 +350,11 @@ def test_packed_matvec_linear_runs_many_rows_on_its_pair_copy_inside_a_graph_too
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="no /proc/cpuinfo to read this CPU's flags from")
 def test_the_fast_paths_follow_this_cpus_instruction_sets():
     """The library is built for the machine (-march=native): each kernel's vector path is there exactly when
-    the CPU has its instructions, and `kernel_fast` says so; elsewhere callers keep PyTorch's kernels."""
+    the CPU has its instructions (AVX-512, or AVX2 with FMA and F16C; the pair copy AVX512-BF16 alone), and
+    `kernel_fast` says so; elsewhere callers keep PyTorch's kernels."""
     flags = set(Path("/proc/cpuinfo").read_text().split())
-    assert kernel_fast("fp32") == kernel_fast("attention") == ("avx512f" in flags)
-    assert kernel_fast("bf16") == ({"avx512_bf16", "avx512bw"} <= flags)
-    assert kernel_fast("int8") == kernel_fast("int4") == ({"avx512_vnni", "avx512vl", "f16c"} <= flags)
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    assert kernel_fast("fp32") == kernel_fast("attention") == ("avx512f" in flags or avx2)
+    assert kernel_fast("bf16") == ({"avx512_bf16", "avx512bw"} <= flags or avx2)
+    assert kernel_fast("int8") == kernel_fast("int4") == ({"avx512_vnni", "avx512vl", "f16c"} <= flags or avx2)
+    assert kernel_fast("pairs") == ({"avx512_bf16", "avx512bw"} <= flags)

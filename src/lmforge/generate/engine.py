@@ -230,15 +230,14 @@ def prepare_for_decoding(model: nn.Module, rows: int = 1) -> nn.Module:
     Decoding one token per row makes every Linear a matrix-vector product y = W x + b that reads W once and
     does 2 flops per weight, so its speed is the speed at which the kernel streams W from memory.
 
-    Where lmforge's kernels build (`lmforge.nn.kernels`: a C++ compiler, and a CPU with AVX-512; bf16 also
-    needs AVX512-BF16, int8/int4 AVX-512 VNNI, `kernel_fast`), each fp32 or bf16 Linear becomes a
+    Where lmforge's kernels build (`lmforge.nn.kernels`: a C++ compiler, and a CPU with AVX2 and FMA or
+    AVX-512, `kernel_fast`), each fp32 or bf16 Linear becomes a
     `MatvecLinear`: the same Parameters (state_dict, ties and dtype kept), its decoding products in lmforge's
     `matvec` kernel, which streams the weight at 25-30 GB/s where MKL and oneDNN reach 10-22 (2 threads).
     With more `rows` than that kernel takes (`MATVEC_MAX_ROWS`), bf16 layers also keep a pair-interleaved copy
-    of their weight for those compute-bound steps (`MatvecLinear.pack`, `pairs_linear`: twice the weights'
-    memory). int4 (`Int4Linear`) and
-    int8 (`QuantizedLinear`) layers decode in lmforge's own kernels too
-    (`use_matvec_kernel`), and so does fp32 and bf16 self-attention at a decoding step
+    of their weight for those compute-bound steps on AVX512-BF16 (`MatvecLinear.pack`, `pairs_linear`: twice
+    the weights' memory). int4 (`Int4Linear`) and int8 (`QuantizedLinear`) layers decode in lmforge's own
+    kernels too (`use_matvec_kernel`), and so does fp32 and bf16 self-attention at a decoding step
     (`Attention.decode_kernel`).
 
     Without the kernels: bf16 Linears become `PackedLinear`s (oneDNN's blocked layout, same results, ~1.5-2x

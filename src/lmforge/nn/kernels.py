@@ -75,10 +75,11 @@ def kernels_available() -> bool:
     return True
 
 
-FAST_PATHS = {"fp32": 1, "bf16": 2, "int8": 4, "int4": 4, "attention": 1}
-"""The instruction-set bit of `lmforge::capabilities` each kernel's fast path needs (AVX-512; AVX512-BF16;
-AVX-512 VNNI). The library is compiled for the machine it runs on; where a bit is missing (an AVX2-only CPU),
-that kernel would run plain loops, slower than PyTorch's, so callers keep PyTorch's kernels there."""
+FAST_PATHS = {"fp32": 1, "bf16": 2, "int8": 4, "int4": 4, "attention": 1, "pairs": 8}
+"""The bit of `lmforge::capabilities` each kernel's fast path sets: fp32 matvec and attention (AVX-512 or AVX2 with
+FMA), bf16 matvec (AVX512-BF16 or AVX2: bf16 widened to fp32), int8 and int4 (AVX-512 VNNI or AVX2's
+vpmaddubsw), `pairs_linear` (AVX512-BF16 alone). The library is compiled for the machine it runs on; where a bit
+is missing, that kernel would run plain loops, slower than PyTorch's, so callers keep PyTorch's kernels there."""
 
 
 @functools.cache

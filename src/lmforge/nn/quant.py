@@ -103,8 +103,8 @@ class QuantizedLinear(nn.Module):
         activations rounded to int8 per block of 32, as llama.cpp's Q8 blocks; ~2x faster than
         `_weight_int8pack_mm` on SmolLM2's 49152 x 576 output projection: 1.1-1.3 against 2.3-3.4 ms). False,
         leaving the layer on `_weight_int8pack_mm`, where it cannot run or would not be fast (no compiler,
-        a CPU without AVX-512 VNNI, a width that is not a multiple of 32, a weight off the CPU). It reads the
-        layer's own buffers: no copy."""
+        a CPU with neither AVX-512 VNNI nor AVX2, a width that is not a multiple of 32, a weight off the CPU).
+        It reads the layer's own buffers: no copy."""
         fits = self.in_features % 32 == 0 and self.weight.device.type == "cpu"
         self.matvec = fits and kernel_fast("int8")
         return self.matvec
@@ -204,7 +204,7 @@ class MatvecLinear(nn.Linear):
     def pack(self) -> bool:
         """Keep `pairs_pack`'s copy of a bf16 weight for steps of many rows; False where there is none to keep
         (fp32, or a CPU without AVX512-BF16, where the kernel would run plain loops)."""
-        if self.weight.dtype != torch.bfloat16 or not self.weight.is_cpu or not kernel_fast("bf16"):
+        if self.weight.dtype != torch.bfloat16 or not self.weight.is_cpu or not kernel_fast("pairs"):
             self.packed = self.packed_from = None
         elif self.packed is None or self.packed_from != self._weight_state():
             self.packed = pairs_pack(self.weight.detach())
@@ -355,8 +355,9 @@ class Int4Linear(nn.Module):
         """Run products of up to KERNEL_MAX_ROWS rows (decoding) in lmforge's own int4 kernel
         (`lmforge.nn.kernels`: int8-rounded activations, ~1.5x faster than `_weight_int8pack_mm` on SmolLM2's
         layers); False, leaving the layer as it was, where the kernel cannot run or would not be fast (no
-        compiler, a CPU without AVX-512 VNNI, a width that is not a multiple of 64, a group size that is not a
-        power of two >= 32). Its own copy of the weight (the kernel's layout, fp16 scales) is made here, once."""
+        compiler, a CPU with neither AVX-512 VNNI nor AVX2, a width that is not a multiple of 64, a group size
+        that is not a power of two >= 32). Its own copy of the weight (the kernel's layout, fp16 scales) is made
+        here, once."""
 
         fits = self.in_features % 64 == 0 and self.group_size >= 32 and self.group_size & (self.group_size - 1) == 0
         if not (fits and self.weight.device.type == "cpu" and kernel_fast("int4")):

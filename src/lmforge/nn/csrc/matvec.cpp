@@ -7,7 +7,8 @@
 //
 // Both round the activations to int8 per block of 32, x_j ~= d_b xq_j with d_b = max_j |x_j| / 127 (error
 // <= d_b / 2 per element), as llama.cpp's Q8 blocks do, and take the inner sums as exact int32 dot products
-// (AVX-512 VNNI vpdpbusd: 32 unsigned-by-signed byte products per instruction).
+// (AVX-512 VNNI vpdpbusd: 32 unsigned-by-signed byte products per instruction; on AVX2, vpmaddubsw then vpmaddwd
+// with ones, llama.cpp's AVX2 route: the same four adjacent products in each int32 lane, so the same sums).
 //
 // lmforge::int4_matvec (llama.cpp's Q4_1 x Q8 dot product, done the same way): a group of G inputs of output
 // row n holds codes q in [0, 15] with an fp16 scale s and an fp16 minimum m, w_j = s q_j + m, so
@@ -42,10 +43,38 @@
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__F16C__)
 #define LMFORGE_VNNI 1
 #endif
+// AVX2 with FMA and F16C (Haswell and later, every AMD Zen): 8 lanes where AVX-512 has 16. Each kernel below has an
+// AVX-512 path and an AVX2 one; the plain loops remain for other CPUs, where callers keep PyTorch's kernels.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LMFORGE_AVX2 1
+#endif
+#if defined(LMFORGE_VNNI) || defined(LMFORGE_AVX2)
+#define LMFORGE_INT8_DOT 1
+#endif
 
 namespace {
 
 constexpr int64_t kBlock = 32;
+
+#ifdef LMFORGE_INT8_DOT
+// int32 lane i = sum over bytes 4i..4i+3 of u_b s_b, u unsigned and s signed. AVX2's vpmaddubsw sums byte pairs
+// into int16 (|u s| <= 128 * 127, so a pair's sum fits), vpmaddwd with ones sums int16 pairs into int32.
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#ifdef LMFORGE_VNNI
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+#endif
+
+#if defined(LMFORGE_INT8_DOT) || defined(LMFORGE_AVX2)
+inline float hsum8(__m256 v) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+}
+#endif
 
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
@@ -87,7 +116,7 @@ void quantize_rows(const T* x, int64_t rows, int64_t K, int64_t G, int8_t* xq, f
 inline float int4_row_dot(const uint8_t* codes, const float* factor, const int8_t* xq, int64_t K) {
   const int64_t chunks = K / 64;
   float acc = 0.f;
-#ifdef LMFORGE_VNNI
+#ifdef LMFORGE_INT8_DOT
   const __m256i mask = _mm256_set1_epi8(0x0F);
   __m256 acc_lo = _mm256_setzero_ps(), acc_hi = _mm256_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
@@ -96,15 +125,12 @@ inline float int4_row_dot(const uint8_t* codes, const float* factor, const int8_
     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
     const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 64 * c));
     const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 64 * c + 32));
-    const __m256i dl = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl);
-    const __m256i dh = _mm256_dpbusd_epi32(_mm256_setzero_si256(), hi, xh);
+    const __m256i dl = dot_u8s8(lo, xl);
+    const __m256i dh = dot_u8s8(hi, xh);
     acc_lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dl), _mm256_broadcast_ss(factor + 2 * c), acc_lo);
     acc_hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dh), _mm256_broadcast_ss(factor + 2 * c + 1), acc_hi);
   }
-  const __m256 sum = _mm256_add_ps(acc_lo, acc_hi);
-  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-  const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  acc = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+  acc = hsum8(_mm256_add_ps(acc_lo, acc_hi));
 #else
   for (int64_t c = 0; c < chunks; ++c) {
     int32_t dl = 0, dh = 0;
@@ -122,7 +148,7 @@ inline float int4_row_dot(const uint8_t* codes, const float* factor, const int8_
 // routine, which costs more than the row's dot product on short rows).
 inline void halves_to_floats(const c10::Half* h, float* f, int64_t n) {
   int64_t i = 0;
-#ifdef LMFORGE_VNNI
+#ifdef __F16C__
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
 #endif
@@ -163,17 +189,15 @@ void run(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, 
 inline float int8_row_dot(const int8_t* q, const float* d, const int8_t* xq, int64_t K) {
   const int64_t nb = K / kBlock;
   float acc = 0.f;
-#ifdef LMFORGE_VNNI
+#ifdef LMFORGE_INT8_DOT
   __m256 acc8 = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + kBlock * b));
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + kBlock * b));
-    const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    const __m256i dot = dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
     acc8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(d + b), acc8);
   }
-  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc8), _mm256_extractf128_ps(acc8, 1));
-  const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  acc = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+  acc = hsum8(acc8);
 #else
   for (int64_t b = 0; b < nb; ++b) {
     int32_t dot = 0;
@@ -272,6 +296,13 @@ inline __m512 load16(const c10::BFloat16* p) {  // bf16 is the top half of an fp
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 #endif
+#ifdef LMFORGE_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+#endif
 
 // q and out: R x D fp32 rows; k, v, mask in T.
 template <typename T>
@@ -288,6 +319,13 @@ void attend_head(const float* q, const T* k, int64_t k_row, const T* v, int64_t 
       __m512 acc = _mm512_setzero_ps();
       for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i), load16(kt + i), acc);
       float dot = _mm512_reduce_add_ps(acc);
+#elif defined(LMFORGE_AVX2)
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      for (int64_t i = 0; i < D; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), load8(kt + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i + 8), load8(kt + i + 8), acc1);
+      }
+      float dot = hsum8(_mm256_add_ps(acc0, acc1));
 #else
       float dot = 0.f;
       for (int64_t i = 0; i < D; ++i) dot += qr[i] * static_cast<float>(kt[i]);
@@ -311,6 +349,9 @@ void attend_head(const float* q, const T* k, int64_t k_row, const T* v, int64_t 
 #ifdef __AVX512F__
       const __m512 pv = _mm512_set1_ps(p);
       for (int64_t i = 0; i < D; i += 16) _mm512_storeu_ps(o + i, _mm512_fmadd_ps(pv, load16(vt + i), _mm512_loadu_ps(o + i)));
+#elif defined(LMFORGE_AVX2)
+      const __m256 pv = _mm256_set1_ps(p);
+      for (int64_t i = 0; i < D; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(pv, load8(vt + i), _mm256_loadu_ps(o + i)));
 #else
       for (int64_t i = 0; i < D; ++i) o[i] += p * static_cast<float>(vt[i]);
 #endif
@@ -428,6 +469,22 @@ inline void dot_rows(const float* x, const float* w, int64_t K, float* sums) {
     k = K;
   }
   for (int i = 0; i < RB; ++i) sums[i] = _mm512_reduce_add_ps(acc[i]);
+#elif defined(LMFORGE_AVX2)
+  // two accumulators a row where registers allow, so that one row is not one chain of FMA latencies
+  constexpr int U = RB <= 4 ? 2 : 1;
+  __m256 acc[RB][U];
+  for (int i = 0; i < RB; ++i)
+    for (int u = 0; u < U; ++u) acc[i][u] = _mm256_setzero_ps();
+  for (; k + 8 * U <= K; k += 8 * U)
+    for (int u = 0; u < U; ++u) {
+      const __m256 wv = _mm256_loadu_ps(w + k + 8 * u);
+      for (int i = 0; i < RB; ++i) acc[i][u] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * K + k + 8 * u), wv, acc[i][u]);
+    }
+  for (int i = 0; i < RB; ++i) {
+    __m256 total = acc[i][0];
+    for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, acc[i][u]);
+    sums[i] = hsum8(total);
+  }
 #endif
   for (; k < K; ++k)
     for (int i = 0; i < RB; ++i) sums[i] += x[i * K + k] * w[k];
@@ -453,8 +510,24 @@ inline void dot_rows(const c10::BFloat16* x, const c10::BFloat16* w, int64_t K, 
     k = K;
   }
   for (int i = 0; i < RB; ++i) sums[i] = _mm512_reduce_add_ps(acc[i]);
+#elif defined(LMFORGE_AVX2)
+  // widened to fp32 (a bf16 is the top half of an fp32), each product exact there, as vdpbf16ps's
+  constexpr int U = RB <= 4 ? 2 : 1;
+  __m256 acc[RB][U];
+  for (int i = 0; i < RB; ++i)
+    for (int u = 0; u < U; ++u) acc[i][u] = _mm256_setzero_ps();
+  for (; k + 8 * U <= K; k += 8 * U)
+    for (int u = 0; u < U; ++u) {
+      const __m256 wv = load8(w + k + 8 * u);
+      for (int i = 0; i < RB; ++i) acc[i][u] = _mm256_fmadd_ps(load8(x + i * K + k + 8 * u), wv, acc[i][u]);
+    }
+  for (int i = 0; i < RB; ++i) {
+    __m256 total = acc[i][0];
+    for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, acc[i][u]);
+    sums[i] = hsum8(total);
+  }
 #endif
-  for (; k < K; ++k)  // CPUs without AVX512-BF16
+  for (; k < K; ++k)  // the tail, and CPUs without AVX2
     for (int i = 0; i < RB; ++i) sums[i] += static_cast<float>(x[i * K + k]) * static_cast<float>(w[k]);
 }
 
@@ -611,19 +684,23 @@ at::Tensor pairs_linear(const at::Tensor& x, const at::Tensor& packed, const c10
   return out;
 }
 
-// Which fast paths this build has (it is compiled for the machine it runs on, -march=native): bit 0 AVX-512
-// (fp32 matvec, attention), bit 1 AVX512-BF16 (bf16 matvec), bit 2 AVX-512 VNNI (int8 and int4). Without one,
-// the kernel falls back to plain loops, slower than PyTorch's own kernels, so callers keep PyTorch's there.
+// Which fast paths this build has (it is compiled for the machine it runs on, -march=native): bit 0 fp32 matvec
+// and attention (AVX-512 or AVX2), bit 1 bf16 matvec (AVX512-BF16 or AVX2), bit 2 int8 and int4 (AVX-512 VNNI or
+// AVX2), bit 3 pairs_linear (AVX512-BF16 only). Without one, the kernel falls back to plain loops, slower than
+// PyTorch's own kernels, so callers keep PyTorch's there.
 int64_t capabilities() {
   int64_t bits = 0;
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(LMFORGE_AVX2)
   bits |= 1;
 #endif
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if (defined(__AVX512BF16__) && defined(__AVX512BW__)) || defined(LMFORGE_AVX2)
   bits |= 2;
 #endif
-#ifdef LMFORGE_VNNI
+#ifdef LMFORGE_INT8_DOT
   bits |= 4;
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  bits |= 8;
 #endif
   return bits;
 }
