@@ -118,6 +118,24 @@ def test_bf16_linears_are_packed_and_preparing_twice_changes_nothing(monkeypatch
         assert torch.equal(prepare_for_decoding(model)(ids()).logits, once)
 
 
+def test_a_bf16_server_without_the_pair_kernel_keeps_onednn_packing_and_one_row_takes_the_matvec_kernel(monkeypatch):
+    """A CPU with lmforge's bf16 matvec kernel but not its pair-interleaved one (AVX2, no AVX512-BF16): prepared
+    for one row, bf16 Linears run the matvec kernel; prepared for a server's 8 rows, whose steps the matvec kernel
+    does not take, they keep oneDNN's packed layout rather than fall to F.linear (where PyTorch has that layout
+    on this CPU; else the kernel's one to four rows are still worth it). fp32 ones take the kernel either way.
+    The logits are those of the unprepared model."""
+    monkeypatch.setattr(engine, "kernel_fast", lambda kind: kind != "pairs")
+    kinds = lambda model: {type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))}  # noqa: E731
+    plain = small_model("llama").to(torch.bfloat16)
+    assert kinds(prepare_for_decoding(copy.deepcopy(plain))) == {MatvecLinear}
+    served = prepare_for_decoding(copy.deepcopy(plain), rows=8)
+    assert kinds(served) == ({PackedLinear} if has_packed_bf16_kernel() else {MatvecLinear})
+    assert kinds(prepare_for_decoding(small_model("llama"), rows=8)) == {MatvecLinear}
+    with torch.no_grad():
+        expected = plain(ids()).logits.float()
+        torch.testing.assert_close(served(ids()).logits.float(), expected, rtol=2e-2, atol=2e-2)
+
+
 def test_int8_model_keeps_its_weights_and_decodes_on_lmforges_int8_kernel():
     """prepare_for_decoding moves int8 layers onto lmforge's kernel (activations rounded to int8 per 32 inputs
     where `_weight_int8pack_mm` rounds them to bf16) without touching their buffers: the same state_dict, and

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmforge.nn import quant
 from lmforge.nn.kernels import (
     decode_attention,
     int4_dequantize,
@@ -358,3 +359,39 @@ def test_the_fast_paths_follow_this_cpus_instruction_sets():
     assert kernel_fast("bf16") == ({"avx512_bf16", "avx512bw"} <= flags or avx2)
     assert kernel_fast("int8") == kernel_fast("int4") == ({"avx512_vnni", "avx512vl", "f16c"} <= flags or avx2)
     assert kernel_fast("pairs") == ({"avx512_bf16", "avx512bw"} <= flags)
+
+
+@needs_kernel
+def test_without_native_bf16_products_decoding_layers_keep_the_kernel_longer_and_prefill_in_fp32(monkeypatch):
+    """On a CPU without native bf16 products (AVX2: PyTorch's bf16 GEMM is emulated and ~3x slower than fp32
+    there), a bf16 MatvecLinear runs steps of up to 16 rows on the matvec kernel, and a prefill as the fp32
+    product of the same bf16 numbers rounded to bf16 once (exactly); int8 layers prefill in fp32 on their exact
+    codes, int4 ones on the kernel's bf16 dequantisation, without the activations' rounding to bf16. Forced here
+    on any CPU by the layers' own switches."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40).bfloat16().requires_grad_(False)
+    layer = MatvecLinear(linear)
+    layer.native_bf16 = False
+    calls = []
+    monkeypatch.setattr(quant, "matvec", lambda x, w, b: calls.append(len(x)) or matvec(x, w, b))
+    with torch.inference_mode():
+        for rows in (8, 16):
+            x = torch.randn(rows, 96).bfloat16()
+            expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+            torch.testing.assert_close(layer(x).float(), expected, rtol=1.6e-2, atol=1e-2)
+        prefill = torch.randn(40, 96).bfloat16()
+        expected = F.linear(prefill.float(), linear.weight.float(), linear.bias.float()).bfloat16()
+        assert torch.equal(layer(prefill), expected)
+    assert calls == [8, 16]
+
+    x = torch.randn(2, 40, 64)
+    int8 = QuantizedLinear.from_linear(torch.nn.Linear(64, 48))
+    int4 = quantised_layer(48, 64, 32)
+    if not (int8.use_matvec_kernel() and int4.use_matvec_kernel()):
+        return  # no int8 fast path on this CPU: the layers never take the kernel, nor this prefill branch
+    int8.prefill_dtype = int4.prefill_dtype = torch.float32
+    with torch.inference_mode():
+        exact = F.linear(x.double(), int8.dequantized_weight(torch.float64), int8.bias.double()).float()
+        torch.testing.assert_close(int8(x), exact, rtol=1e-5, atol=1e-5)
+        weight = int4_dequantize(*int4._matvec, int4.group_size).double()
+        torch.testing.assert_close(int4(x), F.linear(x.double(), weight).float(), rtol=1e-5, atol=1e-5)

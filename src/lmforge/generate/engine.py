@@ -219,8 +219,14 @@ class _Runner:
             self.encoder_outputs = self.encoder_outputs.index_select(0, index)
 
 
-def _matvec_fast(linear: nn.Linear) -> bool:
-    return kernel_fast("fp32" if linear.weight.dtype == torch.float32 else "bf16")
+def _matvec_fast(linear: nn.Linear, rows: int) -> bool:
+    """Whether `linear` decodes faster as a MatvecLinear. bf16 steps of more rows than the matvec kernel takes
+    run on its pair-interleaved copy; a CPU without one (AVX2, no AVX512-BF16) serves them better from oneDNN's
+    packed layout (`PackedLinear`) than from F.linear, so such a server keeps that."""
+    if linear.weight.dtype == torch.float32:
+        return kernel_fast("fp32")
+    many = rows > MATVEC_MAX_ROWS[torch.bfloat16] and has_packed_bf16_kernel() and not kernel_fast("pairs")
+    return kernel_fast("bf16") and not many
 
 
 def prepare_for_decoding(model: nn.Module, rows: int = 1) -> nn.Module:
@@ -256,7 +262,7 @@ def prepare_for_decoding(model: nn.Module, rows: int = 1) -> nn.Module:
             child.use_matvec_kernel()
         elif not isinstance(child, nn.Linear) or child.weight.device.type != "cpu":
             prepare_for_decoding(child, rows)
-        elif child.weight.dtype in MATVEC_MAX_ROWS and (isinstance(child, MatvecLinear) or _matvec_fast(child)):
+        elif child.weight.dtype in MATVEC_MAX_ROWS and (isinstance(child, MatvecLinear) or _matvec_fast(child, rows)):
             if not isinstance(child, MatvecLinear):
                 if not child.weight.is_contiguous():  # a layer prepared before the kernels: back to row-major
                     with torch.no_grad():

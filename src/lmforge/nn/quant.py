@@ -47,6 +47,24 @@ KERNEL_MAX_ROWS = 16  # above this many rows a dense GEMM on the converted weigh
 MATVEC_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 4}
 """`MatvecLinear` runs its kernel up to this many rows; above, MKL's fp32 and oneDNN's bf16 GEMMs are as fast or
 faster (measured on SmolLM2 and GPT-2 shapes, 2 threads: the kernel's cost grows with the rows, a GEMM's barely)."""
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16, where oneDNN's bf16 GEMM runs near the fp32 one's
+    speed or above). Without it (AVX2), PyTorch's bf16 GEMM is an emulation: SmolLM2's 30 blocks of Linears at 16
+    rows took 135 ms in bf16 against 50 on lmforge's matvec kernel, and a 128-token prefill ~3x longer than the
+    same product in fp32 (MKL) on the weights widened for the call. Decoding layers then run their prefills in
+    fp32 and the bf16 matvec kernel up to `KERNEL_MAX_ROWS` rows."""
+    return kernel_fast("pairs")
+
+
+def prefill_dtype() -> torch.dtype:
+    """The dtype of a prefill's dense GEMM on a decoding layer's weight: bf16 where the CPU has native bf16
+    products, else fp32 (`native_bf16`). int8 and int4 codes, and bf16 weights, are exact in either."""
+    return torch.bfloat16 if native_bf16() else torch.float32
+
+
 PAIRS_MAX_ROWS = 64
 """A bf16 `MatvecLinear` with its pair-interleaved copy (`pack()`) runs `pairs_linear` up to this many rows; it
 ties oneDNN's packed GEMM at 32-64 rows and beats it below (SmolLM2 shapes, cache-cold, 2 threads: 16 rows of
@@ -107,6 +125,7 @@ class QuantizedLinear(nn.Module):
         It reads the layer's own buffers: no copy."""
         fits = self.in_features % 32 == 0 and self.weight.device.type == "cpu"
         self.matvec = fits and kernel_fast("int8")
+        self.prefill_dtype = prefill_dtype()  # read in forward as a plain attribute (a compiled step guards it)
         return self.matvec
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -123,8 +142,10 @@ class QuantizedLinear(nn.Module):
             y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         elif self.matvec and x.is_cpu:
             # a prefill on a decoding layer: a bf16 GEMM (int8 codes are exact in bf16; the activations round
-            # to bf16, as on the decoding path) on half the bytes of an fp32 weight converted for the call
-            y = F.linear(x.to(torch.bfloat16), self.weight.to(torch.bfloat16)).to(x.dtype) * self.scale.to(x.dtype)
+            # to bf16, as on the decoding path) on half the bytes of an fp32 weight converted for the call; fp32
+            # where the CPU has no native bf16 products (`prefill_dtype`)
+            dtype = self.prefill_dtype
+            y = F.linear(x.to(dtype), self.weight.to(dtype)).to(x.dtype) * self.scale.to(x.dtype)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -186,7 +207,12 @@ class MatvecLinear(nn.Linear):
     which `pairs_linear` runs steps of 2 to `PAIRS_MAX_ROWS` rows with every weight load serving up to 16 rows
     (SmolLM2-135M, a 16-row step's Linears: ~1.3-1.6x faster than oneDNN's own packed GEMM, which this replaced).
     The copy is made again when the weight has changed since (`load_state_dict`, an in-place update: the tensor's
-    version counter); a compiled graph reads it as it was when traced (compile after `pack`)."""
+    version counter); a compiled graph reads it as it was when traced (compile after `pack`).
+
+    A CPU without native bf16 products (AVX2; `native_bf16`) has no pair copy, and PyTorch's bf16 GEMM is an
+    emulation there: bf16 steps of up to `KERNEL_MAX_ROWS` rows stay on the matvec kernel (2.7x F.linear at 8 and
+    16 rows, SmolLM2 shapes), and prefills run an fp32 GEMM on the weight widened for the call (each bf16
+    product is exact in fp32, as in a native bf16 GEMM), rounded to bf16 once."""
 
     def __init__(self, linear: nn.Linear) -> None:
         nn.Module.__init__(self)
@@ -194,6 +220,7 @@ class MatvecLinear(nn.Linear):
         self.weight, self.bias = linear.weight, linear.bias
         self.packed: torch.Tensor | None = None
         self.packed_from: tuple | None = None  # the weight the packed copy was made of: storage and version
+        self.native_bf16 = native_bf16()
 
     def _weight_state(self) -> tuple:
         # a weight made under torch.inference_mode (`lmforge generate` loads its model there) has no version
@@ -221,9 +248,14 @@ class MatvecLinear(nn.Linear):
                 flat = x.reshape(rows, self.in_features).contiguous()
                 y = pairs_linear(flat, self.packed, self.bias, self.out_features)
                 return y.view(*x.shape[:-1], self.out_features)
-            if rows <= MATVEC_MAX_ROWS.get(x.dtype, 0) and self.weight.is_contiguous():
+            emulated = x.dtype == torch.bfloat16 and not self.native_bf16  # PyTorch's bf16 GEMM is slow there
+            limit = KERNEL_MAX_ROWS if emulated else MATVEC_MAX_ROWS.get(x.dtype, 0)
+            if rows <= limit and self.weight.is_contiguous():
                 y = matvec(x.reshape(rows, self.in_features).contiguous(), self.weight, self.bias)
                 return y.view(*x.shape[:-1], self.out_features)
+            if emulated:  # a prefill: fp32 GEMM on the weight widened for the call, one rounding to bf16
+                bias = None if self.bias is None else self.bias.float()
+                return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -363,6 +395,7 @@ class Int4Linear(nn.Module):
         if not (fits and self.weight.device.type == "cpu" and kernel_fast("int4")):
             return False
         self._matvec = matvec_layout(unpack_nibbles(self.weight), self.scale, self.zero)
+        self.prefill_dtype = prefill_dtype()
         return True
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -393,8 +426,8 @@ class Int4Linear(nn.Module):
             # for this call (by the kernel library, ~10x the tensor ops) beats PyTorch's int4 kernel by far
             # (SmolLM2, 128-token prompt: ~0.16 s against 11.8 s)
             codes, scale, minimum = self._matvec
-            weight = int4_dequantize(codes, scale, minimum, self.group_size)
-            y = F.linear(x.to(torch.bfloat16), weight).to(x.dtype)
+            weight = int4_dequantize(codes, scale, minimum, self.group_size).to(self.prefill_dtype)
+            y = F.linear(x.to(self.prefill_dtype), weight).to(x.dtype)
         elif x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and has_int4pack_kernel():
             weight, params = self.kernel_operands(x.dtype)
             flat = x.reshape(-1, self.in_features).contiguous()  # (N, in)
