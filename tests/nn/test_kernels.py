@@ -93,8 +93,10 @@ def test_int4_linear_on_the_kernel_stays_within_activation_rounding_of_the_dequa
     assert y.shape == exact.shape
     rel = (y - exact).norm() / exact.norm()
     assert rel < 1e-2 and (rel > 0 or not on_kernel)  # int8 activations: not bit-equal, within a percent
-    many = torch.randn(40, 576)  # a prefill: more rows than the kernel takes, a bf16 GEMM on the dequantised weight
-    bf16 = F.linear(many.bfloat16().float(), layer.dequantized_weight().bfloat16().float())
+    many = torch.randn(40, 576)  # a prefill: more rows than the kernel takes, a GEMM on the bf16 dequantised weight
+    # in bf16 where the CPU has native bf16 products, else in fp32 on the activations as they are (`prefill_dtype`)
+    native = getattr(layer, "prefill_dtype", torch.bfloat16) == torch.bfloat16
+    bf16 = F.linear(many.bfloat16().float() if native else many, layer.dequantized_weight().bfloat16().float())
     torch.testing.assert_close(layer(many), bf16, rtol=1e-2, atol=1e-2)  # bf16 rounding of the sums only
     rel = (layer(many) - F.linear(many, layer.dequantized_weight())).norm() / bf16.norm()
     assert rel < 1e-2
