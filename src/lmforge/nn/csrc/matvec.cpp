@@ -451,6 +451,31 @@ at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& codes, const at::T
 // sums[i] = x_i . w for the RB activation rows x_i = x + i K: the weight row is loaded once for all of them, and
 // their RB sums are independent chains (one chain would wait on each instruction's latency). fp32: 16 products
 // an instruction; bf16: 32 (vdpbf16ps, each bf16 product exact in fp32).
+#ifdef LMFORGE_AVX2
+// dot_rows' AVX2 form for fp32 or bf16 (load8 widens a bf16 to fp32): 8 products an instruction, two accumulators
+// a row where registers allow, so that one row is not one chain of FMA latencies. Returns how far it got (the
+// caller finishes the tail of fewer than 8 U inputs).
+template <int RB, typename T>
+inline int64_t dot_rows_avx2(const T* x, const T* w, int64_t K, float* sums) {
+  constexpr int U = RB <= 4 ? 2 : 1;
+  __m256 acc[RB][U];
+  for (int i = 0; i < RB; ++i)
+    for (int u = 0; u < U; ++u) acc[i][u] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 * U <= K; k += 8 * U)
+    for (int u = 0; u < U; ++u) {
+      const __m256 wv = load8(w + k + 8 * u);
+      for (int i = 0; i < RB; ++i) acc[i][u] = _mm256_fmadd_ps(load8(x + i * K + k + 8 * u), wv, acc[i][u]);
+    }
+  for (int i = 0; i < RB; ++i) {
+    __m256 total = acc[i][0];
+    for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, acc[i][u]);
+    sums[i] = hsum8(total);
+  }
+  return k;
+}
+#endif
+
 template <int RB>
 inline void dot_rows(const float* x, const float* w, int64_t K, float* sums) {
   int64_t k = 0;
@@ -470,21 +495,7 @@ inline void dot_rows(const float* x, const float* w, int64_t K, float* sums) {
   }
   for (int i = 0; i < RB; ++i) sums[i] = _mm512_reduce_add_ps(acc[i]);
 #elif defined(LMFORGE_AVX2)
-  // two accumulators a row where registers allow, so that one row is not one chain of FMA latencies
-  constexpr int U = RB <= 4 ? 2 : 1;
-  __m256 acc[RB][U];
-  for (int i = 0; i < RB; ++i)
-    for (int u = 0; u < U; ++u) acc[i][u] = _mm256_setzero_ps();
-  for (; k + 8 * U <= K; k += 8 * U)
-    for (int u = 0; u < U; ++u) {
-      const __m256 wv = _mm256_loadu_ps(w + k + 8 * u);
-      for (int i = 0; i < RB; ++i) acc[i][u] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * K + k + 8 * u), wv, acc[i][u]);
-    }
-  for (int i = 0; i < RB; ++i) {
-    __m256 total = acc[i][0];
-    for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, acc[i][u]);
-    sums[i] = hsum8(total);
-  }
+  k = dot_rows_avx2<RB>(x, w, K, sums);
 #endif
   for (; k < K; ++k)
     for (int i = 0; i < RB; ++i) sums[i] += x[i * K + k] * w[k];
@@ -511,21 +522,7 @@ inline void dot_rows(const c10::BFloat16* x, const c10::BFloat16* w, int64_t K, 
   }
   for (int i = 0; i < RB; ++i) sums[i] = _mm512_reduce_add_ps(acc[i]);
 #elif defined(LMFORGE_AVX2)
-  // widened to fp32 (a bf16 is the top half of an fp32), each product exact there, as vdpbf16ps's
-  constexpr int U = RB <= 4 ? 2 : 1;
-  __m256 acc[RB][U];
-  for (int i = 0; i < RB; ++i)
-    for (int u = 0; u < U; ++u) acc[i][u] = _mm256_setzero_ps();
-  for (; k + 8 * U <= K; k += 8 * U)
-    for (int u = 0; u < U; ++u) {
-      const __m256 wv = load8(w + k + 8 * u);
-      for (int i = 0; i < RB; ++i) acc[i][u] = _mm256_fmadd_ps(load8(x + i * K + k + 8 * u), wv, acc[i][u]);
-    }
-  for (int i = 0; i < RB; ++i) {
-    __m256 total = acc[i][0];
-    for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, acc[i][u]);
-    sums[i] = hsum8(total);
-  }
+  k = dot_rows_avx2<RB>(x, w, K, sums);  // widened to fp32, each product exact there, as vdpbf16ps's
 #endif
   for (; k < K; ++k)  // the tail, and CPUs without AVX2
     for (int i = 0; i < RB; ++i) sums[i] += static_cast<float>(x[i * K + k]) * static_cast<float>(w[k]);
