@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lmforge.nn import Attention, KVCache, build_attention_bias, reference_attention, sdpa_attention
+from lmforge.nn.attention import SHORT_TRAINING_ATTENTION, ShortTrainingAttention
 from lmforge.nn.kernels import kernels_available
 
 
@@ -163,13 +164,13 @@ def test_attention_mask_must_cover_cached_and_new_keys():
 
 @pytest.mark.parametrize("T, attends_in_fp32", [(64, True), (160, False)])
 def test_short_bf16_training_attention_on_cpu_runs_in_fp32(T, attends_in_fp32):
-    """bf16 training on CPU: short sequences attend in fp32 (the bf16 kernel's backward is ~4x slower there),
+    """bf16 training on CPU: short sequences attend explicitly in fp32 (the bf16 kernel's backward is ~4x slower),
     long ones keep the bf16 kernel; both stay within bf16 rounding of the fp32 formula, gradients included."""
     q, k, v = (t.bfloat16().requires_grad_() for t in qkv(B=2, H=2, Tq=T, Tk=T, D=16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = sdpa_attention(q, k, v, is_causal=True)
     assert y.dtype == torch.bfloat16
-    fp32 = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    fp32 = ShortTrainingAttention.apply(q.float(), k.float(), v.float(), None, True, None)
     bf16 = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert torch.equal(y, fp32.bfloat16() if attends_in_fp32 else bf16)
     ref = reference_attention(q.float(), k.float(), v.float(), is_causal=True)
@@ -177,3 +178,64 @@ def test_short_bf16_training_attention_on_cpu_runs_in_fp32(T, attends_in_fp32):
     y.float().square().sum().backward()
     (q_ref,) = torch.autograd.grad(ref.square().sum(), q)
     torch.testing.assert_close(q.grad.float(), q_ref.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "padding", "boolean", "causal+padding"])
+def test_short_training_attention_has_the_exact_gradients(mask_kind):
+    """The explicit forward and hand-written backward of CPU training attention, against autograd's numerical
+    gradients in float64."""
+    q, k, v = (t.double().requires_grad_() for t in qkv(B=2, H=2, Tq=5, Tk=5, D=4))
+    padding = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    mask, is_causal = build_attention_bias(padding if "padding" in mask_kind else None, 5, 5, "causal" in mask_kind,
+                                           torch.float64)  # fmt: skip
+    if mask_kind == "boolean":
+        mask = padding.bool()[:, None, None, :]
+    torch.autograd.gradcheck(lambda q, k, v: ShortTrainingAttention.apply(q, k, v, mask, is_causal, None), (q, k, v))
+
+
+@pytest.mark.parametrize("T", [8, SHORT_TRAINING_ATTENTION])
+def test_cpu_training_attention_equals_pytorch_sdpa_with_gradients(T):
+    """Training on a CPU over short sequences takes the explicit path: its output and gradients are PyTorch's
+    fused kernel's (the oracle) to float rounding, with a causal mask and with padding."""
+    padding = torch.ones(2, T, dtype=torch.long)
+    padding[1, : T // 4] = 0  # left padding
+    for attention_mask in (None, padding):
+        mask, is_causal = build_attention_bias(attention_mask, T, T, True, torch.float32)
+        q, k, v = (t.requires_grad_() for t in qkv(B=2, H=3, Tq=T, Tk=T, D=16))
+        ours = sdpa_attention(q, k, v, mask=mask, is_causal=is_causal)
+        assert ours.grad_fn.name() == "ShortTrainingAttentionBackward"
+        oracle = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        real = slice(None) if attention_mask is None else (1, slice(None), slice(T // 4, None))  # pad rows differ
+        torch.testing.assert_close(ours[real], oracle[real], atol=2e-6, rtol=1e-5)
+        g = torch.randn_like(ours)
+        if attention_mask is not None:
+            g[1, :, : T // 4] = 0  # no gradient reaches pad queries (the loss ignores them)
+        ours_grads = torch.autograd.grad(ours, (q, k, v), g)
+        oracle_grads = torch.autograd.grad(oracle, (q, k, v), g)
+        for mine, theirs in zip(ours_grads, oracle_grads, strict=True):
+            torch.testing.assert_close(mine, theirs, atol=2e-5, rtol=1e-4)
+
+
+def test_longer_sequences_a_learned_mask_dropout_or_no_gradients_keep_the_fused_kernel():
+    def path(T=8, requires_grad=True, bias_grad=False, dropout_p=0.0):
+        q, k, v = (t.requires_grad_(requires_grad) for t in qkv(B=1, H=2, Tq=T, Tk=T, D=4))
+        bias = torch.zeros(1, 2, T, T, requires_grad=bias_grad)
+        y = sdpa_attention(q, k, v, mask=bias, dropout_p=dropout_p)
+        return y.grad_fn.name() if y.grad_fn is not None else None
+
+    assert path() == "ShortTrainingAttentionBackward"
+    assert path(T=SHORT_TRAINING_ATTENTION + 1) != "ShortTrainingAttentionBackward"
+    assert path(bias_grad=True) != "ShortTrainingAttentionBackward"  # T5's position bias is differentiated
+    assert path(dropout_p=0.1) != "ShortTrainingAttentionBackward"
+    assert path(requires_grad=False) is None  # inference: the fused kernel, no graph
+
+
+def test_pad_rows_stay_finite_in_cpu_training_attention():
+    """A query that may see no key (its mask is the most negative float, or -inf after a cast to half) averages
+    the values instead of giving NaN."""
+    q, k, v = (t.requires_grad_() for t in qkv(B=1, H=1, Tq=3, Tk=3, D=4))
+    for mask in (torch.full((1, 1, 3, 3), torch.finfo(torch.float32).min), torch.full((1, 1, 3, 3), -math.inf)):
+        y = sdpa_attention(q, k, v, mask=mask)
+        assert torch.isfinite(y).all()
+        y.sum().backward()
+        assert torch.isfinite(q.grad).all()
