@@ -11,8 +11,10 @@ The loop is nanoGPT's: AdamW, warmup + cosine, clip 1.0, no host sync but the lo
    data, gradient accumulation bookkeeping, clipping, AdamW with decay groups, schedule, logging) configured to
    the nanoGPT design (no biases, exact GELU), interleaved round by round with the peers on the same
    tiny-Shakespeare characters, same threads, fp32 and bf16 autocast; the ratio is the median of the rounds'
-   ratios. Shape sets: (a) 4 layers, 4 heads, 128 wide, block 64, batch 12; (b) 6 layers, 6 heads, 384 wide,
-   block 256, batch 64. MFU = tokens/s x FLOPs/token / matmul peak measured here. `--lmforge-flag` adds flags
+   ratios. Each run has a fresh process of its own (as `python train.py` or `lmforge pretrain` would), so no
+   contestant inherits another's allocator state, thread pools or caches (`--same-process` to time all in one).
+   Shape sets: (a) 4 layers, 4 heads, 128 wide, block 64, batch 12; (b) 6 layers, 6 heads, 384 wide, block
+   256, batch 64. MFU = tokens/s x FLOPs/token / matmul peak measured here. `--lmforge-flag` adds flags
    to lmforge's runs (e.g. train.compile=true). Results: benchmarks/results/pretrain_throughput.json.
 2. The 180-second race: validation loss (nats/char on the whole validation split, nanoGPT's split: first 90%
    train, last 10% validation) reached in a fixed wall-clock budget: nanoGPT's documented CPU recipe
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import tempfile
 import time
 from pathlib import Path
@@ -244,6 +247,35 @@ def lmforge_tokens_per_s(run: Path) -> float:
     return len(rates) / sum(1.0 / r for r in rates)
 
 
+def peer_rate(name: str, shape: dict, vocab_size: int, train_ids, dtype: str, steps: int, seed: int) -> float:
+    """Tokens/s of one peer run (`peer_loop`) from seed `seed`."""
+    torch.manual_seed(seed)
+    rate, _ = peer_loop(peer_model(name, shape, vocab_size), train_ids, shape, dtype, steps=steps)
+    return rate
+
+
+def lmforge_rate(flags: list[str]) -> float:
+    """Tokens/s of one `pretrain` run with these flags (see `lmforge_tokens_per_s`)."""
+    config = parse_args(flags)
+    pretrain(config)
+    return lmforge_tokens_per_s(Path(config.train.out) / config.train.name)
+
+
+def _in_child(threads: int, fn, fn_args: tuple) -> float:
+    torch.set_num_threads(threads)
+    return fn(*fn_args)
+
+
+def contestant(args, fn, *fn_args) -> float:
+    """One timed run, in a process of its own (spawned: a fresh interpreter) unless --same-process: each
+    contestant starts from the state a user's `python train.py` or `lmforge pretrain` starts from, whatever the
+    previous runs did to the allocator, the thread pools or the caches of this process."""
+    if args.same_process:
+        return fn(*fn_args)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_in_child, (torch.get_num_threads(), fn, fn_args))
+
+
 def throughput(args, train_ids: np.ndarray, vocab_size: int, out: Path, peaks: dict) -> dict:
     """Interleaved rounds: each peer, then lmforge, the same steps each; per-round ratios and their median."""
     design = {"bias": False, "activation": "gelu"}  # lmforge configured to the nanoGPT peer's design
@@ -262,14 +294,15 @@ def throughput(args, train_ids: np.ndarray, vocab_size: int, out: Path, peaks: d
             rates: dict[str, list[float]] = {name: [] for name in [*args.peers, "lmforge"]}
             for r in range(args.rounds):
                 for name in args.peers:
-                    torch.manual_seed(r)
-                    rate, _ = peer_loop(peer_model(name, shape, vocab_size), train_ids, shape, dtype, steps=steps + 1)
-                    rates[name].append(rate)
+                    rates[name].append(
+                        contestant(args, peer_rate, name, shape, vocab_size, train_ids, dtype, steps + 1, r)
+                    )
                 run_name = f"tp-{key}-{dtype}-{r}"
                 overrides = {"model.overrides": json.dumps({**{k: shape[k] for k in ("n_layer", "n_head", "d_model")},
                                                             **design}), **extra}  # fmt: skip
-                pretrain(parse_args(lmforge_flags(shape, out, dtype, steps + 5, run_name, overrides)))
-                rates["lmforge"].append(lmforge_tokens_per_s(out / run_name))
+                rates["lmforge"].append(
+                    contestant(args, lmforge_rate, lmforge_flags(shape, out, dtype, steps + 5, run_name, overrides))
+                )
             row = {"shape": key, **shape, "dtype": dtype, "flops_per_token": flops, "contestants": {}}
             for name, values in rates.items():
                 ratios = [ours / theirs for ours, theirs in zip(rates["lmforge"], values, strict=True)]
@@ -401,6 +434,7 @@ def main() -> None:
     parser.add_argument("--shapes", type=lambda v: v.split(","), default=["a", "b"])
     parser.add_argument("--dtypes", type=lambda v: v.split(","), default=["float32", "bfloat16"])
     parser.add_argument("--peers", type=lambda v: v.split(","), default=["nanogpt", "hf"])
+    parser.add_argument("--same-process", action="store_true", help="throughput: time every contestant in this process")
     parser.add_argument("--lmforge-flag", action="append", default=[], help="section.key=value for lmforge's runs")
     parser.add_argument("--out", default=str(RESULTS / "pretrain_throughput.json"), help="throughput results JSON")
     args = parser.parse_args()

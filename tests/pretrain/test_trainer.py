@@ -251,3 +251,38 @@ def test_pretraining_continues_from_a_run_folder_through_the_shared_resolver(tin
         )
     )
     assert summary["steps"] == 2 and summary["objective"] == "causal_lm"
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_training_steps_reuse_freed_memory_unless_told_not_to(tiny_flags, monkeypatch, reuse):
+    """During the steps (train.reuse_freed_memory, on by default) a large tensor freed in one step is reused by
+    the next without fresh page faults; after the run glibc's defaults are back."""
+    import resource
+
+    import torch
+
+    from lmforge.train import loop, memory
+
+    if memory._glibc() is None:
+        pytest.skip("mallopt is glibc's (Linux)")
+    pages = 64 * 2**20 // 4096
+
+    def faults() -> int:  # minor page faults of a fresh 64 MiB tensor, filled and freed
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t = torch.ones(16 * 2**20)
+        del t
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    seen, step = [], loop.backward_accumulated
+
+    def observed(*args, **kwargs):
+        seen.append(faults())
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "backward_accumulated", observed)
+    pretrain(parse_args(tiny_flags(train__max_steps=6, train__eval_every=0, train__reuse_freed_memory=reuse)))
+    if reuse:
+        assert max(seen[3:]) < pages // 10, seen  # after the heap has grown: no fresh pages
+    else:
+        assert min(seen) >= pages, seen
+    assert faults() >= pages  # the defaults are back

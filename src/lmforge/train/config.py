@@ -69,6 +69,11 @@ class TrainSection:
     name: str = opt("", "run name, a folder under train.out (default: <model>-<dataset>)")
     resume: bool = opt(False, "continue from the run's latest checkpoint")
     threads: int = opt(0, "CPU threads (0: torch's default)")
+    reuse_freed_memory: bool = opt(
+        True,
+        "CPU on Linux: keep freed memory in the process heap for the next step instead of mapping it afresh "
+        "(no page faults on every step's large tensors; the resident size stays at the step's peak)",
+    )
     sample_tokens: int = opt(300, "tokens per sample written to samples.txt at the end (0: none)")
     sample_prompt: str = opt("\n", "prompt the samples start from")
     log_every: int = opt(10, "write train metrics every N steps")

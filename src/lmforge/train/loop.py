@@ -42,6 +42,7 @@ from lmforge.hf.runs import latest_checkpoint
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, all_reduce_sum, barrier, gradient_sync_paused
 from lmforge.train.logging import MetricsLogger, TrainProgress
+from lmforge.train.memory import retained_heap
 from lmforge.train.objective import Objective
 from lmforge.train.optim import add_l1_subgradient
 from lmforge.train.parallel import clip_grad_norm
@@ -331,7 +332,7 @@ def train_loop(
     device = info.device
     split = not per_process(train_batches)  # DP-SGD's Poisson batches are each process's own already
     per_process_mean = bool(getattr(hook, "per_process_mean", False))
-    with Stop() as stop:
+    with Stop() as stop, retained_heap(device, tc.reuse_freed_memory):
         while step < tc.max_steps:
             if hook is not None and (reason := hook.before_step(step)):
                 stopped_by = "budget"
