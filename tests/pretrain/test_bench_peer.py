@@ -44,3 +44,13 @@ def test_lmforges_rate_counts_every_window_after_the_first_as_the_peers_clock_do
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     rate = bench_pretrain.lmforge_tokens_per_s(tmp_path)  # arithmetic on the records above, not a timing
     assert abs(rate - 150.0) < 1e-9
+
+
+def test_each_contestant_is_timed_in_a_fresh_process():
+    """No contestant inherits another's allocator state, thread pools or caches: each run has a spawned process
+    (a fresh interpreter), unless --same-process."""
+    import os
+    from types import SimpleNamespace
+
+    assert bench_pretrain.contestant(SimpleNamespace(same_process=False), os.getpid) != os.getpid()
+    assert bench_pretrain.contestant(SimpleNamespace(same_process=True), os.getpid) == os.getpid()
