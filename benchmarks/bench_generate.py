@@ -18,7 +18,7 @@ and greedy agreement; random weights make perplexity meaningless, so `--smollm` 
 
     python benchmarks/bench_generate.py [--new-tokens 32] [--prompt-len 32] [--repeats 3] [--threads 2]
                                         [--batches 1 8] [--quality] [--peer-bf16] [--smollm]
-                                        [--smollm-out FILE.json] [--skip-gpt2]
+                                        [--smollm-out FILE.json] [--skip-gpt2] [--gpt2-out FILE.json]
     python benchmarks/bench_generate.py --smollm --skip-gpt2 --prompt-len 128 --new-tokens 64 --repeats 5 \
         --smollm-out benchmarks/results/generate_smollm.json     # SmolLM2 against llama.cpp
 """
@@ -131,10 +131,26 @@ def speed(args: argparse.Namespace) -> None:
     print(f"greedy tokens identical to transformers (fp32, 16 tokens): {same}")
     if args.peer_bf16:
         runners["transformers bf16"] = (run_hf, copy.deepcopy(hf).to(torch.bfloat16))
+    record = {
+        "model": "GPT-2-124M shapes, random weights (the same in both libraries)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": cpu_description(),
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "greedy_equal_transformers_fp32": same,
+        "batches": {},
+    }
     for batch in args.batches:
         prompts = torch.randint(0, 50000, (batch, args.prompt_len), generator=torch.Generator().manual_seed(2))
         results = measure(runners, prompts, args.new_tokens, args.repeats)
         base = results["transformers fp32"]
+        record["batches"][batch] = {
+            "results": results,
+            "decode_ratio_vs_transformers_fp32": {n: r["tok_s"] / base["tok_s"] for n, r in results.items()},
+        }
         print(f"\nbatch {batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} threads")
         print(f"{'':22} {'decode tok/s':>12} {'ratio':>6} {'TTFT ms':>9} {'ratio':>6}")
         for name, r in results.items():
@@ -142,6 +158,9 @@ def speed(args: argparse.Namespace) -> None:
                 f"{name:22} {r['tok_s']:12.1f} {r['tok_s'] / base['tok_s']:6.2f} "
                 f"{r['ttft_ms']:9.1f} {base['ttft_ms'] / r['ttft_ms']:6.2f}"
             )
+    if args.gpt2_out:
+        Path(args.gpt2_out).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"results: {args.gpt2_out}")
 
 
 def relative_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -288,6 +307,7 @@ def main() -> None:
     parser.add_argument("--peer-bf16", action="store_true", help="also time transformers in bf16")
     parser.add_argument("--smollm", action="store_true", help="also run SmolLM2-135M from GGUF")
     parser.add_argument("--smollm-out", default="", help="write the SmolLM2 figures to this JSON file")
+    parser.add_argument("--gpt2-out", default="", help="write the GPT-2 figures to this JSON file")
     parser.add_argument("--skip-gpt2", action="store_true", help="only the --smollm part")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
