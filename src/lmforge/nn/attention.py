@@ -109,10 +109,12 @@ SHORT_TRAINING_ATTENTION = 128  # longest sequence CPU training attends to expli
 
 def _short_training_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, dropout_p: float) -> bool:
     """Training (gradients wanted) on a CPU over at most SHORT_TRAINING_ATTENTION tokens, without dropout and
-    without a learned mask (T5's position bias takes the fused kernel, which differentiates it)."""
+    without a learned mask (T5's position bias takes the fused kernel, which differentiates it); never while
+    `torch.export` traces (an ONNX export keeps one Attention node per layer)."""
     return (
         q.device.type == "cpu"
         and q.requires_grad
+        and not torch.compiler.is_exporting()
         and dropout_p == 0.0
         and (mask is None or not mask.requires_grad)
         and max(q.shape[-2], k.shape[-2]) <= SHORT_TRAINING_ATTENTION
