@@ -1,65 +1,80 @@
-"""The process heap during training: freed tensors are reused without page faults, and the defaults come back."""
+"""The process heap during training: freed tensors are reused without page faults, and the defaults come back;
+the activation estimate counts what short CPU training attention keeps."""
 
 from __future__ import annotations
 
-import resource
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from lmforge.train.memory import _glibc, retained_heap
+from lmforge.train.memory import _glibc
 
 CPU = torch.device("cpu")
-MIB_64 = 16 * 2**20  # float32 elements: 64 MiB, above glibc's largest dynamic mmap threshold (32 MiB)
-PAGES_64 = 64 * 2**20 // 4096
-glibc = pytest.mark.skipif(_glibc() is None, reason="mallopt is glibc's (Linux)")
+PAGES_64 = 64 * 2**20 // 4096  # pages of a 64 MiB tensor, above glibc's largest dynamic mmap threshold (32 MiB)
 
+# Run in a fresh interpreter: what the heap holds depends on everything the process did before, so the "outside"
+# figures are only glibc's defaults in a process that has done nothing else.
+SCENARIO = """
+import json, resource, torch
+from lmforge.train.memory import retained_heap
 
-def faults_of_fresh_tensors(n: int = 2) -> int:
-    """Minor page faults of allocating, filling and freeing a 64 MiB tensor n times."""
+def faults(n=2):  # minor page faults of allocating, filling and freeing a 64 MiB tensor n times
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(n):
-        t = torch.ones(MIB_64)
+        t = torch.ones(16 * 2**20)
         del t
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-
-def settle() -> None:
-    """Let the heap grow to hold a 64 MiB tensor: it may take a second one (a freed chunk can be a few bytes short
-    of an aligned request, and glibc then extends the heap before the two free chunks merge)."""
+def settle():  # the heap grows to hold the tensor (a freed chunk may be a few bytes short of an aligned one)
     quiet = 0
-    for _ in range(6):  # until two tensors in a row take no fresh pages
-        quiet = quiet + 1 if faults_of_fresh_tensors(1) < PAGES_64 // 10 else 0
+    for _ in range(6):
+        quiet = quiet + 1 if faults(1) < 1000 else 0
         if quiet == 2:
             return
 
-
-@glibc
-def test_freed_memory_is_reused_inside_and_returned_after():
-    assert faults_of_fresh_tensors() >= PAGES_64  # glibc's default: a fresh mapping, faulted in page by page
-    with retained_heap(CPU) as on:
-        assert on
-        settle()  # the heap grows to hold the tensor
-        assert faults_of_fresh_tensors(3) < PAGES_64 // 10  # then each step's tensor reuses it
-    assert faults_of_fresh_tensors() >= PAGES_64  # defaults restored: mapped afresh again
-
-
-@glibc
-def test_nested_uses_keep_the_setting_until_the_last_leaves():
-    with retained_heap(CPU):
-        with retained_heap(CPU):
-            settle()
-        assert faults_of_fresh_tensors(2) < PAGES_64 // 10
-    assert faults_of_fresh_tensors() >= PAGES_64
+cpu, out = torch.device("cpu"), {}
+out["before"] = faults()
+with retained_heap(cpu) as on:
+    out["on"] = on
+    settle()
+    out["inside"] = faults(3)
+    with retained_heap(cpu):
+        settle()
+    out["after_inner_exit"] = faults(2)
+out["after"] = faults()
+with retained_heap(cpu, enabled=False) as on:
+    out["disabled_on"], out["disabled"] = on, faults()
+with retained_heap(torch.device("meta")) as on:
+    out["meta_on"] = on
+print(json.dumps(out))
+"""
 
 
-@glibc
-def test_off_when_disabled_or_not_a_cpu():
-    with retained_heap(CPU, enabled=False) as on:
-        assert not on
-        assert faults_of_fresh_tensors() >= PAGES_64
-    with retained_heap(torch.device("meta")) as on:
-        assert not on
+@pytest.fixture(scope="module")
+def scenario() -> dict:
+    if _glibc() is None:
+        pytest.skip("mallopt is glibc's (Linux)")
+    done = subprocess.run([sys.executable, "-c", SCENARIO], capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_freed_memory_is_reused_inside_and_returned_after(scenario):
+    assert scenario["before"] >= PAGES_64  # glibc's default: a fresh mapping, faulted in page by page
+    assert scenario["on"]
+    assert scenario["inside"] < PAGES_64 // 10  # once the heap holds it, each step's tensor reuses it
+    assert scenario["after"] >= PAGES_64  # defaults restored: mapped afresh again
+
+
+def test_nested_uses_keep_the_setting_until_the_last_leaves(scenario):
+    assert scenario["after_inner_exit"] < PAGES_64 // 10
+
+
+def test_off_when_disabled_or_not_a_cpu(scenario):
+    assert not scenario["disabled_on"] and scenario["disabled"] >= PAGES_64
+    assert not scenario["meta_on"]
 
 
 def test_the_activation_estimate_counts_the_attention_weights_short_cpu_training_keeps():
