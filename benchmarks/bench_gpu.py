@@ -11,7 +11,10 @@ weights, and the training text is tiny Shakespeare (--data).
    (random weights give close logits, and bf16 rounding may flip a near tie without any bug); inductor's
    count of steps it could not capture as CUDA graphs is reported (`cudagraph_skips`).
 2. batching: the serve engine's `BatchedDecoder` at 1 and --rows sequences, the same prompts, --new-tokens
-   greedy steps each: aggregate tokens/s, and whether each row's tokens equal its own batch-1 run.
+   greedy steps each: aggregate tokens/s, and whether each row's tokens equal its own batch-1 run; then the
+   same with the server's compiled step (fixed (rows, keys) shapes over the pool, compiled before timing;
+   each replayed as a CUDA graph): its rates, its tokens against eager's, and its
+   CUDA-graph skips.
 3. train: the 6 x 384, block 256, batch 64 character GPT of bench_pretrain's shape (b), bf16 autocast, lmforge's
    pretraining recipe against a bare loop around `transformers.GPT2LMHeadModel` of the same shapes;
    tokens/s and MFU against the bf16 matmul peak measured here (8192^3 products).
@@ -137,7 +140,8 @@ def part_batching(args, device: str) -> dict:
     vocab = model.config.vocab_size
     prompts = [torch.randint(0, vocab, (32,), generator=generator).tolist() for _ in range(args.rows)]
     decoder = BatchedDecoder(model, args.rows, 32 + args.new_tokens)
-    batched_run(decoder, prompts[:2], 4)  # warm-up
+    batched_run(decoder, prompts[:1], 4)  # warm-up, one row and several
+    batched_run(decoder, prompts[:2], 4)
     alone = [batched_run(decoder, [p], args.new_tokens) for p in prompts]
     together, seconds = batched_run(decoder, prompts, args.new_tokens)
     one_row = (args.new_tokens - 1) / statistics.median(s for _, s in alone)
@@ -145,8 +149,42 @@ def part_batching(args, device: str) -> dict:
     same = sum(row == solo for row, (solo_rows, _) in zip(together, alone, strict=True) for solo in solo_rows)
     print(f"  batch 1: {one_row:.1f} tok/s; batch {args.rows}: {many:.1f} tok/s aggregate (x{many / one_row:.1f})")
     print(f"  rows whose batched tokens equal their batch-1 tokens: {same}/{args.rows}")
-    return {"batch1_tok_per_s": round(one_row, 1), f"batch{args.rows}_tok_per_s": round(many, 1),
-            "rows_equal_to_alone": same, "rows": args.rows}  # fmt: skip
+    result = {"batch1_tok_per_s": round(one_row, 1), f"batch{args.rows}_tok_per_s": round(many, 1),
+              "rows_equal_to_alone": same, "rows": args.rows}  # fmt: skip
+    if args.skip_compiled_batching:
+        return result
+    result["compiled"] = compiled_batching(args, model, prompts, together)
+    return result
+
+
+def compiled_batching(args, model, prompts: list[list[int]], eager_rows: list[list[int]]) -> dict:
+    """The server's compiled step (`BatchedDecoder(compile=True)`: fixed (rows, keys) shapes over the slot pool,
+    each replayed as a CUDA graph). The shapes of batch 1 and --rows are compiled and recorded first (a server
+    compiles every shape before it listens, `warm_up`; here only those timed); then batch 1 and --rows against
+    the eager figures above, the batched tokens against eager's, and inductor's count of steps it could not
+    capture as CUDA graphs (0 expected: the pool's buffers are static)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    decoder = BatchedDecoder(model, args.rows, 32 + args.new_tokens, compile=True)
+    start = time.perf_counter()
+    for rows in ([prompts[0]], prompts, [prompts[0]], prompts):  # compiles (1, K) and (--rows, K); then records
+        batched_run(decoder, rows, args.new_tokens)  # their CUDA graphs (inductor records at the second replay)
+    compile_s = time.perf_counter() - start
+    graphs = len(decoder.ready)
+    alone = [batched_run(decoder, [p], args.new_tokens) for p in prompts[: min(4, len(prompts))]]
+    together, seconds = batched_run(decoder, prompts, args.new_tokens)
+    one_row = (args.new_tokens - 1) / statistics.median(s for _, s in alone)
+    many = args.rows * (args.new_tokens - 1) / seconds
+    pairs = [(a, b) for row, eager in zip(together, eager_rows, strict=True) for a, b in zip(row, eager, strict=True)]
+    agree = sum(a == b for a, b in pairs) / len(pairs)
+    skips = int(counters["inductor"]["cudagraph_skips"])
+    print(f"  compiled: {graphs} shapes in {compile_s:.0f} s; batch 1: {one_row:.1f} tok/s; batch {args.rows}: "
+          f"{many:.1f} tok/s aggregate (x{many / one_row:.1f}); tokens equal to eager's {agree:.3f}; "
+          f"cudagraph skips {skips}")  # fmt: skip
+    return {"shapes_compiled": graphs, "compile_s": round(compile_s, 1), "batch1_tok_per_s": round(one_row, 1),
+            f"batch{args.rows}_tok_per_s": round(many, 1), "tokens_equal_to_eager": round(agree, 4),
+            "cudagraph_skips": skips}  # fmt: skip
 
 
 def part_train(args, device: str) -> dict:
@@ -195,6 +233,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--skip-compiled-batching", action="store_true", help="batching: the eager engine only")
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--train-shape", default="b", choices=["a", "b"], help="bench_pretrain's shape sets")
     parser.add_argument("--out", default=str(ROOT / "results" / "gpu.json"))
