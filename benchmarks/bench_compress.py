@@ -73,6 +73,7 @@ import torch
 
 from lmforge.compress.prune import Refinement, Sparsity, calibration_batches, prune_model
 from lmforge.compress.recipe import HELD_OUT, calibration_tokens, perplexity
+from lmforge.compress.structured import weights_read_per_token
 from lmforge.data.tokenizers.tokenizer import load_tokenizer
 from lmforge.hf.load import load_model
 from lmforge.hf.resolve import resolve_model
@@ -581,19 +582,6 @@ def prune_and_recover(args: argparse.Namespace) -> None:
     }
     print(json.dumps(results, indent=2))
     write_json_atomic(args.out, results)
-
-
-def weights_read_per_token(model: torch.nn.Module) -> int:
-    """Parameters a batch-1 decoding step reads: all of them (a tied embedding once, as the output layer), less an
-    untied input embedding, of which a step reads one row. Where the weights stream from memory, the ratio of two
-    models' counts bounds the speed-up the smaller one can show in the same dtype."""
-    unique = {p.data_ptr(): p.numel() for p in model.parameters()}
-    embedding = getattr(model, "tok_emb", None)
-    head = getattr(model, "lm_head", None)
-    tied = embedding is not None and head is not None and head.weight.data_ptr() == embedding.weight.data_ptr()
-    if embedding is not None and not tied:
-        unique.pop(embedding.weight.data_ptr(), None)
-    return sum(unique.values())
 
 
 def lm_validation_text(args: argparse.Namespace) -> str:

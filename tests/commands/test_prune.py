@@ -121,6 +121,12 @@ def test_structured_prune_with_block_refinement(tmp_path, capsys, tiny_lm, calib
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "sparsity.json").read_text())
     assert record["refine"] == {"epochs": 1, "lr": 3e-4} and load_model(out).config.d_ff == 264
+    # a decoding step reads every weight once (llama-tiny ties its output layer to the embedding table)
+    dense = load_model(tiny_lm)
+    assert dense.lm_head.weight is dense.tok_emb.weight
+    bound = record["parameters_before"] / record["parameters"]
+    assert record["decode_speedup_bound"] == pytest.approx(bound) and bound > 1
+    assert f"reads {bound:.3f}x fewer weights" in result.stderr
 
 
 def test_pruned_classifier_scores_with_lmforge_evaluate(tmp_path, capsys, classifier_run, sentiment_data):

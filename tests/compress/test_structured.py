@@ -275,3 +275,20 @@ def test_refinement_trains_the_smaller_blocks_towards_the_original(importance):
             k: torch.cat([m(ids).logits for ids in data]) for k, m in (("o", original), ("p", plain), ("r", refined))
         }
     assert (logits["r"] - logits["o"]).norm() < 0.95 * (logits["p"] - logits["o"]).norm()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_decoding_step_reads_every_weight_once_but_the_input_table(tied):
+    """The speed-up bound `lmforge prune --structured` reports: a tied table is read once (as the output layer);
+    an untied input table gives one row a step, so it is not counted."""
+    from lmforge.compress.structured import weights_read_per_token
+
+    model = tiny("llama-tiny", tie_embeddings=tied)
+    table = model.tok_emb.weight.numel()
+    every = sum(p.numel() for p in model.parameters())  # parameters() yields a tied table once
+    assert weights_read_per_token(model) == (every if tied else every - table)
+    pruned = copy.deepcopy(model)
+    remove_units(pruned, "ffn", 0.25, batches())
+    removed = every - sum(p.numel() for p in pruned.parameters())
+    assert removed == 2 * 3 * 88 * model.config.d_model  # 2 blocks, gate/up/down, 88 of 352 channels
+    assert weights_read_per_token(pruned) == weights_read_per_token(model) - removed

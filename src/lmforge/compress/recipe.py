@@ -8,7 +8,8 @@ pruned folder in one atomic step.
           the source was a fine-tuned model folder (so `lmforge evaluate OUT` scores it like the original)
 
 sparsity.json records the method, the target, each pruned layer's fraction of zeros (or, structured, the units
-each block kept and the new config), the parameter counts and the perplexities. Unstructured weights are stored
+each block kept, the new config and `decode_speedup_bound`: the weights a batch-1 decoding step reads before over
+after, `structured.weights_read_per_token`), the parameter counts and the perplexities. Unstructured weights are stored
 dense (zeros included): every loader reads them unchanged.
 """
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from lmforge.compress.prune import METHODS, Refinement, Sparsity, calibration_batches, prune_model
-from lmforge.compress.structured import remove_units
+from lmforge.compress.structured import remove_units, weights_read_per_token
 from lmforge.hf.files import check_destination
 from lmforge.io import atomic_folder, write_json_atomic
 from lmforge.train.sparsity import SPARSITY_FILE, SparsityMasks
@@ -159,8 +160,10 @@ def prune_checkpoint(
         record["overall"] = SparsityMasks(model, list(record["layers"])).overall()
     else:
         importance = importance or "reconstruction"  # one-shot on SmolLM2: heads 1.20x dense vs 3.5-3.6x
+        read_before = weights_read_per_token(model)
         removal = remove_units(model, structured, amount, batches, importance, refine=refine)
         record.update(structured=structured, amount=amount, importance=importance)
+        record["decode_speedup_bound"] = read_before / weights_read_per_token(model)
         if refine is not None:
             record["refine"] = {"epochs": refine.epochs, "lr": refine.lr}
         record.update(kept=removal.kept, config=model.config.to_dict())
