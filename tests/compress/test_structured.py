@@ -292,3 +292,67 @@ def test_a_decoding_step_reads_every_weight_once_but_the_input_table(tied):
     removed = every - sum(p.numel() for p in pruned.parameters())
     assert removed == 2 * 3 * 88 * model.config.d_model  # 2 blocks, gate/up/down, 88 of 352 channels
     assert weights_read_per_token(pruned) == weights_read_per_token(model) - removed
+
+
+def output_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each block's FFN down projection receives on `ids` (tokens, d_ff)."""
+    seen, hooks = {}, []
+    for name, block in blocks(model).items():
+        hooks.append(block.ffn.down.register_forward_hook(lambda _m, a, _o, n=name: seen.__setitem__(n, a[0])))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: x.reshape(-1, x.shape[-1]).double() for name, x in seen.items()}
+
+
+def test_dense_targets_fit_each_blocks_output_projection_to_the_dense_models_outputs():
+    """With --dense-targets the first block (whose inputs the dense model shares) is pruned as without. The second
+    block's down projection starts from W* = argmin_V ||W D - V X||^2 (+ SparseGPT's dampening towards W), the fit
+    of the dense model's down outputs on what this block's channels give now that the block below is pruned, and
+    its kept columns are then re-fitted to W* X as the plain removal does (`ridge_refit`, torch.linalg.lstsq):
+    so they end closer to the dense outputs than the plain re-fit to the block's own outputs."""
+    from lmforge.compress.prune import SPARSEGPT_DAMPENING
+
+    original = tiny("llama-tiny")
+    calibration = plenty()
+    plain, fitted = copy.deepcopy(original), copy.deepcopy(original)
+    remove_units(plain, "ffn", 0.25, calibration, importance="reconstruction")
+    removal = remove_units(fitted, "ffn", 0.25, calibration, importance="reconstruction", dense_targets=True)
+    first, second = list(blocks(original))
+    torch.testing.assert_close(fitted.get_submodule(first).ffn.down.weight, plain.get_submodule(first).ffn.down.weight)
+    hybrid = copy.deepcopy(original)  # the pruned first block under the unpruned second: X over all channels
+    hybrid.get_submodule(first).ffn = copy.deepcopy(fitted.get_submodule(first).ffn)
+    ids = torch.cat(calibration)
+    x, d = output_inputs(hybrid, ids)[second], output_inputs(original, ids)[second]
+    kept = removal.kept[second]
+    torch.testing.assert_close(output_inputs(fitted, ids)[second], x[:, kept])
+    w = original.get_submodule(second).ffn.down.weight.double()
+    c = SPARSEGPT_DAMPENING * float((2 / len(x)) * x.square().sum(0).mean()) * len(x) / 2
+    eye = torch.eye(x.shape[1], dtype=x.dtype)
+    start = torch.linalg.lstsq(torch.cat([x, c**0.5 * eye]), torch.cat([d @ w.T, c**0.5 * w.T])).solution.T
+    got = fitted.get_submodule(second).ffn.down.weight.double()
+    torch.testing.assert_close(got, ridge_refit(start, x, kept), rtol=1e-4, atol=1e-6)
+    target = d @ w.T
+    plain_w = plain.get_submodule(second).ffn.down.weight.double()
+    plain_x = output_inputs(plain, ids)[second]
+    assert (x[:, kept] @ got.T - target).norm() < (plain_x @ plain_w.T - target).norm()
+
+
+@pytest.mark.parametrize(("preset", "kind"), [("gpt-tiny", "ffn"), ("bert-tiny", "ffn"), ("llama-tiny", "heads")])
+def test_dense_targets_change_nothing_where_the_inputs_are_the_dense_ones(tmp_path, preset, kind):
+    """The first block gets the dense model's own inputs (X = D, so W* = W): with biases (gpt, bert) and for heads
+    it is pruned exactly as without; the smaller model loads and runs."""
+    original = tiny(preset)
+    plain, fitted = copy.deepcopy(original), copy.deepcopy(original)
+    remove_units(plain, kind, 0.5, plenty(), importance="reconstruction")
+    remove_units(fitted, kind, 0.5, plenty(), importance="reconstruction", dense_targets=True)
+    first = next(iter(blocks(original)))
+    for (name, mine), theirs in zip(fitted.get_submodule(first).named_parameters(),
+                                    plain.get_submodule(first).parameters(), strict=True):  # fmt: skip
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6, msg=name)
+    loaded = load_model(save_model(fitted, tmp_path / "small"))
+    out = loaded(torch.randint(0, 256, (1, 12)))
+    assert torch.isfinite(out.logits if out.logits is not None else out.last_hidden_state).all()
