@@ -157,8 +157,8 @@ def test_pruned_classifier_scores_with_lmforge_evaluate(tmp_path, capsys, classi
          "(not --method magnitude)"),
         (["--method", "wanda", "--sparsity", "0.5", "--dense-targets", "--calibration", "CAL", "--samples", "4",
           "--seq-len", "32"], "--dense-targets re-fits the weights kept"),
-        (["--structured", "ffn", "--amount", "0.25", "--importance", "taylor", "--dense-targets", "--calibration",
-          "CAL", "--samples", "4", "--seq-len", "32"], "--importance taylor keeps them as they are"),
+        (["--structured", "ffn", "--amount", "0.25", "--dense-targets", "--calibration", "CAL"],
+         "--dense-targets goes with --method sparsegpt, not --structured"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, tiny_lm, calibration_file, flags, message):

@@ -49,8 +49,7 @@ def register(commands, groups) -> None:
         "--dense-targets",
         action="store_true",
         help="sparsegpt: fit each layer to the dense model's outputs (the error of the pruned layers below "
-        "included), the layers of a block in the order they run; pays from ~32k calibration tokens on. "
-        "--structured (reconstruction): each block's output projection is re-fitted to the dense block's outputs",
+        "included), the layers of a block in the order they run; pays from ~32k calibration tokens on",
     )
     p.add_argument(
         "--refine-epochs",

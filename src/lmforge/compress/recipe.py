@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lmforge.compress.prune import METHODS, Refinement, Sparsity, calibration_batches, prune_model
-from lmforge.compress.structured import check_dense_targets, remove_units, weights_read_per_token
+from lmforge.compress.structured import remove_units, weights_read_per_token
 from lmforge.hf.files import check_destination
 from lmforge.io import atomic_folder, write_json_atomic
 from lmforge.train.sparsity import SPARSITY_FILE, SparsityMasks
@@ -105,9 +105,8 @@ def prune_checkpoint(
     remove that fraction (`amount`) of every layer's heads or FFN channels, the lowest scored by `importance`
     ("reconstruction", the default, which also re-fits the weights left; "activation" or "taylor":
     `compress.structured.IMPORTANCES`), which makes the model smaller.
-    `sequential=False` calibrates every layer on the dense model in one pass; `dense_targets` fits each layer (or,
-    structured, each block's output projection) to the dense model's outputs; `refine_epochs` then trains each
-    pruned block toward the dense block's outputs
+    `sequential=False` calibrates every layer on the dense model in one pass; `dense_targets` fits each layer to
+    the dense model's outputs; `refine_epochs` then trains each pruned block toward the dense block's outputs
     (`compress.prune.prune_model`)."""
     from lmforge.data.tokenizers.tokenizer import load_tokenizer
     from lmforge.hf.load import load_model
@@ -126,7 +125,8 @@ def prune_checkpoint(
     else:
         if sparsity is not None or pattern is not None:
             raise ValueError("--structured removes whole units by --amount; drop --sparsity/--pattern")
-        check_dense_targets(importance or "reconstruction", dense_targets)
+        if dense_targets:
+            raise ValueError("--dense-targets goes with --method sparsegpt, not --structured")
         if amount is None:
             raise ValueError(f"--structured {structured} needs --amount A, the fraction of units removed (e.g. 0.25)")
         needs_text, what = True, f"--structured {structured}"
@@ -161,12 +161,8 @@ def prune_checkpoint(
     else:
         importance = importance or "reconstruction"  # one-shot on SmolLM2: heads 1.20x dense vs 3.5-3.6x
         read_before = weights_read_per_token(model)
-        removal = remove_units(
-            model, structured, amount, batches, importance, refine=refine, dense_targets=dense_targets
-        )
+        removal = remove_units(model, structured, amount, batches, importance, refine=refine)
         record.update(structured=structured, amount=amount, importance=importance)
-        if dense_targets:
-            record["dense_targets"] = True
         record["decode_speedup_bound"] = read_before / weights_read_per_token(model)
         if refine is not None:
             record["refine"] = {"epochs": refine.epochs, "lr": refine.lr}

@@ -64,8 +64,6 @@ from lmforge.compress.prune import (
     Refinement,
     block_inputs,
     calibrate,
-    dense_target_weight,
-    inputs_up_to,
     next_in_stack,
     refine_model,
 )
@@ -257,13 +255,9 @@ class Importance(ABC):
     def scores(self, model: nn.Module, kind: UnitKind, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Block name -> one score per unit (higher: more important)."""
 
-    def remove(
-        self, model: nn.Module, kind: UnitKind, batches: list[torch.Tensor], remove: int, dense_targets: bool = False
-    ) -> dict[str, list]:
+    def remove(self, model: nn.Module, kind: UnitKind, batches: list[torch.Tensor], remove: int) -> dict[str, list]:
         """Cut `remove` units of every layer (of every group), in place; returns block name -> units kept. By
-        default: score every unit on the model as it is, then cut the lowest scored (the weights left as they
-        are: `dense_targets`, a re-fit, is the reconstruction's alone, `check_dense_targets`)."""
-        check_dense_targets(self.name, dense_targets)
+        default: score every unit on the model as it is, then cut the lowest scored."""
         scores = self.scores(model, kind, batches)
         kept = {}
         for name, block in blocks(model).items():
@@ -353,18 +347,9 @@ class Reconstruction(Importance):
             scores[name] = removal_errors(weight, damped_inverse(grams[name][0].hessian), width, units)
         return {name: s.float() for name, s in scores.items()}
 
-    def remove(
-        self, model: nn.Module, kind: UnitKind, batches: list[torch.Tensor], remove: int, dense_targets: bool = False
-    ) -> dict[str, list]:
+    def remove(self, model: nn.Module, kind: UnitKind, batches: list[torch.Tensor], remove: int) -> dict[str, list]:
         """Block by block: H from the block's inputs as the blocks before it left them, the greedy OBS removal
-        with its re-fit of the output projection, the cut, then the block's outputs for the next block.
-
-        `dense_targets`: the output projection is first moved to W* = W K H^-1, the least-squares fit of the
-        dense model's outputs W D (D: what the unpruned block's projection receives along the unpruned model)
-        on the inputs X it gets now (`prune.dense_target_weight`, K = D X^T); since W D - W* X is orthogonal to
-        X's rows, the greedy removal and re-fit of W* against H then fit the kept columns to the dense outputs,
-        so each block also makes up for what the pruned blocks below it changed (SparseGPT's --dense-targets,
-        for whole units). The dense chain restarts at each stack's first block."""
+        with its re-fit of the output projection, the cut, then the block's outputs for the next block."""
         found = blocks(model)
         tokens = sum(ids.numel() for ids in batches)
         needed = max(kind.output_layer(block).in_features for block in found.values())
@@ -374,26 +359,21 @@ class Reconstruction(Importance):
                 f"{tokens} are fewer: pass more (--samples x --seq-len >= {needed}; several times more is better)"
             )
         kept: dict[str, list[int]] = {}
-        inputs, dense_inputs, inputs_of = None, None, None
+        inputs, inputs_of = None, None
         for name, block in found.items():
             if inputs_of != name:  # the first block of a stack: stop a forward pass there
                 inputs = block_inputs(model, block, batches)
-                dense_inputs = inputs
             layer = kind.output_layer(block)
-            if dense_targets:
-                dense_block = copy.deepcopy(block)
-                stats = paired_gram(block, layer, inputs, dense_block, kind.output_layer(dense_block), dense_inputs)
-                weight = dense_target_weight(augmented_weight(layer), stats)
-            else:
-                stats, hook = gram(layer)
-                try:
-                    with torch.no_grad():
-                        for args, kwargs in inputs:
-                            block(*args, **kwargs)
-                finally:
-                    hook.remove()
-                weight = augmented_weight(layer)
-            weight, kept[name] = obs_remove(weight, stats.hessian, kind.groups(block), kind.width(block), remove)
+            stats, hook = gram(layer)
+            try:
+                with torch.no_grad():
+                    for args, kwargs in inputs:
+                        block(*args, **kwargs)
+            finally:
+                hook.remove()
+            weight, kept[name] = obs_remove(
+                augmented_weight(layer), stats.hessian, kind.groups(block), kind.width(block), remove
+            )
             with torch.no_grad():
                 layer.weight.copy_(weight[:, : layer.in_features])
                 if layer.bias is not None:
@@ -403,8 +383,6 @@ class Reconstruction(Importance):
             if following in found:
                 with torch.no_grad():
                     inputs = [((block(*args, **kwargs), *args[1:]), kwargs) for args, kwargs in inputs]
-                    if dense_targets:
-                        dense_inputs = [((dense_block(*a, **k), *a[1:]), k) for a, k in dense_inputs]
                 inputs_of = following
         return kept
 
@@ -414,28 +392,6 @@ def gram(layer: nn.Linear) -> tuple[InputStatistics, torch.utils.hooks.Removable
     the forward hook returned with it."""
     stats = InputStatistics(layer.in_features, True, layer.weight.device, constant=layer.bias is not None)
     return stats, layer.register_forward_hook(lambda _m, args, _out: stats.add(args[0]))
-
-
-def paired_gram(
-    block: nn.Module,
-    layer: nn.Linear,
-    inputs: list[tuple[tuple, dict]],
-    dense_block: nn.Module,
-    dense_layer: nn.Linear,
-    dense_inputs: list[tuple[tuple, dict]],
-) -> InputStatistics:
-    """H = (2/n) X X^T and K = (2/n) D X^T: X what `layer` receives when `block` runs on `inputs`, D what the
-    unpruned copy's `dense_layer` receives on `dense_inputs`, token by token (each with a trailing 1 when the
-    layer has a bias, as `gram`)."""
-    bias = layer.bias is not None
-    stats = InputStatistics(layer.in_features + bias, True, layer.weight.device, cross=True)
-    for (args, kwargs), (dense_args, dense_kwargs) in zip(inputs, dense_inputs, strict=True):
-        x = inputs_up_to(block, {"out": layer}, args, kwargs)["out"]
-        d = inputs_up_to(dense_block, {"out": dense_layer}, dense_args, dense_kwargs)["out"]
-        if bias:
-            x, d = (torch.cat([t, t.new_ones(*t.shape[:-1], 1)], dim=-1) for t in (x, d))
-        stats.add(x, dense=d)
-    return stats
 
 
 def augmented_weight(layer: nn.Linear) -> torch.Tensor:
@@ -497,15 +453,6 @@ def obs_remove(
 IMPORTANCES: dict[str, Importance] = {i.name: i for i in (ActivationNorm(), Taylor(), Reconstruction())}
 
 
-def check_dense_targets(importance: str, dense_targets: bool) -> None:
-    """Refuse --dense-targets with a criterion that keeps the weights left as they are (nothing to re-fit)."""
-    if dense_targets and importance != Reconstruction.name:
-        raise ValueError(
-            f"--dense-targets re-fits the weights left to the dense model's outputs; --importance {importance} "
-            "keeps them as they are: use --importance reconstruction"
-        )
-
-
 def weights_read_per_token(model: nn.Module) -> int:
     """Parameters a batch-1 decoding step reads: every one (a tied embedding once, as the output layer), less an
     untied input embedding, of which a step reads a single row. Where decoding streams its weights from memory
@@ -528,13 +475,11 @@ def remove_units(
     batches: list[torch.Tensor],
     importance: str = "activation",
     refine: Refinement | None = None,
-    dense_targets: bool = False,
 ) -> Removal:
     """Remove `amount` of every layer's heads or FFN channels (`kind_name`) from `model`, in place, the lowest
     scored by `importance` (`IMPORTANCES`) on `batches`; the model's config becomes the smaller one. `refine`:
     then train each smaller block's weights towards the unpruned block's outputs (`prune.refine_model`; the
-    unpruned model is copied for it). `dense_targets` (reconstruction): re-fit each block's output projection
-    to the dense model's outputs (`Reconstruction.remove`). Returns what was kept."""
+    unpruned model is copied for it). Returns what was kept."""
     if kind_name not in UNIT_KINDS:
         raise ValueError(f"--structured {kind_name!r} is unknown; choose one of {', '.join(UNIT_KINDS)}")
     if importance not in IMPORTANCES:
@@ -547,7 +492,7 @@ def remove_units(
     remove = kind.check(model, amount)
     model.eval()
     dense = copy.deepcopy(model) if refine is not None else None
-    kept = IMPORTANCES[importance].remove(model, kind, batches, remove, dense_targets=dense_targets)
+    kept = IMPORTANCES[importance].remove(model, kind, batches, remove)
     model.config = kind.new_config(model.config, len(next(iter(kept.values()))))
     if dense is not None:
         refine_model(model, dense, batches, refine)
