@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from lmforge.models import build_model, flops_per_token
+from lmforge.nn.precision import bf16_product_dtype
 from lmforge.pretrain.config import parse_args
 from lmforge.pretrain.trainer import pretrain
 from lmforge.train.logging import measure_peak_flops
@@ -440,10 +441,14 @@ def main() -> None:
     args = parser.parse_args()
     text = DATA.read_text(encoding="utf-8")
     train_ids, _, vocab = nanogpt_split(text)
-    peaks = {"float32": measure_peak_flops(torch.float32), "bfloat16": measure_peak_flops(torch.bfloat16)}
+    # bf16 MFU against the rate bf16 training's products run at: bf16's, or fp32's on a CPU without bf16
+    # products (lmforge computes them in fp32 there: lmforge.nn.precision; the emulation measures ~1 GFLOP/s)
+    products = bf16_product_dtype(torch.device("cpu"))
+    peaks = {"float32": measure_peak_flops(torch.float32)}
+    peaks["bfloat16"] = peaks["float32"] if products == torch.float32 else measure_peak_flops(torch.bfloat16)
     print(
         f"{torch.get_num_threads()} threads; matmul peak {peaks['float32'] / 1e9:.0f} GFLOP/s fp32, "
-        f"{peaks['bfloat16'] / 1e9:.0f} GFLOP/s bf16"
+        f"{peaks['bfloat16'] / 1e9:.0f} GFLOP/s bf16 (products in {str(products).removeprefix('torch.')})"
     )
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)

@@ -151,10 +151,12 @@ def _pretrain(config: RunConfig, info: DistInfo, on_eval: Callable[[int, dict[st
     tokens_per_step = objective.tokens_per_step(config, info.dp_size) if private is None else None
     peak = None
     if tc.progress and info.is_main:
+        from lmforge.nn.precision import bf16_product_dtype
         from lmforge.train.logging import measure_peak_flops
 
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # keep the run's RNG
-            peak = measure_peak_flops(torch.bfloat16 if tc.dtype == "bfloat16" else torch.float32, device=device)
+            products = bf16_product_dtype(device) if tc.dtype == "bfloat16" else torch.float32
+            peak = measure_peak_flops(products, device=device)
     per_step = f"{tokens_per_step:,}" if tokens_per_step else "padded"
     if private is not None:
         per_step = f"~{tc.batch_size * info.dp_size * config.data.block_size:,} (Poisson-sampled windows)"

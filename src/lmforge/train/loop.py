@@ -39,12 +39,13 @@ from torch import nn
 
 from lmforge import interrupts
 from lmforge.hf.runs import latest_checkpoint
+from lmforge.nn.precision import bf16_autocast, cpu_has_native_bf16
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, all_reduce_sum, barrier, gradient_sync_paused
 from lmforge.train.logging import MetricsLogger, TrainProgress
 from lmforge.train.memory import retained_heap
 from lmforge.train.objective import Objective
-from lmforge.train.optim import add_l1_subgradient, cpu_has_native_bf16
+from lmforge.train.optim import add_l1_subgradient
 from lmforge.train.parallel import clip_grad_norm
 
 INTERRUPTS = ("SIGINT", "SIGTERM")  # the `stopped_by` of a run a signal stopped (a caller running several should stop)
@@ -79,10 +80,14 @@ def say(info: DistInfo, message: str) -> None:
 
 
 def autocast(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast for `train.dtype`, nothing for float32."""
+    """bf16/fp16 autocast for `train.dtype`, nothing for float32; bf16 on a CPU without bf16 products computes
+    its products in fp32 on the bf16-rounded operands (`lmforge.nn.precision`: the same numbers, ~10x faster
+    than PyTorch's emulation)."""
     if dtype == "float32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float16)
+    if dtype == "bfloat16":
+        return bf16_autocast(device)
+    return torch.autocast(device_type=device.type, dtype=torch.float16)
 
 
 def backward_accumulated(
@@ -194,12 +199,21 @@ class LoopState:
 
 
 EMULATED_BF16 = (
-    "warning: train.dtype=bfloat16 on a CPU without bf16 matrix products (no AVX512-BF16 or AMX): PyTorch emulates "
-    "them, and training runs several times slower than in float32 (a 4 x 256 Llama on 2 AVX2 cores: 0.12 steps/s "
-    "against 1.8); pass --train.dtype=float32 on this machine"
+    "note: this CPU has no bf16 matrix products (no AVX512-BF16 or AMX); train.dtype=bfloat16 computes them in "
+    "fp32 on the bf16-rounded operands (the same numbers as bf16 hardware, at about float32's speed): "
+    "--train.dtype=float32 is as fast here and more precise"
 )
 """Said once at the start of a run. bf16 autocast pays where the hardware multiplies bf16 (CUDA, AVX512-BF16, AMX:
-2-4x the fp32 GEMM rate); on AVX2 CPUs every bf16 product is widened and rounded in software."""
+2-4x the fp32 GEMM rate); on AVX2 CPUs PyTorch would widen and round every product in software, ~20x slower than
+fp32, and `lmforge.nn.precision` computes them as fp32 products instead."""
+
+EMULATED_BF16_COMPILED = (
+    "warning: train.dtype=bfloat16 with train.compile on a CPU without bf16 matrix products (no AVX512-BF16 or "
+    "AMX): the compiled model runs PyTorch's emulated bf16 products, ~10x slower than float32; drop "
+    "--train.compile or pass --train.dtype=float32 on this machine"
+)
+"""A compiled model keeps autocast's bf16 products (`lmforge.nn.precision.WidenedBf16` does not reach into
+dynamo's graphs)."""
 
 
 def open_run(tc: Any, run_dir: Path, info: DistInfo, min_free_bytes: int) -> Path | None:
@@ -208,7 +222,7 @@ def open_run(tc: Any, run_dir: Path, info: DistInfo, min_free_bytes: int) -> Pat
     if tc.dtype == "float16" and info.device.type != "cuda":
         raise ValueError("train.dtype=float16 needs a CUDA device (GradScaler); on CPU use train.dtype=bfloat16")
     if tc.dtype == "bfloat16" and info.device.type == "cpu" and not cpu_has_native_bf16():
-        say(info, EMULATED_BF16)
+        say(info, EMULATED_BF16_COMPILED if getattr(tc, "compile", False) else EMULATED_BF16)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     if info.is_main:
