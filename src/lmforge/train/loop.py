@@ -200,8 +200,8 @@ class LoopState:
 
 EMULATED_BF16 = (
     "note: this CPU has no bf16 matrix products (no AVX512-BF16 or AMX); train.dtype=bfloat16 computes them in "
-    "fp32 on the bf16-rounded operands (the same numbers as bf16 hardware, at about float32's speed): "
-    "--train.dtype=float32 is as fast here and more precise"
+    "fp32 on the bf16-rounded operands (bf16 hardware's numbers at ~0.8x float32's speed; PyTorch's emulation "
+    "runs ~20x slower than float32): --train.dtype=float32 is faster on this machine and more precise"
 )
 """Said once at the start of a run. bf16 autocast pays where the hardware multiplies bf16 (CUDA, AVX512-BF16, AMX:
 2-4x the fp32 GEMM rate); on AVX2 CPUs PyTorch would widen and round every product in software, ~20x slower than
