@@ -128,3 +128,14 @@ def test_bf16_autocast_widens_only_on_a_cpu_without_bf16_products(monkeypatch, n
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         assert torch._C._len_torch_function_stack() == depth + (not native)
     assert torch._C._len_torch_function_stack() == depth and not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize(
+    ("device", "native", "products"),
+    [("cpu", False, torch.float32), ("cpu", True, torch.bfloat16), ("cuda", False, torch.bfloat16)],
+)
+def test_mfu_is_measured_against_the_dtype_bf16_products_run_in(monkeypatch, device, native, products):
+    """A bf16 run's MFU denominator: the fp32 peak where lmforge widens the products, bf16's elsewhere (the
+    emulation's ~1 GFLOP/s would read as thousands of percent)."""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    assert precision.bf16_product_dtype(torch.device(device)) == products
