@@ -88,3 +88,25 @@ def test_the_activation_estimate_counts_the_attention_weights_short_cpu_training
     kept = saved_tensor_bytes(model, {"input_ids": ids, "labels": ids})["block"]
     assert activation_bytes(model, 2, 128, "float32", False, CPU) >= kept
     assert activation_bytes(model, 2, 128, "float32", False) < kept / 2  # without the weights: far too low
+
+
+def test_the_activation_estimate_counts_what_bf16_attention_keeps_on_a_cpu_without_bf16_products(monkeypatch):
+    """Past the short path, bf16 attention on such a CPU runs on fp32 copies of q, k, v (lmforge.nn.precision)
+    and keeps them: the estimate adds at least what that keeps beyond PyTorch's bf16 autocast, and only there."""
+    from lmforge.models import build_model
+    from lmforge.nn.precision import WidenedBf16
+    from lmforge.train import memory
+    from lmforge.train.memory import activation_bytes, saved_tensor_bytes
+
+    model = build_model("gpt", n_layer=2, n_head=4, d_model=128, vocab_size=97, max_seq_len=256, dropout=0.0)
+    ids = torch.randint(0, 97, (4, 256))
+    with torch.autocast("cpu", torch.bfloat16):
+        autocast_kept = saved_tensor_bytes(model, {"input_ids": ids})["block"]
+        with WidenedBf16():
+            widened_kept = saved_tensor_bytes(model, {"input_ids": ids})["block"]
+    estimates = {}
+    for native in (True, False):
+        monkeypatch.setattr(memory, "bf16_product_dtype", lambda _d, n=native: torch.bfloat16 if n else torch.float32)
+        estimates[native] = activation_bytes(model, 4, 256, "bfloat16", False, CPU)
+    assert widened_kept > autocast_kept
+    assert estimates[False] - estimates[True] >= widened_kept - autocast_kept

@@ -26,8 +26,14 @@ from torch import nn
 from lmforge.models.build import available_memory
 from lmforge.nn import Block
 from lmforge.nn.attention import SHORT_TRAINING_ATTENTION
+from lmforge.nn.precision import bf16_product_dtype
 
 BYTES_PER_TOKEN_AND_WIDTH_16BIT = 34  # Korthikanti et al. (2022), eq. 1 without the attention-score term
+WIDENED_ATTENTION_BYTES = 10
+"""bf16 on a CPU without bf16 products (`lmforge.nn.precision`) runs the fused attention kernel on fp32 copies
+of q, k, v, which it keeps with its fp32 output: at least 2 bytes more for each of those four s b h tensors;
+measured with `saved_tensor_bytes` (a 2 x 128 GPT, 4 heads, 4 x 256 tokens): 10 bytes more per token and
+width a block than PyTorch's bf16 autocast keeps."""
 
 
 def activation_bytes(
@@ -35,13 +41,16 @@ def activation_bytes(
 ) -> int:
     """Estimated bytes of activations one micro-batch of `batch` x `seq_len` tokens keeps for backward. On a CPU,
     sequences of up to SHORT_TRAINING_ATTENTION tokens keep their fp32 attention weights (B H s^2 values a block,
-    `lmforge.nn.attention.ShortTrainingAttention`)."""
+    `lmforge.nn.attention.ShortTrainingAttention`); longer ones in bf16 on a CPU without bf16 products keep
+    `WIDENED_ATTENTION_BYTES` more per token and width a block."""
     blocks = sum(1 for m in model.modules() if isinstance(m, Block))
     width = getattr(model.config, "d_model", None) or getattr(model.config, "n_embd", 0)
     scale = 2 if dtype == "float32" else 1  # the paper's figures are for 16-bit activations
     per_block = seq_len * batch * width * BYTES_PER_TOKEN_AND_WIDTH_16BIT * scale
     if device is not None and device.type == "cpu" and seq_len <= SHORT_TRAINING_ATTENTION:  # fp32 weights
         per_block += 4 * getattr(model.config, "n_head", 0) * seq_len**2 * batch
+    elif device is not None and dtype == "bfloat16" and bf16_product_dtype(device) == torch.float32:
+        per_block += WIDENED_ATTENTION_BYTES * seq_len * batch * width  # the fused kernel's fp32 q, k, v, output
     if checkpointing:
         return blocks * seq_len * batch * width * 2 * scale + per_block
     return blocks * per_block
