@@ -139,3 +139,30 @@ def test_mfu_is_measured_against_the_dtype_bf16_products_run_in(monkeypatch, dev
     emulation's ~1 GFLOP/s would read as thousands of percent)."""
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     assert precision.bf16_product_dtype(torch.device(device)) == products
+
+
+_SEED = torch.Generator().manual_seed(0)
+_A, _B, _C, _M1, _M2, _BIAS = (
+    torch.randn(shape, generator=_SEED) for shape in ((4, 8, 16), (4, 16, 8), (4, 8, 8), (8, 16), (16, 8), (8,))
+)
+
+
+@pytest.mark.parametrize(
+    "product",
+    [
+        lambda: torch.einsum("bij,bjk->bik", _A, _B),
+        lambda: torch.baddbmm(_C, _A, _B),
+        lambda: torch.addmm(_BIAS, _M1, _M2),
+        lambda: _M1.__rmatmul__(_M2),
+        lambda: _A.bmm(_B),
+        lambda: torch.matmul(_A, _B),
+    ],
+    ids=["einsum", "baddbmm", "addmm", "rmatmul", "bmm", "matmul"],
+)
+def test_each_product_on_autocasts_list_equals_autocasts_result(product):
+    """Small products whose fp32 sums every kernel takes alike: bit for bit PyTorch's bf16 autocast."""
+    with torch.autocast("cpu", torch.bfloat16):
+        want = product()
+        with WidenedBf16():
+            got = product()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
