@@ -81,7 +81,7 @@ def say(info: DistInfo, message: str) -> None:
 
 def autocast(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16/fp16 autocast for `train.dtype`, nothing for float32; bf16 on a CPU without bf16 products computes
-    its products in fp32 on the bf16-rounded operands (`lmforge.nn.precision`: the same numbers, ~10x faster
+    its products in fp32 on the bf16-rounded operands (`lmforge.nn.precision`: the same numbers, 10-20x faster
     than PyTorch's emulation)."""
     if dtype == "float32":
         return contextlib.nullcontext()
