@@ -21,8 +21,10 @@ The loop is nanoGPT's: AdamW, warmup + cosine, clip 1.0, no host sync but the lo
    (4 layers, 4 heads, 128 wide, block 64, batch 12, lr 1e-3 cosine to 1e-4 over 2000 iters, 100 warmup,
    AdamW betas (0.9, 0.99), dropout 0) as a plain loop around GPT2LMHeadModel, against lmforge's CPU recipe.
    lmforge's run is sized to the budget by a probe (10 warm-up steps, then 60 timed ones, in the same process);
-   its clock covers the whole `pretrain` call: data, model, compilation (from inductor's cache, warmed by
-   the probe), training and the final checkpoint.
+   its clock covers the whole `pretrain` call: data, tokenizer training (`--race-flag data.tokenizer=train`),
+   model, compilation (from inductor's cache, warmed by the probe), training and the final checkpoint. A
+   subword model is scored on the same scale: its summed loss over the characters its tokens spell
+   (`nats_per_char`), each character of the split predicted once, as bits per byte compare tokenizers.
 
     .venv/bin/python benchmarks/bench_pretrain.py [--steps-a 40] [--steps-b 4] [--rounds 3] [--shapes a,b]
         [--dtypes float32,bfloat16] [--peers nanogpt,hf] [--lmforge-flag train.compile=true] [--skip-race]
@@ -192,8 +194,9 @@ def peer_loop(
 
 
 @torch.no_grad()
-def full_split_loss(logits_of, tokens: np.ndarray, block: int) -> float:
-    """Mean loss over every token of `tokens` after the first: windows of `block` tokens overlapping by one."""
+def full_split_nll(logits_of, tokens: np.ndarray, block: int) -> tuple[float, int]:
+    """Summed loss (nats) over every token of `tokens` after the first, and how many tokens that is: windows of
+    `block` tokens overlapping by one, so each token is predicted once."""
     total, count = 0.0, 0
     starts = list(range(0, len(tokens) - 1, block - 1))
     for i in range(0, len(starts), 64):
@@ -208,7 +211,25 @@ def full_split_loss(logits_of, tokens: np.ndarray, block: int) -> float:
             logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
         )
         total, count = total + loss.item(), count + int((targets != -100).sum())
+    return total, count
+
+
+def full_split_loss(logits_of, tokens: np.ndarray, block: int) -> float:
+    """Mean loss over every token of `tokens` after the first (nats per character for a character vocabulary)."""
+    total, count = full_split_nll(logits_of, tokens, block)
     return total / count
+
+
+def nats_per_char(logits_of, tokenizer, text: str, block: int) -> float:
+    """Loss over `text` in nats per character, whatever the tokenizer: the summed loss of every token after the
+    first, over the characters those tokens spell. A tokenizer whose tokens span several characters (BPE) is
+    scored on the same scale as a character model (the split's characters, each predicted once), as bits per
+    byte are compared across tokenizers. The tokens must spell `text` exactly."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if tokenizer.decode(ids) != text:
+        raise ValueError("the tokenizer does not spell the validation text back exactly; nats/char undefined")
+    total, _ = full_split_nll(logits_of, np.asarray(ids, dtype=np.int64), block)
+    return total / (len(text) - len(tokenizer.decode(ids[:1])))
 
 
 def lmforge_flags(
@@ -381,8 +402,7 @@ def race(args, text: str, out: Path) -> None:
     model = load_model(run / "checkpoints" / latest)
     tokenizer = load_tokenizer(run / "tokenizer")
     val_text = text[int(len(text) * 0.9) :]
-    ids = np.asarray(tokenizer.encode(val_text, add_special_tokens=False), dtype=np.int64)
-    ours = full_split_loss(lambda x: model(input_ids=x).logits, ids, ours_shape["block"])
+    ours = nats_per_char(lambda x: model(input_ids=x).logits, tokenizer, val_text, ours_shape["block"])
     recipe = (
         f"{args.race_model} {n_layer} x {d_model} ({n_head} heads), block {block}, batch {args.race_batch}, "
         f"lr {args.race_lr:g}, {args.race_dtype}{', compiled' if args.race_compile else ''}"
@@ -398,6 +418,7 @@ def race(args, text: str, out: Path) -> None:
         "seconds_setup_included": elapsed,
         "fixed_seconds_from_probe": fixed,
         "val_nats_per_char": ours,
+        "val_chars_per_token": len(val_text) / len(tokenizer.encode(val_text, add_special_tokens=False)),
         "margin": baseline - ours,
     }
     print(f"lmforge CPU recipe ({recipe}): {steps} steps in {elapsed:.0f} s (setup included), val {ours:.4f} "

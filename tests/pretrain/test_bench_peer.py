@@ -54,3 +54,50 @@ def test_each_contestant_is_timed_in_a_fresh_process():
 
     assert bench_pretrain.contestant(SimpleNamespace(same_process=False), os.getpid) != os.getpid()
     assert bench_pretrain.contestant(SimpleNamespace(same_process=True), os.getpid) == os.getpid()
+
+
+def _shakespeare_tokenizer(kind: str, vocab_size: int = 300):
+    from lmforge.data.tokenizers.tokenizer import Tokenizer
+    from lmforge.data.tokenizers.train import train_tokenizer
+
+    text = bench_pretrain.DATA.read_text(encoding="utf-8")[:200_000]
+    return Tokenizer(train_tokenizer(text.split("\n\n"), kind=kind, vocab_size=vocab_size)), text
+
+
+def test_the_race_scores_every_token_after_the_first_once_whatever_the_window():
+    tokens = torch.arange(1000).numpy() % 50
+    for block in (2, 7, 64, 2000):
+        _, count = bench_pretrain.full_split_nll(lambda x: torch.zeros(*x.shape, 50), tokens, block)
+        assert count == len(tokens) - 1
+
+
+def test_the_race_scores_a_bpe_model_in_nats_per_character():
+    """A model that spreads each token's probability evenly over V tokens loses ln V nats a token; over the
+    characters those tokens spell that is ln V * tokens / characters, below ln V by the tokens' mean length.
+    A character tokenizer gives the per-token mean, the scale the race's nanoGPT baseline is measured on."""
+    import math
+
+    bpe, text = _shakespeare_tokenizer("bpe")
+    val = text[150_000:170_000]
+    ids = bpe.encode(val, add_special_tokens=False)
+    assert len(ids) < 0.8 * len(val)  # merges span characters: the scale differs from a per-token mean
+    uniform = lambda x: torch.zeros(*x.shape, 300)  # noqa: E731
+    got = bench_pretrain.nats_per_char(uniform, bpe, val, block=64)
+    first = len(bpe.decode(ids[:1]))
+    assert math.isclose(got, math.log(300) * (len(ids) - 1) / (len(val) - first), rel_tol=1e-6)
+
+    char, _ = _shakespeare_tokenizer("char")
+    char_ids = char.encode(val, add_special_tokens=False)
+    assert len(char_ids) == len(val)
+    V = char.vocab_size
+    logits = lambda x: torch.nn.functional.one_hot(x, V).float().roll(1, dims=-1)  # noqa: E731
+    per_token = bench_pretrain.full_split_loss(logits, torch.tensor(char_ids).numpy(), 64)
+    assert math.isclose(bench_pretrain.nats_per_char(logits, char, val, 64), per_token, rel_tol=1e-9)
+
+
+def test_the_race_refuses_a_tokenizer_that_does_not_spell_the_text_back():
+    import pytest
+
+    char, _ = _shakespeare_tokenizer("char")
+    with pytest.raises(ValueError, match="spell the validation text back"):
+        bench_pretrain.nats_per_char(lambda x: torch.zeros(*x.shape, 80), char, "caf\u00e9 \u2603", 8)
